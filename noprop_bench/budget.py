@@ -1,0 +1,88 @@
+"""Training budgets and the clock that spends them."""
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|seconds|samples|steps)?\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training each trial gets: ``amount`` of ``unit`` (seconds, samples or steps)."""
+
+    amount: float
+    unit: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        """``"120"``/``"120s"`` (seconds of training work), ``"20000samples"``, ``"500steps"``."""
+        match = _BUDGET.match(str(text))
+        if not match or float(match.group(1)) <= 0:
+            raise UsageError(
+                f"budget {text!r} not understood; accepted: SECONDS (e.g. 120 or 120s), "
+                f"Nsamples (e.g. 20000samples) or Nsteps (e.g. 500steps), greater than zero"
+            )
+        unit = match.group(2) or "s"
+        unit = "seconds" if unit in ("s", "sec", "seconds") else unit
+        amount = float(match.group(1))
+        if unit != "seconds":
+            if not amount.is_integer():
+                raise UsageError(f"budget {text!r}: a count of {unit} must be a whole number")
+            amount = int(amount)
+        return cls(amount, unit)
+
+    def __str__(self) -> str:
+        return f"{self.amount:g}s" if self.unit == "seconds" else f"{self.amount}{self.unit}"
+
+    @property
+    def deterministic(self) -> bool:
+        return self.unit != "seconds"
+
+    def progress(self, seconds: float, samples: int, steps: int) -> float:
+        """The fraction of the budget spent, from 0 to 1 and beyond."""
+        spent = {"seconds": seconds, "samples": samples, "steps": steps}[self.unit]
+        return spent / self.amount
+
+
+class TrainingClock:
+    """Accumulates the wall time of training work only.
+
+    ``start()``/``stop()`` bracket training work; evaluation happens between a ``stop`` and the next
+    ``start`` and is not counted. On CUDA the device is synchronised before every reading, so queued
+    kernels are charged to the training that launched them.
+    """
+
+    def __init__(self, device: torch.device):
+        self._cuda = torch.device(device).type == "cuda"
+        self._device = device
+        self._elapsed = 0.0
+        self._started_at = None
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+    def start(self):
+        if self._started_at is None:
+            self._started_at = self._now()
+
+    def stop(self):
+        if self._started_at is not None:
+            self._elapsed += self._now() - self._started_at
+            self._started_at = None
+
+    @property
+    def running(self) -> bool:
+        return self._started_at is not None
+
+    def elapsed(self) -> float:
+        """Training seconds so far (synchronises the device while running on CUDA)."""
+        if self._started_at is None:
+            return self._elapsed
+        return self._elapsed + self._now() - self._started_at

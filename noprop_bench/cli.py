@@ -1,0 +1,205 @@
+"""The ``noprop-bench`` command line."""
+
+import argparse
+import shlex
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .backbones import check_backbone_name
+from .budget import Budget
+from .datasets import AUGMENTATIONS
+from .errors import UsageError
+from .plugins import load_plugins
+from .report import render_table1
+from .results import TrialStore, latest_per_trial
+from .runner import RunData, TrialSpec, run_trial
+from .specs import parse_dataset_spec, parse_method_list
+
+DEFAULT_METHODS = "backprop"
+DEFAULT_DATASET = "mnist5k"
+DEFAULT_BUDGET = "30"
+DEFAULT_SEEDS = 2
+
+EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noprop-bench",
+        description=(
+            "Compare NoProp with back-propagation and adjoint neural ODEs under the same training-time "
+            "budget, on the same timm backbone. With no arguments: the default comparison on the embedded "
+            "MNIST sample (mnist5k), about two minutes on a 2-core CPU."
+        ),
+        epilog=(
+            "Method parameters: NAME[key=value,...], e.g. noprop_ct[embedding=prototype,lr=3e-4]; "
+            "--list shows every method with its parameters. Results go to OUT/trials.jsonl (one JSON line "
+            "per finished trial) and OUT/table1.md; rerunning with the same --out skips finished trials. "
+            "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 130 interrupted."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma-separated methods to compare, each NAME or NAME[key=value,...]")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name (NAME or NAME:ARGUMENT)")
+    parser.add_argument("--backbone", default=None,
+                        help="any timm model name, or noprop_cnn (the paper's CNN); every method gets the same "
+                             "one. Default: the dataset's choice, resnet18 for all but the embedded mnist5k "
+                             "sample, which uses noprop_cnn. For images of at most 64 px the stem is adapted: 3x3 stride-1 first "
+                             "convolution and no stem max-pool, so small images keep their resolution")
+    parser.add_argument("--budget", default=DEFAULT_BUDGET,
+                        help="training budget per trial: SECONDS of training work (evaluation excluded), "
+                             "or Nsamples / Nsteps (deterministic on the CPU, for regression checks)")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="training seeds per method (0..N-1)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size, the same for every method")
+    parser.add_argument("--inference-runs", type=int, default=5,
+                        help="final evaluations per trial for stochastic methods (the paper uses 5)")
+    parser.add_argument("--checkpoints", type=int, default=8,
+                        help="test evaluations during training, log-spaced over the budget, for the curves "
+                             "(observed only, never used to select anything)")
+    parser.add_argument("--train-accuracy", action="store_true",
+                        help="also measure accuracy on the training split at the end (Table 1's train columns)")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                        help="training augmentation; default: the dataset's own choice")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="training device; auto picks cuda when available")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default results/<dataset>-<timestamp>); reuse it to resume")
+    parser.add_argument("--data-root", default=None, help="where datasets are stored or downloaded")
+    parser.add_argument("--no-download", action="store_true", help="never download datasets")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE as a plugin (repeatable), for plugins not installed as a distribution")
+    parser.add_argument("--list", action="store_true", help="list methods and datasets with their plugins, then exit")
+    return parser
+
+
+def _describe_registry(registry) -> str:
+    lines = ["Methods:"]
+    for name, cls in sorted(registry.methods.items()):
+        params = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "no parameters"
+        lines.append(f"  {name:<14} {cls.label or name} [{cls.family}] from plugin "
+                     f"{registry.provider[f'method:{name}']}; {params}")
+    lines.append("Datasets:")
+    for name, cls in sorted(registry.datasets.items()):
+        usage = f"{name}:ARG" if cls.takes_argument else name
+        lines.append(f"  {usage:<14} {cls.label or name} from plugin {registry.provider[f'dataset:{name}']}")
+    for name, error in sorted(registry.broken.items()):
+        lines.append(f"Broken plugin {name}: {error}")
+    return "\n".join(lines)
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(choice)
+
+
+def _check_counts(args):
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--batch-size", args.batch_size, 1),
+                               ("--inference-runs", args.inference_runs, 1), ("--checkpoints", args.checkpoints, 0)):
+        if value < least:
+            raise UsageError(f"{flag} {value}: must be a whole number of at least {least}")
+
+
+def _plan(args, registry, device, command) -> tuple:
+    _check_counts(args)
+    budget = Budget.parse(args.budget)
+    methods = []
+    for name, given in parse_method_list(args.methods):
+        cls = registry.method(name)
+        params = cls.resolve_params(given)
+        if (cls, params) not in methods:
+            methods.append((cls, params))
+    dataset_name, argument = parse_dataset_spec(args.dataset)
+    dataset = registry.dataset(dataset_name)(argument, root=args.data_root, download=not args.no_download)
+    backbone = args.backbone or dataset.default_backbone
+    check_backbone_name(backbone)
+    augment = args.augment or dataset.augment
+    specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone, budget=budget,
+                       seed=seed, batch_size=args.batch_size, device=device, augment=augment,
+                       inference_runs=args.inference_runs, checkpoints=args.checkpoints,
+                       train_accuracy=args.train_accuracy, command=command)
+             for cls, params in methods for seed in range(args.seeds)]
+    return dataset, specs
+
+
+def _write_table(store: TrialStore) -> str:
+    records, _ = store.read()
+    table = render_table1(latest_per_trial(records), train_columns=True)
+    (store.directory / "table1.md").write_text(table)
+    return table
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = load_plugins(args.plugin)
+    for warning in caught:
+        say(f"warning: {warning.message}")
+    if args.list:
+        print(_describe_registry(registry))
+        return EXIT_OK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _pick_device(args.device)
+    dataset, specs = _plan(args, registry, device, command)
+
+    out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    store = TrialStore(out)
+    finished = store.finished_ids()
+    pending = [spec for spec in specs if spec.trial_id not in finished]
+    for spec in specs:
+        if spec.trial_id in finished:
+            say(f"skip {spec.describe()}: already finished in {store.path}")
+    problems = []
+    if pending:
+        say(f"loading {args.dataset} ...")
+        data = RunData.load(dataset, device)
+        say(f"{len(data.train)} train / {len(data.test)} test images in {data.load_seconds:.1f}s; "
+            f"{len(pending)} trial(s), budget {specs[0].budget} each, backbone {specs[0].backbone}, device {device}")
+    try:
+        for number, spec in enumerate(pending, 1):
+            say(f"[{number}/{len(pending)}] {spec.describe()} on {args.dataset}")
+            record = run_trial(spec, data, progress=say)
+            store.append(record)
+            if record["status"] == "interrupted":
+                raise KeyboardInterrupt
+            registry.hook.trial_finished(record=record, out_dir=str(out))
+            if record["status"] != "ok":
+                problems.append(record)
+                say(f"  {record['status']}: {record['error']}")
+    except KeyboardInterrupt:
+        say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
+        if store.path.exists():
+            print(_write_table(store))
+        return EXIT_INTERRUPTED
+    print(_write_table(store))
+    say(f"results in {out}/ (trials.jsonl, table1.md)")
+    if problems:
+        say(f"{len(problems)} trial(s) did not finish ok:")
+        for record in problems:
+            say(f"  {record['row_label']} seed {record['seed']}: {record['status']}: {record['error']}")
+        return EXIT_TRIAL_FAILED
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        code = run(argv)
+    except UsageError as error:
+        print(f"noprop-bench: error: {error}", file=sys.stderr)
+        code = EXIT_USAGE
+    sys.exit(code)

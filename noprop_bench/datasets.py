@@ -1,0 +1,147 @@
+"""The Dataset contract and the in-memory tensor pipeline.
+
+A dataset hands the harness whole splits as uint8 tensors; the pipeline keeps them on the training
+device, slices batches from a seeded permutation, and normalises and augments whole batches there.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .errors import UsageError
+
+AUGMENTATIONS = ("none", "crop_flip")
+
+
+@dataclass
+class Split:
+    """One split held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` long ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device=device, dtype=torch.long))
+
+
+class Dataset:
+    """A classification dataset the harness can train and test on.
+
+    Subclasses set ``name`` (CLI name; ``name:ARG`` passes ``ARG`` to ``__init__``), ``label``
+    (table column), ``classes``, ``image_shape`` ``(C, H, W)``, ``mean``/``std`` per channel (on the
+    0..1 scale), ``augment`` (``"none"`` or ``"crop_flip"``) and ``default_backbone`` (used when
+    ``--backbone`` is not given), and implement ``load(split)`` for
+    ``"train"`` and ``"test"``. ``classes``/``image_shape`` may be set in ``__init__`` when they
+    depend on ``ARG`` or on the files.
+    """
+
+    name: str = ""
+    label: str = ""
+    classes: Sequence[str] = ()
+    image_shape: Tuple[int, int, int] = (1, 28, 28)
+    mean: Sequence[float] = (0.5,)
+    std: Sequence[float] = (0.5,)
+    augment: str = "none"
+    default_backbone: str = "resnet18"
+    takes_argument: bool = False
+
+    def __init__(self, argument: Optional[str] = None, root: Optional[str] = None, download: bool = True):
+        if argument is not None and not self.takes_argument:
+            raise UsageError(f"dataset {self.name!r} takes no argument (got {self.name}:{argument})")
+        if argument is None and self.takes_argument:
+            raise UsageError(f"dataset {self.name!r} needs an argument: {self.name}:ARG")
+        self.argument = argument
+        self.root = root
+        self.download = download
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+    def load(self, split: str) -> Split:
+        """The whole ``split`` (``"train"`` or ``"test"``) as uint8 images and labels."""
+        raise NotImplementedError
+
+
+class Normalizer:
+    """Maps uint8 images to normalised float images on their device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) * self.inv_std
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, for a whole uint8 batch at once."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator, device="cpu").to(device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator, device="cpu").to(device)
+    flip = torch.rand((n, 1, 1), generator=generator, device="cpu").to(device) < 0.5
+    rows = torch.arange(h, device=device).view(1, h, 1) + dy
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx
+    batch = torch.arange(n, device=device).view(n, 1, 1)
+    # [N, H, W, C] gathered by advanced indexing, then back to channels-first
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+class BatchStream:
+    """Endless training batches from a split in memory: a fresh seeded permutation every epoch.
+
+    The last incomplete batch of an epoch is dropped, so every step sees ``batch_size`` samples.
+    """
+
+    def __init__(self, split: Split, batch_size: int, normalize: Normalizer, augment: str, seed: int):
+        if augment not in AUGMENTATIONS:
+            raise UsageError(f"unknown augmentation {augment!r}; accepted: {', '.join(AUGMENTATIONS)}")
+        if batch_size > len(split):
+            raise UsageError(f"batch size {batch_size} exceeds the {len(split)} training images")
+        self.split = split
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self._order = None
+        self._position = 0
+        self._new_epoch()
+
+    def _new_epoch(self):
+        self._order = torch.randperm(len(self.split), generator=self.generator).to(self.split.labels.device)
+        self._position = 0
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._position + self.batch_size > len(self._order):
+            self.epoch += 1
+            self._new_epoch()
+        index = self._order[self._position:self._position + self.batch_size]
+        self._position += self.batch_size
+        images = self.split.images[index]
+        if self.augment == "crop_flip":
+            images = crop_flip(images, self.generator)
+        return self.normalize(images), self.split.labels[index]
+
+
+def eval_batches(split: Split, normalize: Normalizer, batch_size: int):
+    """The split in order, in large normalised batches, for evaluation."""
+    for start in range(0, len(split), batch_size):
+        yield normalize(split.images[start:start + batch_size]), split.labels[start:start + batch_size]

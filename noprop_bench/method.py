@@ -1,0 +1,104 @@
+"""The contract a method plugin implements."""
+
+from typing import Any, Dict, Mapping
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+FAMILIES = ("discrete-time", "continuous-time")
+
+
+def _coerce(key: str, text: str, default: Any) -> Any:
+    """Convert a command-line string to the type of the parameter's default."""
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else type(default).__name__
+        raise UsageError(f"parameter {key}={text!r}: expected {kind}") from None
+    return text
+
+
+class Method(nn.Module):
+    """A way of training a classifier, compared by the harness under a shared budget.
+
+    Subclasses set ``name`` (CLI name), ``label`` (table row), ``family`` (``"discrete-time"`` or
+    ``"continuous-time"``) and ``defaults`` (every accepted parameter with its default value; values
+    given as ``name[key=value]`` are converted to the default's type), build their modules in
+    ``__init__(task, **params)`` after calling ``super().__init__(task, **params)``, and implement
+    ``train_step`` and ``predict``. Set ``stochastic = True`` when ``predict`` samples, so the final
+    evaluation is repeated ``--inference-runs`` times.
+    """
+
+    name: str = ""
+    label: str = ""
+    family: str = "discrete-time"
+    defaults: Dict[str, Any] = {}
+    choices: Dict[str, tuple] = {}
+    stochastic: bool = False
+
+    def __init__(self, task, **params):
+        super().__init__()
+        self.task = task
+        self.params = {**self.defaults, **params}
+
+    # -- the contract -------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One update on a batch of normalised images ``x`` and labels ``y``; returns metrics.
+
+        Return tensors, not Python numbers, so no device synchronisation is forced; include
+        ``"loss"`` so the harness can detect divergence.
+        """
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (or scores) ``[B, num_classes]``; called under ``torch.inference_mode()``."""
+        raise NotImplementedError
+
+    def trial_metrics(self) -> Dict[str, Any]:
+        """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
+        return {}
+
+    # -- parameters -----------------------------------------------------------------------------
+    @classmethod
+    def resolve_params(cls, given: Mapping[str, str]) -> Dict[str, Any]:
+        """Merge command-line strings into ``defaults``, converting types and checking names."""
+        unknown = sorted(set(given) - set(cls.defaults))
+        if unknown:
+            accepted = ", ".join(sorted(cls.defaults)) or "none"
+            raise UsageError(
+                f"method {cls.name!r} has no parameter {', '.join(unknown)}; accepted: {accepted}"
+            )
+        params = dict(cls.defaults)
+        for key, value in given.items():
+            params[key] = _coerce(key, value, cls.defaults[key]) if isinstance(value, str) else value
+        cls.check_params(params)
+        return params
+
+    @classmethod
+    def check_params(cls, params: Dict[str, Any]) -> None:
+        """Reject invalid values with a :class:`UsageError`; by default checks ``choices``."""
+        for key, allowed in cls.choices.items():
+            if params.get(key) not in allowed:
+                raise UsageError(
+                    f"method {cls.name!r}: {key}={params.get(key)!r} is not one of {', '.join(map(str, allowed))}"
+                )
+
+    @classmethod
+    def row_label(cls, params: Mapping[str, Any]) -> str:
+        """The Table 1 row label, ``Label (embedding)`` as the paper writes it."""
+        embedding = params.get("embedding", "one-hot")
+        if embedding == "learned":
+            embedding = f"dim={params.get('dim', 20)}"
+        return f"{cls.label or cls.name} ({embedding})"

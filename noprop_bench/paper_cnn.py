@@ -1,0 +1,46 @@
+"""The paper's small CNN image path (Li, Teh, Pascanu 2025, Figure 6), registered as timm model ``noprop_cnn``.
+
+Three unpadded 3x3 convolutions (32, 64, 128 channels) with ReLU, 2x2 max-pooling after the first and
+the third, dropout 0.2 after each, then flatten -> FC(256) -> ReLU. Unpadded convolutions are the
+reading under which the paper's published parameter counts are reproduced exactly.
+"""
+
+import torch
+from torch import nn
+from timm.models import register_model
+
+
+class NoPropCNN(nn.Module):
+    """The conv image path of the paper; with ``num_classes=0`` it returns 256 features."""
+
+    def __init__(self, num_classes: int = 0, in_chans: int = 1, img_size: int = 28,
+                 drop_rate: float = 0.2, feature_dim: int = 256, **_ignored):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(drop_rate),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Dropout(drop_rate),
+            nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(drop_rate),
+            nn.Flatten(),
+        )
+        side = img_size
+        side = (side - 2) // 2
+        side = side - 2 - 2
+        side = side // 2
+        self.fc = nn.Sequential(nn.Linear(128 * side * side, feature_dim), nn.ReLU())
+        self.num_features = feature_dim
+        self.num_classes = num_classes
+        self.head = nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+@register_model
+def noprop_cnn(pretrained: bool = False, **kwargs) -> NoPropCNN:
+    """The paper's small CNN (Figure 6 image path); accepts ``in_chans`` and ``img_size``."""
+    if pretrained:
+        raise ValueError("noprop_cnn has no pretrained weights")
+    return NoPropCNN(**kwargs)

@@ -1,0 +1,94 @@
+"""Trial records: the append-only ``trials.jsonl`` store, trial identity for resume, environment capture."""
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+
+TRIALS_FILE = "trials.jsonl"
+FINISHED_STATUSES = ("ok", "diverged")  # a failed trial is tried again when the command is rerun
+
+
+def trial_id(config: Dict[str, Any]) -> str:
+    """A stable identifier of what a trial computes: the same config always gives the same id."""
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """Library versions and the machine, stored with every trial."""
+    import pluggy
+    import timm
+    import torchvision
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "pluggy": pluggy.__version__,
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "device": str(device),
+        "device_name": device_name(device),
+    }
+
+
+class TrialStore:
+    """``DIR/trials.jsonl``: one JSON object per finished trial, each appended in one write."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.path = self.directory / TRIALS_FILE
+
+    def append(self, record: Dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+        # O_APPEND with a single write keeps lines whole even with concurrent writers
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self) -> Tuple[List[Dict[str, Any]], List[str]]:
+        """All valid records, and a note for each line that could not be read (e.g. a killed write)."""
+        records, skipped = [], []
+        if not self.path.exists():
+            return records, skipped
+        with open(self.path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    skipped.append(f"{self.path}:{number}: not valid JSON (truncated write?)")
+        return records, skipped
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return iter(self.read()[0])
+
+    def finished_ids(self) -> set:
+        return {r["trial_id"] for r in self if r.get("status") in FINISHED_STATUSES and "trial_id" in r}
+
+
+def latest_per_trial(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The last record of each trial id (a retried failure is superseded by its rerun)."""
+    latest = {}
+    for record in records:
+        latest[record.get("trial_id", id(record))] = record
+    return list(latest.values())

@@ -1,0 +1,305 @@
+"""One trial: seed, build, train under the budget, evaluate at checkpoints, evaluate at the end."""
+
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, List, Optional, Type
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone, feature_dim
+from .budget import Budget, TrainingClock
+from .datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
+from .errors import UsageError
+from .memory import PeakMemory
+from .method import Method
+from .results import environment, trial_id
+from .task import Task
+
+DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
+CUDA_CLOCK_READ_EVERY = 8  # steps between clock reads on CUDA (each read synchronises)
+
+
+class Diverged(RuntimeError):
+    """A training metric became NaN or infinite."""
+
+
+@dataclass
+class RunData:
+    """A dataset loaded once per run and shared by its trials, on the training device."""
+
+    dataset: Dataset
+    train: Split
+    test: Split
+    normalize: Normalizer
+    load_seconds: float
+
+    @classmethod
+    def load(cls, dataset: Dataset, device: torch.device) -> "RunData":
+        started = time.perf_counter()
+        train = dataset.load("train").to(device)
+        test = dataset.load("test").to(device)
+        normalize = Normalizer(dataset.mean, dataset.std, device)
+        return cls(dataset, train, test, normalize, time.perf_counter() - started)
+
+
+@dataclass
+class TrialSpec:
+    """Everything that defines one trial; ``config()`` is what makes two trials the same."""
+
+    method: Type[Method]
+    params: Dict[str, Any]
+    dataset: str
+    backbone: str
+    budget: Budget
+    seed: int
+    batch_size: int
+    device: torch.device
+    augment: str
+    inference_runs: int = 5
+    eval_batch_size: int = 1000
+    checkpoints: int = 8
+    train_accuracy: bool = False
+    command: str = ""
+
+    def config(self) -> Dict[str, Any]:
+        return {
+            "method": self.method.name, "params": self.params, "dataset": self.dataset,
+            "backbone": self.backbone, "budget": str(self.budget), "seed": self.seed,
+            "batch_size": self.batch_size, "augment": self.augment,
+            "inference_runs": self.inference_runs if self.method.stochastic else 1,
+            "device_type": torch.device(self.device).type, "train_accuracy": self.train_accuracy,
+        }
+
+    @property
+    def trial_id(self) -> str:
+        return trial_id(self.config())
+
+    def describe(self) -> str:
+        return f"{self.method.row_label(self.params)} seed {self.seed}"
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def checkpoint_fractions(count: int) -> List[float]:
+    """Budget fractions at which the test accuracy is observed: roughly log-spaced, ending before 1."""
+    if count <= 0:
+        return []
+    return [float(f) for f in np.geomspace(0.02, 1.0, count + 1)[:-1]]
+
+
+def build_task(spec: TrialSpec, data: RunData) -> Task:
+    shape = tuple(data.train.images.shape[1:])
+
+    def make_backbone():
+        return create_backbone(spec.backbone, in_chans=shape[0], image_size=max(shape[1:]))
+
+    try:
+        width = feature_dim(make_backbone(), shape)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(f"backbone {spec.backbone!r} cannot take {shape[1]}x{shape[2]} images: {error}") from None
+    return Task(
+        num_classes=data.dataset.num_classes, image_shape=shape, device=torch.device(spec.device),
+        backbone_name=spec.backbone, make_backbone=make_backbone, backbone_features=width,
+        normalize=data.normalize, train_images=data.train.images, train_labels=data.train.labels,
+        seed=spec.seed,
+    )
+
+
+def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: int, seed: int) -> float:
+    """Accuracy (%) of ``method.predict`` on ``split``; the RNG is forked so training is not perturbed."""
+    was_training = method.training
+    method.eval()
+    devices = [split.images.device] if split.images.device.type == "cuda" else []
+    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        for x, y in eval_batches(split, normalize, batch_size):
+            correct += (method.predict(x).argmax(dim=1) == y).sum()
+    method.train(was_training)
+    return 100.0 * correct.item() / len(split)
+
+
+def _finite(value: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(value.detach()).all()
+
+
+def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Train and evaluate one trial; always returns a record, whatever happened inside.
+
+    ``status`` is ``ok``, ``diverged`` (a non-finite loss), ``failed`` (the method raised) or
+    ``interrupted`` (Ctrl-C: the caller should store the record and stop).
+    """
+    say = progress or (lambda message: None)
+    record: Dict[str, Any] = {
+        "trial_id": spec.trial_id, "status": "running", "error": None,
+        "method": spec.method.name, "method_label": spec.method.label or spec.method.name,
+        "row_label": spec.method.row_label(spec.params), "family": spec.method.family,
+        "stochastic": spec.method.stochastic, "params": spec.params,
+        "dataset": spec.dataset, "dataset_label": data.dataset.display_name,
+        "num_classes": data.dataset.num_classes, "image_shape": list(data.train.images.shape[1:]),
+        "train_size": len(data.train), "test_size": len(data.test),
+        "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
+        "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment,
+        "inference_runs": spec.inference_runs if spec.method.stochastic else 1,
+        "command": spec.command, "environment": environment(spec.device),
+        "data_load_seconds": data.load_seconds,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "curve": [], "steps": 0, "samples": 0, "epochs": 0.0,
+        "train_seconds": 0.0, "eval_seconds": 0.0, "setup_seconds": 0.0,
+    }
+    trial = _TrialRun(spec, data, record, say)
+    try:
+        trial.run()
+        record["status"] = "ok"
+    except Diverged as error:
+        record["status"] = "diverged"
+        record["error"] = str(error)
+    except KeyboardInterrupt:  # the caller stores the record and stops the run
+        record["status"] = "interrupted"
+        record["error"] = "interrupted by the user"
+    except UsageError:
+        raise
+    except Exception as error:
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        trial.finish()
+    return record
+
+
+class _TrialRun:
+    """The mutable state of one trial while it trains, so ``run_trial`` only handles outcomes."""
+
+    def __init__(self, spec: TrialSpec, data: RunData, record: Dict[str, Any], say):
+        self.spec, self.data, self.record, self.say = spec, data, record, say
+        self.clock = TrainingClock(spec.device)
+        self.memory = PeakMemory(spec.device)
+        self.method: Optional[Method] = None
+        self.steps = self.samples = 0
+
+    def run(self):
+        spec, data, record = self.spec, self.data, self.record
+        setup_started = time.perf_counter()
+        seed_everything(spec.seed)
+        task = build_task(spec, data)
+        self.method = method = spec.method(task, **spec.params).to(spec.device)
+        method.train()
+        record["params_total"] = sum(p.numel() for p in method.parameters())
+        record["params_trainable"] = sum(p.numel() for p in method.parameters() if p.requires_grad)
+        record["backbone_features"] = task.backbone_features
+        batch_size = spec.batch_size
+        stream = BatchStream(data.train, batch_size, data.normalize, spec.augment, seed=spec.seed)
+        record["setup_seconds"] = time.perf_counter() - setup_started
+
+        fractions = checkpoint_fractions(spec.checkpoints)
+        loss_sum = torch.zeros((), device=spec.device)
+        loss_count = 0
+        finite = torch.ones((), dtype=torch.bool, device=spec.device)
+        read_every = CUDA_CLOCK_READ_EVERY if torch.device(spec.device).type == "cuda" else 1
+        spent = 0.0
+        with self.memory:
+            self.clock.start()
+            while True:
+                x, y = stream.next()
+                metrics = method.train_step(x, y)
+                self.steps += 1
+                self.samples += batch_size
+                steps, samples = self.steps, self.samples
+                loss = metrics.get("loss") if isinstance(metrics, dict) else None
+                if loss is not None:
+                    loss = torch.as_tensor(loss, device=spec.device)
+                    loss_sum = loss_sum + loss.detach().float()
+                    loss_count += 1
+                    finite = finite & _finite(loss)
+                if spec.budget.unit != "seconds" or steps % read_every == 0:
+                    spent = spec.budget.progress(self.clock.elapsed(), samples, steps)
+                if steps % DIVERGENCE_CHECK_EVERY == 0 and not bool(finite):
+                    raise Diverged(f"non-finite loss by step {steps}")
+                done = spent >= 1.0
+                if fractions and (spent >= fractions[0]) and not done:
+                    while fractions and spent >= fractions[0]:
+                        fractions.pop(0)
+                    self.clock.stop()
+                    if not bool(finite):
+                        raise Diverged(f"non-finite loss by step {steps}")
+                    self._checkpoint(steps, samples, loss_sum, loss_count, spent)
+                    loss_sum, loss_count = torch.zeros((), device=spec.device), 0
+                    self.clock.start()
+                if done:
+                    break
+            self.clock.stop()
+        if not bool(finite):
+            raise Diverged(f"non-finite loss by step {self.steps}")
+        self._update_counts()
+        self._final_evaluation(loss_sum, loss_count)
+
+    def _update_counts(self):
+        record = self.record
+        steps, samples = self.steps, self.samples
+        record["steps"], record["samples"] = steps, samples
+        record["epochs"] = samples / len(self.data.train)
+        record["train_seconds"] = self.clock.elapsed()
+        record["samples_per_second"] = samples / max(record["train_seconds"], 1e-9)
+        record["seconds_per_epoch"] = len(self.data.train) / max(record["samples_per_second"], 1e-9)
+
+    def _checkpoint(self, steps, samples, loss_sum, loss_count, spent):
+        started = time.perf_counter()
+        accuracy = evaluate(self.method, self.data.test, self.data.normalize, self.spec.eval_batch_size,
+                            seed=self.spec.seed * 1000)
+        self.record["eval_seconds"] += time.perf_counter() - started
+        train_seconds = self.clock.elapsed()
+        self.record["curve"].append({
+            "train_seconds": train_seconds, "steps": steps, "samples": samples,
+            "epochs": samples / len(self.data.train), "test_acc": accuracy,
+            "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
+        })
+        self.say(f"{self.spec.describe()}: {min(spent, 1.0) * 100:5.1f}% of {self.spec.budget} "
+                 f"({train_seconds:.1f}s, {steps} steps) test acc {accuracy:.2f}%")
+
+    def _final_evaluation(self, loss_sum, loss_count):
+        spec, data, record = self.spec, self.data, self.record
+        started = time.perf_counter()
+        runs = spec.inference_runs if spec.method.stochastic else 1
+        test = [evaluate(self.method, data.test, data.normalize, spec.eval_batch_size, seed=spec.seed * 1000 + 1 + r)
+                for r in range(runs)]
+        record["test_acc_runs"] = test
+        record["test_acc"] = float(np.mean(test))
+        if spec.train_accuracy:
+            train = [evaluate(self.method, data.train, data.normalize, spec.eval_batch_size,
+                              seed=spec.seed * 1000 + 501 + r) for r in range(runs)]
+            record["train_acc_runs"] = train
+            record["train_acc"] = float(np.mean(train))
+        record["eval_seconds"] += time.perf_counter() - started
+        record["curve"].append({
+            "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
+            "epochs": record["epochs"], "test_acc": record["test_acc"],
+            "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
+        })
+        self.say(f"{spec.describe()}: done, {record['train_seconds']:.1f}s training, {record['steps']} steps, "
+                 f"test acc {record['test_acc']:.2f}%")
+
+    def finish(self):
+        """Fill in what is known even when the trial stopped early."""
+        record = self.record
+        self.clock.stop()
+        if record["steps"] != self.steps:
+            self._update_counts()
+        record["peak_memory_bytes"] = self.memory.peak_bytes
+        record["memory_kind"] = self.memory.kind
+        if self.method is not None:
+            try:
+                record["method_metrics"] = self.method.trial_metrics()
+            except Exception as error:  # metrics are secondary: never lose the trial over them
+                record["method_metrics"] = {"error": f"{type(error).__name__}: {error}"}

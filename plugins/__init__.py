@@ -1,0 +1,1 @@
+"""Built-in noprop-bench plugins, each registered through the ``noprop_bench`` entry-point group."""

