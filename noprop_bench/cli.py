@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(observed only, never used to select anything)")
     parser.add_argument("--train-accuracy", action="store_true",
                         help="also measure accuracy on the training split at the end (Table 1's train columns)")
+    parser.add_argument("--inference-sweep", action="store_true",
+                        help="after training, evaluate every inference setting a method offers (e.g. NoProp-CT: "
+                             "euler and heun at 2..1000 steps) and write inference_sweep.md")
+    parser.add_argument("--val-split", type=float, default=0.0, metavar="FRACTION",
+                        help="hold out this fraction of each class of the training split as a validation set "
+                             "(for methods that select something; the test split is never used to select)")
     parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                         help="training augmentation; default: the dataset's own choice")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -107,6 +113,8 @@ def _check_counts(args):
                                ("--inference-runs", args.inference_runs, 1), ("--checkpoints", args.checkpoints, 0)):
         if value < least:
             raise UsageError(f"{flag} {value}: must be a whole number of at least {least}")
+    if not 0.0 <= args.val_split < 1.0:
+        raise UsageError(f"--val-split {args.val_split}: must be a fraction in [0, 1)")
 
 
 def _plan(args, registry, device, command) -> tuple:
@@ -126,7 +134,8 @@ def _plan(args, registry, device, command) -> tuple:
     specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone, budget=budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
-                       train_accuracy=args.train_accuracy, command=command)
+                       train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
+                       val_split=args.val_split, command=command)
              for cls, params in methods for seed in range(args.seeds)]
     return dataset, specs
 
@@ -167,7 +176,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     problems = []
     if pending:
         say(f"loading {args.dataset} ...")
-        data = RunData.load(dataset, device)
+        data = RunData.load(dataset, device, val_split=args.val_split)
         say(f"{len(data.train)} train / {len(data.test)} test images in {data.load_seconds:.1f}s; "
             f"{len(pending)} trial(s), budget {specs[0].budget} each, backbone {specs[0].backbone}, device {device}")
     try:

@@ -1,6 +1,6 @@
 """The contract a method plugin implements."""
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 from torch import nn
@@ -68,6 +68,19 @@ class Method(nn.Module):
 
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
+        return {}
+
+    # -- optional inference settings (keyword arguments of ``predict``) ----------------------------
+    def checkpoint_setting(self) -> Dict[str, Any]:
+        """``predict`` keyword arguments for the evaluations during training (e.g. a cheap solver)."""
+        return {}
+
+    def sweep_settings(self) -> List[Dict[str, Any]]:
+        """Settings evaluated after training with ``--inference-sweep`` (e.g. solvers x step counts)."""
+        return []
+
+    def diagnostic_settings(self) -> Dict[str, Dict[str, Any]]:
+        """Named settings evaluated once after every trial, e.g. ``{"z_ablation": {"ablate_z": True}}``."""
         return {}
 
     # -- parameters -----------------------------------------------------------------------------

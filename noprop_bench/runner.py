@@ -5,7 +5,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -27,23 +27,52 @@ class Diverged(RuntimeError):
     """A training metric became NaN or infinite."""
 
 
+VAL_SPLIT_SEED = 12345  # fixed, so every method and seed of a run holds out the same images
+
+
 @dataclass
 class RunData:
-    """A dataset loaded once per run and shared by its trials, on the training device."""
+    """A dataset loaded once per run and shared by its trials, on the training device.
+
+    With ``val_split`` > 0 a fixed, stratified fraction of the training split is held out as ``val``
+    for methods that select something; the test split is only ever reported.
+    """
 
     dataset: Dataset
     train: Split
     test: Split
     normalize: Normalizer
     load_seconds: float
+    val: Optional[Split] = None
 
     @classmethod
-    def load(cls, dataset: Dataset, device: torch.device) -> "RunData":
+    def load(cls, dataset: Dataset, device: torch.device, val_split: float = 0.0) -> "RunData":
         started = time.perf_counter()
-        train = dataset.load("train").to(device)
-        test = dataset.load("test").to(device)
+        train = dataset.load("train")
+        test = dataset.load("test")
+        val = None
+        if val_split > 0:
+            train, val = hold_out(train, val_split, VAL_SPLIT_SEED)
+            val = val.to(device)
         normalize = Normalizer(dataset.mean, dataset.std, device)
-        return cls(dataset, train, test, normalize, time.perf_counter() - started)
+        return cls(dataset, train.to(device), test.to(device), normalize, time.perf_counter() - started, val)
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:
+    """Split off ``fraction`` of every class (at least one image each) as a validation split."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = split.labels.cpu()
+    keep, held = [], []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = max(1, int(round(fraction * len(members))))
+        if count >= len(members):
+            raise UsageError(f"--val-split {fraction} leaves no training image of class {int(label)}")
+        held.append(members[:count])
+        keep.append(members[count:])
+    keep, held = torch.cat(keep).sort().values, torch.cat(held).sort().values
+    return (Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held]))
 
 
 @dataclass
@@ -63,6 +92,8 @@ class TrialSpec:
     eval_batch_size: int = 1000
     checkpoints: int = 8
     train_accuracy: bool = False
+    inference_sweep: bool = False
+    val_split: float = 0.0
     command: str = ""
 
     def config(self) -> Dict[str, Any]:
@@ -72,6 +103,7 @@ class TrialSpec:
             "batch_size": self.batch_size, "augment": self.augment,
             "inference_runs": self.inference_runs if self.method.stochastic else 1,
             "device_type": torch.device(self.device).type, "train_accuracy": self.train_accuracy,
+            "inference_sweep": self.inference_sweep, "val_split": self.val_split,
         }
 
     @property
@@ -111,12 +143,18 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
         num_classes=data.dataset.num_classes, image_shape=shape, device=torch.device(spec.device),
         backbone_name=spec.backbone, make_backbone=make_backbone, backbone_features=width,
         normalize=data.normalize, train_images=data.train.images, train_labels=data.train.labels,
-        seed=spec.seed,
+        val_images=None if data.val is None else data.val.images,
+        val_labels=None if data.val is None else data.val.labels, seed=spec.seed,
     )
 
 
-def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: int, seed: int) -> float:
-    """Accuracy (%) of ``method.predict`` on ``split``; the RNG is forked so training is not perturbed."""
+def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: int, seed: int,
+             setting: Optional[Dict[str, Any]] = None) -> float:
+    """Accuracy (%) of ``method.predict(x, **setting)`` on ``split``.
+
+    The RNG is forked and seeded, so evaluation is reproducible and never perturbs training.
+    """
+    setting = setting or {}
     was_training = method.training
     method.eval()
     devices = [split.images.device] if split.images.device.type == "cuda" else []
@@ -124,7 +162,7 @@ def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: in
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         for x, y in eval_batches(split, normalize, batch_size):
-            correct += (method.predict(x).argmax(dim=1) == y).sum()
+            correct += (method.predict(x, **setting).argmax(dim=1) == y).sum()
     method.train(was_training)
     return 100.0 * correct.item() / len(split)
 
@@ -257,7 +295,7 @@ class _TrialRun:
     def _checkpoint(self, steps, samples, loss_sum, loss_count, spent):
         started = time.perf_counter()
         accuracy = evaluate(self.method, self.data.test, self.data.normalize, self.spec.eval_batch_size,
-                            seed=self.spec.seed * 1000)
+                            seed=self.spec.seed * 1000, setting=self.method.checkpoint_setting())
         self.record["eval_seconds"] += time.perf_counter() - started
         train_seconds = self.clock.elapsed()
         self.record["curve"].append({
@@ -281,6 +319,15 @@ class _TrialRun:
                               seed=spec.seed * 1000 + 501 + r) for r in range(runs)]
             record["train_acc_runs"] = train
             record["train_acc"] = float(np.mean(train))
+        if self.data.val is not None:
+            record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, spec.eval_batch_size,
+                                         seed=spec.seed * 1000 + 701)
+        record["diagnostics"] = {
+            name: evaluate(self.method, data.test, data.normalize, spec.eval_batch_size,
+                           seed=spec.seed * 1000 + 801, setting=setting)
+            for name, setting in self.method.diagnostic_settings().items()}
+        if spec.inference_sweep:
+            record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
         record["eval_seconds"] += time.perf_counter() - started
         record["curve"].append({
             "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
@@ -289,6 +336,14 @@ class _TrialRun:
         })
         self.say(f"{spec.describe()}: done, {record['train_seconds']:.1f}s training, {record['steps']} steps, "
                  f"test acc {record['test_acc']:.2f}%")
+
+    def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
+        spec, data = self.spec, self.data
+        started = time.perf_counter()
+        accuracies = [evaluate(self.method, data.test, data.normalize, spec.eval_batch_size,
+                               seed=spec.seed * 1000 + 1 + r, setting=setting) for r in range(runs)]
+        return {"setting": setting, "test_acc_runs": accuracies, "test_acc": float(np.mean(accuracies)),
+                "eval_seconds": time.perf_counter() - started}
 
     def finish(self):
         """Fill in what is known even when the trial stopped early."""

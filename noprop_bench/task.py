@@ -13,8 +13,9 @@ class Task:
     ``make_backbone()`` returns a fresh feature extractor (an ``nn.Module`` mapping normalised images
     ``[B, C, H, W]`` to features ``[B, backbone_features]``); every method in a run gets the same one.
     ``train_images``/``train_labels`` are the training split as uint8/long tensors on ``device``, for
-    methods whose initialisation looks at data (never the test split); ``normalize`` maps uint8 images
-    to the float tensors ``train_step`` receives.
+    methods whose initialisation looks at data (never the test split); ``val_images``/``val_labels``
+    are the held-out validation split of ``--val-split`` (None without it), the only data a method
+    may select on; ``normalize`` maps uint8 images to the float tensors ``train_step`` receives.
     """
 
     num_classes: int
@@ -26,6 +27,8 @@ class Task:
     normalize: Callable[[torch.Tensor], torch.Tensor]
     train_images: Optional[torch.Tensor] = field(default=None, repr=False)
     train_labels: Optional[torch.Tensor] = field(default=None, repr=False)
+    val_images: Optional[torch.Tensor] = field(default=None, repr=False)
+    val_labels: Optional[torch.Tensor] = field(default=None, repr=False)
     seed: int = 0
 
     @property

@@ -1,0 +1,128 @@
+"""Small plugins for the tests: a tiny in-memory dataset and methods that misbehave on purpose."""
+
+import time
+
+import torch
+from torch import nn
+
+from noprop_bench import Dataset, Method, Split, hookimpl
+
+FINISHED = []  # records seen by the trial_finished hook
+
+
+class Tiny(Dataset):
+    """Four classes of 16x16 grayscale images, each class a distinct brightness pattern plus noise."""
+
+    name = "tiny"
+    label = "Tiny"
+    classes = ("a", "b", "c", "d")
+    image_shape = (1, 16, 16)
+    mean, std = (0.5,), (0.25,)
+    default_backbone = "noprop_cnn"
+
+    def load(self, split):
+        generator = torch.Generator().manual_seed(0 if split == "train" else 1)
+        n = 256 if split == "train" else 64
+        labels = torch.arange(n) % 4
+        base = torch.zeros(n, 1, 16, 16)
+        for c in range(4):
+            base[labels == c, :, (c * 4):(c * 4 + 4), :] = 200.0
+        noise = torch.randint(0, 50, (n, 1, 16, 16), generator=generator).float()
+        return Split((base + noise).clamp(0, 255).to(torch.uint8), labels)
+
+
+class Linear(Method):
+    """A linear classifier on raw pixels: small and deterministic."""
+
+    name = "linear"
+    label = "Linear"
+    defaults = {"lr": 0.05, "embedding": "one-hot"}
+
+    def __init__(self, task, **params):
+        super().__init__(task, **params)
+        self.layer = nn.Linear(task.image_dim, task.num_classes)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=self.params["lr"])
+
+    def train_step(self, x, y):
+        loss = nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def predict(self, x):
+        return self.layer(x.flatten(1))
+
+
+class Explode(Linear):
+    name = "explode"
+    label = "Explode"
+
+    def train_step(self, x, y):
+        raise RuntimeError("boom in train_step")
+
+
+class NaNLoss(Linear):
+    name = "nan_loss"
+    label = "NaN"
+
+    def train_step(self, x, y):
+        super().train_step(x, y)
+        return {"loss": torch.tensor(float("nan"))}
+
+
+class Sleepy(Linear):
+    """Trains in 10 ms steps, evaluates very slowly: the clock must not charge evaluation."""
+
+    name = "sleepy"
+    label = "Sleepy"
+    defaults = {"lr": 0.05, "predict_sleep": 0.3}
+
+    def train_step(self, x, y):
+        time.sleep(0.01)
+        return super().train_step(x, y)
+
+    def predict(self, x):
+        time.sleep(self.params["predict_sleep"])
+        return super().predict(x)
+
+
+class Interrupt(Linear):
+    """Simulates Ctrl-C during training on seed 1."""
+
+    name = "interrupt"
+    label = "Interrupt"
+
+    def train_step(self, x, y):
+        if self.task.seed == 1:
+            raise KeyboardInterrupt
+        return super().train_step(x, y)
+
+
+class Noisy(Linear):
+    """A stochastic method: predictions carry random noise, so repeated evaluations differ."""
+
+    name = "noisy"
+    label = "Noisy"
+    family = "continuous-time"
+    stochastic = True
+
+    def predict(self, x):
+        logits = super().predict(x)
+        return logits + 3 * torch.randn_like(logits)
+
+
+@hookimpl
+def register_methods(register):
+    for cls in (Linear, Explode, NaNLoss, Sleepy, Interrupt, Noisy):
+        register(cls)
+
+
+@hookimpl
+def register_datasets(register):
+    register(Tiny)
+
+
+@hookimpl
+def trial_finished(record, out_dir):
+    FINISHED.append((record["trial_id"], out_dir))

@@ -1,0 +1,79 @@
+"""Bad input gets exit status 2 and one clear line; failures are recorded and summarised."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from noprop_bench.cli import main
+
+
+def _exit(args, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--plugin", "fake_plugins", "--dataset", "tiny", *args])
+    captured = capsys.readouterr()
+    return stopped.value.code, captured.err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--methods", "nope"], "unknown method 'nope'; available: "),
+    (["--methods", "linear", "--dataset", "nope"], "unknown dataset 'nope'; available: "),
+    (["--methods", "linear", "--backbone", "resnet_nope"], "unknown backbone 'resnet_nope'; any timm model name"),
+    (["--methods", "linear", "--budget", "ten"], "budget 'ten' not understood; accepted: SECONDS"),
+    (["--methods", "linear[lr=fast]"], "parameter lr='fast': expected float"),
+    (["--methods", "linear[momentum=1]"], "method 'linear' has no parameter momentum; accepted: embedding, lr"),
+    (["--methods", "linear[lr]"], "method parameter 'lr' in 'linear[lr]' not understood; write key=value"),
+    (["--methods", "linear", "--seeds", "0"], "--seeds 0: must be a whole number of at least 1"),
+    (["--methods", "linear", "--val-split", "1.5"], "--val-split 1.5: must be a fraction in [0, 1)"),
+    (["--methods", "linear", "--plugin", "no_such_module_xyz"], "--plugin no_such_module_xyz: cannot import it"),
+])
+def test_bad_input_exits_2_with_one_line(args, expected, capsys):
+    code, err = _exit(args, capsys)
+    assert code == 2
+    assert expected in err
+    if "available" in expected:
+        assert "linear" in err or "tiny" in err  # the valid names are listed
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_console_script_reports_unknown_method_without_traceback():
+    done = subprocess.run([sys.executable, "-m", "noprop_bench", "--methods", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown method 'nope'; available:" in done.stderr and "backprop" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_list_names_every_method_and_dataset_with_its_plugin(capsys):
+    from noprop_bench.cli import run
+
+    assert run(["--plugin", "fake_plugins", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "backprop" in out and "from plugin backprop" in out
+    assert "mnist5k" in out and "from plugin mnist5k" in out
+    assert "linear" in out and "from plugin fake_plugins" in out
+
+
+def test_failed_trial_is_recorded_and_others_run(fake_run, capsys):
+    code, out = fake_run("--methods", "explode,linear", "--budget", "5steps", "--seeds", "1")
+    assert code == 1
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    by_method = {r["method"]: r for r in records}
+    assert by_method["explode"]["status"] == "failed"
+    assert "boom in train_step" in by_method["explode"]["error"]
+    assert by_method["linear"]["status"] == "ok"
+    err = capsys.readouterr().err
+    assert "1 trial(s) did not finish ok" in err and "Explode (one-hot) seed 0: failed" in err
+    table = (out / "table1.md").read_text()
+    assert "Linear (one-hot)" in table and "Not in the table:" in table and "failed" in table
+
+
+def test_nan_loss_is_recorded_as_diverged(fake_run):
+    code, out = fake_run("--methods", "nan_loss", "--budget", "60steps", "--seeds", "1")
+    assert code == 1
+    record = json.loads((out / "trials.jsonl").read_text())
+    assert record["status"] == "diverged"
+    assert "non-finite loss" in record["error"]
+    assert record["steps"] <= 25  # detected at the first check, not after the whole budget

@@ -1,0 +1,88 @@
+"""The runner: the clock's fairness, resume, interruption, repeated inference, the table."""
+
+import json
+
+import pytest
+
+import fake_plugins
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def test_clock_excludes_evaluation(fake_run):
+    # each training step takes ~10 ms; each evaluation batch sleeps 0.3 s, 4 checkpoints + final
+    code, out = fake_run("--methods", "sleepy", "--budget", "1.0", "--seeds", "1", "--checkpoints", "4")
+    assert code == 0
+    record = _records(out)[0]
+    assert 1.0 <= record["train_seconds"] < 1.5
+    assert record["eval_seconds"] >= 5 * 0.3
+    # had evaluation been charged to training, at most ~(1.0 - 1.5) / 0.01 < 0 steps would fit
+    assert record["steps"] >= 50
+    assert len(record["curve"]) == 5
+
+
+def test_sample_budget_is_deterministic_and_reruns_skip(fake_run, tmp_path, capsys):
+    args = ("--methods", "linear", "--budget", "640samples", "--seeds", "2")
+    code, out = fake_run(*args)
+    assert code == 0
+    first = _records(out)
+    assert [r["status"] for r in first] == ["ok", "ok"]
+    assert all(r["samples"] == 640 and r["steps"] == 5 for r in first)
+    assert len(fake_plugins.FINISHED) == 2  # the observer hook saw both trials
+
+    code, again = fake_run(*args, out=tmp_path / "other")
+    assert [r["test_acc"] for r in _records(again)] == [r["test_acc"] for r in first]
+
+    capsys.readouterr()
+    code, out = fake_run(*args)
+    assert code == 0
+    assert len(_records(out)) == 2  # nothing rerun
+    assert capsys.readouterr().err.count("skip Linear (one-hot) seed") == 2
+
+
+def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run):
+    code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "2")
+    assert code == 130
+    statuses = {r["seed"]: r["status"] for r in _records(out)}
+    assert statuses == {0: "ok", 1: "interrupted"}
+    assert "Interrupt (one-hot)" in (out / "table1.md").read_text()
+    # resuming reruns only the interrupted trial (which interrupts again here)
+    code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "2")
+    assert [r["seed"] for r in _records(out)] == [0, 1, 1]
+
+
+def test_stochastic_methods_are_evaluated_inference_runs_times(fake_run):
+    code, out = fake_run("--methods", "noisy,linear", "--budget", "3steps", "--seeds", "1",
+                         "--inference-runs", "4", "--train-accuracy")
+    records = {r["method"]: r for r in _records(out)}
+    assert len(records["noisy"]["test_acc_runs"]) == 4
+    assert len(set(records["noisy"]["test_acc_runs"])) > 1  # the runs really are different draws
+    assert len(records["linear"]["test_acc_runs"]) == 1
+    assert len(records["noisy"]["train_acc_runs"]) == 4
+
+
+def test_record_holds_what_the_paper_needs(fake_run):
+    code, out = fake_run("--methods", "linear", "--budget", "4steps", "--seeds", "1", "--val-split", "0.25")
+    record = _records(out)[0]
+    for key in ("steps", "samples", "epochs", "train_seconds", "eval_seconds", "params_total",
+                "peak_memory_bytes", "memory_kind", "command", "backbone", "budget", "seed", "trial_id"):
+        assert record[key] is not None, key
+    assert record["environment"]["torch"] and record["environment"]["device_name"]
+    assert record["params_total"] == 16 * 16 * 4 + 4
+    assert record["memory_kind"] == "cpu_peak_rss" and record["peak_memory_bytes"] > 10 * 2**20
+    assert record["train_size"] == 192 and "val_acc" in record
+    assert record["command"].startswith("noprop-bench --plugin fake_plugins")
+
+
+def test_table1_format(fake_run):
+    code, out = fake_run("--methods", "linear,noisy", "--budget", "3steps", "--seeds", "2", "--inference-runs", "3")
+    lines = (out / "table1.md").read_text().splitlines()
+    assert lines[2].startswith("| Method") and "Tiny test" in lines[2]
+    body = "\n".join(lines)
+    assert body.index("**Discrete-time**") < body.index("Linear (one-hot)") < body.index("**Continuous-time**")
+    assert body.index("**Continuous-time**") < body.index("Noisy (one-hot)")
+    row = next(line for line in lines if line.startswith("| Linear (one-hot)"))
+    assert " ± " in row
+    assert "2 seed(s) × 1 or 3 inference run(s)" in body and "Budget 3steps" in body
