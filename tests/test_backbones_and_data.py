@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from noprop_bench.backbones import create_backbone, feature_dim
+from noprop_bench.datasets import BatchStream, Normalizer, Split, crop_flip
+from noprop_bench.runner import hold_out
+from noprop_bench_plugins.mnist5k import MNIST5k
+
+
+def test_paper_cnn_is_a_timm_model_with_the_papers_parameter_count():
+    assert "noprop_cnn" in timm.list_models()
+    # the image path of the paper's Figure 6 under unpadded 3x3 convolutions (reference section 5.3)
+    mnist = timm.create_model("noprop_cnn", num_classes=0, in_chans=1, img_size=28)
+    cifar = timm.create_model("noprop_cnn", num_classes=0, in_chans=3, img_size=32)
+    assert sum(p.numel() for p in mnist.parameters()) == 320 + 18496 + 73856 + (128 * 4 * 4 * 256 + 256)
+    assert sum(p.numel() for p in cifar.parameters()) == 896 + 18496 + 73856 + (128 * 5 * 5 * 256 + 256)
+    assert mnist(torch.zeros(3, 1, 28, 28)).shape == (3, 256)
+
+
+def test_small_images_get_a_stride_one_stem_without_max_pool():
+    model = create_backbone("resnet18", in_chans=1, image_size=28)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and model.conv1.in_channels == 1
+    assert isinstance(model.maxpool, nn.Identity)
+    assert feature_dim(model, (1, 28, 28)) == 512
+    large = create_backbone("resnet18", in_chans=3, image_size=224)
+    assert large.conv1.stride == (2, 2) and isinstance(large.maxpool, nn.MaxPool2d)
+
+
+def test_mnist5k_is_a_fixed_stratified_split_of_real_digits():
+    dataset = MNIST5k()
+    train, test = dataset.load("train"), dataset.load("test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert train.images.shape[1:] == (1, 28, 28) and train.images.dtype == torch.uint8
+    assert torch.bincount(train.labels).tolist() == [400] * 10
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    # real digits: mean brightness of MNIST is about 0.13 of full scale
+    assert 0.10 < train.images.float().mean().item() / 255 < 0.16
+    rows = lambda split: {bytes(image.numpy()) for image in split.images}  # noqa: E731
+    assert not rows(train) & rows(test)
+    assert torch.equal(MNIST5k().load("test").labels, test.labels)
+
+
+def _split(n=64):
+    images = torch.randint(1, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n)  # every image distinct
+    return Split(images, torch.arange(n) % 4)
+
+
+def test_batch_stream_is_seeded_and_covers_each_epoch_once():
+    split = _split()
+    normalize = Normalizer((0.5,) * 3, (0.5,) * 3, "cpu")
+    first = BatchStream(split, 16, normalize, "none", seed=3)
+    second = BatchStream(split, 16, normalize, "none", seed=3)
+    seen = []
+    for _ in range(4):
+        (x1, y1), (x2, y2) = first.next(), second.next()
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        seen.append(x1)
+    epoch = torch.cat(seen)
+    assert epoch.shape == (64, 3, 8, 8)
+    assert len({bytes(row.numpy()) for row in epoch}) == 64  # every image exactly once
+    first.next()
+    assert first.epoch == 1
+
+
+def test_crop_flip_moves_pixels_but_keeps_shape():
+    split = _split(32)
+    out = crop_flip(split.images, torch.Generator().manual_seed(0))
+    assert out.shape == split.images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, split.images)
+    padded_zero_or_original = set(np.unique(out.numpy())) <= set(np.unique(split.images.numpy())) | {0}
+    assert padded_zero_or_original
+
+
+def test_hold_out_is_stratified_and_disjoint():
+    split = _split(80)
+    train, val = hold_out(split, 0.25, seed=0)
+    assert len(train) == 60 and len(val) == 20
+    assert torch.bincount(val.labels).tolist() == [5] * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_clock_synchronises_before_reading():
+    from noprop_bench.budget import TrainingClock
+    clock = TrainingClock("cuda")
+    a = torch.randn(4096, 4096, device="cuda")
+    clock.start()
+    for _ in range(20):
+        a = a @ a
+        a = a / a.norm()
+    clock.stop()
+    # without a synchronise the clock would read only the kernel launches, microseconds
+    assert clock.elapsed() > 1e-3

@@ -1,0 +1,109 @@
+"""Third-party plugins through the real entry-point mechanism: a distribution built and pip-installed."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PLUGIN_SOURCE = '''
+import torch
+from torch import nn
+from noprop_bench import Method, hookimpl
+
+
+class Centroid(Method):
+    """Nearest class mean of the backbone-free pixels, learned by SGD on a linear layer."""
+    name = "thirdparty_linear"
+    label = "Third-party"
+    family = "continuous-time"
+    defaults = {"lr": 0.1}
+
+    def __init__(self, task, **params):
+        super().__init__(task, **params)
+        self.layer = nn.Linear(task.image_dim, task.num_classes)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=self.params["lr"])
+
+    def train_step(self, x, y):
+        loss = nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def predict(self, x):
+        return self.layer(x.flatten(1))
+
+
+@hookimpl
+def register_methods(register):
+    register(Centroid)
+'''
+
+
+def _write_distribution(root, name, module, source, entry_name):
+    (root / module).mkdir(parents=True)
+    (root / module / "__init__.py").write_text(source)
+    (root / "pyproject.toml").write_text(textwrap.dedent(f'''
+        [build-system]
+        requires = ["setuptools>=61"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "{name}"
+        version = "0.0.1"
+
+        [tool.setuptools]
+        packages = ["{module}"]
+
+        [project.entry-points.noprop_bench]
+        {entry_name} = "{module}"
+    '''))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Two distributions pip-installed into a private directory: a working plugin and a broken one."""
+    pytest.importorskip("setuptools")
+    base = tmp_path_factory.mktemp("dists")
+    target = base / "site"
+    good, bad = base / "good", base / "bad"
+    _write_distribution(good, "nb-thirdparty", "nb_thirdparty", PLUGIN_SOURCE, "thirdparty")
+    _write_distribution(bad, "nb-broken", "nb_broken", "raise ImportError('missing dependency xyz')\n", "broken")
+    for source in (good, bad):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(source)], check=True, timeout=300)
+    return target
+
+
+def _cli(site, *args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "noprop_bench", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_installed_plugin_is_listed_and_runs(site, tmp_path):
+    listed = _cli(site, "--list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "thirdparty_linear" in listed.stdout and "from plugin thirdparty" in listed.stdout
+    # the broken distribution is reported by name, and the rest still works
+    assert "plugin 'broken' failed to import: missing dependency xyz" in listed.stderr
+
+    out = tmp_path / "run"
+    done = _cli(site, "--methods", "thirdparty_linear,backprop", "--dataset", "mnist5k", "--budget", "256samples",
+                "--seeds", "1", "--checkpoints", "0", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert {r["method"]: r["status"] for r in records} == {"thirdparty_linear": "ok", "backprop": "ok"}
+    table = (out / "table1.md").read_text()
+    assert "Third-party (one-hot)" in table and "Backprop (one-hot)" in table
+
+
+def test_asking_for_a_broken_plugin_names_it(site, tmp_path):
+    done = _cli(site, "--methods", "broken", "--dataset", "mnist5k", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "method 'broken' comes from plugin 'broken', which failed to load: ImportError: missing dependency xyz" \
+        in done.stderr
+    assert "Traceback" not in done.stderr
