@@ -1,0 +1,160 @@
+"""``imagefolder:PATH``: images in ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``.
+
+Class names are the folder names, sorted; train and test must have the same ones. Images are decoded
+once (JPEG, PNG and the other formats Pillow reads) and the uint8 arrays cached under
+the data root, keyed by the folder's path and every file's name, size and modification time, so later
+runs load in seconds and any change to the files rebuilds the cache. All images must share one size;
+grayscale stays one channel unless some image is colour, then all become RGB. Normalisation
+statistics are measured on the training split.
+"""
+
+import os
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from noprop_bench import Dataset, Split, UsageError, hookimpl
+from noprop_bench.data_root import ArrayCache, data_root, tree_key
+
+SPLITS = ("train", "test")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+class ImageFolder(Dataset):
+    name = "imagefolder"
+    takes_argument = True
+    augment = "none"  # unknown data: no augmentation unless --augment asks for it
+
+    def __init__(self, argument=None, root=None, download=True):
+        super().__init__(argument, root=root, download=download)
+        self.path = Path(argument).expanduser()
+        self.files = {split: _scan_split(self.path, split) for split in SPLITS}
+        train, test = (sorted(self.files[split]) for split in SPLITS)
+        if train != test:
+            only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+            raise UsageError(f"imagefolder {self.path}: train and test classes differ: only in train: "
+                             f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
+        self.classes = tuple(train)
+        self.label = self.path.resolve().name
+        self._arrays = None
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self._decoded()["train_images"].shape[1:])
+
+    @property
+    def mean(self):
+        return tuple(float(v) for v in self._decoded()["mean"])
+
+    @property
+    def std(self):
+        return tuple(float(v) for v in self._decoded()["std"])
+
+    def load(self, split: str) -> Split:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        arrays = self._decoded()
+        return Split(torch.from_numpy(arrays[f"{split}_images"]), torch.from_numpy(arrays[f"{split}_labels"]))
+
+    def _decoded(self) -> Dict[str, np.ndarray]:
+        if self._arrays is None:
+            entries = [(f"{split}/{name}/{file.name}", size, mtime)
+                       for split in SPLITS for name, files in sorted(self.files[split].items())
+                       for file, size, mtime in files]
+            keys = tree_key(self.path, entries)
+            cache = ArrayCache(data_root(self.root), "imagefolder")
+            self._arrays = cache.load(*keys)
+            if self._arrays is None:
+                self._arrays = self._decode_all()
+                cache.save(*keys, self._arrays)
+        return self._arrays
+
+    def _decode_all(self) -> Dict[str, np.ndarray]:
+        arrays = {}
+        for split in SPLITS:
+            paths, labels = [], []
+            for index, name in enumerate(self.classes):
+                paths += [file for file, _, _ in self.files[split][name]]
+                labels += [index] * len(self.files[split][name])
+            arrays[f"{split}_images"] = [_decode(path) for path in paths]
+            arrays[f"{split}_paths"] = paths
+            arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+        images = [*arrays["train_images"], *arrays["test_images"]]
+        size = images[0].shape[1:]
+        everything = arrays["train_paths"] + arrays["test_paths"]
+        for path, image in zip(everything, images):
+            if image.shape[1:] != size:
+                raise UsageError(f"imagefolder: {path} is {image.shape[2]}x{image.shape[1]} pixels but "
+                                 f"{everything[0]} is {size[1]}x{size[0]}; all images must have one size")
+        channels = 3 if any(image.shape[0] == 3 for image in images) else 1
+        for split in SPLITS:
+            stacked = torch.stack([_to_channels(image, channels) for image in arrays.pop(f"{split}_images")])
+            arrays[f"{split}_images"] = stacked.numpy()
+            del arrays[f"{split}_paths"]
+        arrays["mean"], arrays["std"] = _channel_stats(arrays["train_images"])
+        return arrays
+
+
+def _scan_split(path: Path, split: str) -> Dict[str, List[Tuple[Path, int, int]]]:
+    """``{class: [(file, size, mtime_ns), ...]}`` for ``path/split``, refusing anything but class folders."""
+    directory = path / split
+    if not directory.is_dir():
+        what = "no such directory" if not path.exists() else f"it has no {split}/ folder"
+        raise UsageError(f"imagefolder {path}: {what}; expected {path}/train/<class>/* and {path}/test/<class>/*")
+    classes = {}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise UsageError(f"imagefolder: {entry.path} is not a class folder; {directory} may hold only "
+                             f"one folder per class")
+        files = []
+        for item in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            if item.name.startswith("."):
+                continue  # .DS_Store and friends
+            if not item.is_file():
+                raise UsageError(f"imagefolder: {item.path} is not a file; class folders hold images only")
+            stat = item.stat()
+            files.append((Path(item.path), stat.st_size, stat.st_mtime_ns))
+        if not files:
+            raise UsageError(f"imagefolder: class folder {entry.path} is empty")
+        classes[entry.name] = files
+    if not classes:
+        raise UsageError(f"imagefolder: {directory} has no class folders")
+    return classes
+
+
+def _decode(path: Path) -> torch.Tensor:
+    """One image as uint8 ``[C, H, W]``, C = 1 for grayscale files, else 3 (alpha and palettes resolved)."""
+    try:
+        with Image.open(path) as opened:
+            array = np.asarray(opened.convert("L" if opened.mode in GRAY_MODES else "RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UsageError(f"imagefolder: {path} is not an image that can be read ({error})") from None
+    image = torch.from_numpy(array.copy())
+    return image.unsqueeze(0) if image.dim() == 2 else image.permute(2, 0, 1)
+
+
+def _to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    return image.expand(3, -1, -1) if image.shape[0] != channels else image
+
+
+def _channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact per-channel mean and standard deviation on the 0..1 scale, from 256-bin histograms."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        counts = np.bincount(images[:, channel].ravel(), minlength=256).astype(np.float64)
+        mean = (counts * values).sum() / counts.sum()
+        means.append(mean)
+        std = np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum())
+        stds.append(max(std, 1 / 255))  # images of one flat colour must not divide by zero
+    return np.asarray(means), np.asarray(stds)
+
+
+@hookimpl
+def register_datasets(register):
+    register(ImageFolder)

@@ -1,0 +1,159 @@
+"""``imagefolder:PATH`` on small trees of real PNG and JPEG files."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from noprop_bench import UsageError
+from noprop_bench.cli import main
+from noprop_bench_plugins import imagefolder
+from noprop_bench_plugins.imagefolder import ImageFolder
+
+
+def write_tree(path: Path, classes=("cat", "dog"), per_class=(3, 2), mode="RGB", size=(8, 6), fmt="png", seed=0):
+    """``path/{train,test}/<class>/NNN.<fmt>`` with random pixels; returns ``{file: array}``."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": (3,), "L": ()}[mode]
+    written = {}
+    for split, count in zip(("train", "test"), per_class):
+        for name in classes:
+            folder = path / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (size[1], size[0], *channels), dtype=np.uint8)
+                file = folder / f"{index:03d}.{fmt}"
+                Image.fromarray(pixels, mode).save(file)
+                written[file] = pixels
+    return written
+
+
+def as_chw(pixels: np.ndarray) -> torch.Tensor:
+    array = torch.from_numpy(pixels)
+    return array.unsqueeze(0) if array.dim() == 2 else array.permute(2, 0, 1)
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOPROP_BENCH_DATA", str(tmp_path / "data-root"))
+    return tmp_path / "data-root"
+
+
+def test_png_tree_loads_exactly(tmp_path):
+    written = write_tree(tmp_path / "tree")
+    dataset = ImageFolder(str(tmp_path / "tree"))
+    train, test = dataset.load("train"), dataset.load("test")
+    assert dataset.classes == ("cat", "dog") and dataset.label == "tree"
+    assert dataset.image_shape == (3, 6, 8) and train.images.shape == (6, 3, 6, 8) and len(test) == 4
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    first_dog = tmp_path / "tree" / "train" / "dog" / "000.png"
+    assert torch.equal(train.images[3], as_chw(written[first_dog]))
+    everything = np.stack([written[f] for f in sorted(written) if "/train/" in str(f)]).astype(np.float64) / 255
+    assert np.allclose(dataset.mean, everything.mean(axis=(0, 1, 2)))
+    assert np.allclose(dataset.std, everything.std(axis=(0, 1, 2)))
+
+
+def test_jpeg_and_grayscale(tmp_path):
+    write_tree(tmp_path / "gray", mode="L", fmt="jpg")
+    dataset = ImageFolder(str(tmp_path / "gray"))
+    assert dataset.load("train").images.shape == (6, 1, 6, 8) and len(dataset.mean) == 1
+
+
+def test_mixed_grayscale_and_colour_become_rgb(tmp_path):
+    write_tree(tmp_path / "mixed", mode="L")
+    colour = np.full((6, 8, 3), 200, dtype=np.uint8)
+    Image.fromarray(colour, "RGB").save(tmp_path / "mixed" / "test" / "dog" / "009.png")
+    gray_file = tmp_path / "mixed" / "train" / "cat" / "000.png"
+    gray = np.array(Image.open(gray_file))
+    train = ImageFolder(str(tmp_path / "mixed")).load("train")
+    assert train.images.shape[1] == 3
+    assert all(torch.equal(train.images[0, c], torch.from_numpy(gray)) for c in range(3))
+
+
+def test_second_run_reads_the_cache(tmp_path, monkeypatch, data_root):
+    write_tree(tmp_path / "tree")
+    first = ImageFolder(str(tmp_path / "tree")).load("train")
+    assert len(list((data_root / "decoded").glob("imagefolder-*.npz"))) == 1
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} although the cache is current")
+    monkeypatch.setattr(imagefolder, "_decode", no_decoding)
+    again = ImageFolder(str(tmp_path / "tree"))
+    assert torch.equal(again.load("train").images, first.images) and again.mean is not None
+
+
+def test_stale_cache_is_rebuilt(tmp_path, data_root):
+    write_tree(tmp_path / "tree")
+    before = ImageFolder(str(tmp_path / "tree")).load("train")
+    changed = tmp_path / "tree" / "train" / "cat" / "000.png"
+    stat = changed.stat()
+    Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8), "RGB").save(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = ImageFolder(str(tmp_path / "tree")).load("train")
+    assert before.images[0].any() and not after.images[0].any()
+    assert len(list((data_root / "decoded").glob("imagefolder-*.npz"))) == 1  # the stale one is gone
+
+
+def test_classes_must_agree(tmp_path):
+    write_tree(tmp_path / "tree")
+    (tmp_path / "tree" / "test" / "dog").rename(tmp_path / "tree" / "test" / "wolf")
+    with pytest.raises(UsageError, match="only in train: dog; only in test: wolf"):
+        ImageFolder(str(tmp_path / "tree"))
+
+
+def test_empty_class(tmp_path):
+    write_tree(tmp_path / "tree")
+    empty = tmp_path / "tree" / "train" / "bird"
+    empty.mkdir()
+    with pytest.raises(UsageError, match=f"class folder {empty} is empty"):
+        ImageFolder(str(tmp_path / "tree"))
+
+
+def test_non_image_file_is_named(tmp_path):
+    write_tree(tmp_path / "tree")
+    stray = tmp_path / "tree" / "test" / "cat" / "notes.txt"
+    stray.write_text("not a picture")
+    (tmp_path / "tree" / "test" / "cat" / ".DS_Store").write_bytes(b"\0\1")  # hidden files are ignored
+    dataset = ImageFolder(str(tmp_path / "tree"))
+    with pytest.raises(UsageError, match=f"{stray} is not an image"):
+        dataset.load("train")
+
+
+def test_images_of_different_sizes(tmp_path):
+    write_tree(tmp_path / "tree")
+    odd = tmp_path / "tree" / "test" / "dog" / "001.png"
+    Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8), "RGB").save(odd)
+    with pytest.raises(UsageError, match=f"{odd} is 5x5 pixels"):
+        ImageFolder(str(tmp_path / "tree")).load("test")
+
+
+@pytest.mark.parametrize("layout", ["missing", "no-test", "loose-file"])
+def test_bad_layouts_exit_2_without_traceback(tmp_path, capsys, layout):
+    tree = tmp_path / "tree"
+    if layout != "missing":
+        write_tree(tree)
+    if layout == "no-test":
+        for file in (tree / "test").rglob("*.png"):
+            file.unlink()
+        for folder in (tree / "test").iterdir():
+            folder.rmdir()
+        (tree / "test").rmdir()
+    if layout == "loose-file":
+        (tree / "train" / "readme.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", f"imagefolder:{tree}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and str(tree) in err
+
+
+def test_end_to_end_training_run(tmp_path, capsys):
+    write_tree(tmp_path / "tree", per_class=(8, 4), size=(16, 16))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--methods", "backprop", "--dataset", f"imagefolder:{tmp_path / 'tree'}", "--backbone", "noprop_cnn",
+              "--budget", "2steps", "--seeds", "1", "--batch-size", "4", "--checkpoints", "0",
+              "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "trials.jsonl").exists()
