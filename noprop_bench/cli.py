@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from .backbones import check_backbone_name
+from .baseline import check_compatible, compare, load_baseline, regressions, save_baseline
 from .budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
@@ -25,7 +26,7 @@ DEFAULT_DATASET = "mnist5k"
 DEFAULT_BUDGET = "30"
 DEFAULT_SEEDS = 2
 
-EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Method parameters: NAME[key=value,...], e.g. noprop_ct[embedding=prototype,lr=3e-4]; "
             "--list shows every method with its parameters. Results go to OUT/trials.jsonl (one JSON line "
             "per finished trial) and OUT/table1.md; rerunning with the same --out skips finished trials. "
-            "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 130 interrupted."
+            "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 3 regression against "
+            "--baseline, 130 interrupted."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true", help="never download datasets")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE as a plugin (repeatable), for plugins not installed as a distribution")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="compare the finished run with this baseline; exit 3 with a table of what regressed "
+                             "when accuracy or relative throughput fell beyond the tolerances stated in FILE")
+    parser.add_argument("--save-baseline", metavar="FILE", help="write a baseline from this run's trials to FILE")
     parser.add_argument("--list", action="store_true", help="list methods and datasets with their plugins, then exit")
     return parser
 
@@ -165,6 +171,9 @@ def run(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     device = _pick_device(args.device)
     dataset, specs = _plan(args, registry, device, command)
+    baseline = load_baseline(args.baseline) if args.baseline else None  # bad file: fail before training
+    if baseline:
+        check_compatible(baseline, str(specs[0].budget), specs[0].backbone, specs[0].batch_size)
 
     out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     store = TrialStore(out)
@@ -202,6 +211,29 @@ def run(argv: Optional[List[str]] = None) -> int:
         for record in problems:
             say(f"  {record['row_label']} seed {record['seed']}: {record['status']}: {record['error']}")
         return EXIT_TRIAL_FAILED
+    if args.baseline or args.save_baseline:
+        return _check_baseline(args, baseline, store, specs, command, say)
+    return EXIT_OK
+
+
+def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say) -> int:
+    wanted = {spec.trial_id for spec in specs}
+    records = [r for r in latest_per_trial(store.read()[0]) if r.get("trial_id") in wanted]
+    if args.save_baseline:
+        save_baseline(records, args.save_baseline, command)
+        say(f"baseline written to {args.save_baseline}")
+    if not args.baseline:
+        return EXIT_OK
+    comparison = compare(records, baseline)
+    text = comparison.to_markdown(index=False)
+    (store.directory / "regression.md").write_text(f"# Against {args.baseline}\n\n{text}\n")
+    print(text)
+    failed = regressions(comparison)
+    if len(failed):
+        say(f"regression against {args.baseline}: {len(failed)} row(s) got worse: "
+            + "; ".join(f"{row['row']}: {row['verdict']}" for _, row in failed.iterrows()))
+        return EXIT_REGRESSION
+    say(f"no regression against {args.baseline}")
     return EXIT_OK
 
 

@@ -76,15 +76,22 @@ class Sleepy(Linear):
 
     name = "sleepy"
     label = "Sleepy"
-    defaults = {"lr": 0.05, "predict_sleep": 0.3}
+    defaults = {"lr": 0.05, "predict_sleep": 0.3, "step_sleep": 0.01}
 
     def train_step(self, x, y):
-        time.sleep(0.01)
+        time.sleep(self.params["step_sleep"])
         return super().train_step(x, y)
 
     def predict(self, x):
         time.sleep(self.params["predict_sleep"])
         return super().predict(x)
+
+
+class Steady(Sleepy):
+    """A reference method with the same step time as Sleepy, for relative-throughput checks."""
+
+    name = "steady"
+    label = "Steady"
 
 
 class Interrupt(Linear):
@@ -114,7 +121,7 @@ class Noisy(Linear):
 
 @hookimpl
 def register_methods(register):
-    for cls in (Linear, Explode, NaNLoss, Sleepy, Interrupt, Noisy):
+    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy):
         register(cls)
 
 

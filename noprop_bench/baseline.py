@@ -1,0 +1,127 @@
+"""Regression checks: compare a finished run with a committed baseline of accuracy and relative speed.
+
+A baseline file is JSON with, per ``dataset / row label``, the pooled test accuracy (mean, s.e., n) and
+the training throughput relative to a reference method measured in the same run (absolute seconds
+are never compared: shared machines are too noisy). The tolerances are stored in the file.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+
+FORMAT_VERSION = 1
+DEFAULT_TOLERANCE = {
+    "accuracy_standard_errors": 3.0,  # accuracy may fall by this many standard errors ...
+    "accuracy_floor_points": 1.0,  # ... or by this many percentage points, whichever is larger
+    "throughput_ratio": 0.6,  # relative throughput may fall to this fraction of the baseline's
+}
+
+
+def _key(record: Dict[str, Any]) -> str:
+    return f"{record['dataset']} / {record['row_label']}"
+
+
+def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) -> Dict[str, Any]:
+    """Per-row accuracy and throughput of the ``ok`` trials; throughput relative to ``reference``."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        raise UsageError("no trial finished ok, so there is nothing to compare or save")
+    rows: Dict[str, Dict[str, Any]] = {}
+    for record in ok:
+        row = rows.setdefault(_key(record), {"accuracies": [], "samples_per_second": [],
+                                             "method": record["method"], "dataset": record["dataset"]})
+        row["accuracies"].extend(record["test_acc_runs"])
+        row["samples_per_second"].append(record["samples_per_second"])
+    reference = reference or ("backprop" if any(r["method"] == "backprop" for r in ok) else ok[0]["method"])
+    speeds = {}
+    for key, row in rows.items():
+        values = np.asarray(row.pop("accuracies"), dtype=float)
+        row["accuracy_mean"] = float(values.mean())
+        row["accuracy_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        row["accuracy_n"] = int(len(values))
+        row["samples_per_second"] = float(np.median(row["samples_per_second"]))
+        speeds[(row["dataset"], row["method"])] = row["samples_per_second"]
+    for row in rows.values():
+        base = speeds.get((row["dataset"], reference))
+        row["relative_throughput"] = row["samples_per_second"] / base if base else None
+    first = ok[0]
+    return {"format": FORMAT_VERSION, "reference_method": reference, "budget": first["budget"],
+            "backbone": first["backbone"], "batch_size": first["batch_size"], "rows": rows}
+
+
+def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str, Any]:
+    """Write a baseline for the finished ``records`` to ``path``, with the default tolerances."""
+    baseline = summarise(records)
+    baseline["tolerance"] = dict(DEFAULT_TOLERANCE)
+    baseline["command"] = command
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(baseline, indent=2, sort_keys=True) + "\n")
+    return baseline
+
+
+def load_baseline(path) -> Dict[str, Any]:
+    try:
+        baseline = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--baseline {path}: no such file (write one with --save-baseline)") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--baseline {path}: not valid JSON ({error})") from None
+    if baseline.get("format") != FORMAT_VERSION or "rows" not in baseline:
+        raise UsageError(f"--baseline {path}: not a noprop-bench baseline (format {FORMAT_VERSION})")
+    return baseline
+
+
+def check_compatible(baseline: Dict[str, Any], budget: str, backbone: str, batch_size: int) -> None:
+    """Refuse to compare runs made with another budget, backbone or batch size than the baseline's."""
+    for key, value in (("budget", budget), ("backbone", backbone), ("batch_size", batch_size)):
+        if value != baseline[key]:
+            raise UsageError(f"the run's {key} {value!r} differs from the baseline's {baseline[key]!r}; "
+                             f"rerun with the baseline's settings ({baseline.get('command', '')})")
+
+
+def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataFrame:
+    """One row per baseline row: the figures then and now, and a verdict (``ok`` / what regressed)."""
+    current = summarise(records, reference=baseline["reference_method"])
+    tolerance = {**DEFAULT_TOLERANCE, **baseline.get("tolerance", {})}
+    check_compatible(baseline, current["budget"], current["backbone"], current["batch_size"])
+    table = []
+    for key, then in baseline["rows"].items():
+        now = current["rows"].get(key)
+        problems = []
+        if now is None:
+            problems.append("missing from this run")
+            now = {}
+        else:
+            # the baseline's own spread sets the tolerance: a noisy regressed run must not widen it
+            allowed = max(tolerance["accuracy_standard_errors"] * then["accuracy_se"],
+                          tolerance["accuracy_floor_points"])
+            if now["accuracy_mean"] < then["accuracy_mean"] - allowed:
+                problems.append(f"accuracy fell {then['accuracy_mean'] - now['accuracy_mean']:.2f} points "
+                                f"(allowed {allowed:.2f})")
+            if then.get("relative_throughput") and now.get("relative_throughput") is not None:
+                ratio = now["relative_throughput"] / then["relative_throughput"]
+                if ratio < tolerance["throughput_ratio"]:
+                    problems.append(f"throughput relative to {baseline['reference_method']} fell to "
+                                    f"{ratio:.2f}x of the baseline's (allowed {tolerance['throughput_ratio']}x)")
+        table.append({
+            "row": key,
+            "accuracy then": f"{then['accuracy_mean']:.2f} ± {then['accuracy_se']:.2f}",
+            "accuracy now": f"{now['accuracy_mean']:.2f} ± {now['accuracy_se']:.2f}" if now else "–",
+            "rel. speed then": _ratio(then.get("relative_throughput")),
+            "rel. speed now": _ratio(now.get("relative_throughput")),
+            "verdict": "; ".join(problems) or "ok",
+        })
+    return pd.DataFrame(table)
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def regressions(comparison: pd.DataFrame) -> pd.DataFrame:
+    return comparison[comparison["verdict"] != "ok"]

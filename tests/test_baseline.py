@@ -1,0 +1,75 @@
+"""Regression checks against a saved baseline: slower or less accurate methods fail the run."""
+
+import json
+
+import pytest
+
+from noprop_bench import UsageError
+
+RUN = ("--budget", "15steps", "--seeds", "2", "--checkpoints", "0")
+# step times are sleeps, so relative throughput is stable even on a busy machine
+SAME = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,step_sleep=0.03]"
+SLOWER = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,step_sleep=0.06]"
+NOT_LEARNING = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,step_sleep=0.03,lr=0]"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    from noprop_bench.cli import run
+    base = tmp_path_factory.mktemp("base")
+    path = base / "baseline.json"
+    code = run(["--plugin", "fake_plugins", "--dataset", "tiny", "--methods", SAME, *RUN,
+                "--save-baseline", str(path), "--out", str(base / "run")])
+    assert code == 0
+    return path
+
+
+def test_saved_baseline_states_its_tolerances_and_command(baseline):
+    saved = json.loads(baseline.read_text())
+    assert saved["tolerance"]["accuracy_standard_errors"] == 3.0
+    assert saved["tolerance"]["throughput_ratio"] == 0.6
+    assert saved["reference_method"] == "steady" and saved["budget"] == "15steps"
+    assert "--save-baseline" in saved["command"]
+    assert set(saved["rows"]) == {"tiny / Steady (one-hot)", "tiny / Sleepy (one-hot)"}
+
+
+def test_same_code_passes(fake_run, baseline, tmp_path, capsys):
+    code, out = fake_run("--methods", SAME, *RUN,
+                         "--baseline", str(baseline), out=tmp_path / "again")
+    assert code == 0, capsys.readouterr().err
+    assert "no regression" in capsys.readouterr().err
+    assert "| ok" in (out / "regression.md").read_text()
+
+
+def test_a_method_twice_as_slow_fails(fake_run, baseline, tmp_path, capsys):
+    code, out = fake_run("--methods", SLOWER, *RUN,
+                         "--baseline", str(baseline), out=tmp_path / "slow")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "tiny / Sleepy (one-hot): throughput relative to steady fell to" in err
+    assert "Steady" not in err.split("got worse:")[1]
+
+
+def test_a_method_that_stops_learning_fails(fake_run, baseline, tmp_path, capsys):
+    code, out = fake_run("--methods", NOT_LEARNING, *RUN,
+                         "--baseline", str(baseline), out=tmp_path / "broken")
+    assert code == 3
+    assert "tiny / Sleepy (one-hot): accuracy fell" in capsys.readouterr().err
+    assert "accuracy fell" in (out / "regression.md").read_text()
+
+
+def test_baseline_with_other_settings_is_refused_before_training(fake_run, baseline, tmp_path):
+    with pytest.raises(UsageError, match="budget '6steps' differs from the baseline's '15steps'"):
+        fake_run("--methods", "linear", "--budget", "6steps", "--seeds", "2", "--baseline", str(baseline),
+                 out=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_unreadable_baseline_is_bad_input(tmp_path, capsys):
+    from noprop_bench.cli import main
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--baseline", str(bad)])
+    assert stopped.value.code == 2
+    assert "not valid JSON" in capsys.readouterr().err
