@@ -1,110 +1,142 @@
-"""Tables in the paper's format, rendered from trial records with pandas and tabulate."""
+"""Table 1 in the paper's format: rows ``Method (embedding)`` grouped by family, one column per dataset."""
 
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import pandas as pd
 
-from .method import FAMILIES
+from . import paper as paper_data
+from .report_data import (COMPARABILITY_KEYS, EMBEDDING_ORDER, FAMILY_HEADINGS, PAPER_METHOD_ORDER,  # noqa: F401
+                          assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+                          family_heading, format_mean_se, markdown, mean_and_standard_error, ordered_rows,
+                          settings_text)
 
-PAPER_METHOD_ORDER = ("backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
-EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
-FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continuous-time"}
-COMPARABILITY_KEYS = ("budget", "backbone", "device_name", "batch_size")
-
-
-def mean_and_standard_error(values: Iterable[float]) -> Tuple[float, float, int]:
-    values = np.asarray(list(values), dtype=float)
-    if len(values) == 0:
-        return float("nan"), float("nan"), 0
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(values.mean()), float(se), len(values)
+SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
 
 def format_cell(values: List[float]) -> str:
-    mean, se, n = mean_and_standard_error(values)
-    return "–" if n == 0 else f"{mean:.2f} ± {se:.2f}"
+    return format_mean_se(values)
 
 
-def _comparability(record: Dict[str, Any]) -> Tuple:
-    return (record.get("budget"), record.get("backbone"),
-            record.get("environment", {}).get("device_name"), record.get("batch_size"))
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
 
 
-def _row_sort_key(record: Dict[str, Any]):
-    method = record["method"]
-    embedding = record.get("params", {}).get("embedding", "one-hot")
-    return (FAMILIES.index(record["family"]) if record["family"] in FAMILIES else len(FAMILIES),
-            PAPER_METHOD_ORDER.index(method) if method in PAPER_METHOD_ORDER else len(PAPER_METHOD_ORDER),
-            method,
-            EMBEDDING_ORDER.index(embedding) if embedding in EMBEDDING_ORDER else len(EMBEDDING_ORDER),
-            record["row_label"])
+def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
+                 notes: Optional[List[str]] = None) -> pd.DataFrame:
+    """One comparable group of ``ok`` records as a frame of formatted cells (family heading rows included).
 
-
-def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False) -> pd.DataFrame:
-    """Rows ``Method (embedding)`` grouped by family, a column per dataset, cells ``mean ± s.e.``."""
-    ok = sorted((r for r in records if r.get("status") == "ok"), key=_row_sort_key)
-    datasets = list(dict.fromkeys(r["dataset_label"] for r in ok))
-    rows, seen_rows = [], {}
-    for record in ok:
-        key = (record["family"], record["row_label"])
-        if key not in seen_rows:
-            seen_rows[key] = {"family": record["family"], "Method": record["row_label"], "cells": {}}
-            rows.append(seen_rows[key])
-        cells = seen_rows[key]["cells"]
-        columns = [("test", "test_acc_runs")] + ([("train", "train_acc_runs")] if train_columns else [])
-        for split, field in columns:
-            cells.setdefault((record["dataset_label"], split), []).extend(record.get(field) or [])
-    column_names = []
-    for dataset in datasets:
-        if train_columns:
-            column_names.append((dataset, "train"))
-        column_names.append((dataset, "test"))
+    With ``paper``, each of our columns whose dataset the paper has is followed by the paper's number and
+    the difference (ours − paper) of the means. Duplicate seeds of a cell are dropped, noted in ``notes``.
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    rows = assign_rows(ok)
+    ok, rows, duplicate_notes = drop_duplicate_seeds(ok, rows)
+    if notes is not None:
+        notes.extend(duplicate_notes)
+    columns = dataset_columns(ok)
+    cells: Dict[Tuple[str, str, str], List[float]] = {}
+    for record, row in zip(ok, rows):
+        for split, field in SPLITS.items():
+            cells.setdefault((row, record["dataset"], split), []).extend(record.get(field) or [])
+    splits = ["train", "test"] if train_columns else ["test"]
+    headers: List[Tuple[str, str, str, str]] = []  # (header, kind, dataset, split)
+    for spec, label in columns.items():
+        for split in splits:
+            headers.append((f"{label} {split}", "ours", spec, split))
+            if paper and paper_data.paper_dataset(spec):
+                headers.append((f"{label} {split} (paper)", "paper", spec, split))
+                headers.append((f"{label} {split} Δ", "delta", spec, split))
     table = []
-    for family in list(FAMILIES) + sorted({r["family"] for r in rows} - set(FAMILIES)):
-        family_rows = [r for r in rows if r["family"] == family]
-        if not family_rows:
-            continue
-        table.append({"Method": f"**{FAMILY_HEADINGS.get(family, family)}**",
-                      **{f"{d} {s}": "" for d, s in column_names}})
-        for row in family_rows:
-            table.append({"Method": row["Method"],
-                          **{f"{d} {s}": format_cell(row["cells"].get((d, s), [])) for d, s in column_names}})
-    return pd.DataFrame(table, columns=["Method"] + [f"{d} {s}" for d, s in column_names])
+    current_family = None
+    for family, row in ordered_rows(ok, rows):
+        if family != current_family:
+            table.append([family_heading(family)] + [""] * len(headers))
+            current_family = family
+        base_label = next(r["row_label"] for r, name in zip(ok, rows) if name == row)
+        line = [row]
+        for _, kind, spec, split in headers:
+            values = cells.get((row, spec, split), [])
+            published = paper_data.paper_accuracy(base_label, spec, split) if kind != "ours" else None
+            if kind == "ours":
+                line.append(format_mean_se(values))
+            elif published is None:
+                line.append("–")
+            elif kind == "paper":
+                line.append(f"{published[0]:.2f} ± {published[1]:.2f}")
+            else:
+                line.append(_signed(mean_and_standard_error(values)[0] - published[0]) if values else "–")
+        table.append(line)
+    return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])
 
 
-def _caption(records: List[Dict[str, Any]]) -> str:
+def _runs_text(records: List[Dict[str, Any]]) -> str:
+    """``2 seed(s) × 1 or 5 inference run(s) per seed (1: Backprop; 5: NoProp-CT)``."""
+    seeds = {r["seed"] for r in records}
+    by_runs: Dict[int, List[str]] = {}
+    for record in records:
+        label = str(record.get("method_label") or record["method"])
+        methods = by_runs.setdefault(int(record.get("inference_runs") or 1), [])
+        if label not in methods:
+            methods.append(label)
+    counts = " or ".join(str(n) for n in sorted(by_runs))
+    breakdown = "; ".join(f"{n}: {', '.join(methods)}" for n, methods in sorted(by_runs.items()))
+    return f"{len(seeds)} seed(s) × {counts} inference run(s) per seed ({breakdown})"
+
+
+def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False) -> str:
+    """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
-    seeds = sorted({r["seed"] for r in ok})
-    runs = sorted({r.get("inference_runs", 1) for r in ok})
-    first = ok[0]
-    runs_text = " or ".join(str(r) for r in runs)
-    return (f"Test accuracy (%): mean ± standard error over {len(seeds)} seed(s) × {runs_text} inference run(s) "
-            f"(deterministic methods: one run per seed). Budget {first['budget']} of training per trial; "
-            f"backbone {first['backbone']}; batch size {first['batch_size']}; "
-            f"device {first.get('environment', {}).get('device_name', '?')}.")
+    what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
+    caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
+               f"{_runs_text(ok)}; \"(n=1)\" marks a single value. {settings_text(ok)}")
+    if paper:
+        caption += (f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}; Δ = our mean − "
+                    f"the paper's mean. Our budget is not the paper's schedule, so Δ is indicative.")
+        subsets = sorted({r["dataset"] for r in ok if r["dataset"] in paper_data.SUBSET_DATASETS})
+        for spec in subsets:
+            sizes = next((r.get("train_size"), r.get("test_size")) for r in ok if r["dataset"] == spec)
+            size_text = f" ({sizes[0]} train / {sizes[1]} test images)" if all(sizes) else ""
+            caption += (f" Our {spec} is {paper_data.SUBSET_DATASETS[spec]}{size_text}, so its comparison with "
+                        f"the paper's MNIST is indicative only.")
+    return caption
 
 
-def render_table1(records: List[Dict[str, Any]], train_columns: bool = False) -> str:
-    """Markdown Table 1; trials that differ in budget, backbone, device or batch size get separate tables."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
-    for record in ok:
-        groups.setdefault(_comparability(record), []).append(record)
-    parts = ["# Table 1: classification accuracy", ""]
-    for group in groups.values():
-        has_train = train_columns and any(r.get("train_acc_runs") for r in group)
-        frame = table1_frame(group, train_columns=has_train)
-        parts += [frame.to_markdown(index=False, colalign=["left"] + ["right"] * (frame.shape[1] - 1)), "",
-                  _caption(group), ""]
-    if not groups:
-        parts += ["No trial finished successfully.", ""]
-    not_ok = [r for r in records if r.get("status") != "ok"]
-    if not_ok:
-        parts.append("Not in the table:")
-        for record in not_ok:
-            parts.append(f"- {record.get('row_label', record.get('method'))} seed {record.get('seed')} on "
+def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """A line per trial that did not finish ``ok`` (failed, diverged, interrupted)."""
+    lines = []
+    for record in records:
+        if record.get("status") != "ok":
+            lines.append(f"- {record.get('row_label', record.get('method'))} seed {record.get('seed')} on "
                          f"{record.get('dataset_label', record.get('dataset'))}: {record.get('status')}"
                          f" ({record.get('error')})")
-        parts.append("")
+    return lines
+
+
+def notes_section(notes: Sequence[str]) -> List[str]:
+    if not notes:
+        return []
+    return ["Skipped:"] + [f"- {note}" for note in notes] + [""]
+
+
+def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
+                  notes: Sequence[str] = ()) -> str:
+    """Markdown Table 1; trials that differ in budget, backbone, device or batch size get separate tables.
+
+    Train columns appear (with ``train_columns``) only in tables whose trials measured train accuracy.
+    ``notes`` (what the loader skipped) are listed under the tables.
+    """
+    records, bad = check_records(records)
+    notes = list(notes) + bad
+    ok = [r for r in records if r.get("status") == "ok"]
+    parts = ["# Table 1: classification accuracy", ""]
+    for group in comparable_groups(ok):
+        has_train = train_columns and any(r.get("train_acc_runs") for r in group)
+        frame = table1_frame(group, train_columns=has_train, paper=paper, notes=notes)
+        parts += [markdown(frame), "", table1_caption(group, has_train, paper), ""]
+    if not ok:
+        parts += ["No trial finished successfully.", ""]
+    failed = not_ok_lines(records)
+    if failed:
+        parts += ["Not in the table:"] + failed + [""]
+    parts += notes_section(notes)
     return "\n".join(parts)

@@ -1,0 +1,132 @@
+"""Figure 3: test accuracy against cumulative training time, and the ``curves.csv`` beneath it.
+
+matplotlib is imported inside :func:`write_figure3` only, so importing this module stays cheap.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from .report_data import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
+                          drop_duplicate_seeds, ordered_rows)
+
+CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",
+                 "row_label", "seed", "point", "final", "train_seconds", "steps", "samples", "epochs",
+                 "test_acc", "train_loss"]
+
+
+def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]], List[str]]]:
+    records, _ = check_records(records)
+    groups = []
+    for group in comparable_groups(r for r in records if r.get("status") == "ok"):
+        rows = assign_rows(group)
+        group, rows, _ = drop_duplicate_seeds(group, rows)
+        groups.append((group, rows))
+    return groups
+
+
+def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
+    """Every curve point of every ok trial, one row each; ``table`` numbers the comparable groups as the
+    tables do, ``final`` marks the end-of-budget evaluation (the last point)."""
+    lines = []
+    for number, (group, rows) in enumerate(_ok_groups(records), 1):
+        dataset_order = list(dataset_columns(group))
+        row_order = [row for _, row in ordered_rows(group, rows)]
+        ordered = sorted(zip(group, rows), key=lambda pair: (dataset_order.index(pair[0]["dataset"]),
+                                                             row_order.index(pair[1]), str(pair[0]["seed"])))
+        for record, row in ordered:
+            budget, backbone, device, batch = comparability(record)
+            curve = [p for p in record.get("curve") or [] if isinstance(p, dict)]
+            for index, point in enumerate(curve):
+                lines.append([number, budget, backbone, device, batch, record["dataset"],
+                              record.get("dataset_label", record["dataset"]), record["method"], row,
+                              record["seed"], index, index == len(curve) - 1,
+                              *(point.get(k) for k in ("train_seconds", "steps", "samples", "epochs",
+                                                       "test_acc", "train_loss"))])
+    return pd.DataFrame(lines, columns=CURVE_COLUMNS)
+
+
+def write_curves_csv(records: List[Dict[str, Any]], path) -> Path:
+    path = Path(path)
+    curves_frame(records).to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
+def seed_band(curves: Sequence[Sequence[Tuple[float, float]]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and range over seeds of accuracy-vs-time curves sampled at different times.
+
+    Each curve is interpolated linearly onto the union of all sample times from its first point on, and
+    holds its final accuracy after its last point (the trained model does not change once its budget is
+    spent), so the mean does not jump when one seed ends a little earlier; returns ``(times, mean, low, high)``.
+    """
+    curves = [sorted(c) for c in curves if len(c)]
+    if not curves:
+        empty = np.array([])
+        return empty, empty, empty, empty
+    times = np.unique(np.concatenate([[t for t, _ in c] for c in curves]))
+    values = np.full((len(curves), len(times)), np.nan)
+    for i, curve in enumerate(curves):
+        t, y = np.array(curve, dtype=float).T
+        inside = times >= t[0]
+        values[i, inside] = np.interp(times[inside], t, y)
+    return times, np.nanmean(values, axis=0), np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+
+
+def _points(record: Dict[str, Any]) -> List[Tuple[float, float]]:
+    points = []
+    for point in record.get("curve") or []:
+        if isinstance(point, dict):
+            t, y = point.get("train_seconds"), point.get("test_acc")
+            if isinstance(t, (int, float)) and isinstance(y, (int, float)) and np.isfinite([t, y]).all():
+                points.append((float(t), float(y)))
+    return points
+
+
+def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
+    """``stem.png`` and ``stem.svg``: a row of panels (one per dataset) per comparable group, a line per
+    method (mean over seeds) with a band (min to max over seeds). Returns the files written; none when
+    no ok trial has a curve."""
+    groups = [(g, r) for g, r in _ok_groups(records) if any(_points(x) for x in g)]
+    if not groups:
+        return []
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width = max(len(dataset_columns(g)) for g, _ in groups)
+    figure = Figure(figsize=(4.5 * width, 3.6 * len(groups)), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(groups), width, squeeze=False)
+    all_rows = list(dict.fromkeys(row for g, r in groups for _, row in ordered_rows(g, r)))
+    colours = {row: f"C{i % 10}" for i, row in enumerate(all_rows)}
+    for g_index, (group, rows) in enumerate(groups):
+        budget, backbone, device, batch = comparability(group[0])
+        for d_index, (spec, label) in enumerate(dataset_columns(group).items()):
+            ax = axes[g_index][d_index]
+            chosen = [(r, row) for r, row in zip(group, rows) if r["dataset"] == spec]
+            for _, row in ordered_rows([r for r, _ in chosen], [row for _, row in chosen]):
+                times, mean, low, high = seed_band([_points(r) for r, name in chosen if name == row])
+                if not len(times):
+                    continue
+                ax.plot(times, mean, color=colours[row], label=row, marker="o", markersize=2.5, linewidth=1.4)
+                ax.fill_between(times, low, high, color=colours[row], alpha=0.2, linewidth=0)
+            title = label if len(groups) == 1 else f"{label}\n{budget}, {backbone}, batch {batch}\n{device}\nmean, band min–max over seeds"
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("cumulative training time (s)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        for d_index in range(len(dataset_columns(group)), width):
+            axes[g_index][d_index].set_visible(False)
+    if len(groups) == 1:
+        budget, backbone, device, batch = comparability(groups[0][0][0])
+        figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}\n{device}\n"
+                        f"line: mean over seeds, band: min–max over seeds", fontsize=8)
+    stem = Path(stem)
+    written = []
+    for suffix, metadata in ((".png", {"Software": None}), (".svg", {"Date": None})):
+        path = stem.with_suffix(suffix)
+        figure.savefig(path, dpi=120, metadata=metadata)
+        written.append(path)
+    return written

@@ -1,0 +1,115 @@
+"""Writing every report of a run, and ``noprop-bench report DIR [DIR ...]`` re-rendering them from trials.jsonl."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .errors import UsageError
+from .report import render_table1
+from .report_data import check_records, load_runs
+from .tables import render_inference_sweep, render_table2
+from .time_to_accuracy import parse_targets, render_time_to_accuracy
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _warn(message: str) -> None:
+    print(f"noprop-bench report: warning: {message}", file=sys.stderr)
+
+
+def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
+                      targets: Union[None, str, Sequence[float]] = None, *, train_columns: Optional[bool] = None,
+                      paper: bool = False, notes: Sequence[str] = ()) -> str:
+    """Write table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg (and inference_sweep.md
+    when a trial has a sweep) into ``out_dir``; return the Table 1 markdown.
+
+    ``records`` default to ``out_dir/trials.jsonl`` (latest record per trial). ``targets`` are accuracies in
+    percent (``"90,95,97"`` or numbers); None uses each dataset's defaults. ``train_columns`` None shows train
+    accuracy wherever it was measured. ``notes`` (what a loader skipped) are listed under Table 1.
+    """
+    from .figures import write_curves_csv, write_figure3
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = list(notes)
+    if records is None:
+        records, loaded_notes = load_runs([out])
+        notes += loaded_notes
+    records, bad = check_records(records)
+    notes += bad
+    if isinstance(targets, str):
+        targets = parse_targets(targets)
+    if train_columns is None:
+        train_columns = any(r.get("train_acc_runs") for r in records)
+    table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes)
+    _write_text(out / "table1.md", table1)
+    _write_text(out / "table2.md", render_table2(records, paper=paper))
+    _write_text(out / "time_to_accuracy.md", render_time_to_accuracy(records, targets))
+    write_curves_csv(records, out / "curves.csv")
+    if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):
+        _write_text(out / "inference_sweep.md", render_inference_sweep(records))
+    try:
+        write_figure3(records, out / "figure3")
+    except Exception as error:  # a plotting problem must not cost a finished run its tables
+        _warn(f"figure3 not written: {type(error).__name__}: {error}")
+    return table1
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noprop-bench report",
+        description="Re-render every table, the curves and Figure 3 from the trials.jsonl of one or more run "
+                    "directories (nothing is rerun). Runs on several datasets merge into one Table 1 with "
+                    "a column per dataset; trials with a different budget, backbone, device or batch size go "
+                    "to separate tables.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, each holding a trials.jsonl")
+    parser.add_argument("--out", default=None,
+                        help="where to write the reports (default: DIR itself when one DIR is given, "
+                             "else ./report)")
+    parser.add_argument("--paper", action="store_true",
+                        help="put the paper's Table 1 number and the difference next to ours")
+    parser.add_argument("--targets", default=None,
+                        help="time-to-accuracy targets in percent, e.g. 90,95,97 (default: per dataset)")
+    parser.add_argument("--train-accuracy", action="store_true",
+                        help="add train-accuracy columns where trials measured it (run with --train-accuracy)")
+    return parser
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``noprop-bench report DIR [DIR ...] [--out OUT] [--paper] [--targets 90,95,97] [--train-accuracy]``.
+
+    Prints Table 1, warns on stderr about skipped directories and lines, and returns 0; returns 2 with
+    one line on stderr when nothing valid was found or an option is bad.
+    """
+    args = build_report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        targets = parse_targets(args.targets) if args.targets is not None else None
+    except UsageError as error:
+        print(f"noprop-bench report: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    records, notes = load_runs(args.dirs)
+    if not records:
+        reasons = "; ".join(note[:-len("; skipped")] if note.endswith("; skipped") else note for note in notes)
+        print(f"noprop-bench report: error: nothing to report ({reasons or 'no trials'}); each DIR must hold "
+              f"a trials.jsonl written by noprop-bench", file=sys.stderr)
+        return EXIT_USAGE
+    for note in notes:
+        _warn(note)
+    if args.train_accuracy and not any(r.get("train_acc_runs") for r in records):
+        _warn("--train-accuracy: no trial measured train accuracy (rerun with --train-accuracy); test only")
+    out = Path(args.out) if args.out else (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("report"))
+    table1 = write_run_outputs(out, records, targets, train_columns=args.train_accuracy, paper=args.paper,
+                               notes=notes)
+    print(table1)
+    print(f"reports in {out}/ (table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg)",
+          file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,232 @@
+"""Trial records made ready for reports: loaded from run directories, checked, split into comparable groups.
+
+Every report module works from the same prepared pieces: ``load_runs`` (what was read, and what was
+skipped and why), ``comparable_groups`` (trials that may share a table), ``assign_rows`` (the paper's
+row order and labels) and ``dataset_columns`` (the paper's column order).
+"""
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .method import FAMILIES
+from .results import TRIALS_FILE, TrialStore, latest_per_trial
+
+PAPER_METHOD_ORDER = ("backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
+EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
+FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continuous-time"}
+DATASET_ORDER = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
+COMPARABILITY_KEYS = ("budget", "backbone", "device_name", "batch_size")
+REQUIRED_FIELDS = ("status", "method", "row_label", "family", "dataset", "budget", "backbone", "seed")
+
+
+# -- statistics -------------------------------------------------------------------------------------
+def mean_and_standard_error(values: Iterable[float]) -> Tuple[float, float, int]:
+    """Mean, standard error of the mean (sample s.d. / sqrt(n)) and n; s.e. is NaN for n < 2."""
+    values = np.asarray(list(values), dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan"), 0
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(se), len(values)
+
+
+def format_mean_se(values: Sequence[float], digits: int = 2) -> str:
+    """``mean ± s.e.``; ``–`` without values; a single value is marked ``(n=1)`` (no error estimate)."""
+    mean, se, n = mean_and_standard_error(values)
+    if n == 0:
+        return "–"
+    if n == 1:
+        return f"{mean:.{digits}f} (n=1)"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+# -- loading and checking ---------------------------------------------------------------------------
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_record(record: Any) -> Optional[str]:
+    """Why a record cannot be reported, or None when it can."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [field for field in REQUIRED_FIELDS if field not in record]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    if record["status"] == "ok":
+        runs = record.get("test_acc_runs")
+        if not isinstance(runs, list) or not runs or not all(_is_number(v) for v in runs):
+            return "status ok but test_acc_runs is not a non-empty list of numbers"
+    return None
+
+
+def _describe(record: Any, number: int) -> str:
+    if isinstance(record, dict) and record.get("trial_id"):
+        return f"record {number} (trial {record['trial_id']})"
+    return f"record {number}"
+
+
+def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The reportable records, and a note for each one left out."""
+    valid, notes = [], []
+    for number, record in enumerate(records, 1):
+        problem = check_record(record)
+        if problem:
+            notes.append(f"{source}: {_describe(record, number)}: {problem}; skipped")
+        else:
+            valid.append(record)
+    return valid, notes
+
+
+def load_runs(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Reportable records of every ``DIR/trials.jsonl`` (latest record per trial), and notes on what was skipped.
+
+    A trial found in two directories (same id, same device) is counted once, from the last directory
+    given, so a copied run cannot pass for extra seeds.
+    """
+    notes: List[str] = []
+    merged: "OrderedDict[Tuple, Dict[str, Any]]" = OrderedDict()
+    where: Dict[Tuple, str] = {}
+    seen = set()
+    for directory in directories:
+        path = Path(directory)
+        if not path.is_dir():
+            notes.append(f"{path}: not a directory; skipped")
+            continue
+        if path.resolve() in seen:
+            notes.append(f"{path}: given more than once; read once")
+            continue
+        seen.add(path.resolve())
+        store = TrialStore(path)
+        if not store.path.exists():
+            notes.append(f"{path}: no {TRIALS_FILE}; skipped")
+            continue
+        raw, unreadable = store.read()
+        notes.extend(f"{line}; skipped" for line in unreadable)
+        valid, problems = check_records(raw, str(store.path))
+        notes.extend(problems)
+        if not raw and not unreadable:
+            notes.append(f"{store.path}: empty")
+        for record in latest_per_trial(valid):
+            key = (record.get("trial_id") or id(record), device_name(record))
+            if key in merged:
+                notes.append(f"{path}: trial {key[0]} also in {where[key]}; the copy in {path} is used")
+                del merged[key]
+            merged[key] = record
+            where[key] = str(path)
+    return list(merged.values()), notes
+
+
+# -- grouping ---------------------------------------------------------------------------------------
+def device_name(record: Dict[str, Any]) -> str:
+    return str((record.get("environment") or {}).get("device_name", "unknown device"))
+
+
+def comparability(record: Dict[str, Any]) -> Tuple[str, str, str, str]:
+    """What must be equal for two trials to share a table: budget, backbone, device name, batch size."""
+    return (str(record.get("budget")), str(record.get("backbone")), device_name(record),
+            str(record.get("batch_size")))
+
+
+def comparable_groups(records: Iterable[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """Records split by :func:`comparability`, in order of first appearance."""
+    groups: "OrderedDict[Tuple, List[Dict[str, Any]]]" = OrderedDict()
+    for record in records:
+        groups.setdefault(comparability(record), []).append(record)
+    return list(groups.values())
+
+
+def settings_text(records: Sequence[Dict[str, Any]]) -> str:
+    """The shared settings of a comparable group, for captions."""
+    budget, backbone, device, batch = comparability(records[0])
+    return f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}; device {device}."
+
+
+# -- rows and columns -------------------------------------------------------------------------------
+def _order(value: Any, order: Sequence[Any]) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+def _params(record: Dict[str, Any]) -> Dict[str, Any]:
+    params = record.get("params")
+    return params if isinstance(params, dict) else {}
+
+
+def row_sort_key(record: Dict[str, Any]) -> Tuple:
+    """The paper's order: family, then Backprop, NoProp-DT, Adjoint, NoProp-CT, NoProp-FM, then others
+    alphabetically; within a method one-hot, dim=20 (learned), prototype."""
+    embedding = _params(record).get("embedding", "one-hot")
+    return (_order(record["family"], FAMILIES), str(record["family"]),
+            _order(record["method"], PAPER_METHOD_ORDER), str(record["method"]),
+            _order(embedding, EMBEDDING_ORDER), str(record["row_label"]))
+
+
+def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """A row label per record: ``row_label``, plus the differing parameters when two parameter sets of one
+    method would otherwise share a cell (same row label and dataset), so they never do."""
+    params_in_cell: Dict[Tuple[str, str], set] = {}
+    for record in records:
+        params_in_cell.setdefault((record["row_label"], record["dataset"]), set()).add(
+            json.dumps(_params(record), sort_keys=True, default=str))
+    clashing = {label for (label, _), variants in params_in_cell.items() if len(variants) > 1}
+    differing: Dict[str, List[str]] = {}
+    for label in clashing:
+        variants = [_params(r) for r in records if r["row_label"] == label]
+        keys = sorted({k for p in variants for k in p})
+        differing[label] = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in variants}) > 1]
+    rows = []
+    for record in records:
+        label = record["row_label"]
+        if label in clashing:
+            params = _params(record)
+            label += " [" + ", ".join(f"{k}={params.get(k)}" for k in differing[label]) + "]"
+        rows.append(label)
+    return rows
+
+
+def ordered_rows(records: Sequence[Dict[str, Any]], rows: Sequence[str]) -> List[Tuple[str, str]]:
+    """Unique ``(family, row)`` pairs in the paper's order."""
+    first: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+    for record, row in zip(records, rows):
+        first.setdefault(row, record)
+    ordered = sorted(first.items(), key=lambda item: (row_sort_key(item[1]), item[0]))
+    return [(record["family"], row) for row, record in ordered]
+
+
+def family_heading(family: str) -> str:
+    return f"**{FAMILY_HEADINGS.get(family, family)}**"
+
+
+def dataset_columns(records: Iterable[Dict[str, Any]]) -> "OrderedDict[str, str]":
+    """``{dataset spec: column label}`` in the paper's order (MNIST, CIFAR-10, CIFAR-100), others after."""
+    labels: Dict[str, str] = {}
+    for record in records:
+        labels.setdefault(record["dataset"], str(record.get("dataset_label") or record["dataset"]))
+    specs = sorted(labels, key=lambda spec: (_order(spec.split(":")[0], DATASET_ORDER), spec))
+    shown = [labels[spec] for spec in specs]
+    return OrderedDict((spec, labels[spec] if shown.count(labels[spec]) == 1 else f"{labels[spec]} ({spec})")
+                       for spec in specs)
+
+
+def drop_duplicate_seeds(records: Sequence[Dict[str, Any]], rows: Sequence[str]
+                         ) -> Tuple[List[Dict[str, Any]], List[str], List[str]]:
+    """Keep the last trial of each (row, dataset, seed): a seed counted twice would shrink the error bar."""
+    last: "OrderedDict[Tuple, int]" = OrderedDict()
+    notes = []
+    for index, (record, row) in enumerate(zip(records, rows)):
+        key = (row, record["dataset"], record["seed"])
+        if key in last:
+            notes.append(f"{row} on {record['dataset']} seed {record['seed']}: more than one trial "
+                         f"(e.g. different inference runs or options); only the last is used")
+        last[key] = index
+    keep = sorted(last.values())
+    return [records[i] for i in keep], [rows[i] for i in keep], notes
+
+
+def markdown(frame, align_first_left: bool = True) -> str:
+    """GitHub markdown for a frame of strings (no number re-formatting by tabulate)."""
+    colalign = (["left"] if align_first_left else ["right"]) + ["right"] * (frame.shape[1] - 1)
+    return frame.to_markdown(index=False, colalign=colalign, disable_numparse=True)

@@ -1,0 +1,154 @@
+"""Table 2 (peak memory, throughput, time per epoch) and the inference-settings sweep table."""
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from . import paper as paper_data
+from .report_data import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+                          family_heading, format_mean_se, markdown, ordered_rows, settings_text)
+
+GB = 1e9
+MEMORY_KINDS = {
+    "cuda_max_allocated": ("CUDA max allocated (torch.cuda.max_memory_allocated over training), the measure "
+                           "closest to the paper's \"process GPU memory allocated\""),
+    "cpu_peak_rss": ("peak resident set size of the whole process on the CPU (sampled during training); it "
+                     "includes the interpreter, the libraries and the dataset held in memory, so it is not "
+                     "comparable with the paper's GPU numbers"),
+}
+
+
+def _number(value: float) -> str:
+    if not np.isfinite(value):
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _mean(records: Sequence[Dict[str, Any]], field: str, scale: float = 1.0) -> float:
+    values = [r.get(field) for r in records]
+    values = [float(v) / scale for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _memory_kind(record: Dict[str, Any]) -> str:
+    return str(record.get("memory_kind") or "unknown")
+
+
+def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataFrame:
+    """Rows as Table 1; per dataset: peak memory (GB), samples/s and s/epoch, each a mean over seeds.
+
+    ``records`` must be one comparable group with one memory kind. With ``paper`` (CUDA memory only), the
+    paper's memory for the one-hot rows is shown next to ours.
+    """
+    rows = assign_rows(records)
+    records, rows, _ = drop_duplicate_seeds(records, rows)
+    columns = dataset_columns(records)
+    show_paper = paper and all(_memory_kind(r) == "cuda_max_allocated" for r in records)
+    headers = []
+    for spec, label in columns.items():
+        headers += [(f"{label} peak memory (GB)", spec, "memory")]
+        if show_paper and paper_data.paper_dataset(spec):
+            headers += [(f"{label} paper (GB, one-hot)", spec, "paper")]
+        headers += [(f"{label} samples/s", spec, "throughput"), (f"{label} s/epoch", spec, "epoch")]
+    table, current_family = [], None
+    for family, row in ordered_rows(records, rows):
+        if family != current_family:
+            table.append([family_heading(family)] + [""] * len(headers))
+            current_family = family
+        line = [row]
+        for _, spec, kind in headers:
+            cell = [r for r, name in zip(records, rows) if name == row and r["dataset"] == spec]
+            if not cell:
+                line.append("–")
+            elif kind == "memory":
+                line.append(_number(_mean(cell, "peak_memory_bytes", GB)))
+            elif kind == "throughput":
+                line.append(_number(_mean(cell, "samples_per_second")))
+            elif kind == "epoch":
+                line.append(_number(_mean(cell, "seconds_per_epoch")))
+            else:
+                one_hot = cell[0]["row_label"].endswith("(one-hot)")
+                published = paper_data.paper_memory_gb(cell[0].get("method_label", ""), spec) if one_hot else None
+                line.append("–" if published is None else f"{published:.2f}")
+        table.append(line)
+    return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])
+
+
+def table2_caption(records: List[Dict[str, Any]]) -> str:
+    kind = _memory_kind(records[0])
+    seeds = len({r["seed"] for r in records})
+    return (f"Peak memory in GB (10^9 bytes): {MEMORY_KINDS.get(kind, f'measure {kind!r}')}. Training throughput "
+            f"in samples/s = training samples / training seconds (evaluation excluded); s/epoch = train-set "
+            f"size / throughput. Means over {seeds} seed(s). {settings_text(records)}")
+
+
+def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
+    """Markdown Table 2: one table per comparable group and memory kind (kinds are never mixed)."""
+    records, _ = check_records(records)
+    ok = [r for r in records if r.get("status") == "ok"]
+    parts = ["# Table 2: peak memory and training time", ""]
+    for group in comparable_groups(ok):
+        by_kind: Dict[str, List[Dict[str, Any]]] = {}
+        for record in group:
+            by_kind.setdefault(_memory_kind(record), []).append(record)
+        for kind_records in by_kind.values():
+            parts += [markdown(table2_frame(kind_records, paper=paper)), "", table2_caption(kind_records), ""]
+    if not ok:
+        parts += ["No trial finished successfully.", ""]
+    return "\n".join(parts)
+
+
+# -- inference sweep --------------------------------------------------------------------------------
+def setting_label(setting: Any) -> str:
+    """``{"solver": "heun", "steps": 40}`` -> ``heun 40``; other keys as ``key=value``."""
+    if not isinstance(setting, dict):
+        return str(setting)
+    parts = [str(setting[k]) for k in ("solver", "steps") if k in setting]
+    parts += [f"{k}={v}" for k, v in setting.items() if k not in ("solver", "steps")]
+    return " ".join(parts) or "default"
+
+
+def _sweep_points(record: Dict[str, Any], notes: List[str]) -> List[Tuple[str, List[float]]]:
+    points = []
+    for point in record.get("inference_sweep") or []:
+        runs = point.get("test_acc_runs") if isinstance(point, dict) else None
+        if not isinstance(runs, list) or not all(isinstance(v, (int, float)) for v in runs):
+            notes.append(f"{record['row_label']} seed {record['seed']}: a sweep point without test_acc_runs; skipped")
+            continue
+        points.append((setting_label(point.get("setting")), runs))
+    return points
+
+
+def render_inference_sweep(records: List[Dict[str, Any]]) -> str:
+    """Markdown: per comparable group and dataset, one row per method, one column per inference setting."""
+    records, _ = check_records(records)
+    swept = [r for r in records if r.get("status") == "ok" and r.get("inference_sweep")]
+    parts, notes = ["# Inference settings: test accuracy (%) by solver and steps", ""], []
+    for group in comparable_groups(swept):
+        rows = assign_rows(group)
+        group, rows, _ = drop_duplicate_seeds(group, rows)
+        for spec, label in dataset_columns(group).items():
+            cells: Dict[Tuple[str, str], List[float]] = {}
+            settings: List[str] = []
+            chosen = [(r, row) for r, row in zip(group, rows) if r["dataset"] == spec]
+            for record, row in chosen:
+                for setting, runs in _sweep_points(record, notes):
+                    if setting not in settings:
+                        settings.append(setting)
+                    cells.setdefault((row, setting), []).extend(runs)
+            order = ordered_rows([r for r, _ in chosen], [row for _, row in chosen])
+            frame = pd.DataFrame([[row] + [format_mean_se(cells.get((row, s), [])) for s in settings]
+                                  for _, row in order], columns=["Method"] + settings)
+            parts += [f"## {label}", "", markdown(frame), "",
+                      "Test accuracy (%) of the model at the end of its budget, evaluated with each inference "
+                      "setting: mean ± standard error over seeds × inference runs. " + settings_text(group), ""]
+    if not swept:
+        parts += ["No trial has an inference sweep.", ""]
+    if notes:
+        parts += ["Skipped:"] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    return "\n".join(parts)

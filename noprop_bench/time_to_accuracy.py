@@ -1,0 +1,98 @@
+"""Time to accuracy (DAWNBench style): the first training time at which a trial's test accuracy reached a target."""
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+from .report_data import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+                          markdown, ordered_rows, settings_text)
+
+DEFAULT_TARGETS = {
+    "mnist": (90.0, 95.0, 97.0), "mnist5k": (90.0, 95.0, 97.0), "fashion_mnist": (80.0, 85.0, 90.0),
+    "cifar10": (60.0, 70.0, 80.0), "cifar100": (30.0, 40.0, 50.0),
+}
+FALLBACK_TARGETS = (50.0, 70.0, 90.0)
+
+
+def default_targets(dataset_spec: str) -> Tuple[float, ...]:
+    return DEFAULT_TARGETS.get(str(dataset_spec).split(":")[0], FALLBACK_TARGETS)
+
+
+def parse_targets(text: str) -> Tuple[float, ...]:
+    """``"90,95,97"`` -> ``(90.0, 95.0, 97.0)``; a clear :class:`UsageError` otherwise."""
+    try:
+        targets = tuple(float(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--targets {text!r}: expected accuracies in percent separated by commas, e.g. 90,95,97") from None
+    if not targets or not all(0 < t <= 100 for t in targets):
+        raise UsageError(f"--targets {text!r}: expected accuracies between 0 and 100, e.g. 90,95,97")
+    return targets
+
+
+def first_time_reaching(curve: Any, target: float) -> Optional[float]:
+    """Training seconds at the first curve point with ``test_acc >= target``; None if never reached."""
+    points = []
+    for point in curve if isinstance(curve, list) else []:
+        if not isinstance(point, dict):
+            continue
+        seconds, accuracy = point.get("train_seconds"), point.get("test_acc")
+        if isinstance(seconds, (int, float)) and isinstance(accuracy, (int, float)):
+            points.append((float(seconds), float(accuracy)))
+    for seconds, accuracy in sorted(points):
+        if accuracy >= target:
+            return seconds
+    return None
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 1000:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s"
+
+
+def time_to_accuracy_frame(records: List[Dict[str, Any]], targets: Sequence[float]) -> pd.DataFrame:
+    """One dataset of one comparable group: a row per method, a column per target.
+
+    A cell is the mean over the seeds that reached the target, with ``(k/n seeds)`` when not all did.
+    """
+    rows = assign_rows(records)
+    records, rows, _ = drop_duplicate_seeds(records, rows)
+    table = []
+    for _, row in ordered_rows(records, rows):
+        trials = [r for r, name in zip(records, rows) if name == row]
+        line = [row]
+        for target in targets:
+            times = [first_time_reaching(r.get("curve"), target) for r in trials]
+            reached = [t for t in times if t is not None]
+            if not reached:
+                line.append("not reached")
+                continue
+            text = format_seconds(float(np.mean(reached)))
+            if len(reached) < len(trials):
+                text += f" ({len(reached)}/{len(trials)} seeds)"
+            line.append(text)
+        table.append(line)
+    return pd.DataFrame(table, columns=["Method"] + [f"≥ {t:g}%" for t in targets])
+
+
+def render_time_to_accuracy(records: List[Dict[str, Any]], targets: Optional[Sequence[float]] = None) -> str:
+    """Markdown: per comparable group and dataset, the time each method first reached each target."""
+    records, _ = check_records(records)
+    ok = [r for r in records if r.get("status") == "ok"]
+    parts = ["# Time to accuracy", ""]
+    for group in comparable_groups(ok):
+        for spec, label in dataset_columns(group).items():
+            chosen = tuple(targets) if targets else default_targets(spec)
+            frame = time_to_accuracy_frame([r for r in group if r["dataset"] == spec], chosen)
+            parts += [f"## {label}", "", markdown(frame), "",
+                      "Training seconds (evaluation excluded) until the first test evaluation at or above each "
+                      "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
+                      "its budget. Resolution is the spacing of the test evaluations (--checkpoints), and the "
+                      "curve is observed only, never used to stop training. " + settings_text(group), ""]
+    if not ok:
+        parts += ["No trial finished successfully.", ""]
+    return "\n".join(parts)

@@ -1,0 +1,159 @@
+"""Reports from hand-written trials.jsonl fixtures, checked against golden files.
+
+Regenerate the golden files after an intended change with ``NOPROP_UPDATE_GOLDEN=1 pytest tests/test_report.py``
+and review the diff.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from noprop_bench.figures import curves_frame, seed_band, write_figure3
+from noprop_bench.report import render_table1
+from noprop_bench.report_cli import report_main, write_run_outputs
+from noprop_bench.report_data import load_runs
+from noprop_bench.tables import render_inference_sweep, render_table2
+from noprop_bench.time_to_accuracy import first_time_reaching, parse_targets, render_time_to_accuracy
+from noprop_bench.errors import UsageError
+
+TESTS = Path(__file__).parent
+GOLDEN = TESTS / "golden"
+UPDATE = os.environ.get("NOPROP_UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _relative_paths(monkeypatch):
+    # notes name the files they skip; relative paths keep the golden files machine-independent
+    monkeypatch.chdir(TESTS)
+
+
+def check_golden(name: str, text: str):
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"{name} differs from its golden file"
+
+
+def load(*names):
+    return load_runs([f"fixtures/report/{name}" for name in names])
+
+
+def test_table1_merges_datasets_in_paper_order():
+    records, notes = load("mnist", "cifar10")
+    text = render_table1(records, train_columns=True, notes=notes)
+    check_golden("table1_merged.md", text)
+    lines = text.splitlines()
+    header = lines[2]
+    assert header.index("MNIST5k train") < header.index("MNIST5k test") < header.index("CIFAR-10 test")
+    order = [line.split("|")[1].strip() for line in lines[4:15] if line.startswith("|")]
+    assert order == ["**Discrete-time**", "Backprop (one-hot)", "NoProp-DT (one-hot)", "**Continuous-time**",
+                     "Adjoint (one-hot)", "NoProp-CT (one-hot)", "NoProp-CT (dim=20)", "NoProp-CT (prototype)",
+                     "Zeta ODE (one-hot)"]
+    assert "mean ± standard error" in text and "2 seed(s)" in text
+    assert "NoProp-CT (prototype) seed 1 on MNIST5k: diverged" in text
+    assert "out of memory" not in text  # the failed attempt was superseded by its rerun
+
+
+def test_table1_side_by_side_with_paper():
+    records, notes = load("mnist", "cifar10")
+    text = render_table1(records, paper=True, notes=notes)
+    check_golden("table1_paper.md", text)
+    assert "99.46 ± 0.06" in text  # Backprop (one-hot), MNIST test
+    assert "79.25 ± 0.28" in text  # NoProp-DT (one-hot), CIFAR-10 test
+    assert "5k-image subset of MNIST" in text
+
+
+def test_table2():
+    records, _ = load("mnist", "cifar10")
+    text = render_table2(records)
+    check_golden("table2.md", text)
+    assert "peak resident set size" in text and "CUDA" not in text.split("\n\n")[1]
+
+
+def test_time_to_accuracy():
+    records, _ = load("mnist", "cifar10")
+    text = render_time_to_accuracy(records)
+    check_golden("time_to_accuracy.md", text)
+    assert "not reached" in text and "(1/2 seeds)" in text
+    check_golden("time_to_accuracy_targets.md", render_time_to_accuracy(records, parse_targets("50,90")))
+
+
+def test_inference_sweep():
+    records, _ = load("mnist")
+    check_golden("inference_sweep.md", render_inference_sweep(records))
+
+
+def test_curves_csv():
+    records, _ = load("mnist", "cifar10")
+    check_golden("curves.csv", curves_frame(records).to_csv(index=False, float_format="%.6g"))
+
+
+def test_figure_is_written(tmp_path):
+    records, _ = load("mnist", "cifar10", "mixed")
+    written = write_figure3(records, tmp_path / "figure3")
+    assert [p.suffix for p in written] == [".png", ".svg"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert (tmp_path / "figure3.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_truncated_last_line_and_bad_record():
+    records, notes = load("truncated")
+    assert [r["trial_id"] for r in records] == ["m-bp-0", "m-bp-1"]
+    assert any("trials.jsonl:4: not valid JSON" in n for n in notes)
+    assert any("missing field(s)" in n for n in notes)
+    check_golden("table1_truncated.md", render_table1(records, notes=notes))
+
+
+def test_mixed_settings_never_share_a_cell():
+    records, notes = load("mixed")
+    text = render_table1(records, notes=notes)
+    check_golden("table1_mixed.md", text)
+    assert text.count("| Method") == 3  # 60s on the CPU, 20000samples on the CPU, 60s on the GPU
+    assert "Backprop (one-hot) [lr=0.001]" in text and "Backprop (one-hot) [lr=0.0003]" in text
+    table2 = render_table2(records)
+    check_golden("table2_mixed.md", table2)
+    assert "CUDA max allocated" in table2 and "peak resident set size" in table2
+    assert table2.count("| Method") == 3
+
+
+def test_write_run_outputs(tmp_path):
+    source = TESTS / "fixtures/report/mnist/trials.jsonl"
+    (tmp_path / "trials.jsonl").write_bytes(source.read_bytes())
+    table1 = write_run_outputs(tmp_path, targets="90")
+    assert table1 == (tmp_path / "table1.md").read_text()
+    assert "MNIST5k train" in table1  # shown wherever a run measured train accuracy
+    for name in ("table2.md", "time_to_accuracy.md", "curves.csv", "figure3.png", "figure3.svg",
+                 "inference_sweep.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "≥ 90%" in (tmp_path / "time_to_accuracy.md").read_text()
+
+
+def test_report_command(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = report_main(["fixtures/report/mnist", "fixtures/report/cifar10", "fixtures/report/truncated",
+                        str(tmp_path), "--out", str(out), "--paper", "--train-accuracy"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "CIFAR-10 test (paper)" in captured.out
+    assert f"{tmp_path}: no trials.jsonl; skipped" in captured.err
+    assert "not valid JSON" in captured.err
+    # the truncated directory repeats mnist trials: counted once, never as extra seeds
+    assert "also in fixtures/report/mnist" in captured.err
+    assert (out / "figure3.png").exists() and (out / "table2.md").exists()
+
+
+def test_report_command_without_anything_valid(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no trials.jsonl" in err[0]
+    assert report_main(["fixtures/report/mnist", "--targets", "ninety"]) == 2
+
+
+def test_helpers():
+    assert first_time_reaching([{"train_seconds": 5, "test_acc": 91}, {"train_seconds": 2, "test_acc": 90}], 90) == 2
+    assert first_time_reaching([], 50) is None
+    times, mean, low, high = seed_band([[(0, 10), (10, 30)], [(0, 20), (5, 40)]])
+    assert list(times) == [0, 5, 10] and list(mean) == [15, 30, 35] and list(high) == [20, 40, 40]
+    with pytest.raises(UsageError):
+        parse_targets("120")
