@@ -79,12 +79,14 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
     return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])
 
 
-def table2_caption(records: List[Dict[str, Any]]) -> str:
+def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
     kind = _memory_kind(records[0])
     seeds = len({r["seed"] for r in records})
+    paper_text = (" Paper column: the paper's memory table (one-hot embedding, its own unnamed GPU and batch "
+                  "settings), so the comparison is indicative." if paper and kind == "cuda_max_allocated" else "")
     return (f"Peak memory in GB (10^9 bytes): {MEMORY_KINDS.get(kind, f'measure {kind!r}')}. Training throughput "
             f"in samples/s = training samples / training seconds (evaluation excluded); s/epoch = train-set "
-            f"size / throughput. Means over {seeds} seed(s). {settings_text(records)}")
+            f"size / throughput. Means over {seeds} seed(s). {settings_text(records)}{paper_text}")
 
 
 def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
@@ -97,7 +99,7 @@ def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
         for record in group:
             by_kind.setdefault(_memory_kind(record), []).append(record)
         for kind_records in by_kind.values():
-            parts += [markdown(table2_frame(kind_records, paper=paper)), "", table2_caption(kind_records), ""]
+            parts += [markdown(table2_frame(kind_records, paper=paper)), "", table2_caption(kind_records, paper), ""]
     if not ok:
         parts += ["No trial finished successfully.", ""]
     return "\n".join(parts)

@@ -115,6 +115,8 @@ def test_mixed_settings_never_share_a_cell():
     check_golden("table2_mixed.md", table2)
     assert "CUDA max allocated" in table2 and "peak resident set size" in table2
     assert table2.count("| Method") == 3
+    with_paper = render_table2(records, paper=True).split("CUDA max allocated")[0]
+    assert with_paper.count("paper (GB, one-hot)") == 1 and "0.87" in with_paper  # only next to CUDA numbers
 
 
 def test_write_run_outputs(tmp_path):
