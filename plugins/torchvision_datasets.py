@@ -46,6 +46,7 @@ class TorchvisionDataset(Dataset):
 
     source = None  # the torchvision dataset class
     how_to_get = ""  # an offline way to get the files, for the error message
+    files_note = ""  # what else is accepted in place of the expected files
 
     def load(self, split: str) -> Split:
         if split not in ("train", "test"):
@@ -101,7 +102,7 @@ class TorchvisionDataset(Dataset):
         hint = f"; or {self.how_to_get}" if self.how_to_get else ""
         return UsageError(
             f"{self.name} is not on this machine and {reason}. Searched: {searched}. Expected files: "
-            f"{', '.join(missing)}. Put them in {folder} (or give --data-root / ${ENV_VAR}), "
+            f"{', '.join(missing)}{self.files_note}. Put them in {folder} (or give --data-root / ${ENV_VAR}), "
             f"or run once where downloads work{hint}")
 
 
@@ -109,6 +110,7 @@ class IdxDataset(TorchvisionDataset):
     """MNIST-like data: four IDX files, ``train``/``t10k`` images and labels."""
 
     extra_dirs = ()  # system directories that may hold the gzipped files
+    files_note = " (each may also be gzipped, NAME.gz, in any directory searched)"
 
     def folder(self, root):
         return root / self.source.__name__ / "raw"
