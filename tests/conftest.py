@@ -1,10 +1,20 @@
 import pytest
+import torch
 
 import fake_plugins
 
 
 @pytest.fixture
-def fake_run(tmp_path):
+def one_thread():
+    """Tiny models run on one thread: OpenMP workers spinning on a busy machine distort step times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_run(tmp_path, one_thread):
     """Run the CLI in-process with the fake plugins loaded; returns (exit code, out dir)."""
     from noprop_bench.cli import run
 

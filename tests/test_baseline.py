@@ -15,11 +15,15 @@ NOT_LEARNING = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,s
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
+    import torch
     from noprop_bench.cli import run
     base = tmp_path_factory.mktemp("base")
     path = base / "baseline.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     code = run(["--plugin", "fake_plugins", "--dataset", "tiny", "--methods", SAME, *RUN,
                 "--save-baseline", str(path), "--out", str(base / "run")])
+    torch.set_num_threads(threads)
     assert code == 0
     return path
 
