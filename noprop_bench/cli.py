@@ -16,7 +16,7 @@ from .budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
 from .plugins import load_plugins
-from .report import render_table1
+from .report_cli import report_main, write_run_outputs
 from .results import TrialStore, latest_per_trial
 from .runner import RunData, TrialSpec, run_trial
 from .specs import parse_dataset_spec, parse_method_list
@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Method parameters: NAME[key=value,...], e.g. noprop_ct[embedding=prototype,lr=3e-4]; "
             "--list shows every method with its parameters. Results go to OUT/trials.jsonl (one JSON line "
-            "per finished trial) and OUT/table1.md; rerunning with the same --out skips finished trials. "
+            "per finished trial), with table1.md, table2.md (memory, throughput), time_to_accuracy.md, "
+            "curves.csv and figure3.png/.svg rendered from it; rerunning with the same --out skips finished "
+            "trials. `noprop-bench report DIR [DIR ...]` re-renders them from trials.jsonl alone "
+            "(`noprop-bench report --help`). "
             "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 3 regression against "
             "--baseline, 130 interrupted."
         ),
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true", help="never download datasets")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE as a plugin (repeatable), for plugins not installed as a distribution")
+    parser.add_argument("--targets", default=None, metavar="ACC,ACC,...",
+                        help="accuracy thresholds (%%) for the time-to-accuracy table; default: per dataset")
     parser.add_argument("--baseline", metavar="FILE",
                         help="compare the finished run with this baseline; exit 3 with a table of what regressed "
                              "when accuracy or relative throughput fell beyond the tolerances stated in FILE")
@@ -146,15 +151,10 @@ def _plan(args, registry, device, command) -> tuple:
     return dataset, specs
 
 
-def _write_table(store: TrialStore) -> str:
-    records, _ = store.read()
-    table = render_table1(latest_per_trial(records), train_columns=True)
-    (store.directory / "table1.md").write_text(table)
-    return table
-
-
 def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -202,10 +202,10 @@ def run(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
         if store.path.exists():
-            print(_write_table(store))
+            print(write_run_outputs(store.directory, targets=args.targets))
         return EXIT_INTERRUPTED
-    print(_write_table(store))
-    say(f"results in {out}/ (trials.jsonl, table1.md)")
+    print(write_run_outputs(store.directory, targets=args.targets))
+    say(f"results in {out}/ (trials.jsonl, table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png)")
     if problems:
         say(f"{len(problems)} trial(s) did not finish ok:")
         for record in problems:
