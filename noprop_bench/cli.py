@@ -195,7 +195,10 @@ def run(argv: Optional[List[str]] = None) -> int:
             store.append(record)
             if record["status"] == "interrupted":
                 raise KeyboardInterrupt
-            registry.hook.trial_finished(record=record, out_dir=str(out))
+            try:
+                registry.hook.trial_finished(record=record, out_dir=str(out))
+            except Exception as error:  # an observer's failure must not stop the benchmark
+                say(f"warning: a trial_finished observer failed: {type(error).__name__}: {error}")
             if record["status"] != "ok":
                 problems.append(record)
                 say(f"  {record['status']}: {record['error']}")

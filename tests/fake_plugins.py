@@ -133,3 +133,5 @@ def register_datasets(register):
 @hookimpl
 def trial_finished(record, out_dir):
     FINISHED.append((record["trial_id"], out_dir))
+    if record["params"].get("lr") == 0.123:
+        raise RuntimeError("observer broke")

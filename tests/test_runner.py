@@ -86,3 +86,10 @@ def test_table1_format(fake_run):
     row = next(line for line in lines if line.startswith("| Linear (one-hot)"))
     assert " ± " in row
     assert "2 seed(s) × 1 or 3 inference run(s)" in body and "Budget 3steps" in body
+
+
+def test_a_failing_observer_does_not_stop_the_run(fake_run, capsys):
+    code, out = fake_run("--methods", "linear[lr=0.123]", "--budget", "2steps", "--seeds", "2")
+    assert code == 0
+    assert len(_records(out)) == 2
+    assert "warning: a trial_finished observer failed: RuntimeError: observer broke" in capsys.readouterr().err
