@@ -1,0 +1,298 @@
+"""NoProp-CT: one test per public-code bug of paper.md section 8 that applies to CT, bad input, end to end."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from noprop_bench import UsageError
+from noprop_bench.backbones import create_backbone
+from noprop_bench.datasets import Normalizer, Split
+from noprop_bench.task import Task
+from noprop_bench_plugins.mnist5k import MNIST5k
+from noprop_bench_plugins.noprop_common import MonotoneSchedule
+from noprop_bench_plugins.noprop_ct import NoPropCT
+
+GRID = torch.linspace(0.0, 1.0, 201)
+TRAIN_STEPS = 300
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and far steadier on a crowded CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_task(images=None, labels=None, backbone=None, seed=0):
+    if images is None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=generator)
+        labels = torch.arange(40) % 10
+    make = backbone or (lambda: create_backbone("noprop_cnn", 1, 28))
+    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device("cpu"), backbone_name="noprop_cnn",
+                make_backbone=make, backbone_features=256, normalize=Normalizer((0.1307,), (0.3081,), "cpu"),
+                train_images=images, train_labels=labels, seed=seed)
+
+
+def make_method(task=None, **params):
+    torch.manual_seed(0)
+    return NoPropCT(task or make_task(), **NoPropCT.resolve_params(params))
+
+
+def batch(task, n=32):
+    return task.normalize(task.train_images[:n]), task.train_labels[:n]
+
+
+def assert_schedule_ok(schedule):
+    with torch.no_grad():
+        abar = schedule.abar(GRID)
+        assert (abar[1:] > abar[:-1]).all(), "abar must increase in t (z_0 noise, z_1 label)"
+        assert (schedule.snr_prime(GRID) > 0).all(), "SNR' must be positive: a negative loss weight is gradient ascent"
+
+
+def small_backbone():
+    """A one-layer image path: the trained-model tests are about the dynamics, and CI time is short."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """NoProp-CT trained briefly on 3000 mnist5k training images; the other 1000 are held out."""
+    split = MNIST5k().load("train")
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(split), generator=generator)
+    fit, held = order[:3000], order[3000:]
+    task = make_task(split.images[fit], split.labels[fit], backbone=small_backbone)
+    method = make_method(task, gamma0=-3.0, gamma1=3.0)
+    method.train()
+    for step in range(TRAIN_STEPS):
+        index = torch.randint(0, 3000, (128,), generator=generator)
+        method.train_step(task.normalize(task.train_images[index]), task.train_labels[index])
+    method.eval()
+    return method, task.normalize(split.images[held]), split.labels[held]
+
+
+def accuracy(method, x, y, **setting):
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        return (method.predict(x, **setting).argmax(dim=1) == y).float().mean().item()
+
+
+# -- section 8 bugs ---------------------------------------------------------------------------------
+
+def test_schedule_increasing_at_init_after_training_and_under_adversarial_pressure(trained):
+    assert_schedule_ok(MonotoneSchedule())
+    method, _, _ = trained
+    assert_schedule_ok(method.schedule)
+    # the diffusion term alone rewards a smaller SNR'; pushing hard on it must not invert the schedule
+    schedule = MonotoneSchedule()
+    optimizer = torch.optim.Adam(schedule.parameters(), lr=0.2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        schedule.snr_prime(torch.rand(64)).mean().backward()
+        optimizer.step()
+    assert_schedule_ok(schedule)
+    assert schedule.gamma1.item() > schedule.gamma0.item()
+
+
+def test_noised_latent_has_mean_sqrt_abar_u_y(monkeypatch):
+    task = make_task()
+    method = make_method(task, embedding="learned")
+    seen = {}
+    head = method.model.head
+
+    def spy(features, z, t, embedding):
+        seen["z"], seen["t"] = z.detach().clone(), t.detach().clone()
+        return head(features, z, t, embedding)
+
+    monkeypatch.setattr(method.model, "head", spy)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # eps = 0: z_t is exactly the mean
+    x, y = batch(task)
+    method.losses(x, y)
+    with torch.no_grad():
+        abar = method.schedule.abar(seen["t"]).unsqueeze(1)
+        u_y = method.embedding.weight[y]
+    torch.testing.assert_close(seen["z"], abar.sqrt() * u_y)
+    assert not torch.allclose(seen["z"], abar * u_y)
+
+
+def test_cross_entropy_is_applied_to_logits(monkeypatch):
+    task = make_task()
+    method = make_method(task)
+    with torch.no_grad():
+        method.classifier.weight.copy_(50 * torch.eye(10))
+        method.classifier.bias.zero_()
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    x, y = batch(task)
+    ce = method.losses(x, y)["ce"]
+    # a softmax before the cross-entropy would bound it below by -log(e / (e + 9)) = 1.46
+    assert ce.item() < 0.1
+    with torch.no_grad():
+        abar_1 = method.schedule.abar(torch.tensor([1.0]))
+        z_1 = abar_1.sqrt() * method.embedding.weight[y]
+    torch.testing.assert_close(ce, F.cross_entropy(method.classifier(z_1), y))
+
+
+@pytest.mark.parametrize("embedding", ["one-hot", "learned", "prototype"])
+def test_every_parameter_is_optimised_and_gets_a_gradient(embedding):
+    task = make_task()
+    method = make_method(task, embedding=embedding)
+    in_optimizer = {id(p) for group in method.optimizer.param_groups for p in group["params"]}
+    named = dict(method.named_parameters())
+    assert {id(p) for p in named.values()} == in_optimizer
+    assert any(name.startswith("model.backbone.") for name in named)
+    x, y = batch(task)
+    method.losses(x, y)["loss"].backward()
+    silent = [name for name, p in named.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"parameters without gradient: {silent}"
+
+
+def test_the_runs_backbone_is_the_one_used():
+    calls = []
+
+    class Marked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256))
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.net(x)
+
+    task = make_task(backbone=Marked)
+    method = make_method(task)
+    assert isinstance(method.model.backbone, Marked)
+    x, y = batch(task)
+    method.train_step(x, y)
+    assert calls == [len(x)], "one backbone pass per training step"
+    calls.clear()
+    with torch.inference_mode():
+        method.predict(x, solver="heun", steps=7)
+    assert calls == [len(x)], "one backbone pass per test batch, whatever the step count"
+
+
+def test_deterministic_dynamics_transport_the_trained_marginals(monkeypatch):
+    """With a perfect u = u_y, the ODE must carry z_0 along sqrt(abar) u_y + sqrt(1 - abar) eps exactly.
+
+    The heuristic drift (u - z) / (1 - abar) of public code fails this.
+    """
+    task = make_task()
+    method = make_method(task, embedding="learned")
+    x, y = batch(task, 16)
+    monkeypatch.setattr(method.model, "logits", lambda f, z, t: 1e4 * F.one_hot(y, 10).float())
+    with torch.inference_mode():
+        features = method.model.features(x)
+        ends = method.schedule.abar(torch.tensor([0.0, 1.0]))
+        u_y = method.embedding.weight[y]
+        torch.manual_seed(3)
+        z_0 = torch.randn(16, method.embedding.dim)
+        eps = (z_0 - ends[0].sqrt() * u_y) / (1 - ends[0]).sqrt()
+        expected = ends[1].sqrt() * u_y + (1 - ends[1]).sqrt() * eps
+        torch.manual_seed(3)
+        z_1 = method.integrate(features, "heun", 400)
+    torch.testing.assert_close(z_1, expected, atol=2e-3, rtol=1e-3)
+
+
+def test_euler_and_heun_converge_to_each_other(trained):
+    method, x, _ = trained
+    x = x[:64]
+    with torch.inference_mode():
+        features = method.model.features(x)
+        gaps = []
+        for steps in (4, 40, 400):
+            ends = []
+            for solver in ("euler", "heun"):
+                torch.manual_seed(5)
+                ends.append(method.integrate(features, solver, steps))
+            gaps.append((ends[0] - ends[1]).norm(dim=1).mean().item())
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 0.05 * gaps[0]
+
+
+def test_z_ablation_drops_a_trained_model_to_chance(trained):
+    method, x, y = trained
+    # chance is 0.1; a few hundred steps of NoProp-CT reach about 0.65-0.75 here
+    assert accuracy(method, x, y, solver="heun", steps=10) > 0.5
+    assert accuracy(method, x, y, solver="stochastic", steps=50) > 0.5
+    assert accuracy(method, x, y, **method.diagnostic_settings()["z_ablation"]) < 0.2
+
+
+# -- host hooks ---------------------------------------------------------------------------------
+
+def test_settings_for_the_host():
+    method = make_method(eval_solver="euler", eval_steps=7, sweep_steps="2,40")
+    assert method.checkpoint_setting() == {"solver": "euler", "steps": 7}
+    assert method.sweep_settings() == [{"solver": s, "steps": n} for s in ("euler", "heun") for n in (2, 40)]
+    assert make_method().sweep_settings()[-1] == {"solver": "heun", "steps": 1000}
+    assert method.diagnostic_settings() == {"z_ablation": {"ablate_z": True}}
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params, expected", [
+    ({"embedding": "onehot"}, "embedding='onehot' is not one of one-hot, learned, prototype"),
+    ({"solver": "rk4"}, "solver='rk4' is not one of stochastic, euler, heun"),
+    ({"eval_solver": "rk4"}, "eval_solver='rk4' is not one of stochastic, euler, heun"),
+    ({"steps": "0"}, "steps=0 must be a whole number of at least 1"),
+    ({"eval_steps": "-3"}, "eval_steps=-3 must be a whole number of at least 1"),
+    ({"sweep_steps": "2,0"}, "expected comma-separated step counts of at least 1"),
+    ({"gamma0": "4", "gamma1": "1"}, "needs gamma1 > gamma0"),
+])
+def test_bad_parameters_name_what_is_accepted(params, expected):
+    with pytest.raises(UsageError, match=expected.replace("(", r"\(")):
+        NoPropCT.resolve_params(params)
+
+
+def test_bad_predict_settings_name_what_is_accepted():
+    method = make_method()
+    x, _ = batch(method.task, 4)
+    with pytest.raises(UsageError, match="unknown solver 'rk4'; accepted: stochastic, euler, heun"):
+        method.predict(x, solver="rk4")
+    with pytest.raises(UsageError, match="steps=0 must be a whole number of at least 1"):
+        method.predict(x, steps=0)
+
+
+def test_prototype_needs_enough_images_per_class():
+    images = torch.zeros(19, 1, 28, 28, dtype=torch.uint8)
+    labels = torch.cat([torch.arange(10).repeat_interleave(2)[:-1]])  # class 9 has one image
+    with pytest.raises(UsageError, match="at least 2 training images per class.*class 9 has 1"):
+        make_method(make_task(images, labels), embedding="prototype")
+
+
+def test_prototype_starts_at_class_medoids():
+    task = make_task()
+    method = make_method(task, embedding="prototype")
+    images = task.normalize(task.train_images).flatten(1)
+    for c in range(10):
+        row = method.embedding.weight[c].detach()
+        members = images[task.train_labels == c]
+        assert (members - row).abs().sum(dim=1).min() == 0, "each class starts at one of its own images"
+    assert method.embedding.dim == 784
+
+
+def test_cli_rejects_unknown_solver(tmp_path):
+    from noprop_bench.cli import run
+
+    with pytest.raises(UsageError, match="solver='euler2' is not one of"):
+        run(["--methods", "noprop_ct[solver=euler2]", "--out", str(tmp_path)])
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+def test_cli_end_to_end(tmp_path):
+    from noprop_bench.cli import run
+
+    out = tmp_path / "out"
+    code = run(["--methods", "noprop_ct[steps=5,eval_steps=2]", "--budget", "512samples", "--seeds", "1",
+                "--checkpoints", "1", "--inference-runs", "1", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "trials.jsonl").read_text().splitlines()[-1])
+    assert record["status"] == "ok" and record["method"] == "noprop_ct"
+    assert 0 <= record["test_acc"] <= 100
+    assert record["method_metrics"]["gamma1"] > record["method_metrics"]["gamma0"]
+    assert "NoProp-CT (one-hot)" in (out / "table1.md").read_text()
