@@ -1,0 +1,207 @@
+"""NoProp-DT: the discrete-time variant of NoProp (Li, Teh, Pascanu 2025, section 2.2.1, Algorithm 1)."""
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from noprop_bench import Method, UsageError, hookimpl
+from noprop_bench_plugins.noprop_common import EMBEDDINGS
+from noprop_bench_plugins.noprop_dt_model import CosineSchedule, DTBlock
+from noprop_bench_plugins.noprop_shared_dt_fm import label_embedding_for, require_non_negative, require_whole
+
+SCHEDULES = ("sequential", "random")
+
+
+class NoPropDT(Method):
+    """NoProp-DT: T blocks ``u_t(z_{t-1}, x)``, each trained only on its own local loss.
+
+    One training step trains one block t (Algorithm 1), on one pass of its own backbone::
+
+        loss_t = CE(classifier(z_T), y)                          z_T ~ q(z_T|y), the CE is on logits
+               + KL(q(z_0|y) || N(0, I))                         closed form
+               + T/2 * eta * (SNR(t) - SNR(t-1)) * mean ||u_t(z_{t-1}, x) - u_y||^2
+
+    with ``z_{t-1} ~ q(z_{t-1}|y)`` detached. Block t has its own AdamW over its own parameters; the
+    output classifier and a learned ``W_Embed`` are shared and have their own AdamW, stepped with
+    every block's step, as Algorithm 1 updates theta_t, theta_out and W_Embed per mini-batch. No
+    gradient crosses blocks: a block's loss never reaches another block's parameters.
+
+    Block order (``schedule``):
+
+    * ``sequential`` (default, the paper's): block 1 for one pass over the training data, then block 2,
+      ..., block T, then block 1 again. The paper's outer loop over t, with its inner loop over all
+      mini-batches, fits a time budget this way; ``block_samples`` changes the pass length.
+    * ``random``: one block drawn uniformly per batch (the paper's "time steps could be sampled").
+
+    The budget covers all blocks either way: the harness's "epochs" are passes over the data summed
+    over blocks; ``trial_metrics()`` gives the passes each block saw.
+
+    Inference (Eq. 3): ``z_0 ~ N(0, I)``, ``z_t = a_t u_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps``
+    for t = 1..T (``noise=false`` drops the eps term), then the classifier's logits on ``z_T``. It runs
+    all T backbones, inherently: each block has its own image path.
+
+    Choices the paper leaves open (section 7), all parameters: the fixed cosine schedule with
+    ``cosine_offset=0.008`` squeezed into ``[abar_min, abar_max] = [0.001, 0.999]`` (see
+    :class:`CosineSchedule`); constant learning rate; no gradient clipping. Memory: only one block's
+    activations and gradients exist at a time, but all T blocks' parameters and AdamW moments stay
+    resident on the device, and the harness's peak memory includes them.
+    """
+
+    name = "noprop_dt"
+    label = "NoProp-DT"
+    family = "discrete-time"
+    stochastic = True
+    defaults = {
+        "embedding": "one-hot", "dim": 20, "blocks": 10, "eta": 0.1, "lr": 1e-3, "weight_decay": 1e-3,
+        "schedule": "sequential", "block_samples": 0, "noise": True,
+        "cosine_offset": 0.008, "abar_min": 1e-3, "abar_max": 0.999,
+    }
+    choices = {"embedding": EMBEDDINGS, "schedule": SCHEDULES}
+
+    @classmethod
+    def check_params(cls, params):
+        super().check_params(params)
+        require_whole(cls.name, params, ("dim", "blocks"))
+        require_whole(cls.name, params, ("block_samples",), minimum=0)
+        require_non_negative(cls.name, params, ("eta", "lr", "weight_decay", "cosine_offset"))
+        if not 0.0 < params["abar_min"] < params["abar_max"] < 1.0:
+            raise UsageError(f"method {cls.name!r}: needs 0 < abar_min < abar_max < 1, got "
+                             f"abar_min={params['abar_min']}, abar_max={params['abar_max']}")
+        if not isinstance(params["noise"], bool):
+            raise UsageError(f"method {cls.name!r}: noise={params['noise']!r} must be true or false")
+
+    def __init__(self, task, **params):
+        super().__init__(task, **params)
+        type(self).check_params(self.params)
+        p = self.params
+        self.T = p["blocks"]
+        self.embedding = label_embedding_for(task, p["embedding"], p["dim"])
+        self.schedule = CosineSchedule(self.T, p["cosine_offset"], p["abar_min"], p["abar_max"])
+        prototype = p["embedding"] == "prototype"
+        self.blocks = nn.ModuleList(
+            DTBlock(task.make_backbone(), task.backbone_features, task.num_classes, self.embedding.dim,
+                    label_backbone=task.make_backbone() if prototype else None, image_shape=task.image_shape)
+            for _ in range(self.T))
+        self.classifier = nn.Linear(self.embedding.dim, task.num_classes)
+        self.to(task.device)
+
+        def adamw(parameters):
+            return torch.optim.AdamW(parameters, lr=p["lr"], weight_decay=p["weight_decay"])
+
+        self.block_optimizers = [adamw(block.parameters()) for block in self.blocks]
+        self.shared_optimizer = adamw(list(self.classifier.parameters()) + list(self.embedding.parameters()))
+
+        self.train_size = len(task.train_images) if task.train_images is not None else 0
+        self.pass_samples = p["block_samples"] or self.train_size
+        if p["schedule"] == "sequential" and not self.pass_samples:
+            raise UsageError(f"method {self.name!r}: schedule=sequential needs block_samples when the task "
+                             "carries no training images")
+        self.generator = torch.Generator().manual_seed(task.seed)
+        self.current = 1  # the block that trains next under schedule=sequential
+        self.samples_this_pass = 0
+        self.block_steps = [0] * self.T
+        self.block_samples_seen = [0] * self.T
+
+    # -- training ---------------------------------------------------------------------------------
+    def next_block(self) -> int:
+        """The block (1..T) the next training step updates."""
+        if self.params["schedule"] == "random":
+            return int(torch.randint(self.T, (1,), generator=self.generator)) + 1
+        return self.current
+
+    def block_losses(self, t: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Block t's local loss (Algorithm 1), with one pass of block t's backbone only."""
+        s = self.schedule
+        W = self.embedding.weight
+        u_y = W[y]
+        with torch.no_grad():  # the block's input: no gradient may flow back through it
+            z_prev = s.abar[t - 1].sqrt() * u_y + (1 - s.abar[t - 1]).sqrt() * torch.randn_like(u_y)
+        block = self.blocks[t - 1]
+        u_hat = block(block.features(x), z_prev, W)
+        weight = 0.5 * self.T * self.params["eta"] * s.snr_delta[t - 1]
+        denoise = weight * (u_hat - u_y).pow(2).sum(dim=1).mean()
+        z_T = s.abar[-1].sqrt() * u_y + (1 - s.abar[-1]).sqrt() * torch.randn_like(u_y)
+        ce = F.cross_entropy(self.classifier(z_T), y)
+        abar_0 = s.abar[0]
+        # KL(N(sqrt(abar0) u_y, (1 - abar0) I) || N(0, I))
+        kl = 0.5 * (W.shape[1] * (-abar_0 - torch.log1p(-abar_0)) + abar_0 * u_y.pow(2).sum(dim=1)).mean()
+        return {"loss": ce + kl + denoise, "ce": ce, "kl": kl, "denoise": denoise}
+
+    def train_step(self, x, y):
+        t = self.next_block()
+        terms = self.block_losses(t, x, y)
+        optimizers = (self.block_optimizers[t - 1], self.shared_optimizer)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        self._count(t, len(y))
+        return {key: value.detach() for key, value in terms.items()}
+
+    def _count(self, t: int, samples: int):
+        self.block_steps[t - 1] += 1
+        self.block_samples_seen[t - 1] += samples
+        if self.params["schedule"] == "sequential":
+            self.samples_this_pass += samples
+            if self.samples_this_pass >= self.pass_samples:
+                self.current = self.current % self.T + 1
+                self.samples_this_pass = 0
+
+    # -- inference --------------------------------------------------------------------------------
+    def predict(self, x, noise=None, start_block=1):
+        """Logits of the classifier on ``z_T`` from Eq. 3.
+
+        ``noise`` (default: the ``noise`` parameter) keeps the ``sqrt(c_t) eps`` term. ``start_block=k``
+        starts from ``z_{k-1} ~ N(0, I)`` and runs blocks k..T only (a diagnostic: with k = T, how much
+        the last block classifies from the image alone).
+        """
+        noise = self.params["noise"] if noise is None else noise
+        if not isinstance(noise, bool):
+            raise UsageError(f"method {self.name!r}: noise={noise!r} must be true or false")
+        if isinstance(start_block, bool) or not isinstance(start_block, int) or not 1 <= start_block <= self.T:
+            raise UsageError(f"method {self.name!r}: start_block={start_block!r} must be a whole number in 1..{self.T}")
+        s = self.schedule
+        W = self.embedding.weight
+        z = torch.randn(x.shape[0], W.shape[1], device=x.device)
+        for t in range(start_block, self.T + 1):
+            block = self.blocks[t - 1]
+            z = s.a[t] * block(block.features(x), z, W) + s.b[t] * z
+            if noise:
+                z = z + s.c[t].sqrt() * torch.randn_like(z)
+        return self.classifier(z)
+
+    # -- host hooks -------------------------------------------------------------------------------
+    def sweep_settings(self) -> List[dict]:
+        """``--inference-sweep``: with and without the noise term."""
+        return [{"noise": True}, {"noise": False}]
+
+    def diagnostic_settings(self) -> Dict[str, dict]:
+        """Run once per trial: the last block alone, from noise (section 8: a chain that does nothing)."""
+        return {"last_block_only": {"start_block": self.T}}
+
+    def trial_metrics(self):
+        s = self.schedule
+        per_block = sum(p.numel() for p in self.blocks[0].parameters())
+        shared = sum(p.numel() for p in self.classifier.parameters()) + sum(
+            p.numel() for p in self.embedding.parameters())
+        size = self.train_size or None
+        return {
+            "schedule": self.params["schedule"], "blocks": self.T,
+            "block_steps": list(self.block_steps), "block_samples": list(self.block_samples_seen),
+            "passes_per_block": [n / size for n in self.block_samples_seen] if size else None,
+            "abar": [float(v) for v in s.abar], "loss_weights": [float(v) * 0.5 * self.T * self.params["eta"]
+                                                                 for v in s.snr_delta],
+            "parameters_per_block": per_block, "parameters_shared": shared,
+            "blocks_trained_per_step": 1, "backbone_passes_per_train_step": 1,
+            "backbone_passes_per_test_batch": self.T * (2 if self.params["embedding"] == "prototype" else 1),
+            "memory_note": "one block's activations and gradients at a time; all blocks' parameters and "
+                           "AdamW moments stay resident, and count in the peak",
+        }
+
+
+@hookimpl
+def register_methods(register):
+    register(NoPropDT)
