@@ -288,11 +288,14 @@ def test_cli_end_to_end(tmp_path):
     from noprop_bench.cli import run
 
     out = tmp_path / "out"
-    code = run(["--methods", "noprop_ct[steps=5,eval_steps=2]", "--budget", "512samples", "--seeds", "1",
-                "--checkpoints", "1", "--inference-runs", "1", "--out", str(out)])
+    code = run(["--methods", "noprop_ct[steps=5,eval_steps=2,sweep_steps=2]", "--budget", "512samples",
+                "--seeds", "1", "--checkpoints", "1", "--inference-runs", "1", "--inference-sweep", "--out", str(out)])
     assert code == 0
     record = json.loads((out / "trials.jsonl").read_text().splitlines()[-1])
     assert record["status"] == "ok" and record["method"] == "noprop_ct"
     assert 0 <= record["test_acc"] <= 100
     assert record["method_metrics"]["gamma1"] > record["method_metrics"]["gamma0"]
+    assert [point["setting"] for point in record["inference_sweep"]] == [
+        {"solver": "euler", "steps": 2}, {"solver": "heun", "steps": 2}]
+    assert 0 <= record["diagnostics"]["z_ablation"] <= 100
     assert "NoProp-CT (one-hot)" in (out / "table1.md").read_text()
