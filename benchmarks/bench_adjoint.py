@@ -2,9 +2,10 @@
 
 Memory, as the host measures it per device:
 
-* ``rss_peak_delta_bytes`` (CPU, script mode): peak resident memory of a fresh process during one
-  step (after a warm-up step) minus before it, sampled every millisecond. A fresh process per
-  measurement, because the allocator keeps freed heap that a later measurement would reuse.
+* ``rss_peak_delta_bytes`` (CPU, script mode): peak resident memory of a fresh process during its
+  first training step minus before it, sampled every millisecond. A fresh process and no warm-up,
+  because the allocator keeps freed heap that a later step would reuse unseen. Includes one-time
+  allocations (optimiser state), the same for both sides.
 * ``cuda_peak_bytes`` (CUDA): ``torch.cuda.max_memory_allocated`` over one step; the CUDA test is
   skipped without a GPU.
 
@@ -79,7 +80,7 @@ def _rss_child(adjoint, solver, steps, batch, threads, queue):
     torch.set_num_threads(threads)
     method = make_method(adjoint, solver, steps)
     x, y = make_batch(batch, method.task.device)
-    method.train_step(x, y)
+    # no warm-up step: the heap it freed would be reused, hiding the step's memory from RSS
     before = peak = current_rss_bytes()
     done = threading.Event()
 
