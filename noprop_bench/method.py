@@ -70,6 +70,10 @@ class Method(nn.Module):
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
         return {}
 
+    def curve_metrics(self) -> Dict[str, Any]:
+        """JSON-serialisable numbers stored with each point of the accuracy curve (e.g. recent NFE)."""
+        return {}
+
     # -- optional inference settings (keyword arguments of ``predict``) ----------------------------
     def checkpoint_setting(self) -> Dict[str, Any]:
         """``predict`` keyword arguments for the evaluations during training (e.g. a cheap solver)."""

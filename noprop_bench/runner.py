@@ -302,6 +302,7 @@ class _TrialRun:
             "train_seconds": train_seconds, "steps": steps, "samples": samples,
             "epochs": samples / len(self.data.train), "test_acc": accuracy,
             "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
+            **self.method.curve_metrics(),
         })
         self.say(f"{self.spec.describe()}: {min(spent, 1.0) * 100:5.1f}% of {self.spec.budget} "
                  f"({train_seconds:.1f}s, {steps} steps) test acc {accuracy:.2f}%")
@@ -333,6 +334,7 @@ class _TrialRun:
             "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
             "epochs": record["epochs"], "test_acc": record["test_acc"],
             "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
+            **self.method.curve_metrics(),
         })
         self.say(f"{spec.describe()}: done, {record['train_seconds']:.1f}s training, {record['steps']} steps, "
                  f"test acc {record['test_acc']:.2f}%")

@@ -26,6 +26,7 @@ class NFETrace:
         self.entries: List[Dict[str, float]] = []
         self.steps = 0
         self.totals = [0, 0]
+        self._read_at = (0, 0, 0)  # steps and totals at the last since_last_read()
         self.last = (0, 0)
         self._open = [0, 0, 0]  # steps, forward, backward in the window being filled
 
@@ -51,6 +52,15 @@ class NFETrace:
                            "nfe_backward": (a["nfe_backward"] * a["steps"] + b["nfe_backward"] * b["steps"]) / n})
         self.entries = merged
         self.window *= 2
+
+    def since_last_read(self) -> Dict[str, Any]:
+        """Mean forward/backward evaluations per training step since the previous call."""
+        steps, forward, backward = self._read_at
+        self._read_at = (self.steps, self.totals[0], self.totals[1])
+        n = self.steps - steps
+        if n == 0:
+            return {}
+        return {"nfe_forward": (self.totals[0] - forward) / n, "nfe_backward": (self.totals[1] - backward) / n}
 
     def summary(self) -> Dict[str, Any]:
         steps = max(self.steps, 1)
@@ -163,6 +173,10 @@ class Adjoint(Method):
         """``--inference-sweep``: Euler and RK4 at a few step counts, up to 1000 evaluations (the paper's T)."""
         return ([{"solver": "euler", "steps": steps} for steps in (2, 5, 10, 20, 100, 1000)]
                 + [{"solver": "rk4", "steps": steps} for steps in (2, 5, 10, 25, 250)])
+
+    def curve_metrics(self) -> Dict[str, Any]:
+        """Function evaluations per training step since the previous curve point."""
+        return self.nfe.since_last_read()
 
     def trial_metrics(self) -> Dict[str, Any]:
         s = self.solver_settings

@@ -172,3 +172,21 @@ def test_predict_accepts_other_solver_settings_and_rejects_bad_ones():
         assert method.predict(x, solver="euler", steps=4).shape == (8, 4)
     with pytest.raises(UsageError, match="unknown solver"):
         method.predict(x, solver="nope")
+
+
+def test_function_evaluations_are_recorded_on_every_curve_point(tmp_path):
+    import json
+    import torch
+    from noprop_bench.cli import run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = run(["--methods", "adjoint[solver=rk4,steps=2]", "--dataset", "mnist5k", "--budget", "384samples",
+                    "--seeds", "1", "--checkpoints", "2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    record = json.loads((tmp_path / "trials.jsonl").read_text())
+    assert len(record["curve"]) >= 2  # checkpoints during training, then the final point
+    for point in record["curve"]:
+        assert point["nfe_forward"] == 8 and point["nfe_backward"] == 8  # rk4: 4 evaluations per step
