@@ -1,6 +1,14 @@
-"""Shared benchmark setup: collect ``bench_*.py`` modules, and tell smoke runs from measuring runs."""
+"""Shared benchmark setup: collect ``bench_*.py`` modules, and tell smoke runs from measuring runs.
+
+Benchmarks run at smoke size (seconds, only proving the code runs) unless ``NOPROP_BENCH_FULL=1``
+selects the measuring sizes, as ``tox -e bench`` does.
+"""
+
+import os
 
 import pytest
+
+FULL = os.environ.get("NOPROP_BENCH_FULL", "") not in ("", "0")
 
 
 def pytest_collect_file(file_path, parent):
@@ -10,6 +18,6 @@ def pytest_collect_file(file_path, parent):
 
 
 @pytest.fixture
-def smoke(request) -> bool:
-    """True under ``--benchmark-disable`` (CI's smoke pass): benchmarks should shrink to a few seconds."""
-    return bool(request.config.getoption("benchmark_disable", default=False))
+def smoke() -> bool:
+    """True unless ``NOPROP_BENCH_FULL=1``: benchmarks should then shrink to a few seconds."""
+    return not FULL
