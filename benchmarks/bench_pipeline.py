@@ -6,7 +6,7 @@ recipe: PIL images, ``RandomCrop``, ``RandomHorizontalFlip``, ``ToTensor``, ``No
 Every benchmark in the group serves the same number of samples per round, so the ratio of medians
 in the report is the ratio of samples/s; each test also records ``samples_per_s`` in extra_info.
 
-    pytest benchmarks/bench_pipeline.py --benchmark-columns=median,iqr,rounds
+    NOPROP_BENCH_FULL=1 pytest benchmarks/bench_pipeline.py --benchmark-columns=median,iqr,rounds
 
 On a busy shared CPU, ``OMP_NUM_THREADS=1`` gives steadier numbers: small batch operations split over
 two threads wait for whichever core is taken by someone else.
@@ -26,7 +26,7 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def sizes(smoke: bool):
-    """(images in the dataset, batches per round): tiny for the smoke pass."""
+    """(images in the dataset, batches per round): tiny unless NOPROP_BENCH_FULL=1 asks for measuring sizes."""
     return (2 * BATCH, 2) if smoke else (10_000, 40)
 
 
