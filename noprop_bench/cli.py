@@ -78,13 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hold out this fraction of each class of the training split as a validation set "
                              "(for methods that select something; the test split is never used to select)")
     parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                        help="training augmentation; default: the dataset's own choice")
+                        help="training augmentation, on the device over whole batches; default: the dataset's "
+                             "own choice (crop_flip for the CIFAR family, none for MNIST-like data)")
+    parser.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                        help="no augmentation (the paper's v1 setting); same as --augment none")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto picks cuda when available")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", default=None,
                         help="output directory (default results/<dataset>-<timestamp>); reuse it to resume")
-    parser.add_argument("--data-root", default=None, help="where datasets are stored or downloaded")
+    parser.add_argument("--data-root", default=None,
+                        help="where datasets are stored or downloaded (default: $NOPROP_BENCH_DATA, else "
+                             "$XDG_CACHE_HOME/noprop-bench or ~/.cache/noprop-bench)")
     parser.add_argument("--no-download", action="store_true", help="never download datasets")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE as a plugin (repeatable), for plugins not installed as a distribution")
