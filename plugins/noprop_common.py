@@ -200,3 +200,16 @@ class CTModel(nn.Module):
     def head(self, features: torch.Tensor, z: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """``u(z, x, t)`` from precomputed ``features``; ``t`` is ``[B]`` or ``[1]``; ``embedding`` is W_Embed."""
         return self.logits(features, z, self.time_features(t)).softmax(dim=1) @ embedding
+
+
+# -- inference settings ----------------------------------------------------------------------------
+
+def solver_setting(method, solvers, solver=None, steps=None):
+    """``(solver, steps)`` for ``predict``: the method's parameters unless given, checked against ``solvers``."""
+    solver = method.params["solver"] if solver is None else solver
+    steps = method.params["steps"] if steps is None else steps
+    if solver not in solvers:
+        raise UsageError(f"method {method.name!r}: unknown solver {solver!r}; accepted: {', '.join(solvers)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"method {method.name!r}: steps={steps!r} must be a whole number of at least 1")
+    return solver, steps

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.noprop_common import (EMBEDDINGS, CTModel, LabelEmbedding, MonotoneSchedule,
-                                                class_medoids)
+                                                class_medoids, solver_setting)
 
 SOLVERS = ("stochastic", "euler", "heun")
 ODE_SOLVERS = ("euler", "heun")
@@ -145,15 +145,6 @@ class NoPropCT(Method):
         return {key: value.detach() for key, value in terms.items()}
 
     # -- inference --------------------------------------------------------------------------------
-    def _setting(self, solver, steps):
-        solver = self.params["solver"] if solver is None else solver
-        steps = self.params["steps"] if steps is None else steps
-        if solver not in SOLVERS:
-            raise UsageError(f"method {self.name!r}: unknown solver {solver!r}; accepted: {', '.join(SOLVERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UsageError(f"method {self.name!r}: steps={steps!r} must be a whole number of at least 1")
-        return solver, steps
-
     def integrate(self, features: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
         """``z_1`` from ``z_0 ~ N(0, I)`` on ``steps`` uniform intervals of [0, 1]."""
         W = self.embedding.weight
@@ -195,7 +186,7 @@ class NoPropCT(Method):
         ``ablate_z=True`` replaces ``z_1`` by fresh ``N(0, I)`` noise (a diagnostic: if accuracy stays
         above chance, the image reaches the classifier some other way than through the dynamics).
         """
-        solver, steps = self._setting(solver, steps)
+        solver, steps = solver_setting(self, SOLVERS, solver, steps)
         if ablate_z:  # the integrated z_1 would be thrown away, so do not integrate at all
             z = torch.randn(x.shape[0], self.embedding.dim, device=x.device)
         else:

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.noprop_common import EMBEDDINGS, CTModel
+from noprop_bench_plugins.noprop_common import EMBEDDINGS, CTModel, solver_setting
 from noprop_bench_plugins.noprop_ct import parse_steps
 from noprop_bench_plugins.noprop_shared_dt_fm import label_embedding_for, require_non_negative, require_whole
 
@@ -107,15 +107,6 @@ class NoPropFM(Method):
         return {key: value.detach() for key, value in terms.items()}
 
     # -- inference --------------------------------------------------------------------------------
-    def _setting(self, solver, steps):
-        solver = self.params["solver"] if solver is None else solver
-        steps = self.params["steps"] if steps is None else steps
-        if solver not in SOLVERS:
-            raise UsageError(f"method {self.name!r}: unknown solver {solver!r}; accepted: {', '.join(SOLVERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UsageError(f"method {self.name!r}: steps={steps!r} must be a whole number of at least 1")
-        return solver, steps
-
     def integrate(self, features: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
         """``z_1`` from ``z_0 ~ N(0, I)`` on ``steps`` uniform intervals of [0, 1]."""
         grid = torch.linspace(0.0, 1.0, steps + 1, device=features.device)
@@ -136,7 +127,7 @@ class NoPropFM(Method):
         ``solver`` (euler | heun) and ``steps`` default to the method's parameters. ``ablate_z=True``
         replaces ``z_1`` by fresh ``N(0, I)`` noise (a diagnostic: accuracy should drop to chance).
         """
-        solver, steps = self._setting(solver, steps)
+        solver, steps = solver_setting(self, SOLVERS, solver, steps)
         if ablate_z:
             z = torch.randn(x.shape[0], self.embedding.dim, device=x.device)
         else:
