@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from noprop_bench import UsageError
 from noprop_bench.backbones import create_backbone
-from noprop_bench.datasets import Normalizer, Split
+from noprop_bench.datasets import Normalizer
 from noprop_bench.task import Task
 from noprop_bench_plugins.mnist5k import MNIST5k
 from noprop_bench_plugins.noprop_common import MonotoneSchedule

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 import fake_plugins
 
 
