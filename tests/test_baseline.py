@@ -77,3 +77,18 @@ def test_unreadable_baseline_is_bad_input(tmp_path, capsys):
         main(["--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--baseline", str(bad)])
     assert stopped.value.code == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_noprop_ct_with_learning_rate_zero_fails_the_check(tmp_path, capsys):
+    """The regression check catches a NoProp-CT that no longer learns (the issue's deliberate break)."""
+    from noprop_bench.cli import run
+    common = ["--dataset", "mnist5k", "--budget", "8192samples", "--seeds", "1", "--checkpoints", "0",
+              "--inference-runs", "2"]
+    path = tmp_path / "ct.json"
+    assert run(["--methods", "noprop_ct[steps=50]", *common, "--save-baseline", str(path),
+                "--out", str(tmp_path / "good")]) == 0
+    assert json.loads(path.read_text())["rows"]["mnist5k / NoProp-CT (one-hot)"]["accuracy_mean"] > 40
+    code = run(["--methods", "noprop_ct[steps=50,lr=0]", *common, "--baseline", str(path),
+                "--out", str(tmp_path / "broken")])
+    assert code == 3
+    assert "mnist5k / NoProp-CT (one-hot): accuracy fell" in capsys.readouterr().err
