@@ -9,11 +9,9 @@ from torch.nn import functional as F
 
 from noprop_bench import UsageError
 from noprop_bench.backbones import create_backbone
-from noprop_bench.datasets import Normalizer
-from noprop_bench.task import Task
-from noprop_bench_plugins.mnist5k import MNIST5k
 from noprop_bench_plugins.noprop_common import MonotoneSchedule
 from noprop_bench_plugins.noprop_ct import NoPropCT
+from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
 
 GRID = torch.linspace(0.0, 1.0, 201)
 TRAIN_STEPS = 300
@@ -29,23 +27,13 @@ def one_thread():
 
 
 def make_task(images=None, labels=None, backbone=None, seed=0):
-    if images is None:
-        generator = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=generator)
-        labels = torch.arange(40) % 10
-    make = backbone or (lambda: create_backbone("noprop_cnn", 1, 28))
-    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device("cpu"), backbone_name="noprop_cnn",
-                make_backbone=make, backbone_features=256, normalize=Normalizer((0.1307,), (0.3081,), "cpu"),
-                train_images=images, train_labels=labels, seed=seed)
+    return mnist_shaped_task(images, labels, make_backbone=backbone or (lambda: create_backbone("noprop_cnn", 1, 28)),
+                             features=256, backbone_name="noprop_cnn", seed=seed)
 
 
 def make_method(task=None, **params):
     torch.manual_seed(0)
     return NoPropCT(task or make_task(), **NoPropCT.resolve_params(params))
-
-
-def batch(task, n=32):
-    return task.normalize(task.train_images[:n]), task.train_labels[:n]
 
 
 def assert_schedule_ok(schedule):
@@ -63,24 +51,11 @@ def small_backbone():
 @pytest.fixture(scope="module")
 def trained():
     """NoProp-CT trained briefly on 3000 mnist5k training images; the other 1000 are held out."""
-    split = MNIST5k().load("train")
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(split), generator=generator)
-    fit, held = order[:3000], order[3000:]
-    task = make_task(split.images[fit], split.labels[fit], backbone=small_backbone)
-    method = make_method(task, gamma0=-3.0, gamma1=3.0)
-    method.train()
-    for step in range(TRAIN_STEPS):
-        index = torch.randint(0, 3000, (128,), generator=generator)
-        method.train_step(task.normalize(task.train_images[index]), task.train_labels[index])
-    method.eval()
-    return method, task.normalize(split.images[held]), split.labels[held]
+    return fit_on_mnist5k(lambda images, labels: make_task(images, labels, backbone=small_backbone), make_method,
+                          steps=TRAIN_STEPS, batch_size=128, gamma0=-3.0, gamma1=3.0)
 
 
-def accuracy(method, x, y, **setting):
-    torch.manual_seed(1)
-    with torch.inference_mode():
-        return (method.predict(x, **setting).argmax(dim=1) == y).float().mean().item()
+accuracy = held_out_accuracy
 
 
 # -- section 8 bugs ---------------------------------------------------------------------------------
@@ -112,7 +87,7 @@ def test_noised_latent_has_mean_sqrt_abar_u_y(monkeypatch):
 
     monkeypatch.setattr(method.model, "head", spy)
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # eps = 0: z_t is exactly the mean
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.losses(x, y)
     with torch.no_grad():
         abar = method.schedule.abar(seen["t"]).unsqueeze(1)
@@ -128,7 +103,7 @@ def test_cross_entropy_is_applied_to_logits(monkeypatch):
         method.classifier.weight.copy_(50 * torch.eye(10))
         method.classifier.bias.zero_()
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
-    x, y = batch(task)
+    x, y = first_batch(task)
     ce = method.losses(x, y)["ce"]
     # a softmax before the cross-entropy would bound it below by -log(e / (e + 9)) = 1.46
     assert ce.item() < 0.1
@@ -146,7 +121,7 @@ def test_every_parameter_is_optimised_and_gets_a_gradient(embedding):
     named = dict(method.named_parameters())
     assert {id(p) for p in named.values()} == in_optimizer
     assert any(name.startswith("model.backbone.") for name in named)
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.losses(x, y)["loss"].backward()
     silent = [name for name, p in named.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not silent, f"parameters without gradient: {silent}"
@@ -167,7 +142,7 @@ def test_the_runs_backbone_is_the_one_used():
     task = make_task(backbone=Marked)
     method = make_method(task)
     assert isinstance(method.model.backbone, Marked)
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.train_step(x, y)
     assert calls == [len(x)], "one backbone pass per training step"
     calls.clear()
@@ -183,7 +158,7 @@ def test_deterministic_dynamics_transport_the_trained_marginals(monkeypatch):
     """
     task = make_task()
     method = make_method(task, embedding="learned")
-    x, y = batch(task, 16)
+    x, y = first_batch(task, 16)
     monkeypatch.setattr(method.model, "logits", lambda f, z, t: 1e4 * F.one_hot(y, 10).float())
     with torch.inference_mode():
         features = method.model.features(x)
@@ -250,7 +225,7 @@ def test_bad_parameters_name_what_is_accepted(params, expected):
 
 def test_bad_predict_settings_name_what_is_accepted():
     method = make_method()
-    x, _ = batch(method.task, 4)
+    x, _ = first_batch(method.task, 4)
     with pytest.raises(UsageError, match="unknown solver 'rk4'; accepted: stochastic, euler, heun"):
         method.predict(x, solver="rk4")
     with pytest.raises(UsageError, match="steps=0 must be a whole number of at least 1"):

@@ -8,11 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import UsageError
-from noprop_bench.datasets import Normalizer
-from noprop_bench.task import Task
-from noprop_bench_plugins.mnist5k import MNIST5k
 from noprop_bench_plugins.noprop_dt import NoPropDT
 from noprop_bench_plugins.noprop_dt_model import CosineSchedule
+from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
 
 
 @pytest.fixture(autouse=True)
@@ -26,22 +24,12 @@ def small_backbone():
 
 
 def make_task(images=None, labels=None, backbone=None, features=64):
-    if images is None:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=generator)
-        labels = torch.arange(40) % 10
-    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device("cpu"), backbone_name="small",
-                make_backbone=backbone or small_backbone, backbone_features=features,
-                normalize=Normalizer((0.1307,), (0.3081,), "cpu"), train_images=images, train_labels=labels)
+    return mnist_shaped_task(images, labels, make_backbone=backbone or small_backbone, features=features)
 
 
 def make_method(task=None, **params):
     torch.manual_seed(0)
     return NoPropDT(task or make_task(), **NoPropDT.resolve_params(params))
-
-
-def batch(task, n=32):
-    return task.normalize(task.train_images[:n]), task.train_labels[:n]
 
 
 def state(module):
@@ -75,7 +63,7 @@ def test_schedule_coefficients_follow_section_2_1():
 def test_inference_with_a_perfect_block_lands_on_the_label(monkeypatch):
     task = make_task()
     method = make_method(task, embedding="learned").eval()
-    x, y = batch(task, 16)
+    x, y = first_batch(task, 16)
     for block in method.blocks:
         monkeypatch.setattr(block, "logits", lambda f, z: 1e4 * F.one_hot(y, 10).float())
     captured = {}
@@ -93,7 +81,7 @@ def test_inference_with_a_perfect_block_lands_on_the_label(monkeypatch):
 def test_a_step_of_block_t_changes_no_other_block(embedding, monkeypatch):
     task = make_task()
     method = make_method(task, embedding=embedding, schedule="random")
-    x, y = batch(task)
+    x, y = first_batch(task)
     for t in (1, 4, 10):
         monkeypatch.setattr(method, "next_block", lambda t=t: t)
         before = [state(block) for block in method.blocks]
@@ -116,7 +104,7 @@ def test_block_inputs_are_detached(monkeypatch):
     block = method.blocks[0]
     logits = block.logits
     monkeypatch.setattr(block, "logits", lambda f, z: seen.append(z) or logits(f, z))
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.block_losses(1, x, y)["loss"].backward()
     assert seen and not seen[0].requires_grad and seen[0].grad_fn is None
 
@@ -136,7 +124,7 @@ def test_each_optimizer_holds_its_own_parameters_and_all_are_covered():
 def test_every_parameter_gets_a_gradient_from_its_blocks_loss(embedding):
     task = make_task()
     method = make_method(task, embedding=embedding)
-    x, y = batch(task)
+    x, y = first_batch(task)
     for t in range(1, method.T + 1):
         method.block_losses(t, x, y)["loss"].backward()
     silent = [name for name, p in method.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -152,7 +140,7 @@ def test_noised_latent_has_mean_sqrt_abar_u_y(monkeypatch):
     logits = method.blocks[4].logits
     monkeypatch.setattr(method.blocks[4], "logits", lambda f, z: seen.append(z) or logits(f, z))
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.block_losses(5, x, y)
     abar = method.schedule.abar[4]
     u_y = method.embedding.weight[y].detach()
@@ -167,7 +155,7 @@ def test_cross_entropy_is_applied_to_logits(monkeypatch):
         method.classifier.weight.copy_(50 * torch.eye(10))
         method.classifier.bias.zero_()
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
-    x, y = batch(task)
+    x, y = first_batch(task)
     ce = method.block_losses(3, x, y)["ce"]
     assert ce.item() < 0.1, "a softmax before the cross-entropy would bound it below by 1.46"
     z_T = method.schedule.abar[-1].sqrt() * method.embedding.weight[y]
@@ -191,7 +179,7 @@ def test_one_backbone_pass_per_step_only_the_active_blocks():
     created = []
     task = make_task(backbone=Counted)
     method = make_method(task)
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.train_step(x, y)
     assert calls == [0], "block 1 trains first and only its backbone runs"
     calls.clear()
@@ -205,7 +193,7 @@ def test_one_backbone_pass_per_step_only_the_active_blocks():
 def test_sequential_cycles_blocks_one_pass_each_and_counts_passes():
     task = make_task()  # 40 training images
     method = make_method(task)
-    x, y = batch(task, 20)
+    x, y = first_batch(task, 20)
     order = []
     for _ in range(44):
         order.append(method.next_block())
@@ -220,7 +208,7 @@ def test_sequential_cycles_blocks_one_pass_each_and_counts_passes():
 def test_block_samples_sets_the_pass_length_and_random_draws_blocks():
     task = make_task()
     method = make_method(task, block_samples=10)
-    x, y = batch(task, 10)
+    x, y = first_batch(task, 10)
     order = []
     for _ in range(3):
         order.append(method.next_block())
@@ -236,21 +224,8 @@ def test_block_samples_sets_the_pass_length_and_random_draws_blocks():
 # -- a trained model ---------------------------------------------------------------------------------
 
 def test_trains_on_mnist5k_above_chance():
-    split = MNIST5k().load("train")
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(split), generator=generator)
-    fit, held = order[:3000], order[3000:]
-    task = make_task(split.images[fit], split.labels[fit])
-    method = make_method(task, schedule="random")
-    for _ in range(400):
-        index = torch.randint(0, 3000, (64,), generator=generator)
-        method.train_step(task.normalize(task.train_images[index]), task.train_labels[index])
-    method.eval()
-    x, y = task.normalize(split.images[held]), split.labels[held]
-    torch.manual_seed(1)
-    with torch.inference_mode():
-        accuracy = {noise: (method.predict(x, noise=noise).argmax(1) == y).float().mean().item()
-                    for noise in (True, False)}
+    method, x, y = fit_on_mnist5k(make_task, make_method, steps=400, batch_size=64, schedule="random")
+    accuracy = {noise: held_out_accuracy(method, x, y, noise=noise) for noise in (True, False)}
     # chance is 0.1; 40 steps per block reach about 0.75 with the noise term and 0.88 without here
     assert min(accuracy.values()) > 0.6, accuracy
 
@@ -282,7 +257,7 @@ def test_bad_parameters_name_what_is_accepted(params, expected):
 
 def test_bad_predict_settings_name_what_is_accepted():
     method = make_method().eval()
-    x, _ = batch(method.task, 4)
+    x, _ = first_batch(method.task, 4)
     with pytest.raises(UsageError, match=r"start_block=11 must be a whole number in 1\.\.10"):
         method.predict(x, start_block=11)
     with pytest.raises(UsageError, match="noise='no' must be true or false"):

@@ -8,10 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import UsageError
-from noprop_bench.datasets import Normalizer
-from noprop_bench.task import Task
-from noprop_bench_plugins.mnist5k import MNIST5k
 from noprop_bench_plugins.noprop_fm import NoPropFM
+from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
 
 
 @pytest.fixture(autouse=True)
@@ -25,22 +23,12 @@ def small_backbone():
 
 
 def make_task(images=None, labels=None, backbone=None):
-    if images is None:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=generator)
-        labels = torch.arange(40) % 10
-    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device("cpu"), backbone_name="small",
-                make_backbone=backbone or small_backbone, backbone_features=128,
-                normalize=Normalizer((0.1307,), (0.3081,), "cpu"), train_images=images, train_labels=labels)
+    return mnist_shaped_task(images, labels, make_backbone=backbone or small_backbone, features=128)
 
 
 def make_method(task=None, **params):
     torch.manual_seed(0)
     return NoPropFM(task or make_task(), **NoPropFM.resolve_params(params))
-
-
-def batch(task, n=32):
-    return task.normalize(task.train_images[:n]), task.train_labels[:n]
 
 
 # -- training objective ------------------------------------------------------------------------------
@@ -54,7 +42,7 @@ def test_every_parameter_is_optimised_and_gets_a_gradient(embedding):
     assert {id(p) for p in named.values()} == in_optimizer
     assert any(name.startswith("model.backbone.") for name in named)
     assert (method.classifier is None) == (embedding == "one-hot"), "an anchor classifier only for learned ones"
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.losses(x, y)["loss"].backward()
     silent = [name for name, p in named.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not silent, f"parameters without gradient: {silent}"
@@ -63,7 +51,7 @@ def test_every_parameter_is_optimised_and_gets_a_gradient(embedding):
 def test_velocity_is_logits_times_embedding_without_softmax(monkeypatch):
     task = make_task()
     method = make_method(task, embedding="learned")
-    x, y = batch(task)
+    x, y = first_batch(task)
     logits = 3.0 * F.one_hot(y, 10).float() - 1.0
     monkeypatch.setattr(method.model, "logits", lambda f, z, t: logits)
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # z_0 = 0: the target is u_y
@@ -87,7 +75,7 @@ def test_path_is_the_straight_line_from_noise_to_the_label(monkeypatch):
     monkeypatch.setattr(method.model, "logits", spy)
     monkeypatch.setattr(torch, "rand", lambda n, device=None: torch.full((n,), 0.25))
     monkeypatch.setattr(torch, "randn_like", torch.ones_like)  # z_0 = 1 and the sigma noise = 1
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.losses(x, y)
     u_y = method.embedding.weight[y].detach()
     torch.testing.assert_close(seen["z"], 0.25 * u_y + 0.75 + 0.5)
@@ -96,7 +84,7 @@ def test_path_is_the_straight_line_from_noise_to_the_label(monkeypatch):
 def test_anchor_is_cross_entropy_on_logits_of_the_extrapolated_label(monkeypatch):
     task = make_task()
     method = make_method(task, embedding="learned")
-    x, y = batch(task)
+    x, y = first_batch(task)
     monkeypatch.setattr(torch, "rand", lambda n, device=None: torch.full((n,), 0.4))
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     W = method.embedding.weight.detach()
@@ -113,7 +101,7 @@ def test_anchor_is_cross_entropy_on_logits_of_the_extrapolated_label(monkeypatch
 def test_exact_velocity_carries_z0_onto_the_label(solver, monkeypatch):
     task = make_task()
     method = make_method(task).eval()
-    x, y = batch(task, 16)
+    x, y = first_batch(task, 16)
     torch.manual_seed(3)
     z_0 = torch.randn(16, 10)
     u_y = F.one_hot(y, 10).float()
@@ -127,7 +115,7 @@ def test_exact_velocity_carries_z0_onto_the_label(solver, monkeypatch):
 def test_prediction_is_the_nearest_class_embedding(monkeypatch):
     task = make_task()
     method = make_method(task, embedding="learned").eval()
-    x, y = batch(task, 20)
+    x, y = first_batch(task, 20)
     W = method.embedding.weight.detach()
     z_1 = W[y] + 0.05 * torch.randn(20, 20)
     monkeypatch.setattr(method, "integrate", lambda f, solver, steps: z_1)
@@ -151,7 +139,7 @@ def test_one_backbone_pass_per_step_and_per_test_batch():
 
     task = make_task(backbone=Counted)
     method = make_method(task)
-    x, y = batch(task)
+    x, y = first_batch(task)
     method.train_step(x, y)
     assert calls == [len(x)]
     calls.clear()
@@ -163,7 +151,7 @@ def test_one_backbone_pass_per_step_and_per_test_batch():
 def test_euler_and_heun_converge_to_each_other():
     task = make_task()
     method = make_method(task, embedding="learned").eval()
-    x, _ = batch(task)
+    x, _ = first_batch(task)
     gaps = []
     with torch.inference_mode():
         features = method.model.features(x)
@@ -178,22 +166,10 @@ def test_euler_and_heun_converge_to_each_other():
 
 
 def test_trains_on_mnist5k_above_chance():
-    split = MNIST5k().load("train")
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(split), generator=generator)
-    fit, held = order[:3000], order[3000:]
-    task = make_task(split.images[fit], split.labels[fit])
-    method = make_method(task, embedding="learned")
-    for _ in range(300):
-        index = torch.randint(0, 3000, (64,), generator=generator)
-        method.train_step(task.normalize(task.train_images[index]), task.train_labels[index])
-    method.eval()
-    x, y = task.normalize(split.images[held]), split.labels[held]
+    method, x, y = fit_on_mnist5k(make_task, make_method, steps=300, batch_size=64, embedding="learned")
 
     def accuracy(**setting):
-        torch.manual_seed(1)
-        with torch.inference_mode():
-            return (method.predict(x, **setting).argmax(1) == y).float().mean().item()
+        return held_out_accuracy(method, x, y, **setting)
 
     # chance is 0.1; 300 steps reach about 0.85 here
     assert accuracy(solver="euler", steps=20) > 0.6
@@ -229,7 +205,7 @@ def test_bad_parameters_name_what_is_accepted(params, expected):
 
 def test_bad_predict_settings_name_what_is_accepted():
     method = make_method().eval()
-    x, _ = batch(method.task, 4)
+    x, _ = first_batch(method.task, 4)
     with pytest.raises(UsageError, match="unknown solver 'rk4'; accepted: euler, heun"):
         method.predict(x, solver="rk4")
     with pytest.raises(UsageError, match="steps=0 must be a whole number of at least 1"):
