@@ -20,7 +20,7 @@ CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset
 def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]], List[str]]]:
     records, _ = check_records(records)
     groups = []
-    for group in comparable_groups(r for r in records if r.get("status") == "ok"):
+    for group in comparable_groups((r for r in records if r.get("status") == "ok"), by_device=True):
         rows = assign_rows(group)
         group, rows, _ = drop_duplicate_seeds(group, rows)
         groups.append((group, rows))
@@ -28,8 +28,8 @@ def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]]
 
 
 def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
-    """Every curve point of every ok trial, one row each; ``table`` numbers the comparable groups as the
-    tables do, ``final`` marks the end-of-budget evaluation (the last point)."""
+    """Every curve point of every ok trial, one row each; ``table`` numbers the comparable groups (one device
+    each) as Table 2 does, ``final`` marks the end-of-budget evaluation (the last point)."""
     lines = []
     for number, (group, rows) in enumerate(_ok_groups(records), 1):
         dataset_order = list(dataset_columns(group))
@@ -37,7 +37,7 @@ def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
         ordered = sorted(zip(group, rows), key=lambda pair: (dataset_order.index(pair[0]["dataset"]),
                                                              row_order.index(pair[1]), str(pair[0]["seed"])))
         for record, row in ordered:
-            budget, backbone, device, batch = comparability(record)
+            budget, backbone, device, batch = comparability(record, by_device=True)
             curve = [p for p in record.get("curve") or [] if isinstance(p, dict)]
             for index, point in enumerate(curve):
                 lines.append([number, budget, backbone, device, batch, record["dataset"],
@@ -101,7 +101,7 @@ def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
     all_rows = list(dict.fromkeys(row for g, r in groups for _, row in ordered_rows(g, r)))
     colours = {row: f"C{i % 10}" for i, row in enumerate(all_rows)}
     for g_index, (group, rows) in enumerate(groups):
-        budget, backbone, device, batch = comparability(group[0])
+        budget, backbone, device, batch = comparability(group[0], by_device=True)
         for d_index, (spec, label) in enumerate(dataset_columns(group).items()):
             ax = axes[g_index][d_index]
             chosen = [(r, row) for r, row in zip(group, rows) if r["dataset"] == spec]
@@ -120,7 +120,7 @@ def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
         for d_index in range(len(dataset_columns(group)), width):
             axes[g_index][d_index].set_visible(False)
     if len(groups) == 1:
-        budget, backbone, device, batch = comparability(groups[0][0][0])
+        budget, backbone, device, batch = comparability(groups[0][0][0], by_device=True)
         figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}\n{device}\n"
                         f"line: mean over seeds, band: min–max over seeds", fontsize=8)
     stem = Path(stem)

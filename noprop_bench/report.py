@@ -119,7 +119,8 @@ def notes_section(notes: Sequence[str]) -> List[str]:
 
 def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
                   notes: Sequence[str] = ()) -> str:
-    """Markdown Table 1; trials that differ in budget, backbone, device or batch size get separate tables.
+    """Markdown Table 1; trials that differ in budget, backbone or batch size get separate tables, and so do
+    devices when the budget is in seconds (a sample or step budget is the same training on any device).
 
     Train columns appear (with ``train_columns``) only in tables whose trials measured train accuracy.
     ``notes`` (what the loader skipped) are listed under the tables.

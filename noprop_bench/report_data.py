@@ -7,7 +7,7 @@ row order and labels) and ``dataset_columns`` (the paper's column order).
 
 import json
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -125,24 +125,58 @@ def device_name(record: Dict[str, Any]) -> str:
     return str((record.get("environment") or {}).get("device_name", "unknown device"))
 
 
-def comparability(record: Dict[str, Any]) -> Tuple[str, str, str, str]:
-    """What must be equal for two trials to share a table: budget, backbone, device name, batch size."""
-    return (str(record.get("budget")), str(record.get("backbone")), device_name(record),
+def budget_unit(record: Dict[str, Any]) -> str:
+    """``seconds``, ``samples`` or ``steps``; records without ``budget_unit`` are read from the budget string."""
+    if record.get("budget_unit"):
+        return str(record["budget_unit"])
+    budget = str(record.get("budget", "")).strip()
+    return next((unit for unit in ("samples", "steps") if budget.endswith(unit)), "seconds")
+
+
+def comparability(record: Dict[str, Any], by_device: Optional[bool] = None) -> Tuple[str, str, Optional[str], str]:
+    """What must be equal for two trials to share a table: budget, backbone, device name, batch size.
+
+    ``by_device`` None splits by device only for budgets in seconds (a clock is fair on one device type
+    only; samples or steps buy the same training anywhere), True always, False never; the device is None
+    when it does not split.
+    """
+    split = budget_unit(record) not in ("samples", "steps") if by_device is None else by_device
+    return (str(record.get("budget")), str(record.get("backbone")), device_name(record) if split else None,
             str(record.get("batch_size")))
 
 
-def comparable_groups(records: Iterable[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+def comparable_groups(records: Iterable[Dict[str, Any]], by_device: Optional[bool] = None
+                      ) -> List[List[Dict[str, Any]]]:
     """Records split by :func:`comparability`, in order of first appearance."""
     groups: "OrderedDict[Tuple, List[Dict[str, Any]]]" = OrderedDict()
     for record in records:
-        groups.setdefault(comparability(record), []).append(record)
+        groups.setdefault(comparability(record, by_device), []).append(record)
     return list(groups.values())
 
 
+def device_counts(records: Sequence[Dict[str, Any]]) -> Counter:
+    """Trials per device name, counted as the tables count them (a duplicate seed once)."""
+    kept, _, _ = drop_duplicate_seeds(records, assign_rows(records))
+    return Counter(device_name(record) for record in kept)
+
+
+def _mixed_devices_text(record: Dict[str, Any]) -> str:
+    unit = budget_unit(record)
+    if unit in ("samples", "steps"):
+        return (f"accuracies share a {unit[:-1]} budget, but training times and throughput are not comparable "
+                f"across devices.")
+    return "the budget is in seconds, so neither accuracies nor training times are comparable across devices."
+
+
 def settings_text(records: Sequence[Dict[str, Any]]) -> str:
-    """The shared settings of a comparable group, for captions."""
-    budget, backbone, device, batch = comparability(records[0])
-    return f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}; device {device}."
+    """The shared settings of a comparable group, for captions; a group that mixes devices says so."""
+    budget, backbone, _, batch = comparability(records[0])
+    shared = f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}"
+    devices = device_counts(records)
+    if len(devices) == 1:
+        return f"{shared}; device {next(iter(devices))}."
+    listed = ", ".join(f"{name} ({n} trial{'s' * (n != 1)})" for name, n in sorted(devices.items()))
+    return f"{shared}. Devices: {listed}: the group mixes device types; {_mixed_devices_text(records[0])}"
 
 
 # -- rows and columns -------------------------------------------------------------------------------

@@ -90,11 +90,11 @@ def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
 
 
 def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
-    """Markdown Table 2: one table per comparable group and memory kind (kinds are never mixed)."""
+    """Markdown Table 2: one table per comparable group, device and memory kind (kinds are never mixed)."""
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
     parts = ["# Table 2: peak memory and training time", ""]
-    for group in comparable_groups(ok):
+    for group in comparable_groups(ok, by_device=True):
         by_kind: Dict[str, List[Dict[str, Any]]] = {}
         for record in group:
             by_kind.setdefault(_memory_kind(record), []).append(record)

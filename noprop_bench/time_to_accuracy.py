@@ -80,11 +80,12 @@ def time_to_accuracy_frame(records: List[Dict[str, Any]], targets: Sequence[floa
 
 
 def render_time_to_accuracy(records: List[Dict[str, Any]], targets: Optional[Sequence[float]] = None) -> str:
-    """Markdown: per comparable group and dataset, the time each method first reached each target."""
+    """Markdown: per comparable group (one device each) and dataset, the time each method first reached each
+    target."""
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
     parts = ["# Time to accuracy", ""]
-    for group in comparable_groups(ok):
+    for group in comparable_groups(ok, by_device=True):
         for spec, label in dataset_columns(group).items():
             chosen = tuple(targets) if targets else default_targets(spec)
             frame = time_to_accuracy_frame([r for r in group if r["dataset"] == spec], chosen)

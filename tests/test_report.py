@@ -4,6 +4,7 @@ Regenerate the golden files after an intended change with ``NOPROP_UPDATE_GOLDEN
 and review the diff.
 """
 
+import copy
 import os
 from pathlib import Path
 
@@ -117,6 +118,58 @@ def test_mixed_settings_never_share_a_cell():
     assert table2.count("| Method") == 3
     with_paper = render_table2(records, paper=True).split("CUDA max allocated")[0]
     assert with_paper.count("paper (GB, one-hot)") == 1 and "0.87" in with_paper  # only next to CUDA numbers
+
+
+A100, H100 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
+
+
+def on_two_devices(budget, unit):
+    """The mixed fixture's Backprop and NoProp-CT trials as seeds 0 and 1 on an A100 and seed 2 on an H100
+    (4 + 2 trials), with ``budget``; ``unit`` None leaves budget_unit out, as older records do."""
+    records, _ = load("mixed")
+    base = [r for r in records if r["budget"] == "20000samples"]
+    trials = []
+    for seed, device in ((0, A100), (1, A100), (2, H100)):
+        for record in base:
+            trial = copy.deepcopy(record)
+            trial.update(seed=seed, trial_id=f"{record['trial_id']}-{seed}", budget=budget, budget_unit=unit)
+            if unit is None:
+                del trial["budget_unit"]
+            trial["environment"]["device_name"] = device
+            trials.append(trial)
+    return trials
+
+
+@pytest.mark.parametrize("budget, unit, word", [("20000samples", "samples", "sample"),
+                                                ("20000samples", None, "sample"), ("500steps", None, "step")])
+def test_sample_budget_table1_spans_devices(budget, unit, word):
+    text = render_table1(on_two_devices(budget, unit))
+    assert text.count("| Method") == 1
+    assert "3 seed(s)" in text
+    assert (f"batch size 128. Devices: {A100} (4 trials), {H100} (2 trials): the group mixes device types; "
+            f"accuracies share a {word} budget, but training times and throughput are not comparable across "
+            f"devices.") in text
+    assert "; device " not in text
+
+
+def test_seconds_budget_table1_splits_devices():
+    text = render_table1(on_two_devices("60s", "seconds"))
+    assert text.count("| Method") == 2
+    assert "mixes" not in text and "Devices:" not in text
+    assert text.count(f"; device {A100}.") == 1 and text.count(f"; device {H100}.") == 1
+    assert "2 seed(s)" in text and "1 seed(s)" in text
+
+
+def test_time_reports_split_devices_even_with_sample_budget():
+    records = on_two_devices("20000samples", "samples")
+    table2 = render_table2(records)
+    assert table2.count("| Method") == 2
+    assert "mixes" not in table2
+    assert table2.count(f"; device {A100}.") == 1 and table2.count(f"; device {H100}.") == 1
+    times = render_time_to_accuracy(records)
+    assert times.count("## MNIST5k") == 2 and "mixes" not in times
+    curves = curves_frame(records)
+    assert curves.groupby("table")["device"].nunique().tolist() == [1, 1]
 
 
 def test_write_run_outputs(tmp_path):
