@@ -15,17 +15,19 @@ from .baseline import check_compatible, compare, load_baseline, regressions, sav
 from .budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
+from .executor import Progress, TrialJob, import_root
 from .plugins import load_plugins
 from .report_cli import report_main, write_run_outputs
 from .results import TrialStore, latest_per_trial
-from .runner import RunData, TrialSpec, run_trial
-from .specs import parse_dataset_spec, parse_method_list
+from .runner import TrialSpec, trial_header
+from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
 DEFAULT_METHODS = "noprop_ct,backprop"
 DEFAULT_DATASET = "mnist5k"
 DEFAULT_BUDGET = "45"
 DEFAULT_SEEDS = 1
+DEFAULT_EXECUTOR = "local"
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -84,7 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no augmentation (the paper's v1 setting); same as --augment none")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto picks cuda when available")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch in each trial (default: torch's choice in-process; an equal "
+                             "share of the cores per worker with local[workers=N])")
+    parser.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="NAME[key=value,...]",
+                        help="where trials run: local (this process, one after another), local[workers=N] (N "
+                             "worker processes, one GPU or an equal CPU share each), submitit[partition=P,"
+                             "gpus_per_node=1,timeout_min=M] (one SLURM job per trial; cluster=local runs "
+                             "them here), ray[address=auto,gpus=1] (one Ray task per trial); --list shows "
+                             "every executor and its options. Results and resume are the same whichever "
+                             "executor ran a trial")
     parser.add_argument("--out", default=None,
                         help="output directory (default results/<dataset>-<timestamp>); reuse it to resume")
     parser.add_argument("--data-root", default=None,
@@ -113,17 +124,23 @@ def _describe_registry(registry) -> str:
     for name, cls in sorted(registry.datasets.items()):
         usage = f"{name}:ARG" if cls.takes_argument else name
         lines.append(f"  {usage:<14} {cls.label or name} from plugin {registry.provider[f'dataset:{name}']}")
+    lines.append("Executors:")
+    for name, cls in sorted(registry.executors.items()):
+        options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
+        extra = f" (pip install 'noprop-bench[{cls.extra}]')" if cls.extra else ""
+        lines.append(f"  {name:<14} {cls.description} from plugin {registry.provider[f'executor:{name}']}; "
+                     f"{options}{extra}")
     for name, error in sorted(registry.broken.items()):
         lines.append(f"Broken plugin {name}: {error}")
     return "\n".join(lines)
 
 
-def _pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(choice)
+def _pick_executor(args, registry):
+    name, given = parse_method_spec(args.executor, what="executor")
+    cls = registry.executor(name)
+    executor = cls(args.executor, **cls.resolve_options(given))
+    executor.check_available()
+    return executor
 
 
 def _check_counts(args):
@@ -174,9 +191,12 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.list:
         print(_describe_registry(registry))
         return EXIT_OK
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be a whole number of at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _pick_device(args.device)
+    executor = _pick_executor(args, registry)
+    device = torch.device(executor.device_type(args.device))
     dataset, specs = _plan(args, registry, device, command)
     baseline = load_baseline(args.baseline) if args.baseline else None  # bad file: fail before training
     if baseline:
@@ -190,25 +210,27 @@ def run(argv: Optional[List[str]] = None) -> int:
         if spec.trial_id in finished:
             say(f"skip {spec.describe()}: already finished in {store.path}")
     problems = []
-    if pending:
-        say(f"loading {args.dataset} ...")
-        data = RunData.load(dataset, device, val_split=args.val_split)
-        say(f"{len(data.train)} train / {len(data.test)} test images in {data.load_seconds:.1f}s; "
-            f"{len(pending)} trial(s), budget {specs[0].budget} each, backbone {specs[0].backbone}, device {device}")
+    jobs = [_job(spec, args, executor) for spec in pending]
+    if jobs:
+        say(f"{len(jobs)} trial(s) on {args.dataset}, budget {specs[0].budget} each, backbone {specs[0].backbone}, "
+            f"device {device}, executor {executor.spec_text}")
+
+    progress = Progress(len(jobs))
+
+    def deliver(job: TrialJob, record) -> None:
+        store.append(record)
+        say(progress.line(job, record))
+        try:
+            registry.hook.trial_finished(record=record, out_dir=str(out))
+        except Exception as error:  # an observer's failure must not stop the benchmark
+            say(f"warning: a trial_finished observer failed: {type(error).__name__}: {error}")
+        if record["status"] not in ("ok", "interrupted"):
+            problems.append(record)
+
+    executor.out_dir = str(out)
     try:
-        for number, spec in enumerate(pending, 1):
-            say(f"[{number}/{len(pending)}] {spec.describe()} on {args.dataset}")
-            record = run_trial(spec, data, progress=say)
-            store.append(record)
-            if record["status"] == "interrupted":
-                raise KeyboardInterrupt
-            try:
-                registry.hook.trial_finished(record=record, out_dir=str(out))
-            except Exception as error:  # an observer's failure must not stop the benchmark
-                say(f"warning: a trial_finished observer failed: {type(error).__name__}: {error}")
-            if record["status"] != "ok":
-                problems.append(record)
-                say(f"  {record['status']}: {record['error']}")
+        if jobs:
+            executor.run(jobs, deliver, say)
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
         if store.path.exists():
@@ -224,6 +246,13 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.baseline or args.save_baseline:
         return _check_baseline(args, baseline, store, specs, command, say)
     return EXIT_OK
+
+
+def _job(spec: TrialSpec, args, executor) -> TrialJob:
+    return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=args.data_root,
+                    download=not args.no_download, plugins=tuple(args.plugin),
+                    plugin_paths=tuple(import_root(module) for module in args.plugin),
+                    threads=executor.threads_per_trial(args.threads), executor=executor.spec_text)
 
 
 def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say) -> int:

@@ -17,5 +17,10 @@ def register_datasets(register):
 
 
 @hookspec
+def register_executors(register):
+    """Register Executor subclasses (``noprop_bench.executor.Executor``): call ``register(ExecutorClass)``."""
+
+
+@hookspec
 def trial_finished(record, out_dir):
     """Observe a finished trial: ``record`` is the dict just written to ``trials.jsonl``."""

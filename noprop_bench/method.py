@@ -10,7 +10,7 @@ from .errors import UsageError
 FAMILIES = ("discrete-time", "continuous-time")
 
 
-def _coerce(key: str, text: str, default: Any) -> Any:
+def coerce_value(key: str, text: str, default: Any) -> Any:
     """Convert a command-line string to the type of the parameter's default."""
     try:
         if isinstance(default, bool):
@@ -99,7 +99,7 @@ class Method(nn.Module):
             )
         params = dict(cls.defaults)
         for key, value in given.items():
-            params[key] = _coerce(key, value, cls.defaults[key]) if isinstance(value, str) else value
+            params[key] = coerce_value(key, value, cls.defaults[key]) if isinstance(value, str) else value
         cls.check_params(params)
         return params
 

@@ -11,6 +11,7 @@ import pluggy
 from . import hookspecs
 from .datasets import Dataset
 from .errors import UsageError
+from .executor import Executor
 from .method import FAMILIES, Method
 
 ENTRY_POINT_GROUP = "noprop_bench"
@@ -22,11 +23,12 @@ class PluginWarning(UserWarning):
 
 @dataclass
 class Registry:
-    """Every method and dataset the loaded plugins provide, with the plugin that provided each."""
+    """Every method, dataset and executor the loaded plugins provide, with the plugin that provided each."""
 
     plugin_manager: pluggy.PluginManager
     methods: Dict[str, Type[Method]] = field(default_factory=dict)
     datasets: Dict[str, Type[Dataset]] = field(default_factory=dict)
+    executors: Dict[str, Type[Executor]] = field(default_factory=dict)
     provider: Dict[str, str] = field(default_factory=dict)
     broken: Dict[str, str] = field(default_factory=dict)
 
@@ -48,6 +50,11 @@ class Registry:
             raise self._missing("dataset", name, self.datasets)
         return self.datasets[name]
 
+    def executor(self, name: str) -> Type[Executor]:
+        if name not in self.executors:
+            raise self._missing("executor", name, self.executors)
+        return self.executors[name]
+
     @property
     def hook(self):
         return self.plugin_manager.hook
@@ -68,10 +75,17 @@ def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_
         registry.datasets[cls.name] = cls
         registry.provider[f"dataset:{cls.name}"] = plugin_name
 
+    def register_executor(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Executor)) or not cls.name:
+            raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Executor subclass")
+        registry.executors[cls.name] = cls
+        registry.provider[f"executor:{cls.name}"] = plugin_name
+
     hooks = pm.subset_hook_caller  # call each hook on this plugin alone, so provenance is exact
     others = [p for p in pm.get_plugins() if p is not plugin]
     hooks("register_methods", others)(register=register_method)
     hooks("register_datasets", others)(register=register_dataset)
+    hooks("register_executors", others)(register=register_executor)
 
 
 def _add_plugin(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_name: str) -> bool:

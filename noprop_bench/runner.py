@@ -1,5 +1,6 @@
 """One trial: seed, build, train under the budget, evaluate at checkpoints, evaluate at the end."""
 
+import dataclasses
 import random
 import time
 import traceback
@@ -110,6 +111,12 @@ class TrialSpec:
     def trial_id(self) -> str:
         return trial_id(self.config())
 
+    def plain_fields(self) -> Dict[str, Any]:
+        """The fields as plain data (method by name, budget as text, device by type), for other processes."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.update(method=self.method.name, budget=str(self.budget), device=torch.device(self.device).type)
+        return fields
+
     def describe(self) -> str:
         return f"{self.method.row_label(self.params)} seed {self.seed}"
 
@@ -171,6 +178,19 @@ def _finite(value: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(value.detach()).all()
 
 
+def trial_header(spec: TrialSpec) -> Dict[str, Any]:
+    """The fields of a trial's record that follow from its spec alone (known before it runs anywhere)."""
+    return {
+        "trial_id": spec.trial_id, "status": "pending", "error": None,
+        "method": spec.method.name, "method_label": spec.method.label or spec.method.name,
+        "row_label": spec.method.row_label(spec.params), "family": spec.method.family,
+        "stochastic": spec.method.stochastic, "params": spec.params, "dataset": spec.dataset,
+        "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
+        "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment,
+        "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
+    }
+
+
 def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train and evaluate one trial; always returns a record, whatever happened inside.
 
@@ -179,22 +199,19 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
     """
     say = progress or (lambda message: None)
     record: Dict[str, Any] = {
-        "trial_id": spec.trial_id, "status": "running", "error": None,
-        "method": spec.method.name, "method_label": spec.method.label or spec.method.name,
-        "row_label": spec.method.row_label(spec.params), "family": spec.method.family,
-        "stochastic": spec.method.stochastic, "params": spec.params,
-        "dataset": spec.dataset, "dataset_label": data.dataset.display_name,
+        **trial_header(spec), "status": "running",
+        "dataset_label": data.dataset.display_name,
         "num_classes": data.dataset.num_classes, "image_shape": list(data.train.images.shape[1:]),
         "train_size": len(data.train), "test_size": len(data.test),
-        "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
-        "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment,
-        "inference_runs": spec.inference_runs if spec.method.stochastic else 1,
-        "command": spec.command, "environment": environment(spec.device),
-        "data_load_seconds": data.load_seconds,
+        "environment": environment(spec.device), "data_load_seconds": data.load_seconds,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "curve": [], "steps": 0, "samples": 0, "epochs": 0.0,
         "train_seconds": 0.0, "eval_seconds": 0.0, "setup_seconds": 0.0,
     }
+    if torch.device(spec.device).type == "cuda" and not torch.cuda.is_available():
+        record.update(status="failed", error=f"no CUDA device on host {record['environment']['host']}",
+                      finished_at=record["started_at"])
+        return record
     trial = _TrialRun(spec, data, record, say)
     try:
         trial.run()

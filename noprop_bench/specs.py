@@ -29,17 +29,20 @@ def split_top_level(text: str) -> List[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse_method_spec(text: str) -> Tuple[str, Dict[str, str]]:
-    """``"noprop_ct[embedding=prototype,lr=3e-4]"`` -> ``("noprop_ct", {"embedding": ..., "lr": ...})``."""
+def parse_method_spec(text: str, what: str = "method") -> Tuple[str, Dict[str, str]]:
+    """``"noprop_ct[embedding=prototype,lr=3e-4]"`` -> ``("noprop_ct", {"embedding": ..., "lr": ...})``.
+
+    ``what`` names the kind of thing in error messages (executors are written the same way).
+    """
     match = _METHOD.match(text.strip())
     if not match:
-        raise UsageError(f"method {text!r} not understood; write NAME or NAME[key=value,...]")
+        raise UsageError(f"{what} {text!r} not understood; write NAME or NAME[key=value,...]")
     name, body = match.group(1), match.group(2)
     params: Dict[str, str] = {}
     for item in split_top_level(body or ""):
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise UsageError(f"method parameter {item!r} in {text!r} not understood; write key=value")
+            raise UsageError(f"{what} parameter {item!r} in {text!r} not understood; write key=value")
         params[key.strip()] = value.strip()
     return name, params
 

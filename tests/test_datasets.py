@@ -172,7 +172,7 @@ def test_missing_offline_is_one_clear_message(tmp_path, capsys, no_debian, downl
     args = ["--dataset", "fashion_mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")]
     code, err = run_cli(capsys, *args, *([] if download else ["--no-download"]))
     assert code == 2
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 2  # "loading ..." and the error
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 3  # the plan, "loading ..." and the error
     message = err.strip().splitlines()[-1]
     assert str(tmp_path / "FashionMNIST" / "raw") in message and "no-debian-here" in message
     assert all(name in message for name in IDX_NAMES)

@@ -1,0 +1,197 @@
+"""The ``local`` executor: trials in this process, or in N worker processes on this machine.
+
+``local`` runs one trial after another in the host process. ``local[workers=N]`` starts N worker
+processes; on CUDA each gets one GPU of its own (``CUDA_VISIBLE_DEVICES``), on the CPU each gets an
+equal share of the cores as torch threads, so every trial still spends its budget on a device it does
+not share. A worker that dies loses only the trial it held: that trial is recorded as failed with the
+cause, and a fresh worker takes its place.
+"""
+
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from noprop_bench import UsageError, hookimpl
+from noprop_bench.executor import Executor, TrialJob, WorkerCache, execute_job, failed_record, interrupted
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the scheduler's affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def visible_gpus() -> List[str]:
+    """The GPU ids this process may hand out, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
+    """A worker process: run the jobs it is sent, one at a time, and send back progress and records."""
+    os.environ.update(environment)  # before anything initialises CUDA
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
+    if threads:
+        torch.set_num_threads(threads)
+    while True:
+        job = connection.recv()
+        if job is None:
+            return
+        record = execute_job(job, progress=lambda message: connection.send(("progress", message)))
+        connection.send(("record", record))
+
+
+@dataclass
+class _Worker:
+    number: int
+    process: Any
+    connection: Any
+    job: Optional[TrialJob] = None
+
+
+class LocalExecutor(Executor):
+    """Trials on this machine: in the host process (``workers=0``) or in N worker processes."""
+
+    name = "local"
+    description = "this machine: in-process (default), or workers=N processes, one GPU or an equal CPU share each"
+    defaults = {"workers": 0}
+
+    def __init__(self, spec_text: str = "", **options):
+        super().__init__(spec_text, **options)
+        if self.options["workers"] < 0:
+            raise UsageError(f"--executor {self.spec_text}: workers must be 0 (in-process) or more")
+        self.device = "cpu"
+
+    @property
+    def workers(self) -> int:
+        return self.options["workers"]
+
+    def device_type(self, requested: str) -> str:
+        self.device = super().device_type(requested)
+        if self.device == "cuda" and self.workers > 1 and self.workers > len(visible_gpus()):
+            raise UsageError(f"--executor {self.spec_text}: {self.workers} workers but {len(visible_gpus())} "
+                             f"GPU(s); workers would share a GPU and their clocks would not be fair")
+        return self.device
+
+    def threads_per_trial(self, requested: Optional[int]) -> Optional[int]:
+        if requested or self.workers == 0 or self.device == "cuda":
+            return requested
+        return max(1, cpu_count() // self.workers)
+
+    def run(self, jobs: List[TrialJob], deliver, say) -> None:
+        if self.workers == 0:
+            self._run_in_process(jobs, deliver, say)
+        else:
+            _Pool(self, say).run(jobs, deliver)
+
+    @staticmethod
+    def _run_in_process(jobs: List[TrialJob], deliver, say) -> None:
+        cache = WorkerCache()  # the data is loaded once for the whole run, and dropped after it
+        first = jobs[0]
+        cache.data_for(first, cache.registry_for(first), torch.device(first.spec["device"]), say)  # fail early
+        for number, job in enumerate(jobs, 1):
+            say(f"[{number}/{len(jobs)}] {job.describe()} on {job.spec['dataset']}")
+            record = execute_job(job, progress=say, raise_usage_errors=True, cache=cache)
+            deliver(job, record)
+            if record["status"] == "interrupted":
+                raise KeyboardInterrupt
+
+
+class _Pool:
+    """N long-lived worker processes fed one job at a time; the host is the only writer of results."""
+
+    def __init__(self, executor: LocalExecutor, say):
+        self.executor, self.say = executor, say
+        self.context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
+        self.gpus = visible_gpus() if executor.device == "cuda" else []
+        self.threads = executor.threads_per_trial(None)
+
+    def _start(self, number: int) -> _Worker:
+        environment = {"CUDA_VISIBLE_DEVICES": self.gpus[number]} if self.gpus else {}
+        host_end, worker_end = self.context.Pipe()
+        process = self.context.Process(target=_worker_main, args=(worker_end, environment, self.threads),
+                                       name=f"noprop-bench-worker-{number}", daemon=True)
+        process.start()
+        worker_end.close()
+        where = f"GPU {self.gpus[number]}" if self.gpus else f"{self.threads} CPU thread(s)"
+        self.say(f"worker {number} started (pid {process.pid}, {where})")
+        return _Worker(number, process, host_end)
+
+    def run(self, jobs: List[TrialJob], deliver) -> None:
+        queue = list(jobs)
+        workers = [self._start(n) for n in range(min(self.executor.workers, len(jobs)))]
+        try:
+            while queue or any(w.job for w in workers):
+                for worker in workers:
+                    if worker.job is None and queue:
+                        worker.job = queue.pop(0)
+                        worker.connection.send(worker.job)
+                        self.say(f"worker {worker.number}: {worker.job.describe()}")
+                busy = [w for w in workers if w.job]
+                wait([w.connection for w in busy] + [w.process.sentinel for w in busy])
+                for worker in busy:
+                    record = self._collect(worker)
+                    if record is not None:
+                        job, worker.job = worker.job, None
+                        deliver(job, record)
+                        if not worker.process.is_alive():
+                            workers[workers.index(worker)] = self._start(worker.number)
+        except KeyboardInterrupt:
+            for worker in workers:
+                worker.process.kill()
+            for worker in workers:
+                if worker.job:
+                    deliver(worker.job, interrupted(worker.job))
+            raise
+        finally:
+            for worker in workers:
+                if worker.process.is_alive():
+                    try:
+                        worker.connection.send(None)
+                    except OSError:
+                        pass
+            for worker in workers:
+                worker.process.join(timeout=10)
+                if worker.process.is_alive():
+                    worker.process.kill()
+
+    def _collect(self, worker: _Worker) -> Optional[Dict[str, Any]]:
+        """The worker's record if it finished its trial; a failed record if it died; else None."""
+        try:
+            while worker.connection.poll():
+                kind, payload = worker.connection.recv()
+                if kind == "record":
+                    return payload
+                self.say(f"  [worker {worker.number}] {payload}")
+        except (EOFError, OSError):
+            pass
+        if worker.process.is_alive():
+            return None
+        worker.process.join()
+        cause = (f"worker process {worker.process.pid} died while running this trial: "
+                 f"{describe_exit(worker.process.exitcode)}")
+        self.say(f"worker {worker.number}: {cause}; starting a new worker")
+        return failed_record(worker.job, cause)
+
+
+@hookimpl
+def register_executors(register):
+    register(LocalExecutor)
