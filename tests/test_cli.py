@@ -27,12 +27,19 @@ def _exit(args, capsys):
     (["--methods", "linear", "--seeds", "0"], "--seeds 0: must be a whole number of at least 1"),
     (["--methods", "linear", "--val-split", "1.5"], "--val-split 1.5: must be a fraction in [0, 1)"),
     (["--methods", "linear", "--plugin", "no_such_module_xyz"], "--plugin no_such_module_xyz: cannot import it"),
+    (["--methods", "linear", "--executor", "slurmish"], "unknown executor 'slurmish'; available: local, ray, submitit"),
+    (["--methods", "linear", "--executor", "local[workers=two]"], "parameter workers='two': expected int"),
+    (["--methods", "linear", "--executor", "local[cores=2]"], "executor 'local' has no option cores; accepted: workers"),
+    (["--methods", "linear", "--executor", "local[workers=-1]"], "workers must be 0 (in-process) or more"),
+    (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto, slurm, local or debug"),
+    (["--methods", "linear", "--executor", "ray[cpus=0]"], "cpus must be at least 1"),
+    (["--methods", "linear", "--threads", "0"], "--threads 0: must be a whole number of at least 1"),
 ])
 def test_bad_input_exits_2_with_one_line(args, expected, capsys):
     code, err = _exit(args, capsys)
     assert code == 2
     assert expected in err
-    if "available" in expected:
+    if "available" in expected and "executor" not in expected:
         assert "linear" in err or "tiny" in err  # the valid names are listed
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

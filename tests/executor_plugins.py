@@ -1,0 +1,34 @@
+"""A method for the executor tests that kills its own worker process once, in the middle of training."""
+
+import os
+import signal
+from pathlib import Path
+
+from noprop_bench import hookimpl
+from noprop_bench_plugins.backprop import Backprop
+
+
+class Doomed(Backprop):
+    """Backprop, except that the trial with seed ``die_at_seed`` SIGKILLs its process at its third step,
+    the first time it runs (``marker`` is created then, so the rerun trains normally)."""
+
+    name = "doomed"
+    label = "Doomed"
+    defaults = {**Backprop.defaults, "die_at_seed": 1, "marker": ""}
+
+    def __init__(self, task, **params):
+        super().__init__(task, **params)
+        self.steps_taken = 0
+
+    def train_step(self, x, y):
+        self.steps_taken += 1
+        marker = Path(self.params["marker"])
+        if self.task.seed == self.params["die_at_seed"] and self.steps_taken == 3 and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().train_step(x, y)
+
+
+@hookimpl
+def register_methods(register):
+    register(Doomed)

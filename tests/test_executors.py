@@ -1,0 +1,228 @@
+"""Executors: the same grid gives the same trials and accuracies whichever executor runs it, a dead worker
+loses only its own trial, resume works across executors, and missing engines are explained."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from noprop_bench.cli import EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, main, run
+from noprop_bench.executor import TrialJob, execute_job, failed_record
+from noprop_bench.plugins import load_plugins
+from noprop_bench.results import TrialStore, latest_per_trial
+from noprop_bench_plugins import local_executor
+from noprop_bench_plugins.local_executor import LocalExecutor
+from noprop_bench_plugins.ray_executor import RayExecutor
+from noprop_bench_plugins.submitit_executor import SubmititExecutor
+
+HAVE_SUBMITIT = importlib.util.find_spec("submitit") is not None
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_submitit = pytest.mark.skipif(not HAVE_SUBMITIT, reason="submitit is not installed (pip install '.[slurm]')")
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="no Ray wheel for this Python (pip install '.[ray]')")
+
+# 2 methods x 2 seeds on the embedded MNIST sample, at a sample budget: deterministic on the CPU.
+# One thread per trial everywhere, so every executor computes with the same reductions.
+GRID = ["--methods", "backprop,noprop_fm", "--dataset", "mnist5k", "--budget", "2048samples", "--seeds", "2",
+        "--checkpoints", "0", "--inference-runs", "2", "--threads", "1", "--device", "cpu"]
+EXECUTORS = [
+    pytest.param("local[workers=2]", id="local-workers"),
+    pytest.param("submitit[cluster=local]", id="submitit", marks=needs_submitit),
+    pytest.param("ray", id="ray", marks=needs_ray),
+]
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _records(out):
+    records, unreadable = TrialStore(out).read()
+    assert unreadable == []  # no torn or interleaved lines
+    return records
+
+
+def _outcomes(records):
+    return {r["trial_id"]: (r["status"], r["row_label"], r["seed"], r.get("test_acc_runs")) for r in records}
+
+
+@pytest.fixture(scope="module")
+def in_process_grid(tmp_path_factory):
+    """The grid run by the default executor: in this process, one trial after another."""
+    out = tmp_path_factory.mktemp("local") / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert run([*GRID, "--out", str(out)]) == EXIT_OK
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_every_executor_gives_the_same_trials_and_accuracies(executor, in_process_grid, tmp_path, keep_threads):
+    out = tmp_path / "run"
+    assert run([*GRID, "--executor", executor, "--out", str(out)]) == EXIT_OK
+    expected, got = _records(in_process_grid), _records(out)
+    assert len(expected) == len(got) == 4
+    assert _outcomes(got) == _outcomes(expected)  # same ids, statuses and every inference run's accuracy
+    assert {r["status"] for r in got} == {"ok"}
+    # accuracies differ between seeds, so agreeing on them is not agreeing on chance
+    assert len({tuple(r["test_acc_runs"]) for r in got}) == 4
+    for record in got:
+        assert record["executor"] == executor
+        assert record["worker"]["host"] and record["worker"]["pid"]
+        assert record["environment"]["device_name"].startswith("cpu")
+        assert record["environment"]["host"] == record["worker"]["host"]
+    assert (out / "table1.md").read_text() == (in_process_grid / "table1.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, tmp_path, keep_threads, capsys):
+    marker = tmp_path / "died-once"
+    command = ["--plugin", "executor_plugins", "--methods", f"backprop,doomed[marker={marker}]",
+               "--dataset", "mnist5k", "--budget", "640samples", "--seeds", "2", "--checkpoints", "0",
+               "--threads", "1", "--device", "cpu", "--executor", executor, "--out", str(tmp_path / "run")]
+    assert run(command) == EXIT_TRIAL_FAILED
+    assert marker.exists()  # the worker really was killed mid-training
+    first = _records(tmp_path / "run")
+    assert len(first) == 4
+    failed = [r for r in first if r["status"] != "ok"]
+    assert [(r["method"], r["seed"], r["status"]) for r in failed] == [("doomed", 1, "failed")]
+    assert failed[0]["error"]  # the cause, in the engine's words
+    if executor.startswith("local"):
+        assert "died while running this trial: killed by signal 9 (SIGKILL)" in failed[0]["error"]
+    capsys.readouterr()
+
+    assert run(command) == EXIT_OK
+    err = capsys.readouterr().err
+    assert err.count("skip ") == 3 and "finished 1/1: Doomed (one-hot) seed 1: ok" in err
+    second = _records(tmp_path / "run")
+    assert len(second) == 5 and second[:4] == first
+    latest = latest_per_trial(second)
+    assert len(latest) == 4 and {r["status"] for r in latest} == {"ok"}
+
+
+@pytest.mark.slow
+def test_resume_works_across_executors(tmp_path, keep_threads, capsys):
+    out = str(tmp_path / "run")
+    small = ["--methods", "backprop", "--dataset", "mnist5k", "--budget", "256samples", "--checkpoints", "0",
+             "--threads", "1", "--device", "cpu", "--out", out]
+    assert run([*small, "--seeds", "2", "--executor", "local[workers=2]"]) == EXIT_OK
+    capsys.readouterr()
+    assert run([*small, "--seeds", "3"]) == EXIT_OK  # in-process: only seed 2 is new
+    err = capsys.readouterr().err
+    assert err.count("skip ") == 2 and "finished 1/1: Backprop (one-hot) seed 2" in err
+    records = _records(tmp_path / "run")
+    assert sorted(r["seed"] for r in records) == [0, 1, 2]
+    assert [r["executor"] for r in records] == ["local[workers=2]"] * 2 + ["local"]
+
+
+@pytest.mark.parametrize("engine, executor, extra", [("submitit", "submitit", "slurm"), ("ray", "ray", "ray")])
+def test_a_missing_engine_names_the_extra_to_install(engine, executor, extra, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, engine, None)  # makes `import engine` raise ImportError
+    with pytest.raises(SystemExit) as stopped:
+        main(["--methods", "backprop", "--dataset", "mnist5k", "--executor", executor, "--out", str(tmp_path)])
+    assert stopped.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"pip install 'noprop-bench[{extra}]'" in err and f"--executor {executor} needs {engine}" in err
+    assert not (tmp_path / "trials.jsonl").exists()
+
+
+def test_list_shows_every_executor_with_its_options(capsys):
+    assert run(["--list"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Executors:" in out
+    assert "local " in out and "workers=0" in out
+    assert "submitit" in out and "pip install 'noprop-bench[slurm]'" in out and "partition=''" in out
+    assert "ray" in out and "pip install 'noprop-bench[ray]'" in out
+
+
+def test_local_workers_split_the_cpu_fairly(monkeypatch):
+    monkeypatch.setattr(local_executor, "cpu_count", lambda: 16)
+    executor = LocalExecutor("local[workers=3]", workers=3)
+    assert executor.device_type("cpu") == "cpu"
+    assert executor.threads_per_trial(None) == 5  # 16 cores / 3 workers, rounded down
+    assert executor.threads_per_trial(2) == 2  # --threads wins
+    assert LocalExecutor(workers=32).threads_per_trial(None) == 1
+    assert LocalExecutor().threads_per_trial(None) is None  # in-process: torch's own choice
+
+
+def test_local_workers_never_share_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert local_executor.visible_gpus() == ["3", "5"]
+    assert LocalExecutor("local[workers=2]", workers=2).device_type("cuda") == "cuda"
+    with pytest.raises(Exception, match="3 workers but 2 GPU"):
+        LocalExecutor("local[workers=3]", workers=3).device_type("auto")
+
+
+def test_cluster_executors_decide_the_device_from_the_resources_they_request():
+    assert SubmititExecutor().device_type("auto") == "cpu"
+    assert SubmititExecutor(gpus_per_node=1).device_type("auto") == "cuda"
+    asked = SubmititExecutor()
+    assert asked.device_type("cuda") == "cuda" and asked.options["gpus_per_node"] == 1
+    assert RayExecutor(gpus=1).device_type("auto") == "cuda"
+    assert RayExecutor(gpus=1).device_type("cpu") == "cpu"
+
+
+@needs_submitit
+def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
+    from submitit.slurm.slurm import SlurmExecutor
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were on PATH
+    executor = SubmititExecutor("submitit[...]", cluster="slurm", partition="gpu", gpus_per_node=1,
+                                timeout_min=600, cpus_per_task=8, mem_gb=32, array_parallelism=4, account="lab")
+    assert "slurm_qos" not in executor._parameters()  # unset options are left to submitit and the cluster
+    engine = executor._engine(str(tmp_path / "%j"))  # submitit rejects unknown parameter names here
+    assert engine.cluster == "slurm"
+    script = engine._executor._make_submission_file_text(command="python -m noprop_bench_job", uid="0")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --account=lab"):
+        assert line in script
+    assert engine._executor.parameters["array_parallelism"] == 4
+
+
+def test_a_job_whose_worker_never_reported_is_recorded_with_its_identity():
+    registry = load_plugins()
+    job = _job(registry)
+    record = failed_record(job, "worker process 1 died while running this trial: killed by signal 9 (SIGKILL)")
+    assert record["status"] == "failed" and "SIGKILL" in record["error"]
+    for field in ("trial_id", "method", "row_label", "family", "dataset", "budget", "backbone", "seed"):
+        assert record[field] == job.header[field]
+
+
+def test_a_worker_with_other_plugin_defaults_refuses_the_trial():
+    registry = load_plugins()
+    job = _job(registry)
+    job.header["trial_id"] = "0" * 16  # as if the host had computed it with different defaults
+    record = execute_job(job, progress=lambda message: None)
+    assert record["status"] == "failed" and "its plugins or their defaults differ" in record["error"]
+
+
+def _job(registry) -> TrialJob:
+    from noprop_bench.budget import Budget
+    from noprop_bench.runner import TrialSpec, trial_header
+
+    method = registry.method("backprop")
+    spec = TrialSpec(method=method, params=method.resolve_params({}), dataset="mnist5k", backbone="noprop_cnn",
+                     budget=Budget.parse("128samples"), seed=0, batch_size=64, device=torch.device("cpu"),
+                     augment="none", checkpoints=0)
+    return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=None, download=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_worker_trains_on_its_own_gpu(tmp_path):
+    out = tmp_path / "run"
+    assert run(["--methods", "backprop", "--dataset", "mnist5k", "--budget", "1024samples", "--checkpoints", "0",
+                "--device", "cuda", "--executor", "local[workers=1]", "--out", str(out)]) == EXIT_OK
+    record = _records(out)[0]
+    assert record["environment"]["device"] == "cuda"
+    assert record["worker"]["cuda_visible_devices"] == local_executor.visible_gpus()[0]
+    assert record["peak_memory_bytes"] > 0 and record["memory_kind"] == "cuda_max_allocated"
+    json.dumps(record)
