@@ -3,6 +3,9 @@ loses only its own trial, resume works across executors, and missing engines are
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -226,3 +229,28 @@ def test_a_cuda_worker_trains_on_its_own_gpu(tmp_path):
     assert record["worker"]["cuda_visible_devices"] == local_executor.visible_gpus()[0]
     assert record["peak_memory_bytes"] > 0 and record["memory_kind"] == "cuda_max_allocated"
     json.dumps(record)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_and_records_their_trials_as_interrupted(tmp_path):
+    out = tmp_path / "run"
+    host = subprocess.Popen(
+        [sys.executable, "-m", "noprop_bench", "--methods", "backprop", "--dataset", "mnist5k", "--budget", "120",
+         "--seeds", "3", "--checkpoints", "0", "--threads", "1", "--executor", "local[workers=2]",
+         "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    lines, loaded = [], 0
+    while loaded < 2:  # both workers are training
+        line = host.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        loaded += "images in" in line
+    workers = [int(line.split("pid ")[1].split(",")[0]) for line in lines if "started (pid" in line]
+    host.send_signal(signal.SIGINT)
+    err = host.communicate(timeout=60)[1]
+    assert host.returncode == 130, err
+    assert "Rerun with --out" in err
+    records = _records(out)
+    assert sorted((r["seed"], r["status"]) for r in records) == [(0, "interrupted"), (1, "interrupted")]
+    for pid in workers:  # no worker is left training
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
