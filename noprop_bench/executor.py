@@ -214,6 +214,27 @@ class Executor:
         raise NotImplementedError
 
 
+class ClusterExecutor(Executor):
+    """An executor whose trials run where an engine places them: the device follows the GPUs requested.
+
+    Subclasses set ``engine`` (the module to import) and ``gpu_option`` (their option for GPUs per trial).
+    """
+
+    engine: str = ""
+    gpu_option: str = "gpus"
+
+    def check_available(self) -> None:
+        require_engine(self.engine, self.spec_text, self.extra)
+
+    def device_type(self, requested: str) -> str:
+        """CUDA when GPUs are requested; ``--device cuda`` requests one per trial if none was."""
+        if requested == "cuda" and self.options[self.gpu_option] == 0:
+            self.options[self.gpu_option] = 1
+        if requested == "cpu":
+            return "cpu"
+        return "cuda" if self.options[self.gpu_option] > 0 else "cpu"
+
+
 def require_engine(module: str, executor: str, extra: str):
     """Import an optional engine, or explain which extra installs it (exit status 2)."""
     import importlib

@@ -8,15 +8,17 @@ whose worker dies is recorded as failed with Ray's reason.
 from typing import List
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import Executor, TrialJob, execute_job, failed_record, interrupted, require_engine
+from noprop_bench.executor import ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine
 
 
-class RayExecutor(Executor):
+class RayExecutor(ClusterExecutor):
     """One Ray task per trial: ``cpus`` CPUs (as torch threads) and ``gpus`` GPUs each."""
 
     name = "ray"
     description = "Ray: one task per trial with declared CPUs/GPUs; address=auto joins a cluster, none starts one here"
     extra = "ray"
+    engine = "ray"
+    gpu_option = "gpus"
     defaults = {"address": "", "cpus": 1, "gpus": 0, "namespace": "noprop-bench"}
 
     def __init__(self, spec_text: str = "", **options):
@@ -24,22 +26,11 @@ class RayExecutor(Executor):
         if self.options["cpus"] < 1 or self.options["gpus"] < 0:
             raise UsageError(f"--executor {self.spec_text}: cpus must be at least 1 and gpus at least 0")
 
-    def check_available(self) -> None:
-        require_engine("ray", self.spec_text, self.extra)
-
-    def device_type(self, requested: str) -> str:
-        """Trials train on the cluster's nodes: CUDA when GPUs are requested (or ``--device cuda``)."""
-        if requested == "cuda" and self.options["gpus"] == 0:
-            self.options["gpus"] = 1
-        if requested == "cpu":
-            return "cpu"
-        return "cuda" if self.options["gpus"] > 0 else "cpu"
-
     def threads_per_trial(self, requested):
         return requested or self.options["cpus"]
 
     def run(self, jobs: List[TrialJob], deliver, say) -> None:
-        ray = require_engine("ray", self.spec_text, self.extra)
+        ray = require_engine(self.engine, self.spec_text, self.extra)
         started_here = not ray.is_initialized()
         if started_here:
             address = self.options["address"] or None

@@ -10,7 +10,7 @@ import time
 from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import Executor, TrialJob, execute_job, failed_record, interrupted, require_engine
+from noprop_bench.executor import ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
@@ -19,12 +19,14 @@ SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qo
 POLL_SECONDS = 2.0
 
 
-class SubmititExecutor(Executor):
+class SubmititExecutor(ClusterExecutor):
     """One SLURM job per trial (a job array), or local processes with ``cluster=local``."""
 
     name = "submitit"
     description = "SLURM through submitit: one job per trial, as a job array (cluster=local runs them here)"
     extra = "slurm"
+    engine = "submitit"
+    gpu_option = "gpus_per_node"
     defaults = {"cluster": "auto", "partition": "", "gpus_per_node": 0, "cpus_per_task": 0, "mem_gb": 0,
                 "timeout_min": 720, "array_parallelism": 0, "account": "", "qos": "", "constraint": "",
                 "folder": ""}
@@ -33,17 +35,6 @@ class SubmititExecutor(Executor):
         super().__init__(spec_text, **options)
         if self.options["cluster"] not in ("auto", "slurm", "local", "debug"):
             raise UsageError(f"--executor {self.spec_text}: cluster must be auto, slurm, local or debug")
-
-    def check_available(self) -> None:
-        require_engine("submitit", self.spec_text, self.extra)
-
-    def device_type(self, requested: str) -> str:
-        """Trials train where the jobs land, not here: CUDA when GPUs are requested (or ``--device cuda``)."""
-        if requested == "cuda" and self.options["gpus_per_node"] == 0:
-            self.options["gpus_per_node"] = 1
-        if requested == "cpu":
-            return "cpu"
-        return "cuda" if self.options["gpus_per_node"] > 0 else "cpu"
 
     def threads_per_trial(self, requested):
         return requested or self.options["cpus_per_task"] or None
@@ -58,7 +49,7 @@ class SubmititExecutor(Executor):
         return parameters
 
     def _engine(self, folder: str):
-        submitit = require_engine("submitit", self.spec_text, self.extra)
+        submitit = require_engine(self.engine, self.spec_text, self.extra)
         cluster = None if self.options["cluster"] == "auto" else self.options["cluster"]
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         try:
