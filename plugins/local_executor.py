@@ -100,7 +100,7 @@ class LocalExecutor(Executor):
         if self.workers == 0:
             self._run_in_process(jobs, deliver, say)
         else:
-            _Pool(self, say).run(jobs, deliver)
+            _Pool(self, jobs[0].threads, say).run(jobs, deliver)
 
     @staticmethod
     def _run_in_process(jobs: List[TrialJob], deliver, say) -> None:
@@ -118,11 +118,10 @@ class LocalExecutor(Executor):
 class _Pool:
     """N long-lived worker processes fed one job at a time; the host is the only writer of results."""
 
-    def __init__(self, executor: LocalExecutor, say):
-        self.executor, self.say = executor, say
+    def __init__(self, executor: LocalExecutor, threads: Optional[int], say):
+        self.executor, self.threads, self.say = executor, threads, say
         self.context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
         self.gpus = visible_gpus() if executor.device == "cuda" else []
-        self.threads = executor.threads_per_trial(None)
 
     def _start(self, number: int) -> _Worker:
         environment = {"CUDA_VISIBLE_DEVICES": self.gpus[number]} if self.gpus else {}
@@ -131,7 +130,7 @@ class _Pool:
                                        name=f"noprop-bench-worker-{number}", daemon=True)
         process.start()
         worker_end.close()
-        where = f"GPU {self.gpus[number]}" if self.gpus else f"{self.threads} CPU thread(s)"
+        where = f"GPU {self.gpus[number]}" if self.gpus else f"{self.threads or 'default'} CPU thread(s)"
         self.say(f"worker {number} started (pid {process.pid}, {where})")
         return _Worker(number, process, host_end)
 
@@ -141,9 +140,12 @@ class _Pool:
         try:
             while queue or any(w.job for w in workers):
                 for worker in workers:
-                    if worker.job is None and queue:
+                    if worker.job is None and queue and worker.process.is_alive():
                         worker.job = queue.pop(0)
-                        worker.connection.send(worker.job)
+                        try:
+                            worker.connection.send(worker.job)
+                        except OSError:  # it died between trials: _collect records the job and replaces it
+                            pass
                         self.say(f"worker {worker.number}: {worker.job.describe()}")
                 busy = [w for w in workers if w.job]
                 wait([w.connection for w in busy] + [w.process.sentinel for w in busy])
@@ -152,7 +154,7 @@ class _Pool:
                     if record is not None:
                         job, worker.job = worker.job, None
                         deliver(job, record)
-                        if not worker.process.is_alive():
+                        if not worker.process.is_alive() and queue:
                             workers[workers.index(worker)] = self._start(worker.number)
         except KeyboardInterrupt:
             for worker in workers:
