@@ -128,8 +128,8 @@ def _describe_registry(registry) -> str:
     for name, cls in sorted(registry.executors.items()):
         options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
         extra = f" (pip install 'noprop-bench[{cls.extra}]')" if cls.extra else ""
-        lines.append(f"  {name:<14} {cls.description} from plugin {registry.provider[f'executor:{name}']}; "
-                     f"{options}{extra}")
+        lines.append(f"  {name:<14} {cls.description} (plugin {registry.provider[f'executor:{name}']}); "
+                     f"options: {options}{extra}")
     for name, error in sorted(registry.broken.items()):
         lines.append(f"Broken plugin {name}: {error}")
     return "\n".join(lines)
