@@ -204,6 +204,9 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     store = TrialStore(out)
+    for record in store.merge_record_files():
+        say(f"recorded {record.get('row_label')} seed {record.get('seed')}: it finished after the last run's "
+            f"host had stopped")
     finished = store.finished_ids()
     pending = [spec for spec in specs if spec.trial_id not in finished]
     for spec in specs:
@@ -219,6 +222,7 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     def deliver(job: TrialJob, record) -> None:
         store.append(record)
+        store.forget_record_file(record)
         say(progress.line(job, record))
         try:
             registry.hook.trial_finished(record=record, out_dir=str(out))

@@ -40,6 +40,7 @@ class TrialJob:
     plugin_paths: Tuple[str, ...] = ()
     threads: Optional[int] = None
     executor: str = "local"
+    record_copy_dir: Optional[str] = None  # where the worker also leaves its record (a run directory)
 
     @property
     def trial_id(self) -> str:
@@ -161,6 +162,10 @@ def execute_job(job: TrialJob, progress: Optional[Say] = None, raise_usage_error
         return record
     record["executor"] = job.executor
     record["worker"] = worker_identity()
+    if job.record_copy_dir:
+        from .results import TrialStore
+
+        TrialStore(job.record_copy_dir).write_record_file(record)
     return record
 
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 TRIALS_FILE = "trials.jsonl"
+RECORD_FILES_DIR = "unmerged-records"  # records written by remote workers, waiting to be merged by the host
 FINISHED_STATUSES = ("ok", "diverged")  # a failed trial is tried again when the command is rerun
 
 
@@ -63,6 +64,35 @@ class TrialStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    @property
+    def record_files_dir(self) -> Path:
+        return self.directory / RECORD_FILES_DIR
+
+    def write_record_file(self, record: Dict[str, Any]) -> None:
+        """A worker's copy of its record, so the trial is kept even if the host is gone when it finishes."""
+        self.record_files_dir.mkdir(parents=True, exist_ok=True)
+        final = self.record_files_dir / f"{record['trial_id']}.json"
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(record, sort_keys=True, default=str))
+        os.replace(temporary, final)  # atomic: a reader sees the whole record or none of it
+
+    def forget_record_file(self, record: Dict[str, Any]) -> None:
+        """The host appended ``record``: its worker's copy is no longer needed."""
+        (self.record_files_dir / f"{record.get('trial_id')}.json").unlink(missing_ok=True)
+
+    def merge_record_files(self) -> List[Dict[str, Any]]:
+        """Append the records that workers finished while no host was listening; returns them."""
+        merged = []
+        for path in sorted(self.record_files_dir.glob("*.json")) if self.record_files_dir.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # left for a later run; a torn copy cannot exist, so this is a foreign file
+            self.append(record)
+            path.unlink(missing_ok=True)
+            merged.append(record)
+        return merged
 
     def read(self) -> Tuple[List[Dict[str, Any]], List[str]]:
         """All valid records, and a note for each line that could not be read (e.g. a killed write)."""

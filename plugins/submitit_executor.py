@@ -6,7 +6,9 @@ and writes ``trials.jsonl`` as jobs finish; keep it alive, e.g. in tmux or its o
 SLURM. Job logs and pickles go to ``OUT/submitit/``.
 """
 
+import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
@@ -59,9 +61,13 @@ class SubmititExecutor(ClusterExecutor):
         return executor
 
     def run(self, jobs: List[TrialJob], deliver, say) -> None:
-        folder = self.options["folder"] or f"{self.out_dir}/submitit/%j"
+        out_dir = str(Path(self.out_dir).resolve())  # jobs may start in another directory, on another node
+        folder = self.options["folder"] or f"{out_dir}/submitit/%j"
         engine = self._engine(folder)
-        submitted = engine.map_array(execute_job, jobs)
+        # each job also leaves its record in the run directory, so a trial that finishes after this host
+        # process is gone (a lost login session) is merged by the next run instead of being trained again
+        copies = [dataclasses.replace(job, record_copy_dir=out_dir) for job in jobs]
+        submitted = engine.map_array(execute_job, copies)
         say(f"submitted {len(submitted)} trial(s) to {engine.cluster} "
             f"(job ids {submitted[0].job_id} ...); logs in {folder.replace('%j', '<job id>')}")
         pending = list(zip(jobs, submitted))

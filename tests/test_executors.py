@@ -1,6 +1,7 @@
 """Executors: the same grid gives the same trials and accuracies whichever executor runs it, a dead worker
 loses only its own trial, resume works across executors, and missing engines are explained."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -82,6 +83,8 @@ def test_every_executor_gives_the_same_trials_and_accuracies(executor, in_proces
         assert record["environment"]["device_name"].startswith("cpu")
         assert record["environment"]["host"] == record["worker"]["host"]
     assert (out / "table1.md").read_text() == (in_process_grid / "table1.md").read_text()
+    if executor.startswith("submitit"):  # its jobs leave a copy of each record, merged and dropped by the host
+        assert (out / "unmerged-records").is_dir() and not any((out / "unmerged-records").iterdir())
 
 
 @pytest.mark.slow
@@ -206,6 +209,21 @@ def test_a_worker_with_other_plugin_defaults_refuses_the_trial():
     job.header["trial_id"] = "0" * 16  # as if the host had computed it with different defaults
     record = execute_job(job, progress=lambda message: None)
     assert record["status"] == "failed" and "its plugins or their defaults differ" in record["error"]
+
+
+def test_a_record_finished_while_no_host_listened_is_merged_not_retrained(tmp_path, capsys, keep_threads):
+    out = tmp_path / "run"
+    job = dataclasses.replace(_job(load_plugins()), record_copy_dir=str(out))
+    orphan = execute_job(job, progress=lambda message: None)  # a SLURM job finishing after its host died
+    assert orphan["status"] == "ok" and not (out / "trials.jsonl").exists()
+    assert run(["--methods", "backprop", "--dataset", "mnist5k", "--budget", "128samples", "--batch-size", "64",
+                "--checkpoints", "0", "--seeds", "2", "--device", "cpu", "--threads", "1", "--out", str(out)]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "recorded Backprop (one-hot) seed 0: it finished after the last run's host had stopped" in err
+    assert "skip Backprop (one-hot) seed 0" in err and "finished 1/1: Backprop (one-hot) seed 1" in err
+    records = _records(out)
+    assert [r["seed"] for r in records] == [0, 1] and records[0] == json.loads(json.dumps(orphan, default=str))
+    assert list((out / "unmerged-records").iterdir()) == []
 
 
 def _job(registry) -> TrialJob:
