@@ -255,7 +255,7 @@ def run(argv: Optional[List[str]] = None) -> int:
 def _job(spec: TrialSpec, args, executor) -> TrialJob:
     return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=args.data_root,
                     download=not args.no_download, plugins=tuple(args.plugin),
-                    plugin_paths=tuple(import_root(module) for module in args.plugin),
+                    plugin_paths=tuple(filter(None, (import_root(module) for module in args.plugin))),
                     threads=executor.threads_per_trial(args.threads), executor=executor.spec_text)
 
 

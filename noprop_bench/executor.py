@@ -50,9 +50,12 @@ class TrialJob:
         return f"{self.header['row_label']} seed {self.header['seed']}"
 
 
-def import_root(module_name: str) -> str:
-    """The ``sys.path`` entry a loaded module was imported from, so other processes can import it too."""
+def import_root(module_name: str) -> Optional[str]:
+    """The ``sys.path`` entry a loaded module was imported from, so other processes can import it too
+    (None for a module without a file, e.g. a namespace package)."""
     module = sys.modules[module_name]
+    if not getattr(module, "__file__", None):
+        return None
     path = os.path.abspath(module.__file__)
     depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
     root = os.path.dirname(path)
