@@ -66,6 +66,21 @@ class Method(nn.Module):
         """Class logits (or scores) ``[B, num_classes]``; called under ``torch.inference_mode()``."""
         raise NotImplementedError
 
+    # -- optional: evaluation reuses what does not depend on the inference setting -----------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic, setting-independent part of ``predict`` (e.g. the backbone), if the method
+        splits it out: then ``predict(x, **s)`` must equal ``predict_from_features(features(x), **s)`` and
+        the harness computes features once per test image for all final evaluations, sweep points and
+        diagnostics of a trial. Methods that do not override both leave ``predict`` whole."""
+        raise NotImplementedError
+
+    def predict_from_features(self, features: torch.Tensor, **setting) -> torch.Tensor:
+        """``predict`` given ``features(x)``; see :meth:`features`."""
+        raise NotImplementedError
+
+    def reuses_features(self) -> bool:
+        return type(self).features is not Method.features and type(self).predict_from_features is not Method.predict_from_features
+
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
         return {}

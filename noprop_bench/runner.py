@@ -155,11 +155,16 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
     )
 
 
+FeatureBatches = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
 def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: int, seed: int,
-             setting: Optional[Dict[str, Any]] = None) -> float:
+             setting: Optional[Dict[str, Any]] = None, features: Optional[FeatureBatches] = None) -> float:
     """Accuracy (%) of ``method.predict(x, **setting)`` on ``split``.
 
-    The RNG is forked and seeded, so evaluation is reproducible and never perturbs training.
+    The RNG is forked and seeded, so evaluation is reproducible and never perturbs training. With
+    ``features`` (from :func:`split_features`) the method predicts from them instead of the images, with
+    the same result, as the features use no randomness.
     """
     setting = setting or {}
     was_training = method.training
@@ -168,10 +173,27 @@ def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: in
     correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
-        for x, y in eval_batches(split, normalize, batch_size):
-            correct += (method.predict(x, **setting).argmax(dim=1) == y).sum()
+        if features is None:
+            for x, y in eval_batches(split, normalize, batch_size):
+                correct += (method.predict(x, **setting).argmax(dim=1) == y).sum()
+        else:
+            for f, y in features:
+                correct += (method.predict_from_features(f, **setting).argmax(dim=1) == y).sum()
     method.train(was_training)
     return 100.0 * correct.item() / len(split)
+
+
+def split_features(method: Method, split: Split, normalize: Normalizer, batch_size: int) -> Optional[FeatureBatches]:
+    """``method.features`` of every evaluation batch of ``split``, or None when the method keeps
+    ``predict`` whole (see :meth:`Method.features`)."""
+    if not method.reuses_features():
+        return None
+    was_training = method.training
+    method.eval()
+    with torch.inference_mode():
+        batches = [(method.features(x), y) for x, y in eval_batches(split, normalize, batch_size)]
+    method.train(was_training)
+    return batches
 
 
 def _finite(value: torch.Tensor) -> torch.Tensor:
@@ -243,6 +265,7 @@ class _TrialRun:
         self.memory = PeakMemory(spec.device)
         self.method: Optional[Method] = None
         self.steps = self.samples = 0
+        self.test_features: Optional[FeatureBatches] = None
 
     def run(self):
         spec, data, record = self.spec, self.data, self.record
@@ -328,24 +351,26 @@ class _TrialRun:
         spec, data, record = self.spec, self.data, self.record
         started = time.perf_counter()
         runs = spec.inference_runs if spec.method.stochastic else 1
-        test = [evaluate(self.method, data.test, data.normalize, spec.eval_batch_size, seed=spec.seed * 1000 + 1 + r)
-                for r in range(runs)]
+        # every test evaluation below shares one pass of the setting-independent part (the backbone)
+        self.test_features = split_features(self.method, data.test, data.normalize, spec.eval_batch_size)
+        test = [self._test_accuracy(spec.seed * 1000 + 1 + r) for r in range(runs)]
         record["test_acc_runs"] = test
         record["test_acc"] = float(np.mean(test))
         if spec.train_accuracy:
+            train_features = split_features(self.method, data.train, data.normalize, spec.eval_batch_size)
             train = [evaluate(self.method, data.train, data.normalize, spec.eval_batch_size,
-                              seed=spec.seed * 1000 + 501 + r) for r in range(runs)]
+                              seed=spec.seed * 1000 + 501 + r, features=train_features) for r in range(runs)]
+            del train_features
             record["train_acc_runs"] = train
             record["train_acc"] = float(np.mean(train))
         if self.data.val is not None:
             record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, spec.eval_batch_size,
                                          seed=spec.seed * 1000 + 701)
-        record["diagnostics"] = {
-            name: evaluate(self.method, data.test, data.normalize, spec.eval_batch_size,
-                           seed=spec.seed * 1000 + 801, setting=setting)
-            for name, setting in self.method.diagnostic_settings().items()}
+        record["diagnostics"] = {name: self._test_accuracy(spec.seed * 1000 + 801, setting)
+                                 for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
             record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
+        self.test_features = None
         record["eval_seconds"] += time.perf_counter() - started
         record["curve"].append({
             "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
@@ -357,12 +382,15 @@ class _TrialRun:
                  f"test acc {record['test_acc']:.2f}%")
 
     def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
-        spec, data = self.spec, self.data
+        spec = self.spec
         started = time.perf_counter()
-        accuracies = [evaluate(self.method, data.test, data.normalize, spec.eval_batch_size,
-                               seed=spec.seed * 1000 + 1 + r, setting=setting) for r in range(runs)]
+        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, setting) for r in range(runs)]
         return {"setting": setting, "test_acc_runs": accuracies, "test_acc": float(np.mean(accuracies)),
                 "eval_seconds": time.perf_counter() - started}
+
+    def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None) -> float:
+        return evaluate(self.method, self.data.test, self.data.normalize, self.spec.eval_batch_size, seed=seed,
+                        setting=setting, features=self.test_features)
 
     def finish(self):
         """Fill in what is known even when the trial stopped early."""

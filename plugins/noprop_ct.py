@@ -186,11 +186,18 @@ class NoPropCT(Method):
         ``ablate_z=True`` replaces ``z_1`` by fresh ``N(0, I)`` noise (a diagnostic: if accuracy stays
         above chance, the image reaches the classifier some other way than through the dynamics).
         """
+        return self.predict_from_features(self.features(x), solver, steps, ablate_z)
+
+    def features(self, x):
+        """The backbone's contribution to the head, shared by every inference setting."""
+        return self.model.features(x)
+
+    def predict_from_features(self, features, solver=None, steps=None, ablate_z=False):
         solver, steps = solver_setting(self, SOLVERS, solver, steps)
         if ablate_z:  # the integrated z_1 would be thrown away, so do not integrate at all
-            z = torch.randn(x.shape[0], self.embedding.dim, device=x.device)
+            z = torch.randn(features.shape[0], self.embedding.dim, device=features.device)
         else:
-            z = self.integrate(self.model.features(x), solver, steps)
+            z = self.integrate(features, solver, steps)
         return self.classifier(z)
 
     # -- host hooks -------------------------------------------------------------------------------

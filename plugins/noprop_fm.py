@@ -127,11 +127,18 @@ class NoPropFM(Method):
         ``solver`` (euler | heun) and ``steps`` default to the method's parameters. ``ablate_z=True``
         replaces ``z_1`` by fresh ``N(0, I)`` noise (a diagnostic: accuracy should drop to chance).
         """
+        return self.predict_from_features(self.features(x), solver, steps, ablate_z)
+
+    def features(self, x):
+        """The backbone's contribution to the velocity field, shared by every inference setting."""
+        return self.model.features(x)
+
+    def predict_from_features(self, features, solver=None, steps=None, ablate_z=False):
         solver, steps = solver_setting(self, SOLVERS, solver, steps)
         if ablate_z:
-            z = torch.randn(x.shape[0], self.embedding.dim, device=x.device)
+            z = torch.randn(features.shape[0], self.embedding.dim, device=features.device)
         else:
-            z = self.integrate(self.model.features(x), solver, steps)
+            z = self.integrate(features, solver, steps)
         return -torch.cdist(z, self.embedding.weight).pow(2)
 
     # -- host hooks -------------------------------------------------------------------------------

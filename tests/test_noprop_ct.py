@@ -274,3 +274,15 @@ def test_cli_end_to_end(tmp_path):
         {"solver": "euler", "steps": 2}, {"solver": "heun", "steps": 2}]
     assert 0 <= record["diagnostics"]["z_ablation"] <= 100
     assert "NoProp-CT (one-hot)" in (out / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("setting", [{}, {"solver": "euler", "steps": 5}, {"solver": "heun", "steps": 10},
+                                     {"ablate_z": True}])
+def test_prediction_from_shared_features_is_the_same_prediction(trained, setting):
+    method, x, _ = trained
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        whole = method.predict(x[:200], **setting)
+        torch.manual_seed(3)
+        shared = method.predict_from_features(method.features(x[:200]), **setting)
+    assert torch.equal(whole, shared)

@@ -223,3 +223,16 @@ def test_cli_end_to_end(tmp_path):
     assert record["status"] == "ok" and record["method"] == "noprop_fm"
     assert record["method_metrics"]["anchor"] is True
     assert "NoProp-FM (dim=20)" in (out / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("setting", [{}, {"solver": "heun", "steps": 3}, {"ablate_z": True}])
+def test_prediction_from_shared_features_is_the_same_prediction(setting):
+    task = make_task()
+    method = make_method(task).eval()
+    x, _ = first_batch(task)
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        whole = method.predict(x, **setting)
+        torch.manual_seed(3)
+        shared = method.predict_from_features(method.features(x), **setting)
+    assert torch.equal(whole, shared)

@@ -91,3 +91,31 @@ def test_a_failing_observer_does_not_stop_the_run(fake_run, capsys):
     assert code == 0
     assert len(_records(out)) == 2
     assert "warning: a trial_finished observer failed: RuntimeError: observer broke" in capsys.readouterr().err
+
+
+def test_final_evaluations_share_one_backbone_pass_with_the_same_results(fake_run, tmp_path, monkeypatch):
+    from noprop_bench.method import Method
+    from noprop_bench_plugins.noprop_fm import NoPropFM
+
+    calls = []
+    features = NoPropFM.features
+    monkeypatch.setattr(NoPropFM, "features", lambda self, x: calls.append(len(x)) or features(self, x))
+    args = ("--methods", "noprop_fm", "--budget", "256samples", "--checkpoints", "0", "--inference-runs", "3",
+            "--inference-sweep")
+    assert fake_run(*args)[0] == 0
+    shared, shared_calls = _records(tmp_path / "out")[0], len(calls)
+    calls.clear()
+    monkeypatch.setattr(Method, "reuses_features", lambda self: False)
+    assert fake_run(*args, out=tmp_path / "whole")[0] == 0
+    whole, whole_calls = _records(tmp_path / "whole")[0], len(calls)
+
+    for field in ("test_acc_runs", "inference_sweep", "diagnostics"):
+        if field == "inference_sweep":
+            strip = lambda points: [(p["setting"], p["test_acc_runs"]) for p in points]  # noqa: E731
+            assert strip(shared[field]) == strip(whole[field])
+        else:
+            assert shared[field] == whole[field]
+    sweep_points = len(shared["inference_sweep"])
+    assert sweep_points >= 4 and set(shared["diagnostics"]) == {"z_ablation"}
+    assert shared_calls == 1  # the 64 test images are one evaluation batch
+    assert whole_calls == 3 + 3 * sweep_points + 1  # every run, sweep run and diagnostic recomputed them

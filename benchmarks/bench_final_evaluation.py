@@ -1,0 +1,64 @@
+"""A trial's final evaluation with ``--inference-sweep``: one backbone pass over the test split shared by
+every inference run, sweep point and diagnostic, against recomputing it for each of them.
+
+Both sides evaluate the same NoProp-CT model (trained for a few steps: the cost of evaluation does not
+depend on training) on mnist5k's 1,000 test images with the method's own sweep and 5 inference runs,
+and must give identical accuracies. Rounds alternate between the two; the ratio of the medians of the
+evaluation seconds is printed and stored in ``extra_info``. Full size: resnet18 (the default backbone
+off mnist5k) with the method's defaults; smoke size: noprop_cnn, 10 inference steps, a two-point sweep.
+
+    NOPROP_BENCH_FULL=1 pytest benchmarks/bench_final_evaluation.py -s
+"""
+
+import statistics
+
+import pytest
+import torch
+
+from noprop_bench.budget import Budget
+from noprop_bench.method import Method
+from noprop_bench.plugins import load_plugins
+from noprop_bench.runner import RunData, TrialSpec, run_trial
+from noprop_bench_plugins.mnist5k import MNIST5k
+
+
+@pytest.fixture(scope="module")
+def data():
+    return RunData.load(MNIST5k(), torch.device("cpu"))
+
+
+def _evaluation(data, backbone: str, params: dict, share: bool, monkeypatch):
+    ct = load_plugins().method("noprop_ct")
+    spec = TrialSpec(method=ct, params=ct.resolve_params(params), dataset="mnist5k",
+                     backbone=backbone, budget=Budget.parse("2steps"), seed=0, batch_size=32,
+                     device=torch.device("cpu"), augment="none", checkpoints=0, inference_sweep=True)
+    with monkeypatch.context() as patch:
+        if not share:
+            patch.setattr(Method, "reuses_features", lambda self: False)
+        record = run_trial(spec, data)
+    assert record["status"] == "ok", record["error"]
+    accuracies = [record["test_acc_runs"], record["diagnostics"]] + [p["test_acc_runs"] for p in record["inference_sweep"]]
+    return record["eval_seconds"], accuracies
+
+
+def test_final_evaluation_shares_the_backbone(benchmark, data, smoke, monkeypatch):
+    if smoke:
+        backbone, params, rounds = "noprop_cnn", {"sweep_steps": "2,5", "steps": 10}, 1
+    else:  # the method's defaults: 1000-step stochastic inference, sweep of 2..1000 steps
+        backbone, params, rounds = "resnet18", {}, 3
+    seconds = {True: [], False: []}
+    results = {}
+
+    def one_round():
+        for share in (False, True):
+            elapsed, accuracies = _evaluation(data, backbone, params, share, monkeypatch)
+            seconds[share].append(elapsed)
+            results.setdefault(share, accuracies)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    assert results[True] == results[False]
+    shared, whole = statistics.median(seconds[True]), statistics.median(seconds[False])
+    benchmark.extra_info.update({"shared_s": shared, "recomputed_s": whole, "speedup": whole / shared,
+                                 "backbone": backbone, "params": params, "rounds": rounds})
+    print(f"\nfinal evaluation ({backbone}, {params or 'default parameters'}, 5 runs): recomputed {whole:.1f} s, "
+          f"shared {shared:.1f} s: {whole / shared:.2f}x (medians of {rounds} alternating rounds)")
