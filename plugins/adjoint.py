@@ -146,8 +146,11 @@ class Adjoint(Method):
 
     def forward(self, x: torch.Tensor, settings: SolverSettings = None, adjoint: bool = False) -> torch.Tensor:
         """Logits for ``x``: backbone once, then the ODE from ``z_0`` to ``z_1``, then the classifier."""
-        self.dynamics.bind(self.model.features(x))
-        z1 = solve(self.dynamics, self.z0(x.shape[0], x.device), settings or self.solver_settings, adjoint)
+        return self._solve_from(self.model.features(x), settings or self.solver_settings, adjoint)
+
+    def _solve_from(self, features: torch.Tensor, settings: SolverSettings, adjoint: bool = False) -> torch.Tensor:
+        self.dynamics.bind(features)
+        z1 = solve(self.dynamics, self.z0(features.shape[0], features.device), settings, adjoint)
         return self.classifier(z1)
 
     def train_step(self, x, y):
@@ -163,11 +166,18 @@ class Adjoint(Method):
 
     def predict(self, x, solver=None, steps=None):
         """Logits; ``solver``/``steps`` override the trained setting (e.g. for a sweep)."""
+        return self.predict_from_features(self.features(x), solver, steps)
+
+    def features(self, x):
+        """The backbone's features that condition the dynamics, shared by every solver setting."""
+        return self.model.features(x)
+
+    def predict_from_features(self, features, solver=None, steps=None):
         settings = self.solver_settings
         if solver is not None or steps is not None:
             settings = SolverSettings(**{**settings.__dict__, "solver": solver or settings.solver,
                                          "steps": steps or settings.steps}).check(self.name)
-        return self(x, settings)
+        return self._solve_from(features, settings)
 
     def sweep_settings(self) -> List[dict]:
         """``--inference-sweep``: Euler and RK4 at a few step counts, up to 1000 evaluations (the paper's T)."""

@@ -190,3 +190,16 @@ def test_function_evaluations_are_recorded_on_every_curve_point(tmp_path):
     assert len(record["curve"]) >= 2  # checkpoints during training, then the final point
     for point in record["curve"]:
         assert point["nfe_forward"] == 8 and point["nfe_backward"] == 8  # rk4: 4 evaluations per step
+
+
+@pytest.mark.parametrize("setting", [{}, {"solver": "euler", "steps": 3}, {"solver": "rk4", "steps": 2}])
+@pytest.mark.parametrize("z0", ["zeros", "noise"])
+def test_prediction_from_shared_features_is_the_same_prediction(setting, z0):
+    method = make_method(z0=z0).eval()
+    x, _ = batch()
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        whole = method.predict(x, **setting)
+        torch.manual_seed(3)
+        shared = method.predict_from_features(method.features(x), **setting)
+    assert torch.equal(whole, shared)
