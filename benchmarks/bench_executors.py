@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 EXECUTORS = ["local", "local[workers=2]"]
 if importlib.util.find_spec("submitit"):
