@@ -18,8 +18,8 @@ from .errors import UsageError
 from .executor import Progress, TrialJob, import_root
 from .plugins import load_plugins
 from .report_cli import report_main, write_run_outputs
-from .results import TrialStore, latest_per_trial
-from .runner import TrialSpec, trial_header
+from .results import FINISHED_STATUSES, TrialStore, latest_per_trial
+from .runner import TrialSpec, backbone_width, trial_header
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare the finished run with this baseline; exit 3 with a table of what regressed "
                              "when accuracy or relative throughput fell beyond the tolerances stated in FILE")
     parser.add_argument("--save-baseline", metavar="FILE", help="write a baseline from this run's trials to FILE")
-    parser.add_argument("--list", action="store_true", help="list methods and datasets with their plugins, then exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list methods, datasets and executors with their plugins and parameters, then exit")
     return parser
 
 
@@ -165,6 +166,7 @@ def _plan(args, registry, device, command) -> tuple:
     dataset = registry.dataset(dataset_name)(argument, root=args.data_root, download=not args.no_download)
     backbone = args.backbone or dataset.default_backbone
     check_backbone_name(backbone)
+    backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
     augment = args.augment or dataset.augment
     specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone, budget=budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
@@ -222,7 +224,8 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     def deliver(job: TrialJob, record) -> None:
         store.append(record)
-        store.forget_record_file(record)
+        if record["status"] in FINISHED_STATUSES:
+            store.forget_record_file(record)
         say(progress.line(job, record))
         try:
             registry.hook.trial_finished(record=record, out_dir=str(out))

@@ -19,6 +19,7 @@ import torch
 
 from .errors import UsageError
 from .method import coerce_value
+from .results import FINISHED_STATUSES, TrialStore
 
 Deliver = Callable[["TrialJob", Dict[str, Any]], None]
 Say = Callable[[str], None]
@@ -62,6 +63,14 @@ def import_root(module_name: str) -> Optional[str]:
     for _ in range(depth):
         root = os.path.dirname(root)
     return root
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the scheduler's affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def worker_identity() -> Dict[str, Any]:
@@ -165,10 +174,11 @@ def execute_job(job: TrialJob, progress: Optional[Say] = None, raise_usage_error
         return record
     record["executor"] = job.executor
     record["worker"] = worker_identity()
-    if job.record_copy_dir:
-        from .results import TrialStore
-
-        TrialStore(job.record_copy_dir).write_record_file(record)
+    if job.record_copy_dir and record["status"] in FINISHED_STATUSES:
+        try:
+            TrialStore(job.record_copy_dir).write_record_file(record)
+        except OSError as error:  # the host still gets the record; only the copy is missing
+            say(f"warning: could not leave a copy of the record in {job.record_copy_dir}: {error}")
     return record
 
 
@@ -196,7 +206,10 @@ class Executor:
         if unknown:
             accepted = ", ".join(sorted(cls.defaults)) or "none"
             raise UsageError(f"executor {cls.name!r} has no option {', '.join(unknown)}; accepted: {accepted}")
-        return {key: coerce_value(key, value, cls.defaults[key]) for key, value in given.items()}
+        try:
+            return {key: coerce_value(key, value, cls.defaults[key]) for key, value in given.items()}
+        except UsageError as error:
+            raise UsageError(f"--executor {cls.name}: {error}") from None
 
     def check_available(self) -> None:
         """Raise :class:`UsageError` naming the extra to install when the engine is missing."""
@@ -216,8 +229,9 @@ class Executor:
     def run(self, jobs: List[TrialJob], deliver: Deliver, say: Say) -> None:
         """Run every job, calling ``deliver(job, record)`` in the host process once per job.
 
-        On ``KeyboardInterrupt`` stop the workers, deliver an ``interrupted`` record for each job that was
-        running, and re-raise.
+        A delivered record that says the trial was interrupted stops the run (:func:`stop_if_interrupted`).
+        On ``KeyboardInterrupt`` stop the workers, deliver an ``interrupted`` record for each job that had
+        not finished (after delivering those that had), and re-raise.
         """
         raise NotImplementedError
 
@@ -235,11 +249,12 @@ class ClusterExecutor(Executor):
         require_engine(self.engine, self.spec_text, self.extra)
 
     def device_type(self, requested: str) -> str:
-        """CUDA when GPUs are requested; ``--device cuda`` requests one per trial if none was."""
+        """CUDA when GPUs are requested; ``--device cuda`` requests one per trial if none was, and
+        ``--device cpu`` requests none."""
         if requested == "cuda" and self.options[self.gpu_option] == 0:
             self.options[self.gpu_option] = 1
         if requested == "cpu":
-            return "cpu"
+            self.options[self.gpu_option] = 0
         return "cuda" if self.options[self.gpu_option] > 0 else "cpu"
 
 
@@ -256,6 +271,12 @@ def require_engine(module: str, executor: str, extra: str):
 
 def interrupted(job: TrialJob) -> Dict[str, Any]:
     return failed_record(job, "interrupted by the user", status="interrupted")
+
+
+def stop_if_interrupted(record: Dict[str, Any]) -> None:
+    """A trial that saw Ctrl-C itself (its worker shares the terminal) stops the whole run."""
+    if record.get("status") == "interrupted":
+        raise KeyboardInterrupt
 
 
 @dataclass

@@ -82,16 +82,17 @@ class TrialStore:
         (self.record_files_dir / f"{record.get('trial_id')}.json").unlink(missing_ok=True)
 
     def merge_record_files(self) -> List[Dict[str, Any]]:
-        """Append the records that workers finished while no host was listening; returns them."""
+        """Append the finished records that workers left while no host was listening; returns them."""
         merged = []
         for path in sorted(self.record_files_dir.glob("*.json")) if self.record_files_dir.is_dir() else []:
             try:
                 record = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
-                continue  # left for a later run; a torn copy cannot exist, so this is a foreign file
-            self.append(record)
+                continue  # a torn copy cannot exist (copies are renamed into place): a foreign file, left alone
+            if isinstance(record, dict) and record.get("status") in FINISHED_STATUSES and "trial_id" in record:
+                self.append(record)
+                merged.append(record)
             path.unlink(missing_ok=True)
-            merged.append(record)
         return merged
 
     def read(self) -> Tuple[List[Dict[str, Any]], List[str]]:

@@ -134,18 +134,23 @@ def checkpoint_fractions(count: int) -> List[float]:
     return [float(f) for f in np.geomspace(0.02, 1.0, count + 1)[:-1]]
 
 
+def backbone_width(backbone: str, shape: Tuple[int, ...]) -> int:
+    """The feature width of ``backbone`` on images of ``shape`` (C, H, W); a clear error if it cannot take them."""
+    try:
+        return feature_dim(create_backbone(backbone, in_chans=shape[0], image_size=max(shape[1:])), shape)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(f"backbone {backbone!r} cannot take {shape[1]}x{shape[2]} images: {error}") from None
+
+
 def build_task(spec: TrialSpec, data: RunData) -> Task:
     shape = tuple(data.train.images.shape[1:])
 
     def make_backbone():
         return create_backbone(spec.backbone, in_chans=shape[0], image_size=max(shape[1:]))
 
-    try:
-        width = feature_dim(make_backbone(), shape)
-    except UsageError:
-        raise
-    except Exception as error:
-        raise UsageError(f"backbone {spec.backbone!r} cannot take {shape[1]}x{shape[2]} images: {error}") from None
+    width = backbone_width(spec.backbone, shape)
     return Task(
         num_classes=data.dataset.num_classes, image_shape=shape, device=torch.device(spec.device),
         backbone_name=spec.backbone, make_backbone=make_backbone, backbone_features=width,

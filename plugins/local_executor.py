@@ -9,6 +9,7 @@ cause, and a fresh worker takes its place.
 
 import multiprocessing
 import os
+import platform
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -17,15 +18,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import Executor, TrialJob, WorkerCache, execute_job, failed_record, interrupted
-
-
-def cpu_count() -> int:
-    """Cores this process may use (the scheduler's affinity mask where there is one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
+                                   interrupted, stop_if_interrupted)
 
 
 def visible_gpus() -> List[str]:
@@ -111,8 +105,7 @@ class LocalExecutor(Executor):
             say(f"[{number}/{len(jobs)}] {job.describe()} on {job.spec['dataset']}")
             record = execute_job(job, progress=say, raise_usage_errors=True, cache=cache)
             deliver(job, record)
-            if record["status"] == "interrupted":
-                raise KeyboardInterrupt
+            stop_if_interrupted(record)
 
 
 class _Pool:
@@ -139,24 +132,30 @@ class _Pool:
         workers = [self._start(n) for n in range(min(self.executor.workers, len(jobs)))]
         try:
             while queue or any(w.job for w in workers):
-                for worker in workers:
-                    if worker.job is None and queue and worker.process.is_alive():
+                for index, worker in enumerate(workers):
+                    if worker.job is None and queue and not worker.process.is_alive():
+                        workers[index] = worker = self._start(worker.number)  # it died between trials
+                    if worker.job is None and queue:
                         worker.job = queue.pop(0)
                         try:
                             worker.connection.send(worker.job)
-                        except OSError:  # it died between trials: _collect records the job and replaces it
+                        except OSError:  # it died just now: _collect records the job as failed
                             pass
                         self.say(f"worker {worker.number}: {worker.job.describe()}")
-                busy = [w for w in workers if w.job]
+                busy = [w for w in workers if w.job]  # never empty here: a job is queued or running
                 wait([w.connection for w in busy] + [w.process.sentinel for w in busy])
                 for worker in busy:
                     record = self._collect(worker)
                     if record is not None:
                         job, worker.job = worker.job, None
                         deliver(job, record)
-                        if not worker.process.is_alive() and queue:
-                            workers[workers.index(worker)] = self._start(worker.number)
+                        stop_if_interrupted(record)
         except KeyboardInterrupt:
+            for worker in workers:  # keep a record that arrived meanwhile
+                record = self._collect(worker) if worker.job and worker.process.is_alive() else None
+                if record is not None:
+                    deliver(worker.job, record)
+                    worker.job = None
             for worker in workers:
                 worker.process.kill()
             for worker in workers:
@@ -190,8 +189,11 @@ class _Pool:
         worker.process.join()
         cause = (f"worker process {worker.process.pid} died while running this trial: "
                  f"{describe_exit(worker.process.exitcode)}")
-        self.say(f"worker {worker.number}: {cause}; starting a new worker")
-        return failed_record(worker.job, cause)
+        self.say(f"worker {worker.number}: {cause}")
+        record = failed_record(worker.job, cause)
+        record["worker"] = {"host": platform.node(), "pid": worker.process.pid,
+                            **({"cuda_visible_devices": self.gpus[worker.number]} if self.gpus else {})}
+        return record
 
 
 @hookimpl

@@ -8,7 +8,8 @@ whose worker dies is recorded as failed with Ray's reason.
 from typing import List
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine
+from noprop_bench.executor import (ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine,
+                                   stop_if_interrupted)
 
 
 class RayExecutor(ClusterExecutor):
@@ -29,39 +30,67 @@ class RayExecutor(ClusterExecutor):
     def threads_per_trial(self, requested):
         return requested or self.options["cpus"]
 
-    def run(self, jobs: List[TrialJob], deliver, say) -> None:
-        ray = require_engine(self.engine, self.spec_text, self.extra)
-        started_here = not ray.is_initialized()
-        if started_here:
-            address = self.options["address"] or None
-            ray.init(address=address, namespace=self.options["namespace"], include_dashboard=False,
-                     log_to_driver=True)
+    def _connect(self, ray) -> bool:
+        """Start or join Ray; True when this run started it (and so stops it)."""
+        if ray.is_initialized():
+            return False
+        try:
+            ray.init(address=self.options["address"] or None, namespace=self.options["namespace"],
+                     include_dashboard=False, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise UsageError(f"--executor {self.spec_text}: cannot start or join Ray: {error}") from None
+        return True
+
+    def _check_resources(self, ray, started_here: bool, say) -> None:
+        """A trial that needs more than the cluster has would wait forever: refuse it on a cluster started
+        here; warn on one joined (an autoscaler may still add nodes)."""
         resources = ray.cluster_resources()
         say(f"ray: {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s) in the cluster; "
             f"{self.options['cpus']} CPU(s), {self.options['gpus']} GPU(s) per trial")
-        task = ray.remote(execute_job).options(num_cpus=self.options["cpus"], num_gpus=self.options["gpus"],
-                                               max_retries=0, name="noprop-bench-trial")
-        pending = {task.remote(job): job for job in jobs}
+        short = [f"{self.options[key]} {name}(s) per trial but the cluster has {resources.get(name, 0):g}"
+                 for key, name in (("cpus", "CPU"), ("gpus", "GPU")) if self.options[key] > resources.get(name, 0)]
+        if short and started_here:
+            ray.shutdown()
+            raise UsageError(f"--executor {self.spec_text}: " + "; ".join(short))
+        for line in short:
+            say(f"warning: {line}; the trials wait until the cluster grows")
+
+    def run(self, jobs: List[TrialJob], deliver, say) -> None:
+        ray = require_engine(self.engine, self.spec_text, self.extra)
+        started_here = self._connect(ray)
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for reference in ready:
+            self._check_resources(ray, started_here, say)
+            task = ray.remote(execute_job).options(num_cpus=self.options["cpus"], num_gpus=self.options["gpus"],
+                                                   max_retries=0, name="noprop-bench-trial")
+            pending = {task.remote(job): job for job in jobs}
+            try:
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for reference in ready:
+                        job = pending.pop(reference)
+                        record = self._result(ray, reference, job)
+                        deliver(job, record)
+                        stop_if_interrupted(record)
+            except KeyboardInterrupt:
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0) if pending else ([], [])
+                for reference in ready:  # keep what finished meanwhile, stop the rest
                     job = pending.pop(reference)
-                    try:
-                        record = ray.get(reference)
-                    except Exception as error:  # the worker died or the task failed: only this trial
-                        first_lines = " ".join(str(error).strip().splitlines()[:3])
-                        record = failed_record(job, f"Ray task returned no result: {type(error).__name__}: "
-                                                    f"{first_lines}")
-                    deliver(job, record)
-        except KeyboardInterrupt:
-            for reference, job in pending.items():
-                ray.cancel(reference, force=True)
-                deliver(job, interrupted(job))
-            raise
+                    deliver(job, self._result(ray, reference, job))
+                for reference, job in pending.items():
+                    ray.cancel(reference, force=True)
+                    deliver(job, interrupted(job))
+                raise
         finally:
-            if started_here:
+            if started_here and ray.is_initialized():
                 ray.shutdown()
+
+    @staticmethod
+    def _result(ray, reference, job: TrialJob):
+        try:
+            return ray.get(reference)
+        except Exception as error:  # the worker died or the task failed: only this trial
+            first_lines = " ".join(str(error).strip().splitlines()[:3])
+            return failed_record(job, f"Ray task returned no result: {type(error).__name__}: {first_lines}")
 
 
 @hookimpl

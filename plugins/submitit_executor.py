@@ -2,17 +2,20 @@
 
 ``submitit[partition=gpu,gpus_per_node=1,timeout_min=600]`` submits to SLURM (the host process waits
 and writes ``trials.jsonl`` as jobs finish; keep it alive, e.g. in tmux or its own small job).
-``cluster=local`` runs the same jobs as local processes through submitit's ``LocalExecutor``, without
-SLURM. Job logs and pickles go to ``OUT/submitit/``.
+Without SLURM it refuses rather than quietly running everything here; ``cluster=local`` runs the same
+jobs as processes on this machine through submitit's ``LocalExecutor`` (one per core share, or one at a
+time on a GPU), the path the tests take. Job logs and pickles go to ``OUT/submitit/``.
 """
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine
+from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, execute_job, failed_record, interrupted,
+                                   require_engine, stop_if_interrupted)
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
@@ -35,11 +38,32 @@ class SubmititExecutor(ClusterExecutor):
 
     def __init__(self, spec_text: str = "", **options):
         super().__init__(spec_text, **options)
-        if self.options["cluster"] not in ("auto", "slurm", "local", "debug"):
-            raise UsageError(f"--executor {self.spec_text}: cluster must be auto, slurm, local or debug")
+        # submitit's "debug" cluster is left out: it runs jobs inside this process and opens pdb on errors
+        if self.options["cluster"] not in ("auto", "slurm", "local"):
+            raise UsageError(f"--executor {self.spec_text}: cluster must be auto (SLURM), slurm or local")
+
+    @property
+    def runs_here(self) -> bool:
+        """True for submitit's local cluster, which runs the jobs as processes on this machine."""
+        return self.options["cluster"] == "local"
+
+    def check_available(self) -> None:
+        super().check_available()
+        if not self.runs_here and shutil.which("srun") is None:
+            raise UsageError(f"--executor {self.spec_text}: no SLURM here (srun is not on PATH); run the command "
+                             f"on a SLURM login node, or add cluster=local to run the jobs on this machine")
 
     def threads_per_trial(self, requested):
-        return requested or self.options["cpus_per_task"] or None
+        # on this machine the jobs share its cores, one thread each unless told otherwise
+        return requested or self.options["cpus_per_task"] or (1 if self.runs_here else None)
+
+    def _slots(self, threads) -> int:
+        """How many jobs may run at once: all of them on SLURM, one per core share or one GPU job here."""
+        if not self.runs_here:
+            return 1 << 30
+        if self.options["gpus_per_node"] > 0:
+            return 1  # submitit's local cluster would give every job the same first GPU
+        return max(1, cpu_count() // (threads or 1))
 
     def _parameters(self) -> Dict[str, Any]:
         options = self.options
@@ -51,12 +75,12 @@ class SubmititExecutor(ClusterExecutor):
         return parameters
 
     def _engine(self, folder: str):
-        submitit = require_engine(self.engine, self.spec_text, self.extra)
-        cluster = None if self.options["cluster"] == "auto" else self.options["cluster"]
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        submitit = require_engine("submitit", self.spec_text, self.extra)
+        cluster = "slurm" if self.options["cluster"] == "auto" else self.options["cluster"]
         try:
+            executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
             executor.update_parameters(**self._parameters())
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RuntimeError) as error:
             raise UsageError(f"--executor {self.spec_text}: {error}") from None
         return executor
 
@@ -64,22 +88,36 @@ class SubmititExecutor(ClusterExecutor):
         out_dir = str(Path(self.out_dir).resolve())  # jobs may start in another directory, on another node
         folder = self.options["folder"] or f"{out_dir}/submitit/%j"
         engine = self._engine(folder)
-        # each job also leaves its record in the run directory, so a trial that finishes after this host
-        # process is gone (a lost login session) is merged by the next run instead of being trained again
-        copies = [dataclasses.replace(job, record_copy_dir=out_dir) for job in jobs]
-        submitted = engine.map_array(execute_job, copies)
-        say(f"submitted {len(submitted)} trial(s) to {engine.cluster} "
-            f"(job ids {submitted[0].job_id} ...); logs in {folder.replace('%j', '<job id>')}")
-        pending = list(zip(jobs, submitted))
+        # each job also leaves its finished record in the run directory, so a trial that finishes after this
+        # host process is gone (a lost login session) is merged by the next run instead of trained again
+        queue = [(job, dataclasses.replace(job, record_copy_dir=out_dir)) for job in jobs]
+        pending = []
+        if self.runs_here:
+            slots = self._slots(jobs[0].threads)
+            say(f"submitit's {engine.cluster} cluster: at most {slots} job(s) at a time on this machine")
+        else:
+            pending = list(zip(jobs, engine.map_array(execute_job, [copy for _, copy in queue])))
+            queue = []
+            say(f"submitted {len(pending)} trial(s) to {engine.cluster} as job array "
+                f"{str(pending[0][1].job_id).split('_')[0]}; logs in {folder.replace('%j', '<job id>')}")
         try:
-            while pending:
-                for job, handle in list(pending):
-                    if handle.done():
-                        pending.remove((job, handle))
-                        deliver(job, self._result(job, handle))
-                if pending:
+            while queue or pending:
+                while queue and len(pending) < slots:
+                    job, copy = queue.pop(0)
+                    pending.append((job, engine.submit(execute_job, copy)))
+                finished = [(job, handle) for job, handle in pending if handle.done()]
+                for job, handle in finished:
+                    pending.remove((job, handle))
+                    record = self._result(job, handle)
+                    deliver(job, record)
+                    stop_if_interrupted(record)
+                if pending and not finished:
                     time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
+            for job, handle in list(pending):  # keep what finished meanwhile, stop the rest
+                if handle.done():
+                    pending.remove((job, handle))
+                    deliver(job, self._result(job, handle))
             for job, handle in pending:
                 handle.cancel(check=False)
                 deliver(job, interrupted(job))
@@ -91,9 +129,9 @@ class SubmititExecutor(ClusterExecutor):
         try:
             return handle.result()
         except Exception as error:  # the job died, timed out or was cancelled: only this trial is lost
-            first_lines = " ".join(str(error).strip().splitlines()[:3])
+            first_lines = " ".join(str(error).strip().splitlines()[:2])
             return failed_record(job, f"job {handle.job_id} ({handle.state}) returned no result: "
-                                      f"{type(error).__name__}: {first_lines}")
+                                      f"{type(error).__name__}: {first_lines}; its log: {handle.paths.stderr}")
 
 
 @hookimpl

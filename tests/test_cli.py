@@ -31,7 +31,7 @@ def _exit(args, capsys):
     (["--methods", "linear", "--executor", "local[workers=two]"], "parameter workers='two': expected int"),
     (["--methods", "linear", "--executor", "local[cores=2]"], "executor 'local' has no option cores; accepted: workers"),
     (["--methods", "linear", "--executor", "local[workers=-1]"], "workers must be 0 (in-process) or more"),
-    (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto, slurm, local or debug"),
+    (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto (SLURM), slurm or local"),
     (["--methods", "linear", "--executor", "ray[cpus=0]"], "cpus must be at least 1"),
     (["--methods", "linear", "--threads", "0"], "--threads 0: must be a whole number of at least 1"),
 ])

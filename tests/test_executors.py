@@ -272,3 +272,55 @@ def test_ctrl_c_stops_the_workers_and_records_their_trials_as_interrupted(tmp_pa
     for pid in workers:  # no worker is left training
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_submitit_refuses_to_fall_back_to_this_machine_without_slurm(monkeypatch, tmp_path, capsys):
+    from noprop_bench_plugins import submitit_executor
+
+    monkeypatch.setattr(submitit_executor.shutil, "which", lambda name: None)
+    for spec in ("submitit[partition=gpu,gpus_per_node=1]", "submitit[cluster=slurm]"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--methods", "backprop", "--dataset", "mnist5k", "--executor", spec, "--out", str(tmp_path)])
+        assert stopped.value.code == EXIT_USAGE
+        assert "no SLURM here (srun is not on PATH)" in capsys.readouterr().err
+    SubmititExecutor("submitit[cluster=local]", cluster="local").check_available()  # asked for: fine
+
+
+def test_submitit_local_cluster_runs_one_job_per_core_share(monkeypatch):
+    from noprop_bench_plugins import submitit_executor
+
+    monkeypatch.setattr(submitit_executor, "cpu_count", lambda: 8)
+    here = SubmititExecutor(cluster="local")
+    assert here.threads_per_trial(None) == 1 and here._slots(1) == 8 and here._slots(3) == 2
+    assert SubmititExecutor(cluster="local", gpus_per_node=1)._slots(1) == 1  # it would hand every job GPU 0
+    assert SubmititExecutor(cluster="slurm")._slots(None) > 1000  # SLURM schedules the whole array
+    assert SubmititExecutor(cluster="slurm").threads_per_trial(None) is None
+
+
+@needs_ray
+def test_ray_refuses_trials_larger_than_the_cluster_it_started(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--methods", "backprop", "--dataset", "mnist5k", "--executor", "ray[cpus=512]", "--out", str(tmp_path)])
+    assert stopped.value.code == EXIT_USAGE
+    assert "512 CPU(s) per trial but the cluster has" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("executor", ["local", "local[workers=2]"])
+def test_a_backbone_that_cannot_take_the_images_is_bad_input_before_any_trial(executor, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--methods", "backprop", "--dataset", "mnist5k", "--backbone", "levit_128", "--executor", executor,
+              "--out", str(tmp_path / "run")])
+    assert stopped.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "backbone 'levit_128' cannot take 28x28 images" in err and "worker" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_finished_records_left_by_workers_are_merged(tmp_path):
+    store = TrialStore(tmp_path)
+    header = _job(load_plugins()).header
+    store.write_record_file({**header, "status": "ok", "test_acc_runs": [50.0]})
+    store.write_record_file({**header, "trial_id": "f" * 16, "status": "interrupted"})
+    merged = store.merge_record_files()
+    assert [r["status"] for r in merged] == ["ok"] and [r["status"] for r in _records(tmp_path)] == ["ok"]
+    assert list(store.record_files_dir.iterdir()) == []  # the interrupted copy is dropped, not merged
