@@ -256,7 +256,8 @@ def run(argv: Optional[List[str]] = None) -> int:
 
 
 def _job(spec: TrialSpec, args, executor) -> TrialJob:
-    return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=args.data_root,
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else None  # workers may start elsewhere
+    return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=data_root,
                     download=not args.no_download, plugins=tuple(args.plugin),
                     plugin_paths=tuple(filter(None, (import_root(module) for module in args.plugin))),
                     threads=executor.threads_per_trial(args.threads), executor=executor.spec_text)
