@@ -43,3 +43,13 @@ def held_out_accuracy(method, x, y, **setting):
     torch.manual_seed(1)
     with torch.inference_mode():
         return (method.predict(x, **setting).argmax(dim=1) == y).float().mean().item()
+
+
+def predictions_whole_and_shared(method, x, **setting):
+    """``predict(x)`` and ``predict_from_features(features(x))`` from the same RNG state."""
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        whole = method.predict(x, **setting)
+        torch.manual_seed(3)
+        shared = method.predict_from_features(method.features(x), **setting)
+    return whole, shared

@@ -12,6 +12,7 @@ from noprop_bench.runner import RunData, TrialSpec, run_trial
 from noprop_bench.task import Task
 from noprop_bench_plugins.adjoint import Adjoint, NFETrace
 from noprop_bench_plugins.adjoint_ode import LatentDynamics, SolverError
+from noprop_helpers import predictions_whole_and_shared
 
 import fake_plugins
 
@@ -197,9 +198,4 @@ def test_function_evaluations_are_recorded_on_every_curve_point(tmp_path):
 def test_prediction_from_shared_features_is_the_same_prediction(setting, z0):
     method = make_method(z0=z0).eval()
     x, _ = batch()
-    with torch.inference_mode():
-        torch.manual_seed(3)
-        whole = method.predict(x, **setting)
-        torch.manual_seed(3)
-        shared = method.predict_from_features(method.features(x), **setting)
-    assert torch.equal(whole, shared)
+    assert torch.equal(*predictions_whole_and_shared(method, x, **setting))

@@ -11,7 +11,8 @@ from noprop_bench import UsageError
 from noprop_bench.backbones import create_backbone
 from noprop_bench_plugins.noprop_common import MonotoneSchedule
 from noprop_bench_plugins.noprop_ct import NoPropCT
-from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
+from noprop_helpers import (first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task,
+                            predictions_whole_and_shared)
 
 GRID = torch.linspace(0.0, 1.0, 201)
 TRAIN_STEPS = 300
@@ -280,9 +281,4 @@ def test_cli_end_to_end(tmp_path):
                                      {"ablate_z": True}])
 def test_prediction_from_shared_features_is_the_same_prediction(trained, setting):
     method, x, _ = trained
-    with torch.inference_mode():
-        torch.manual_seed(3)
-        whole = method.predict(x[:200], **setting)
-        torch.manual_seed(3)
-        shared = method.predict_from_features(method.features(x[:200]), **setting)
-    assert torch.equal(whole, shared)
+    assert torch.equal(*predictions_whole_and_shared(method, x[:200], **setting))

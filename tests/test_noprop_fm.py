@@ -9,7 +9,8 @@ from torch.nn import functional as F
 
 from noprop_bench import UsageError
 from noprop_bench_plugins.noprop_fm import NoPropFM
-from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
+from noprop_helpers import (first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task,
+                            predictions_whole_and_shared)
 
 
 @pytest.fixture(autouse=True)
@@ -230,9 +231,4 @@ def test_prediction_from_shared_features_is_the_same_prediction(setting):
     task = make_task()
     method = make_method(task).eval()
     x, _ = first_batch(task)
-    with torch.inference_mode():
-        torch.manual_seed(3)
-        whole = method.predict(x, **setting)
-        torch.manual_seed(3)
-        shared = method.predict_from_features(method.features(x), **setting)
-    assert torch.equal(whole, shared)
+    assert torch.equal(*predictions_whole_and_shared(method, x, **setting))
