@@ -103,6 +103,7 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
     assert failed[0]["error"]  # the cause, in the engine's words
     if executor.startswith("local"):
         assert "died while running this trial: killed by signal 9 (SIGKILL)" in failed[0]["error"]
+        assert failed[0]["worker"]["host"] and failed[0]["worker"]["pid"]  # where it died
     capsys.readouterr()
 
     assert run(command) == EXIT_OK
