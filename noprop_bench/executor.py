@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .errors import UsageError
-from .method import coerce_value
+from .method import coerce_value, reject_unknown_names
 from .results import FINISHED_STATUSES, TrialStore
 
 Deliver = Callable[["TrialJob", Dict[str, Any]], None]
@@ -202,10 +202,7 @@ class Executor:
 
     @classmethod
     def resolve_options(cls, given: Mapping[str, str]) -> Dict[str, Any]:
-        unknown = sorted(set(given) - set(cls.defaults))
-        if unknown:
-            accepted = ", ".join(sorted(cls.defaults)) or "none"
-            raise UsageError(f"executor {cls.name!r} has no option {', '.join(unknown)}; accepted: {accepted}")
+        reject_unknown_names(given, cls.defaults, f"executor {cls.name!r}", "option")
         try:
             return {key: coerce_value(key, value, cls.defaults[key]) for key, value in given.items()}
         except UsageError as error:

@@ -30,6 +30,14 @@ def coerce_value(key: str, text: str, default: Any) -> Any:
     return text
 
 
+def reject_unknown_names(given: Mapping[str, Any], defaults: Mapping[str, Any], owner: str, noun: str) -> None:
+    """A :class:`UsageError` listing what is accepted when ``given`` names a key ``defaults`` lacks."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        accepted = ", ".join(sorted(defaults)) or "none"
+        raise UsageError(f"{owner} has no {noun} {', '.join(unknown)}; accepted: {accepted}")
+
+
 class Method(nn.Module):
     """A way of training a classifier, compared by the harness under a shared budget.
 
@@ -106,12 +114,7 @@ class Method(nn.Module):
     @classmethod
     def resolve_params(cls, given: Mapping[str, str]) -> Dict[str, Any]:
         """Merge command-line strings into ``defaults``, converting types and checking names."""
-        unknown = sorted(set(given) - set(cls.defaults))
-        if unknown:
-            accepted = ", ".join(sorted(cls.defaults)) or "none"
-            raise UsageError(
-                f"method {cls.name!r} has no parameter {', '.join(unknown)}; accepted: {accepted}"
-            )
+        reject_unknown_names(given, cls.defaults, f"method {cls.name!r}", "parameter")
         params = dict(cls.defaults)
         for key, value in given.items():
             params[key] = coerce_value(key, value, cls.defaults[key]) if isinstance(value, str) else value
