@@ -227,14 +227,21 @@ def test_a_record_finished_while_no_host_listened_is_merged_not_retrained(tmp_pa
     assert list((out / "unmerged-records").iterdir()) == []
 
 
-def _job(registry) -> TrialJob:
+def _spec(registry):
+    """Backprop on mnist5k for 128 samples: a trial small enough to run inside a test."""
     from noprop_bench.budget import Budget
-    from noprop_bench.runner import TrialSpec, trial_header
+    from noprop_bench.runner import TrialSpec
 
     method = registry.method("backprop")
-    spec = TrialSpec(method=method, params=method.resolve_params({}), dataset="mnist5k", backbone="noprop_cnn",
+    return TrialSpec(method=method, params=method.resolve_params({}), dataset="mnist5k", backbone="noprop_cnn",
                      budget=Budget.parse("128samples"), seed=0, batch_size=64, device=torch.device("cpu"),
                      augment="none", checkpoints=0)
+
+
+def _job(registry) -> TrialJob:
+    from noprop_bench.runner import trial_header
+
+    spec = _spec(registry)
     return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=None, download=False)
 
 
@@ -325,3 +332,14 @@ def test_only_finished_records_left_by_workers_are_merged(tmp_path):
     merged = store.merge_record_files()
     assert [r["status"] for r in merged] == ["ok"] and [r["status"] for r in _records(tmp_path)] == ["ok"]
     assert list(store.record_files_dir.iterdir()) == []  # the interrupted copy is dropped, not merged
+
+
+def test_workers_get_the_data_root_as_an_absolute_path(tmp_path, monkeypatch):
+    from noprop_bench.cli import _job as cli_job, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["--data-root", "data", "--threads", "1"])
+    job = cli_job(_spec(load_plugins()), args, LocalExecutor("local[workers=2]", workers=2))
+    assert job.data_root == str(tmp_path / "data") and job.threads == 1 and job.executor == "local[workers=2]"
+    assert cli_job(_spec(load_plugins()), build_parser().parse_args([]), LocalExecutor()).data_root is None
+
