@@ -28,9 +28,9 @@ import torch
 
 from noprop_bench.backbones import create_backbone, feature_dim
 from noprop_bench.datasets import Normalizer
-from noprop_bench.memory import current_rss_bytes
+from noprop_bench.run.memory import current_rss_bytes
 from noprop_bench.task import Task
-from noprop_bench_plugins.adjoint import Adjoint
+from noprop_bench_plugins.methods.adjoint import Adjoint
 
 FULL = os.environ.get("NOPROP_BENCH_FULL", "") not in ("", "0")
 SETTINGS = ([{"solver": "rk4", "steps": 5}, {"solver": "euler", "steps": 1000}] if FULL

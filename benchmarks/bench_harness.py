@@ -15,10 +15,10 @@ import time
 import pytest
 import torch
 
-from noprop_bench.budget import Budget
+from noprop_bench.run.budget import Budget
 from noprop_bench.plugins import load_plugins
-from noprop_bench.runner import RunData, TrialSpec, build_task, run_trial
-from noprop_bench_plugins.mnist5k import MNIST5k
+from noprop_bench.run.runner import RunData, TrialSpec, build_task, run_trial
+from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 BATCH = 128
 

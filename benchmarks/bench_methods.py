@@ -11,10 +11,10 @@ function evaluations per training step (``extra_info``).
 import pytest
 import torch
 
-from noprop_bench.budget import Budget
+from noprop_bench.run.budget import Budget
 from noprop_bench.plugins import load_plugins
-from noprop_bench.runner import RunData, TrialSpec, build_task
-from noprop_bench_plugins.mnist5k import MNIST5k
+from noprop_bench.run.runner import RunData, TrialSpec, build_task
+from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 BUILT_IN = ("backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from noprop_bench.backbones import create_backbone, feature_dim
 from noprop_bench.datasets import Normalizer
 from noprop_bench.task import Task
-from noprop_bench_plugins.noprop_ct import NoPropCT
+from noprop_bench_plugins.methods.noprop_ct import NoPropCT
 
 FULL = os.environ.get("NOPROP_BENCH_FULL", "") not in ("", "0")
 BACKBONE = "resnet18" if FULL else "noprop_cnn"

@@ -11,15 +11,15 @@ from typing import List, Optional
 import torch
 
 from .backbones import check_backbone_name
-from .baseline import check_compatible, compare, load_baseline, regressions, save_baseline
-from .budget import Budget
+from .report.baseline import check_compatible, compare, load_baseline, regressions, save_baseline
+from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
-from .executor import Progress, TrialJob, import_root
+from .run.jobs import Progress, TrialJob, import_root
 from .plugins import load_plugins
-from .report_cli import report_main, write_run_outputs
-from .results import FINISHED_STATUSES, TrialStore, latest_per_trial
-from .runner import TrialSpec, backbone_width, trial_header
+from .report.cli import report_main, write_run_outputs
+from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
+from .run.runner import TrialSpec, backbone_width, trial_header
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3

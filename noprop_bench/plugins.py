@@ -11,7 +11,7 @@ import pluggy
 from . import hookspecs
 from .datasets import Dataset
 from .errors import UsageError
-from .executor import Executor
+from .run.executor_base import Executor
 from .method import FAMILIES, Method
 
 ENTRY_POINT_GROUP = "noprop_bench"

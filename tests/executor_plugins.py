@@ -5,7 +5,7 @@ import signal
 from pathlib import Path
 
 from noprop_bench import hookimpl
-from noprop_bench_plugins.backprop import Backprop
+from noprop_bench_plugins.methods.backprop import Backprop
 
 
 class Doomed(Backprop):

@@ -4,7 +4,7 @@ import torch
 
 from noprop_bench.datasets import Normalizer
 from noprop_bench.task import Task
-from noprop_bench_plugins.mnist5k import MNIST5k
+from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 
 def mnist_shaped_task(images=None, labels=None, *, make_backbone, features, backbone_name="small", seed=0):

@@ -6,12 +6,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import UsageError
-from noprop_bench.budget import Budget
+from noprop_bench.run.budget import Budget
 from noprop_bench.datasets import Normalizer
-from noprop_bench.runner import RunData, TrialSpec, run_trial
+from noprop_bench.run.runner import RunData, TrialSpec, run_trial
 from noprop_bench.task import Task
-from noprop_bench_plugins.adjoint import Adjoint, NFETrace
-from noprop_bench_plugins.adjoint_ode import LatentDynamics, SolverError
+from noprop_bench_plugins.methods.adjoint import Adjoint, NFETrace
+from noprop_bench_plugins.parts.ode import LatentDynamics, SolverError
 from noprop_helpers import predictions_whole_and_shared
 
 import fake_plugins

@@ -5,8 +5,8 @@ from torch import nn
 
 from noprop_bench.backbones import create_backbone, feature_dim
 from noprop_bench.datasets import BatchStream, Normalizer, Split, crop_flip
-from noprop_bench.runner import hold_out
-from noprop_bench_plugins.mnist5k import MNIST5k
+from noprop_bench.run.runner import hold_out
+from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 
 def test_paper_cnn_is_a_timm_model_with_the_papers_parameter_count():
@@ -97,7 +97,7 @@ def test_hold_out_is_stratified_and_disjoint():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_clock_synchronises_before_reading():
-    from noprop_bench.budget import TrainingClock
+    from noprop_bench.run.budget import TrainingClock
     clock = TrainingClock("cuda")
     a = torch.randn(4096, 4096, device="cuda")
     clock.start()

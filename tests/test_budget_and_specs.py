@@ -1,6 +1,6 @@
 import pytest
 
-from noprop_bench.budget import Budget, TrainingClock
+from noprop_bench.run.budget import Budget, TrainingClock
 from noprop_bench.errors import UsageError
 from noprop_bench.specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
@@ -30,7 +30,7 @@ def test_budget_progress_by_unit():
 
 def test_clock_counts_only_between_start_and_stop(monkeypatch):
     now = iter([10.0, 12.0, 20.0, 21.0]).__next__
-    monkeypatch.setattr("noprop_bench.budget.time.perf_counter", now)
+    monkeypatch.setattr("noprop_bench.run.budget.time.perf_counter", now)
     clock = TrainingClock("cpu")
     clock.start()
     clock.stop()  # 2 s of training

@@ -15,8 +15,8 @@ import torchvision.datasets as tvd
 from noprop_bench import UsageError
 from noprop_bench.cli import main
 from noprop_bench.data_root import ArrayCache, data_root, tree_key
-from noprop_bench_plugins import torchvision_datasets as tvds
-from noprop_bench_plugins.torchvision_datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
+from noprop_bench_plugins.datasets import torchvision_datasets as tvds
+from noprop_bench_plugins.datasets.torchvision_datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

@@ -15,11 +15,11 @@ import torch
 from noprop_bench.cli import EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, main, run
 from noprop_bench.executor import TrialJob, execute_job, failed_record
 from noprop_bench.plugins import load_plugins
-from noprop_bench.results import TrialStore, latest_per_trial
-from noprop_bench_plugins import local_executor
-from noprop_bench_plugins.local_executor import LocalExecutor
-from noprop_bench_plugins.ray_executor import RayExecutor
-from noprop_bench_plugins.submitit_executor import SubmititExecutor
+from noprop_bench.run.store import TrialStore, latest_per_trial
+from noprop_bench_plugins.executors import local as local_executor
+from noprop_bench_plugins.executors.local import LocalExecutor
+from noprop_bench_plugins.executors.ray import RayExecutor
+from noprop_bench_plugins.executors.submitit import SubmititExecutor
 
 HAVE_SUBMITIT = importlib.util.find_spec("submitit") is not None
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -229,8 +229,8 @@ def test_a_record_finished_while_no_host_listened_is_merged_not_retrained(tmp_pa
 
 def _spec(registry):
     """Backprop on mnist5k for 128 samples: a trial small enough to run inside a test."""
-    from noprop_bench.budget import Budget
-    from noprop_bench.runner import TrialSpec
+    from noprop_bench.run.budget import Budget
+    from noprop_bench.run.runner import TrialSpec
 
     method = registry.method("backprop")
     return TrialSpec(method=method, params=method.resolve_params({}), dataset="mnist5k", backbone="noprop_cnn",
@@ -239,7 +239,7 @@ def _spec(registry):
 
 
 def _job(registry) -> TrialJob:
-    from noprop_bench.runner import trial_header
+    from noprop_bench.run.runner import trial_header
 
     spec = _spec(registry)
     return TrialJob(header=trial_header(spec), spec=spec.plain_fields(), data_root=None, download=False)
@@ -283,7 +283,7 @@ def test_ctrl_c_stops_the_workers_and_records_their_trials_as_interrupted(tmp_pa
 
 
 def test_submitit_refuses_to_fall_back_to_this_machine_without_slurm(monkeypatch, tmp_path, capsys):
-    from noprop_bench_plugins import submitit_executor
+    from noprop_bench_plugins.executors import submitit as submitit_executor
 
     monkeypatch.setattr(submitit_executor.shutil, "which", lambda name: None)
     for spec in ("submitit[partition=gpu,gpus_per_node=1]", "submitit[cluster=slurm]"):
@@ -295,7 +295,7 @@ def test_submitit_refuses_to_fall_back_to_this_machine_without_slurm(monkeypatch
 
 
 def test_submitit_local_cluster_runs_one_job_per_core_share(monkeypatch):
-    from noprop_bench_plugins import submitit_executor
+    from noprop_bench_plugins.executors import submitit as submitit_executor
 
     monkeypatch.setattr(submitit_executor, "cpu_count", lambda: 8)
     here = SubmititExecutor(cluster="local")

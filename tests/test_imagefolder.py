@@ -10,8 +10,8 @@ from PIL import Image
 
 from noprop_bench import UsageError
 from noprop_bench.cli import main
-from noprop_bench_plugins import imagefolder
-from noprop_bench_plugins.imagefolder import ImageFolder
+from noprop_bench_plugins.datasets import imagefolder
+from noprop_bench_plugins.datasets.imagefolder import ImageFolder
 
 
 def write_tree(path: Path, classes=("cat", "dog"), per_class=(3, 2), mode="RGB", size=(8, 6), fmt="png", seed=0):

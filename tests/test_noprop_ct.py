@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 from noprop_bench import UsageError
 from noprop_bench.backbones import create_backbone
-from noprop_bench_plugins.noprop_common import MonotoneSchedule
-from noprop_bench_plugins.noprop_ct import NoPropCT
+from noprop_bench_plugins.parts.noprop import MonotoneSchedule
+from noprop_bench_plugins.methods.noprop_ct import NoPropCT
 from noprop_helpers import (first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task,
                             predictions_whole_and_shared)
 

@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import UsageError
-from noprop_bench_plugins.noprop_dt import NoPropDT
-from noprop_bench_plugins.noprop_dt_model import CosineSchedule
+from noprop_bench_plugins.methods.noprop_dt import NoPropDT
+from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule
 from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
 
 

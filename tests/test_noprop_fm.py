@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import UsageError
-from noprop_bench_plugins.noprop_fm import NoPropFM
+from noprop_bench_plugins.methods.noprop_fm import NoPropFM
 from noprop_helpers import (first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task,
                             predictions_whole_and_shared)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from noprop_bench.figures import curves_frame, seed_band, write_figure3
-from noprop_bench.report import render_table1
-from noprop_bench.report_cli import report_main, write_run_outputs
-from noprop_bench.report_data import load_runs
-from noprop_bench.tables import render_inference_sweep, render_table2
-from noprop_bench.time_to_accuracy import first_time_reaching, parse_targets, render_time_to_accuracy
+from noprop_bench.report.figures import curves_frame, seed_band, write_figure3
+from noprop_bench.report.table1 import render_table1
+from noprop_bench.report.cli import report_main, write_run_outputs
+from noprop_bench.report.records import load_runs
+from noprop_bench.report.tables import render_inference_sweep, render_table2
+from noprop_bench.report.time_to_accuracy import first_time_reaching, parse_targets, render_time_to_accuracy
 from noprop_bench.errors import UsageError
 
 TESTS = Path(__file__).parent

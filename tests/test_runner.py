@@ -95,7 +95,7 @@ def test_a_failing_observer_does_not_stop_the_run(fake_run, capsys):
 
 def test_final_evaluations_share_one_backbone_pass_with_the_same_results(fake_run, tmp_path, monkeypatch):
     from noprop_bench.method import Method
-    from noprop_bench_plugins.noprop_fm import NoPropFM
+    from noprop_bench_plugins.methods.noprop_fm import NoPropFM
 
     calls = []
     features = NoPropFM.features

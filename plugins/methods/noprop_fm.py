@@ -6,9 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.noprop_common import EMBEDDINGS, CTModel, solver_setting
-from noprop_bench_plugins.noprop_ct import parse_steps
-from noprop_bench_plugins.noprop_shared_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.noprop import EMBEDDINGS, CTModel, parse_steps, solver_setting
+from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 
 SOLVERS = ("euler", "heun")
 

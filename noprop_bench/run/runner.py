@@ -11,14 +11,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 import numpy as np
 import torch
 
-from .backbones import create_backbone, feature_dim
+from ..backbones import create_backbone, feature_dim
 from .budget import Budget, TrainingClock
-from .datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
-from .errors import UsageError
+from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
+from ..errors import UsageError
 from .memory import PeakMemory
-from .method import Method
-from .results import environment, trial_id
-from .task import Task
+from ..method import Method
+from .store import environment, trial_id
+from ..task import Task
 
 DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
 CUDA_CLOCK_READ_EVERY = 8  # steps between clock reads on CUDA (each read synchronises)

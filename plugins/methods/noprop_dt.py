@@ -7,9 +7,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.noprop_common import EMBEDDINGS
-from noprop_bench_plugins.noprop_dt_model import CosineSchedule, DTBlock
-from noprop_bench_plugins.noprop_shared_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.noprop import EMBEDDINGS
+from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, DTBlock
+from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 
 SCHEDULES = ("sequential", "random")
 

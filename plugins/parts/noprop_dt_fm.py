@@ -1,9 +1,9 @@
-"""What NoProp-DT and NoProp-FM share beyond ``noprop_common``: the task's label embedding and checks."""
+"""What NoProp-DT and NoProp-FM share beyond :mod:`.noprop`: the task's label embedding and checks."""
 
 from typing import Any, Dict, Iterable
 
 from noprop_bench import UsageError
-from noprop_bench_plugins.noprop_common import LabelEmbedding, class_medoids
+from noprop_bench_plugins.parts.noprop import LabelEmbedding, class_medoids
 
 
 def label_embedding_for(task, kind: str, dim: int) -> LabelEmbedding:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from . import paper as paper_data
-from .report_data import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                           family_heading, format_mean_se, markdown, ordered_rows, settings_text)
 
 GB = 1e9

@@ -5,8 +5,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .errors import UsageError
-from .report_data import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+from ..errors import UsageError
+from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                           markdown, ordered_rows, settings_text)
 
 DEFAULT_TARGETS = {

@@ -6,22 +6,11 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.noprop_common import (EMBEDDINGS, CTModel, LabelEmbedding, MonotoneSchedule,
-                                                class_medoids, solver_setting)
+from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, LabelEmbedding, MonotoneSchedule,
+                                                class_medoids, parse_steps, solver_setting)
 
 SOLVERS = ("stochastic", "euler", "heun")
 ODE_SOLVERS = ("euler", "heun")
-
-
-def parse_steps(text: str) -> List[int]:
-    """``"2,5,10"`` -> ``[2, 5, 10]``; every entry a whole number of at least 1."""
-    try:
-        steps = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise UsageError(f"sweep_steps={text!r}: expected comma-separated step counts of at least 1, e.g. 2,5,10")
-    return steps
 
 
 class NoPropCT(Method):

@@ -17,7 +17,7 @@ PAPER_STATISTIC = "3 seeds × 5 inference runs, full training schedules (paper T
 def paper_numbers() -> pd.DataFrame:
     """Columns ``table`` (``table1`` | ``memory_gb``), ``method``, ``embedding``, ``dataset``, ``split``,
     ``mean``, ``se``; the row label is ``method (embedding)`` as in the paper."""
-    text = resources.files("noprop_bench").joinpath("paper_numbers.csv").read_text(encoding="utf-8")
+    text = resources.files("noprop_bench.report").joinpath("paper_numbers.csv").read_text(encoding="utf-8")
     frame = pd.read_csv(StringIO(text), dtype={"embedding": str, "split": str}, keep_default_na=False,
                         na_values={"mean": [""], "se": [""]})
     frame["row_label"] = [f"{m} ({e})" if e else m for m, e in zip(frame["method"], frame["embedding"])]

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .errors import UsageError
-from .report import render_table1
-from .report_data import check_records, load_runs
+from ..errors import UsageError
+from .table1 import render_table1
+from .records import check_records, load_runs
 from .tables import render_inference_sweep, render_table2
 from .time_to_accuracy import parse_targets, render_time_to_accuracy
 

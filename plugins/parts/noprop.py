@@ -9,7 +9,7 @@
 """
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -203,6 +203,17 @@ class CTModel(nn.Module):
 
 
 # -- inference settings ----------------------------------------------------------------------------
+
+def parse_steps(text: str) -> List[int]:
+    """``"2,5,10"`` -> ``[2, 5, 10]``; every entry a whole number of at least 1."""
+    try:
+        steps = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise UsageError(f"sweep_steps={text!r}: expected comma-separated step counts of at least 1, e.g. 2,5,10")
+    return steps
+
 
 def solver_setting(method, solvers, solver=None, steps=None):
     """``(solver, steps)`` for ``predict``: the method's parameters unless given, checked against ``solvers``."""

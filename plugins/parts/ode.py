@@ -15,7 +15,7 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from noprop_bench import UsageError
-from noprop_bench_plugins.noprop_common import CTModel, sinusoidal_embedding
+from noprop_bench_plugins.parts.noprop import CTModel, sinusoidal_embedding
 
 FIXED_SOLVERS = ("euler", "midpoint", "heun3", "rk4")
 ADAPTIVE_SOLVERS = ("dopri5", "bosh3", "adaptive_heun", "dopri8", "fehlberg2")

@@ -7,8 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.adjoint_ode import LatentDynamics, SolverSettings, solve, solver_failures
-from noprop_bench_plugins.noprop_common import CTModel
+from noprop_bench_plugins.parts.ode import LatentDynamics, SolverSettings, solve, solver_failures
+from noprop_bench_plugins.parts.noprop import CTModel
 
 Z0 = ("noise", "zeros")
 

@@ -13,8 +13,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .method import FAMILIES
-from .results import TRIALS_FILE, TrialStore, latest_per_trial
+from ..method import FAMILIES
+from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial
 
 PAPER_METHOD_ORDER = ("backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
 EMBEDDING_ORDER = ("one-hot", "learned", "prototype")

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .report_data import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
+from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
                           drop_duplicate_seeds, ordered_rows)
 
 CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",

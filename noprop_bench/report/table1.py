@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import paper as paper_data
-from .report_data import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                           family_heading, format_mean_se, markdown, mean_and_standard_error, ordered_rows,
                           settings_text)
 

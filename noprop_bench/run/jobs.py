@@ -1,0 +1,108 @@
+"""Trial jobs: one trial as plain data, and the records an executor hands back for it.
+
+The host turns a command into independent :class:`TrialJob` objects (plain data, so they can be pickled
+to another process or machine) and hands them to an executor plugin. Whatever the executor, each job
+runs through :func:`~noprop_bench.run.worker.execute_job`, and every record comes back to the host, which alone writes
+``trials.jsonl``. An executor never loses a record: a trial whose worker died comes back as a ``failed``
+record saying why (:func:`failed_record`).
+"""
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, Optional, Tuple
+
+Deliver = Callable[["TrialJob", Dict[str, Any]], None]
+Say = Callable[[str], None]
+
+
+@dataclass
+class TrialJob:
+    """One trial as plain data: the spec's fields, how to load the data, and which plugins to load.
+
+    ``header`` is the part of the record known before the trial runs (see ``runner.trial_header``), so
+    the host can record a trial whose worker never reported back.
+    """
+
+    header: Dict[str, Any]
+    spec: Dict[str, Any]
+    data_root: Optional[str]
+    download: bool
+    plugins: Tuple[str, ...] = ()
+    plugin_paths: Tuple[str, ...] = ()
+    threads: Optional[int] = None
+    executor: str = "local"
+    record_copy_dir: Optional[str] = None  # where the worker also leaves its record (a run directory)
+
+    @property
+    def trial_id(self) -> str:
+        return self.header["trial_id"]
+
+    def describe(self) -> str:
+        return f"{self.header['row_label']} seed {self.header['seed']}"
+
+
+def import_root(module_name: str) -> Optional[str]:
+    """The ``sys.path`` entry a loaded module was imported from, so other processes can import it too
+    (None for a module without a file, e.g. a namespace package)."""
+    module = sys.modules[module_name]
+    if not getattr(module, "__file__", None):
+        return None
+    path = os.path.abspath(module.__file__)
+    depth = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    root = os.path.dirname(path)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the scheduler's affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_identity() -> Dict[str, Any]:
+    """Where a trial ran: host, process, and the scheduler's job id when there is one."""
+    identity = {"host": platform.node(), "pid": os.getpid()}
+    for variable, key in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
+                          ("CUDA_VISIBLE_DEVICES", "cuda_visible_devices")):
+        if os.environ.get(variable):
+            identity[key] = os.environ[variable]
+    return identity
+
+
+def failed_record(job: TrialJob, cause: str, status: str = "failed") -> Dict[str, Any]:
+    """The record of a trial that produced none itself (its worker died, or it was never run)."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {**job.header, "status": status, "error": cause, "executor": job.executor,
+            "finished_at": now, "curve": [], "steps": 0, "samples": 0}
+
+
+def interrupted(job: TrialJob) -> Dict[str, Any]:
+    return failed_record(job, "interrupted by the user", status="interrupted")
+
+
+def stop_if_interrupted(record: Dict[str, Any]) -> None:
+    """A trial that saw Ctrl-C itself (its worker shares the terminal) stops the whole run."""
+    if record.get("status") == "interrupted":
+        raise KeyboardInterrupt
+
+
+@dataclass
+class Progress:
+    """Counts delivered records for the host's ``finished k/N`` lines."""
+
+    total: int
+    done: int = 0
+
+    def line(self, job: TrialJob, record: Dict[str, Any]) -> str:
+        self.done += 1
+        status = record.get("status")
+        result = f"ok, test acc {record['test_acc']:.2f}%" if status == "ok" else f"{status}: {record.get('error')}"
+        where = (record.get("worker") or {}).get("host")
+        return f"finished {self.done}/{self.total}: {job.describe()}: {result}" + (f" (on {where})" if where else "")
