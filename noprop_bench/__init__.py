@@ -7,4 +7,15 @@ from .method import Method
 from .task import Task
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "Method", "Dataset", "Split", "Task", "UsageError", "__version__"]
+RESULTS_API = ("load_trials", "load_runs", "load_curves")
+__all__ = ["hookimpl", "Method", "Dataset", "Split", "Task", "UsageError", "__version__", *RESULTS_API]
+
+
+def __getattr__(name):
+    # the results API (pandas DataFrames) loads on first use, so plugins importing the contract do not pay
+    # for pandas and the report modules
+    if name in RESULTS_API:
+        from .report import frames
+
+        return getattr(frames, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

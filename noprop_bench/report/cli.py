@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import UsageError
 from .table1 import render_table1
-from .records import check_records, load_runs
+from .records import check_records, load_records
 from .tables import render_inference_sweep, render_table2
 from .time_to_accuracy import parse_targets, render_time_to_accuracy
 
@@ -42,7 +42,7 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     if records is None:
-        records, loaded_notes = load_runs([out])
+        records, loaded_notes = load_records([out])
         notes += loaded_notes
     records, bad = check_records(records)
     notes += bad
@@ -96,7 +96,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as error:
         print(f"noprop-bench report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    records, notes = load_runs(args.dirs)
+    records, notes = load_records(args.dirs)
     if not records:
         reasons = "; ".join(note[:-len("; skipped")] if note.endswith("; skipped") else note for note in notes)
         print(f"noprop-bench report: error: nothing to report ({reasons or 'no trials'}); each DIR must hold "

@@ -1,7 +1,7 @@
 """Trial records made ready for reports: loaded from run directories, checked, split into comparable groups.
 
-Every report module works from the same prepared pieces: ``load_runs`` (what was read, and what was
-skipped and why), ``comparable_groups`` (trials that may share a table), ``assign_rows`` (the paper's
+Every report module, and the DataFrames of ``frames.py``, work from the same prepared pieces:
+``load_records`` (what was read, and what was skipped and why), ``comparable_groups`` (trials that may share a table), ``assign_rows`` (the paper's
 row order and labels) and ``dataset_columns`` (the paper's column order).
 """
 
@@ -22,6 +22,7 @@ FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continu
 DATASET_ORDER = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
 COMPARABILITY_KEYS = ("budget", "backbone", "device_name", "batch_size")
 REQUIRED_FIELDS = ("status", "method", "row_label", "family", "dataset", "budget", "backbone", "seed")
+SOURCE_FIELD = "_source_dir"  # set by load_records: the directory a record was read from
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -81,8 +82,9 @@ def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List
     return valid, notes
 
 
-def load_runs(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """Reportable records of every ``DIR/trials.jsonl`` (latest record per trial), and notes on what was skipped.
+def load_records(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Reportable records of every ``DIR/trials.jsonl`` (latest record per trial, its directory in
+    ``SOURCE_FIELD``), and notes on what was skipped.
 
     A trial found in two directories (same id, same device) is counted once, from the last directory
     given, so a copied run cannot pass for extra seeds.
@@ -117,7 +119,11 @@ def load_runs(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[st
                 del merged[key]
             merged[key] = record
             where[key] = str(path)
+            record[SOURCE_FIELD] = str(path)
     return list(merged.values()), notes
+
+
+load_runs = load_records  # the former name
 
 
 # -- grouping ---------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import paper as paper_data
+from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, format_mean_se, markdown, mean_and_standard_error, ordered_rows,
+                          family_heading, format_mean_se, mean_and_standard_error, ordered_rows,
                           settings_text)
 
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
@@ -105,22 +106,16 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     lines = []
     for record in records:
         if record.get("status") != "ok":
-            lines.append(f"- {record.get('row_label', record.get('method'))} seed {record.get('seed')} on "
+            lines.append(f"{record.get('row_label', record.get('method'))} seed {record.get('seed')} on "
                          f"{record.get('dataset_label', record.get('dataset'))}: {record.get('status')}"
                          f" ({record.get('error')})")
     return lines
 
 
-def notes_section(notes: Sequence[str]) -> List[str]:
-    if not notes:
-        return []
-    return ["Skipped:"] + [f"- {note}" for note in notes] + [""]
-
-
-def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
-                  notes: Sequence[str] = ()) -> str:
-    """Markdown Table 1; trials that differ in budget, backbone or batch size get separate tables, and so do
-    devices when the budget is in seconds (a sample or step budget is the same training on any device).
+def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
+                    notes: Sequence[str] = ()) -> Document:
+    """Table 1 as structure; trials that differ in budget, backbone or batch size get separate tables, and so
+    do devices when the budget is in seconds (a sample or step budget is the same training on any device).
 
     Train columns appear (with ``train_columns``) only in tables whose trials measured train accuracy.
     ``notes`` (what the loader skipped) are listed under the tables.
@@ -128,15 +123,16 @@ def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, pa
     records, bad = check_records(records)
     notes = list(notes) + bad
     ok = [r for r in records if r.get("status") == "ok"]
-    parts = ["# Table 1: classification accuracy", ""]
+    sections = []
     for group in comparable_groups(ok):
         has_train = train_columns and any(r.get("train_acc_runs") for r in group)
         frame = table1_frame(group, train_columns=has_train, paper=paper, notes=notes)
-        parts += [markdown(frame), "", table1_caption(group, has_train, paper), ""]
-    if not ok:
-        parts += ["No trial finished successfully.", ""]
-    failed = not_ok_lines(records)
-    if failed:
-        parts += ["Not in the table:"] + failed + [""]
-    parts += notes_section(notes)
-    return "\n".join(parts)
+        sections.append(Section(None, frame, table1_caption(group, has_train, paper)))
+    return Document("Table 1: classification accuracy", sections, "No trial finished successfully.",
+                    [("Not in the table:", not_ok_lines(records)), ("Skipped:", notes)])
+
+
+def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
+                  notes: Sequence[str] = ()) -> str:
+    """Markdown Table 1 (see :func:`table1_document`)."""
+    return to_markdown(table1_document(records, train_columns, paper, notes))

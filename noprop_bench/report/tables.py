@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 
 from . import paper as paper_data
+from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, format_mean_se, markdown, ordered_rows, settings_text)
+                          family_heading, format_mean_se, ordered_rows, settings_text)
 
 GB = 1e9
 MEMORY_KINDS = {
@@ -89,20 +90,23 @@ def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
             f"size / throughput. Means over {seeds} seed(s). {settings_text(records)}{paper_text}")
 
 
-def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
-    """Markdown Table 2: one table per comparable group, device and memory kind (kinds are never mixed)."""
+def table2_document(records: List[Dict[str, Any]], paper: bool = False) -> Document:
+    """Table 2 as structure: one table per comparable group, device and memory kind (kinds are never mixed)."""
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
-    parts = ["# Table 2: peak memory and training time", ""]
+    sections = []
     for group in comparable_groups(ok, by_device=True):
         by_kind: Dict[str, List[Dict[str, Any]]] = {}
         for record in group:
             by_kind.setdefault(_memory_kind(record), []).append(record)
         for kind_records in by_kind.values():
-            parts += [markdown(table2_frame(kind_records, paper=paper)), "", table2_caption(kind_records, paper), ""]
-    if not ok:
-        parts += ["No trial finished successfully.", ""]
-    return "\n".join(parts)
+            sections.append(Section(None, table2_frame(kind_records, paper=paper), table2_caption(kind_records, paper)))
+    return Document("Table 2: peak memory and training time", sections, "No trial finished successfully.")
+
+
+def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
+    """Markdown Table 2 (see :func:`table2_document`)."""
+    return to_markdown(table2_document(records, paper))
 
 
 # -- inference sweep --------------------------------------------------------------------------------
@@ -126,11 +130,11 @@ def _sweep_points(record: Dict[str, Any], notes: List[str]) -> List[Tuple[str, L
     return points
 
 
-def render_inference_sweep(records: List[Dict[str, Any]]) -> str:
-    """Markdown: per comparable group and dataset, one row per method, one column per inference setting."""
+def inference_sweep_document(records: List[Dict[str, Any]]) -> Document:
+    """Per comparable group and dataset, one row per method, one column per inference setting."""
     records, _ = check_records(records)
     swept = [r for r in records if r.get("status") == "ok" and r.get("inference_sweep")]
-    parts, notes = ["# Inference settings: test accuracy (%) by solver and steps", ""], []
+    sections, notes = [], []
     for group in comparable_groups(swept):
         rows = assign_rows(group)
         group, rows, _ = drop_duplicate_seeds(group, rows)
@@ -146,11 +150,13 @@ def render_inference_sweep(records: List[Dict[str, Any]]) -> str:
             order = ordered_rows([r for r, _ in chosen], [row for _, row in chosen])
             frame = pd.DataFrame([[row] + [format_mean_se(cells.get((row, s), [])) for s in settings]
                                   for _, row in order], columns=["Method"] + settings)
-            parts += [f"## {label}", "", markdown(frame), "",
-                      "Test accuracy (%) of the model at the end of its budget, evaluated with each inference "
-                      "setting: mean ± standard error over seeds × inference runs. " + settings_text(group), ""]
-    if not swept:
-        parts += ["No trial has an inference sweep.", ""]
-    if notes:
-        parts += ["Skipped:"] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
-    return "\n".join(parts)
+            sections.append(Section(label, frame, "Test accuracy (%) of the model at the end of its budget, "
+                                    "evaluated with each inference setting: mean ± standard error over seeds × "
+                                    "inference runs. " + settings_text(group)))
+    return Document("Inference settings: test accuracy (%) by solver and steps", sections,
+                    "No trial has an inference sweep.", [("Skipped:", list(dict.fromkeys(notes)))])
+
+
+def render_inference_sweep(records: List[Dict[str, Any]]) -> str:
+    """Markdown inference-settings sweep (see :func:`inference_sweep_document`)."""
+    return to_markdown(inference_sweep_document(records))

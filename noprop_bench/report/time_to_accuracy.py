@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
+from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          markdown, ordered_rows, settings_text)
+                          ordered_rows, settings_text)
 
 DEFAULT_TARGETS = {
     "mnist": (90.0, 95.0, 97.0), "mnist5k": (90.0, 95.0, 97.0), "fashion_mnist": (80.0, 85.0, 90.0),
@@ -79,21 +80,23 @@ def time_to_accuracy_frame(records: List[Dict[str, Any]], targets: Sequence[floa
     return pd.DataFrame(table, columns=["Method"] + [f"≥ {t:g}%" for t in targets])
 
 
-def render_time_to_accuracy(records: List[Dict[str, Any]], targets: Optional[Sequence[float]] = None) -> str:
-    """Markdown: per comparable group (one device each) and dataset, the time each method first reached each
-    target."""
+def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[Sequence[float]] = None) -> Document:
+    """Per comparable group (one device each) and dataset, the time each method first reached each target."""
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
-    parts = ["# Time to accuracy", ""]
+    sections = []
     for group in comparable_groups(ok, by_device=True):
         for spec, label in dataset_columns(group).items():
             chosen = tuple(targets) if targets else default_targets(spec)
             frame = time_to_accuracy_frame([r for r in group if r["dataset"] == spec], chosen)
-            parts += [f"## {label}", "", markdown(frame), "",
-                      "Training seconds (evaluation excluded) until the first test evaluation at or above each "
-                      "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
-                      "its budget. Resolution is the spacing of the test evaluations (--checkpoints), and the "
-                      "curve is observed only, never used to stop training. " + settings_text(group), ""]
-    if not ok:
-        parts += ["No trial finished successfully.", ""]
-    return "\n".join(parts)
+            sections.append(Section(label, frame, (
+                "Training seconds (evaluation excluded) until the first test evaluation at or above each "
+                "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
+                "its budget. Resolution is the spacing of the test evaluations (--checkpoints), and the "
+                "curve is observed only, never used to stop training. " + settings_text(group))))
+    return Document("Time to accuracy", sections, "No trial finished successfully.")
+
+
+def render_time_to_accuracy(records: List[Dict[str, Any]], targets: Optional[Sequence[float]] = None) -> str:
+    """Markdown time to accuracy (see :func:`time_to_accuracy_document`)."""
+    return to_markdown(time_to_accuracy_document(records, targets))
