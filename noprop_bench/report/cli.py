@@ -1,25 +1,18 @@
 """Writing every report of a run, and ``noprop-bench report DIR [DIR ...]`` re-rendering them from trials.jsonl."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import UsageError
+from .exports import FORMATS, parse_formats, require_parquet, write_frames, write_html, write_json, write_text
 from .table1 import render_table1
 from .records import check_records, load_records
 from .tables import render_inference_sweep, render_table2
 from .time_to_accuracy import parse_targets, render_time_to_accuracy
 
 EXIT_OK, EXIT_USAGE = 0, 2
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _warn(message: str) -> None:
@@ -51,12 +44,12 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     if train_columns is None:
         train_columns = any(r.get("train_acc_runs") for r in records)
     table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes)
-    _write_text(out / "table1.md", table1)
-    _write_text(out / "table2.md", render_table2(records, paper=paper))
-    _write_text(out / "time_to_accuracy.md", render_time_to_accuracy(records, targets))
+    write_text(out / "table1.md", table1)
+    write_text(out / "table2.md", render_table2(records, paper=paper))
+    write_text(out / "time_to_accuracy.md", render_time_to_accuracy(records, targets))
     write_curves_csv(records, out / "curves.csv")
     if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):
-        _write_text(out / "inference_sweep.md", render_inference_sweep(records))
+        write_text(out / "inference_sweep.md", render_inference_sweep(records))
     try:
         write_figure3(records, out / "figure3")
     except Exception as error:  # a plotting problem must not cost a finished run its tables
@@ -68,7 +61,7 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noprop-bench report",
         description="Re-render every table, the curves and Figure 3 from the trials.jsonl of one or more run "
-                    "directories (nothing is rerun). Runs on several datasets merge into one Table 1 with "
+                    "directories (nothing is rerun), as markdown, CSV, Parquet, HTML or JSON. Runs on several datasets merge into one Table 1 with "
                     "a column per dataset; trials with a different budget, backbone, device or batch size go "
                     "to separate tables.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, each holding a trials.jsonl")
@@ -81,18 +74,29 @@ def build_report_parser() -> argparse.ArgumentParser:
                         help="time-to-accuracy targets in percent, e.g. 90,95,97 (default: per dataset)")
     parser.add_argument("--train-accuracy", action="store_true",
                         help="add train-accuracy columns where trials measured it (run with --train-accuracy)")
+    parser.add_argument("--format", default="md", metavar="FORMATS",
+                        help=f"what to write, comma-separated, from {','.join(FORMATS)} (default md): md the "
+                             "markdown tables, curves.csv and figure3.png/.svg; csv or parquet the frames of "
+                             "load_trials, load_runs and load_curves as trials, runs and curve_points files "
+                             "(parquet needs the 'parquet' extra); html one self-contained report.html; json "
+                             "Table 1 and Table 2 as numbers in report.json")
     return parser
 
 
 def report_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``noprop-bench report DIR [DIR ...] [--out OUT] [--paper] [--targets 90,95,97] [--train-accuracy]``.
+    """``noprop-bench report DIR [DIR ...] [--out OUT] [--paper] [--targets 90,95,97] [--train-accuracy]
+    [--format md,csv,parquet,html,json]``.
 
-    Prints Table 1, warns on stderr about skipped directories and lines, and returns 0; returns 2 with
-    one line on stderr when nothing valid was found or an option is bad.
+    Writes the formats asked for (printing Table 1 with ``md``), warns on stderr about skipped directories
+    and lines, and returns 0; returns 2 with one line on stderr when nothing valid was found, an option is
+    bad or pyarrow is missing for ``parquet``.
     """
     args = build_report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         targets = parse_targets(args.targets) if args.targets is not None else None
+        formats = parse_formats(args.format)
+        if "parquet" in formats:
+            require_parquet()
     except UsageError as error:
         print(f"noprop-bench report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -107,9 +111,20 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.train_accuracy and not any(r.get("train_acc_runs") for r in records):
         _warn("--train-accuracy: no trial measured train accuracy (rerun with --train-accuracy); test only")
     out = Path(args.out) if args.out else (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("report"))
-    table1 = write_run_outputs(out, records, targets, train_columns=args.train_accuracy, paper=args.paper,
-                               notes=notes)
-    print(table1)
-    print(f"reports in {out}/ (table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg)",
-          file=sys.stderr)
+    written = []
+    if "md" in formats:
+        table1 = write_run_outputs(out, records, targets, train_columns=args.train_accuracy, paper=args.paper,
+                                   notes=notes)
+        print(table1)
+        written.append("table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg")
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in ("csv", "parquet"):
+        if kind in formats:
+            written.append(", ".join(path.name for path in write_frames(records, out, kind)))
+    if "json" in formats:
+        written.append(write_json(records, out, notes).name)
+    if "html" in formats:
+        written.append(write_html(records, out, notes=notes, targets=targets, paper=args.paper,
+                                  train_columns=args.train_accuracy, sources=[str(d) for d in args.dirs]).name)
+    print(f"reports in {out}/ ({'; '.join(written)})", file=sys.stderr)
     return EXIT_OK

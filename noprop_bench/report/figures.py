@@ -1,10 +1,12 @@
 """Figure 3: test accuracy against cumulative training time, and the ``curves.csv`` beneath it.
 
-matplotlib is imported inside :func:`write_figure3` only, so importing this module stays cheap.
+matplotlib is imported inside :func:`figure3` only, so importing this module stays cheap.
 """
 
+import io
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -84,13 +86,12 @@ def _points(record: Dict[str, Any]) -> List[Tuple[float, float]]:
     return points
 
 
-def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
-    """``stem.png`` and ``stem.svg``: a row of panels (one per dataset) per comparable group, a line per
-    method (mean over seeds) with a band (min to max over seeds). Returns the files written; none when
-    no ok trial has a curve."""
+def figure3(records: List[Dict[str, Any]]):
+    """Figure 3 as a matplotlib ``Figure``: a row of panels (one per dataset) per comparable group, a line per
+    method (mean over seeds) with a band (min to max over seeds); None when no ok trial has a curve."""
     groups = [(g, r) for g, r in _ok_groups(records) if any(_points(x) for x in g)]
     if not groups:
-        return []
+        return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -123,6 +124,15 @@ def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
         budget, backbone, device, batch = comparability(groups[0][0][0], by_device=True)
         figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}\n{device}\n"
                         f"line: mean over seeds, band: min–max over seeds", fontsize=8)
+    return figure
+
+
+def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
+    """``stem.png`` and ``stem.svg`` of :func:`figure3`; returns the files written, none when no ok trial has
+    a curve."""
+    figure = figure3(records)
+    if figure is None:
+        return []
     stem = Path(stem)
     written = []
     for suffix, metadata in ((".png", {"Software": None}), (".svg", {"Date": None})):
@@ -130,3 +140,21 @@ def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:
         figure.savefig(path, dpi=120, metadata=metadata)
         written.append(path)
     return written
+
+
+def figure3_svg(records: List[Dict[str, Any]]) -> Optional[str]:
+    """:func:`figure3` as an ``<svg>`` element to inline in HTML (no XML prolog, metadata or namespace
+    declarations, so it refers to nothing outside itself); None when there is no curve."""
+    figure = figure3(records)
+    if figure is None:
+        return None
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata={"Date": None})
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+    # drawn at 1.4 times the PNG's size (it has a viewBox, so it scales); CSS shrinks it to narrow screens
+    svg = re.sub(r'^<svg width="([\d.]+)pt" height="([\d.]+)pt"',
+                 lambda m: f'<svg width="{float(m[1]) * 1.4:.1f}pt" height="{float(m[2]) * 1.4:.1f}pt"', svg)
+    return svg

@@ -1,0 +1,77 @@
+"""``report.html``: every table, Figure 3 and the commands and machines of a run in one self-contained page,
+rendered with Jinja2 from ``templates/report.html.j2``."""
+
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence
+
+import jinja2
+
+from .document import Document
+from .figures import figure3_svg
+from .records import check_records, device_name
+from .table1 import table1_document
+from .tables import inference_sweep_document, table2_document
+from .time_to_accuracy import time_to_accuracy_document
+
+TEMPLATE = "report.html.j2"
+MACHINE_FIELDS = ("device_name", "host", "platform", "python", "torch", "torchvision", "timm")
+
+
+def _environment():
+    return jinja2.Environment(loader=jinja2.PackageLoader("noprop_bench.report", "templates"),
+                              autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def _table(frame) -> Dict[str, Any]:
+    """A frame of formatted cells as header and rows; a row whose first cell is ``**Family**`` and the rest
+    empty is a family heading spanning the table."""
+    rows = []
+    for line in frame.astype(str).values.tolist():
+        first = line[0]
+        if first.startswith("**") and first.endswith("**") and not any(line[1:]):
+            rows.append({"heading": first.strip("*"), "cells": []})
+        else:
+            rows.append({"heading": None, "cells": line})
+    return {"header": [str(c) for c in frame.columns], "rows": rows}
+
+
+def _part(document: Document, anchor: str) -> Dict[str, Any]:
+    return {"title": document.title, "anchor": anchor, "empty": document.empty,
+            "sections": [{"heading": s.heading, "table": _table(s.frame), "caption": s.caption}
+                         for s in document.sections],
+            "lists": [(heading, items) for heading, items in document.lists if items]}
+
+
+def provenance(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """The distinct commands (with how many trials each ran) and machines of the records."""
+    commands: "OrderedDict[str, int]" = OrderedDict()
+    machines: "OrderedDict[tuple, int]" = OrderedDict()
+    for record in records:
+        command = str(record.get("command") or "unknown command")
+        commands[command] = commands.get(command, 0) + 1
+        environment = record.get("environment") if isinstance(record.get("environment"), dict) else {}
+        key = tuple(str(environment.get(f, "–")) for f in MACHINE_FIELDS[1:])
+        key = (device_name(record),) + key
+        machines[key] = machines.get(key, 0) + 1
+    return {"commands": [{"command": c, "trials": n} for c, n in commands.items()],
+            "machine_fields": list(MACHINE_FIELDS),
+            "machines": [{"values": list(k), "trials": n} for k, n in machines.items()]}
+
+
+def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (), targets: Optional[Sequence[float]] = None,
+                paper: bool = False, train_columns: bool = False, sources: Sequence[str] = ()) -> str:
+    """The whole page as text: Table 1, Table 2, time to accuracy, the inference sweep (when a trial has
+    one), Figure 3 as inline SVG, and the commands and machines behind the trials."""
+    records, bad = check_records(records)
+    parts = [_part(table1_document(records, train_columns, paper, list(notes) + bad), "table1"),
+             _part(table2_document(records, paper), "table2"),
+             _part(time_to_accuracy_document(records, targets), "time-to-accuracy")]
+    if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):
+        parts.append(_part(inference_sweep_document(records), "inference-sweep"))
+    statuses: "OrderedDict[str, int]" = OrderedDict()
+    for record in records:
+        statuses[str(record.get("status"))] = statuses.get(str(record.get("status")), 0) + 1
+    return _environment().get_template(TEMPLATE).render(
+        parts=parts, figure=figure3_svg(records), provenance=provenance(records), sources=list(sources),
+        statuses=statuses)

@@ -1,0 +1,90 @@
+"""Table 1 and Table 2 as numbers (``report.json``): the same groups, rows and cells as the markdown tables,
+with means and standard errors instead of formatted text."""
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .records import (assign_rows, budget_unit, check_records, comparability, comparable_groups, dataset_columns,
+                      drop_duplicate_seeds, mean_and_standard_error, ordered_rows)
+from .table1 import SPLITS, not_ok_lines
+from .tables import GB, _mean, _memory_kind
+
+SUMMARY_FORMAT = "noprop-bench report summary"
+SUMMARY_VERSION = 1
+
+
+def _number(value: float) -> Optional[float]:
+    """JSON has no NaN: a missing number is null."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _settings(record: Dict[str, Any], by_device: Optional[bool]) -> Dict[str, Any]:
+    budget, backbone, device, _ = comparability(record, by_device)
+    return {"budget": budget, "budget_unit": budget_unit(record), "backbone": backbone, "device": device,
+            "batch_size": record.get("batch_size")}
+
+
+def _cells(group: List[Dict[str, Any]]):
+    """``(family, row, dataset spec, dataset label, records of the cell)`` in the tables' order."""
+    rows = assign_rows(group)
+    group, rows, _ = drop_duplicate_seeds(group, rows)
+    for family, row in ordered_rows(group, rows):
+        for spec, label in dataset_columns(group).items():
+            chosen = [r for r, name in zip(group, rows) if name == row and r["dataset"] == spec]
+            if chosen:
+                yield family, row, spec, label, chosen
+
+
+def accuracy_cell(records: Sequence[Dict[str, Any]], field: str) -> Optional[Dict[str, Any]]:
+    """Mean and s.e. over every value of a cell (seeds × inference runs, as Table 1 shows), and the s.e. over
+    the per-seed means; None when no trial of the cell measured ``field``."""
+    per_seed = [list(r.get(field) or []) for r in records]
+    values = [v for seed in per_seed for v in seed]
+    if not values:
+        return None
+    mean, se, n = mean_and_standard_error(values)
+    seed_means = [float(np.mean(seed)) for seed in per_seed if seed]
+    return {"mean": _number(mean), "se": _number(se), "n": n, "seeds": len(seed_means),
+            "se_over_seed_means": _number(mean_and_standard_error(seed_means)[1]), "values": values}
+
+
+def table1_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One entry per Table 1 table (comparable group) with one cell per row, dataset and split."""
+    tables = []
+    for group in comparable_groups(records):
+        cells = []
+        for family, row, spec, label, chosen in _cells(group):
+            for split, field in SPLITS.items():
+                cell = accuracy_cell(chosen, field)
+                if cell is not None:
+                    cells.append({"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
+                                  "dataset_label": label, "split": split, **cell})
+        tables.append({**_settings(group[0], None), "cells": cells})
+    return tables
+
+
+def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One entry per Table 2 table (comparable group on one device, one memory kind), a cell per row and
+    dataset: means over seeds."""
+    tables = []
+    for group in comparable_groups(records, by_device=True):
+        for kind in dict.fromkeys(_memory_kind(r) for r in group):
+            cells = [{"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
+                      "dataset_label": label, "seeds": len(chosen),
+                      "peak_memory_gb": _number(_mean(chosen, "peak_memory_bytes", GB)),
+                      "samples_per_second": _number(_mean(chosen, "samples_per_second")),
+                      "seconds_per_epoch": _number(_mean(chosen, "seconds_per_epoch"))}
+                     for family, row, spec, label, chosen in _cells([r for r in group if _memory_kind(r) == kind])]
+            tables.append({**_settings(group[0], True), "memory_kind": kind, "cells": cells})
+    return tables
+
+
+def summary(records: List[Dict[str, Any]], notes: Sequence[str] = ()) -> Dict[str, Any]:
+    """Table 1 and Table 2 of ``records`` as plain data (JSON-ready); accuracies in %, memory in GB (10^9
+    bytes), ``se`` null for a single value."""
+    records, bad = check_records(records)
+    ok = [r for r in records if r.get("status") == "ok"]
+    return {"format": SUMMARY_FORMAT, "version": SUMMARY_VERSION,
+            "table1": table1_summary(ok), "table2": table2_summary(ok),
+            "not_ok": not_ok_lines(records), "skipped": list(notes) + bad}
