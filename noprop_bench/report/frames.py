@@ -156,16 +156,19 @@ def _numbers(values: Any) -> List[float]:
 
 
 def _identity(record: Dict[str, Any], row: str) -> Dict[str, Any]:
+    """Who a row belongs to: the identity columns, then the method's parameters as ``params.*``."""
     identity = {name: record.get(name) for name in IDENTITY_COLUMNS}
     identity.update(run_dir=record.get(SOURCE_FIELD), row=row, device=device_name(record))
+    params = record.get("params")
+    identity.update(flatten(params if isinstance(params, dict) else {}, "params."))
     return identity
 
 
 def trial_rows(record: Dict[str, Any], row: str) -> List[Dict[str, Any]]:
     test, train = _numbers(record.get("test_acc_runs")), _numbers(record.get("train_acc_runs"))
     fields = {k: v for k, v in record.items() if k not in ROW_FIELDS and k != SOURCE_FIELD}
-    flat = flatten(fields)
-    flat.update(_identity(record, row))
+    flat = _identity(record, row)
+    flat.update((k, v) for k, v in flatten(fields).items() if k not in flat)
     flat["test_acc_mean"] = float(np.mean(test)) if test else None
     flat["train_acc_mean"] = float(np.mean(train)) if train else None
     return [flat]
@@ -242,7 +245,8 @@ def load_runs(*dirs) -> pd.DataFrame:
     """One row per inference run of every ``ok`` trial: the final evaluation (``evaluation == "final"``)
     and, with ``--inference-sweep``, each setting's runs (``"sweep"``, with ``setting.*`` columns).
 
-    Columns: :data:`RUN_COLUMNS` with their dtypes, then the sweep settings' keys.
+    Columns: :data:`RUN_COLUMNS` with their dtypes, then the method's parameters (``params.*``) and the
+    sweep settings' keys (``setting.*``).
     """
     return runs_frame(read_records(dirs)[0])
 
@@ -250,8 +254,8 @@ def load_runs(*dirs) -> pd.DataFrame:
 def load_curves(*dirs) -> pd.DataFrame:
     """One row per curve point (test evaluations during training, then the final one) of every trial.
 
-    Columns: :data:`CURVE_COLUMNS` with their dtypes, then whatever else a method records per point
-    (e.g. the adjoint's ``nfe_forward``)."""
+    Columns: :data:`CURVE_COLUMNS` with their dtypes, then the method's parameters (``params.*``) and
+    whatever else a method records per point (e.g. the adjoint's ``nfe_forward``)."""
     return curves_frame(read_records(dirs)[0])
 
 
