@@ -88,6 +88,19 @@ def test_committed_runs_load(directory):
     assert trials["started_at"].notna().all() and trials["peak_memory_bytes"].notna().all()
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir()))
+def test_every_fixture_loads(name):
+    dirs = fixture_dirs(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncated fixture warns on purpose
+        records, _ = load_records(dirs)
+        trials, runs, curves = frames.load_trials(*dirs), frames.load_runs(*dirs), frames.load_curves(*dirs)
+    assert len(trials) == len(records) > 0
+    ok = [r for r in records if r["status"] == "ok"]
+    assert (runs["evaluation"] == "final").sum() == sum(len(r["test_acc_runs"]) for r in ok)
+    assert len(curves) == sum(len(r.get("curve") or []) for r in records)
+
+
 def test_load_runs_final_and_sweep_runs():
     dirs = fixture_dirs("mnist")
     runs = frames.load_runs(*dirs)
