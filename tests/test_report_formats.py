@@ -46,6 +46,19 @@ def test_bad_format_is_exit_2(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_md_is_the_default_and_unchanged(tmp_path, capsys):
+    default = tmp_path / "default"
+    assert report_main([*DIRS, "--out", str(default)]) == 0
+    printed = capsys.readouterr().out
+    code, out = report(tmp_path, "md")
+    assert code == 0 and capsys.readouterr().out == printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in default.iterdir())
+    assert "table1.md" in names and not any(n.startswith(("report.", "trials.")) for n in names)
+    for name in ("table1.md", "table2.md", "time_to_accuracy.md", "inference_sweep.md", "curves.csv"):
+        assert (out / name).read_text() == (default / name).read_text(), name
+
+
 def test_csv_writes_the_three_frames_and_no_markdown(tmp_path, capsys):
     code, out = report(tmp_path, "csv")
     assert code == 0 and capsys.readouterr().out == ""  # Table 1 is printed with md only

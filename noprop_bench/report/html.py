@@ -51,9 +51,8 @@ def provenance(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, An
         command = str(record.get("command") or "unknown command")
         commands[command] = commands.get(command, 0) + 1
         environment = record.get("environment") if isinstance(record.get("environment"), dict) else {}
-        key = tuple(str(environment.get(f, "–")) for f in MACHINE_FIELDS[1:])
-        key = (device_name(record),) + key
-        machines[key] = machines.get(key, 0) + 1
+        machine = (device_name(record),) + tuple(str(environment.get(f, "–")) for f in MACHINE_FIELDS[1:])
+        machines[machine] = machines.get(machine, 0) + 1
     return {"commands": [{"command": c, "trials": n} for c, n in commands.items()],
             "machine_fields": list(MACHINE_FIELDS),
             "machines": [{"values": list(k), "trials": n} for k, n in machines.items()]}

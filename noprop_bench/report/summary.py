@@ -14,9 +14,11 @@ SUMMARY_FORMAT = "noprop-bench report summary"
 SUMMARY_VERSION = 1
 
 
-def _number(value: float) -> Optional[float]:
-    """JSON has no NaN: a missing number is null."""
-    return float(value) if value is not None and np.isfinite(value) else None
+def _number(value: Any) -> Optional[float]:
+    """JSON has no NaN: a missing or non-finite number is null."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return float(value)
+    return None
 
 
 def _settings(record: Dict[str, Any], by_device: Optional[bool]) -> Dict[str, Any]:
@@ -39,7 +41,7 @@ def _cells(group: List[Dict[str, Any]]):
 def accuracy_cell(records: Sequence[Dict[str, Any]], field: str) -> Optional[Dict[str, Any]]:
     """Mean and s.e. over every value of a cell (seeds × inference runs, as Table 1 shows), and the s.e. over
     the per-seed means; None when no trial of the cell measured ``field``."""
-    per_seed = [list(r.get(field) or []) for r in records]
+    per_seed = [[v for v in r.get(field) or [] if _number(v) is not None] for r in records]
     values = [v for seed in per_seed for v in seed]
     if not values:
         return None
