@@ -61,9 +61,9 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noprop-bench report",
         description="Re-render every table, the curves and Figure 3 from the trials.jsonl of one or more run "
-                    "directories (nothing is rerun), as markdown, CSV, Parquet, HTML or JSON. Runs on several datasets merge into one Table 1 with "
-                    "a column per dataset; trials with a different budget, backbone, device or batch size go "
-                    "to separate tables.")
+                    "directories (nothing is rerun), as markdown, CSV, Parquet, HTML or JSON. Runs on several "
+                    "datasets merge into one Table 1 with a column per dataset; trials with a different budget, "
+                    "backbone, device or batch size go to separate tables.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, each holding a trials.jsonl")
     parser.add_argument("--out", default=None,
                         help="where to write the reports (default: DIR itself when one DIR is given, "

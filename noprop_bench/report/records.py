@@ -1,8 +1,9 @@
 """Trial records made ready for reports: loaded from run directories, checked, split into comparable groups.
 
 Every report module, and the DataFrames of ``frames.py``, work from the same prepared pieces:
-``load_records`` (what was read, and what was skipped and why), ``comparable_groups`` (trials that may share a table), ``assign_rows`` (the paper's
-row order and labels) and ``dataset_columns`` (the paper's column order).
+``load_records`` (what was read, and what was skipped and why), ``comparable_groups`` (trials that may
+share a table), ``assign_rows`` (the paper's row order and labels) and ``dataset_columns`` (the paper's
+column order).
 """
 
 import json
