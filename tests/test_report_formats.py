@@ -184,6 +184,19 @@ def test_html_refers_to_nothing_outside_itself(tmp_path):
     assert not re.search(r"https?://", source)
 
 
+def test_html_survives_a_plotting_error(tmp_path, monkeypatch):
+    import noprop_bench.report.html as html_module
+
+    def broken(records):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(html_module, "figure3_svg", broken)
+    code, out = report(tmp_path, "html")
+    source = (out / "report.html").read_text(encoding="utf-8")
+    assert code == 0 and "Figure 3 could not be drawn (RuntimeError: no fonts)" in source
+    assert 'id="table1"' in source and "<svg" not in source
+
+
 def test_html_escapes_what_records_hold(tmp_path):
     record = json.loads((TESTS / "fixtures/report/cifar10/trials.jsonl").read_text().splitlines()[0])
     record["command"] = "noprop-bench --methods '<script>alert(1)</script>'"

@@ -68,9 +68,13 @@ def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (), tar
              _part(time_to_accuracy_document(records, targets), "time-to-accuracy")]
     if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):
         parts.append(_part(inference_sweep_document(records), "inference-sweep"))
+    try:
+        figure, figure_error = figure3_svg(records), None
+    except Exception as error:  # a plotting problem must not cost the page its tables
+        figure, figure_error = None, f"{type(error).__name__}: {error}"
     statuses: "OrderedDict[str, int]" = OrderedDict()
     for record in records:
         statuses[str(record.get("status"))] = statuses.get(str(record.get("status")), 0) + 1
     return _environment().get_template(TEMPLATE).render(
-        parts=parts, figure=figure3_svg(records), provenance=provenance(records), sources=list(sources),
-        statuses=statuses)
+        parts=parts, figure=figure, figure_error=figure_error, provenance=provenance(records),
+        sources=list(sources), statuses=statuses)
