@@ -185,9 +185,9 @@ def run_rows(record: Dict[str, Any], row: str) -> List[Dict[str, Any]]:
         if not isinstance(point, dict):
             continue
         setting = point.get("setting") if isinstance(point.get("setting"), dict) else {}
-        extra = flatten(setting, "setting.")
-        rows += [dict(identity, evaluation="sweep", setting=setting_label(setting), run=index, test_acc=value, **extra)
-                 for index, value in enumerate(_numbers(point.get("test_acc_runs")))]
+        sweep = dict(identity, evaluation="sweep", setting=setting_label(setting), **flatten(setting, "setting."))
+        runs = _numbers(point.get("test_acc_runs"))
+        rows += [dict(sweep, run=index, test_acc=value) for index, value in enumerate(runs)]
     return rows
 
 
