@@ -1,7 +1,7 @@
 """``report.html``: every table, Figure 3 and the commands and machines of a run in one self-contained page,
 rendered with Jinja2 from ``templates/report.html.j2``."""
 
-from collections import OrderedDict
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
 import jinja2
@@ -43,23 +43,23 @@ def _part(document: Document, anchor: str) -> Dict[str, Any]:
             "lists": [(heading, items) for heading, items in document.lists if items]}
 
 
+def _machine(record: Dict[str, Any]) -> tuple:
+    environment = record.get("environment") if isinstance(record.get("environment"), dict) else {}
+    return (device_name(record),) + tuple(str(environment.get(field, "–")) for field in MACHINE_FIELDS[1:])
+
+
 def provenance(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
     """The distinct commands (with how many trials each ran) and machines of the records."""
-    commands: "OrderedDict[str, int]" = OrderedDict()
-    machines: "OrderedDict[tuple, int]" = OrderedDict()
-    for record in records:
-        command = str(record.get("command") or "unknown command")
-        commands[command] = commands.get(command, 0) + 1
-        environment = record.get("environment") if isinstance(record.get("environment"), dict) else {}
-        machine = (device_name(record),) + tuple(str(environment.get(f, "–")) for f in MACHINE_FIELDS[1:])
-        machines[machine] = machines.get(machine, 0) + 1
+    commands = Counter(str(record.get("command") or "unknown command") for record in records)
+    machines = Counter(_machine(record) for record in records)
     return {"commands": [{"command": c, "trials": n} for c, n in commands.items()],
             "machine_fields": list(MACHINE_FIELDS),
             "machines": [{"values": list(k), "trials": n} for k, n in machines.items()]}
 
 
-def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (), targets: Optional[Sequence[float]] = None,
-                paper: bool = False, train_columns: bool = False, sources: Sequence[str] = ()) -> str:
+def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (),
+                targets: Optional[Sequence[float]] = None, paper: bool = False, train_columns: bool = False,
+                sources: Sequence[str] = ()) -> str:
     """The whole page as text: Table 1, Table 2, time to accuracy, the inference sweep (when a trial has
     one), Figure 3 as inline SVG, and the commands and machines behind the trials."""
     records, bad = check_records(records)
@@ -72,9 +72,7 @@ def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (), tar
         figure, figure_error = figure3_svg(records), None
     except Exception as error:  # a plotting problem must not cost the page its tables
         figure, figure_error = None, f"{type(error).__name__}: {error}"
-    statuses: "OrderedDict[str, int]" = OrderedDict()
-    for record in records:
-        statuses[str(record.get("status"))] = statuses.get(str(record.get("status")), 0) + 1
+    statuses = Counter(str(record.get("status")) for record in records)
     return _environment().get_template(TEMPLATE).render(
         parts=parts, figure=figure, figure_error=figure_error, provenance=provenance(records),
         sources=list(sources), statuses=statuses)
