@@ -73,6 +73,8 @@ def test_skipped_lines_are_warnings_and_duplicates_count_once():
     assert set(trials.loc[trials["trial_id"] == "m-bp-0", "run_dir"]) == {fixture_dirs("truncated")[0]}
     with pytest.raises(TypeError):
         frames.load_trials()
+    with pytest.raises(FileNotFoundError, match="results/no-such-run"):
+        frames.load_curves("tests/fixtures/report/mnist", "results/no-such-run")
 
 
 @pytest.mark.parametrize("directory", RESULTS, ids=lambda p: p.name)

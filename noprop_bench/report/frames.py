@@ -12,11 +12,13 @@ versions or by plugins) are kept: a nested object becomes dotted columns (``para
 import json
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from ..run.store import TRIALS_FILE
 from .records import SOURCE_FIELD, assign_rows, device_name, load_records
 from .tables import setting_label
 
@@ -222,9 +224,14 @@ def curves_frame(records: Iterable[Dict[str, Any]]) -> pd.DataFrame:
 # -- the public loaders -----------------------------------------------------------------------------
 def read_records(dirs: Sequence[Any], warn: bool = True) -> Tuple[List[Dict[str, Any]], List[str]]:
     """The reportable records of the run directories (each tagged with the directory it came from) and
-    a note per thing skipped; each note is also a warning when ``warn``."""
+    a note per thing skipped; each note is also a warning when ``warn``. A directory without a
+    ``trials.jsonl`` is a :class:`FileNotFoundError` (a mistyped path, not an empty run)."""
     if not dirs:
         raise TypeError("give at least one run directory")
+    missing = [str(d) for d in dirs if not (Path(d) / TRIALS_FILE).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {TRIALS_FILE} in {', '.join(missing)}: each directory must be a run "
+                                f"directory written by noprop-bench")
     records, notes = load_records(dirs)
     if warn:
         for note in notes:
