@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -47,6 +48,28 @@ def environment(device: torch.device) -> Dict[str, Any]:
     }
 
 
+SLOW_APPEND_VARIABLE = "NOPROP_BENCH_TEST_SLOW_APPEND"  # tests only: seconds to pause in the middle of a line
+
+
+def _ends_without_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def write_fully(fd: int, data: bytes) -> None:
+    """Write all of ``data``: ``os.write`` may write less than asked (a full disk, a signal)."""
+    pause = float(os.environ.get(SLOW_APPEND_VARIABLE) or 0)
+    view = memoryview(data)
+    while view:
+        chunk = view[:len(view) // 2] if pause and len(view) == len(data) else view
+        written = os.write(fd, chunk)
+        if written == 0:
+            raise OSError(f"could not write to the results store (0 of {len(view)} bytes written)")
+        view = view[written:]
+        if pause and view:
+            time.sleep(pause)  # the chaos test kills the process here, leaving a torn line
+
+
 class TrialStore:
     """``DIR/trials.jsonl``: one JSON object per finished trial, each appended in one write."""
 
@@ -57,10 +80,12 @@ class TrialStore:
     def append(self, record: Dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-        # O_APPEND with a single write keeps lines whole even with concurrent writers
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_APPEND keeps lines whole even with concurrent writers; the host is the only one
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            if _ends_without_newline(fd):  # a write killed mid-line: end that fragment, keep this record whole
+                line = b"\n" + line
+            write_fully(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -105,9 +130,14 @@ class TrialStore:
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     skipped.append(f"{self.path}:{number}: not valid JSON (truncated write?)")
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+                else:
+                    skipped.append(f"{self.path}:{number}: a JSON {type(record).__name__}, not a record (an object)")
         return records, skipped
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
