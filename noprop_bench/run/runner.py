@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from ..backbones import create_backbone, feature_dim
+from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method, describe_class,
+                           logits_fixes, loss_fixes, step_metrics_fixes, violation)
 from .budget import Budget, TrainingClock
 from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
 from ..errors import UsageError
@@ -25,7 +27,7 @@ CUDA_CLOCK_READ_EVERY = 8  # steps between clock reads on CUDA (each read synchr
 
 
 class Diverged(RuntimeError):
-    """A training metric became NaN or infinite."""
+    """A training metric or the predictions became NaN or infinite."""
 
 
 VAL_SPLIT_SEED = 12345  # fixed, so every method and seed of a run holds out the same images
@@ -176,15 +178,23 @@ def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: in
     method.eval()
     devices = [split.images.device] if split.images.device.type == "cuda" else []
     correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    finite = torch.ones((), dtype=torch.bool, device=split.labels.device)
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         if features is None:
-            for x, y in eval_batches(split, normalize, batch_size):
-                correct += (method.predict(x, **setting).argmax(dim=1) == y).sum()
+            batches = ((method.predict(x, **setting), y) for x, y in eval_batches(split, normalize, batch_size))
         else:
-            for f, y in features:
-                correct += (method.predict_from_features(f, **setting).argmax(dim=1) == y).sum()
+            batches = ((method.predict_from_features(f, **setting), y) for f, y in features)
+        for number, (logits, y) in enumerate(batches):
+            if number == 0:
+                fixes = logits_fixes(logits, len(y), getattr(method.task, "num_classes", logits.shape[-1]))
+                if fixes:
+                    raise violation(type(method), fixes)
+            finite &= _finite(logits)
+            correct += (logits.argmax(dim=1) == y).sum()
     method.train(was_training)
+    if not bool(finite):
+        raise Diverged(f"non-finite predictions{' with ' + repr(setting) if setting else ''}")
     return 100.0 * correct.item() / len(split)
 
 
@@ -246,6 +256,12 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
     except Diverged as error:
         record["status"] = "diverged"
         record["error"] = str(error)
+    except ContractViolation as error:
+        record["status"] = "failed"
+        record["error"] = f"contract violation: {error}"
+    except MethodUsageError as error:
+        record["status"] = "failed"
+        record["error"] = f"bad input: {error}"
     except KeyboardInterrupt:  # the caller stores the record and stops the run
         record["status"] = "interrupted"
         record["error"] = "interrupted by the user"
@@ -259,6 +275,10 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         trial.finish()
     return record
+
+
+class MethodUsageError(Exception):
+    """A :class:`UsageError` raised while the method was built: this trial fails, the grid goes on."""
 
 
 class _TrialRun:
@@ -277,7 +297,10 @@ class _TrialRun:
         setup_started = time.perf_counter()
         seed_everything(spec.seed)
         task = build_task(spec, data)
-        self.method = method = spec.method(task, **spec.params).to(spec.device)
+        try:
+            self.method = method = build_method(spec.method, task, spec.params).to(spec.device)
+        except UsageError as error:
+            raise MethodUsageError(f"{describe_class(spec.method)}: {error}") from None
         method.train()
         record["params_total"] = sum(p.numel() for p in method.parameters())
         record["params_trainable"] = sum(p.numel() for p in method.parameters() if p.requires_grad)
@@ -297,6 +320,8 @@ class _TrialRun:
             while True:
                 x, y = stream.next()
                 metrics = method.train_step(x, y)
+                if self.steps == 0:
+                    self._check_first_step(metrics)
                 self.steps += 1
                 self.samples += batch_size
                 steps, samples = self.steps, self.samples
@@ -327,6 +352,15 @@ class _TrialRun:
             raise Diverged(f"non-finite loss by step {self.steps}")
         self._update_counts()
         self._final_evaluation(loss_sum, loss_count)
+
+    def _check_first_step(self, metrics):
+        fixes = step_metrics_fixes(metrics) or loss_fixes(metrics)
+        if fixes:
+            raise violation(type(self.method), fixes)
+        if "loss" not in metrics:
+            warning = f"{describe_class(type(self.method))}: {MISSING_LOSS_WARNING}"
+            self.record.setdefault("warnings", []).append(warning)
+            self.say(f"warning: {warning}")
 
     def _update_counts(self):
         record = self.record

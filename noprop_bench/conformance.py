@@ -1,0 +1,104 @@
+"""The cheap contract checks the host runs on every method it builds, each violation worded as its fix.
+
+``noprop_bench.testing`` runs these and the thorough ones from a plugin author's tests; the runner runs
+these at the start of every trial, so a broken plugin fails with one line naming the plugin, the class
+and the fix instead of an error from deep inside torch.
+"""
+
+import sys
+from importlib.metadata import packages_distributions
+from functools import lru_cache
+from typing import Any, Dict, List, Mapping, Optional, Type
+
+import torch
+
+from .method import Method
+
+SUPER_INIT_FIX = "call super().__init__(task, **params) first in __init__, before creating any module or tensor"
+
+
+class ContractViolation(RuntimeError):
+    """A plugin broke the contract; the message names the plugin, the class and the fix."""
+
+
+@lru_cache(maxsize=None)
+def _distributions_of(top_level: str) -> tuple:
+    return tuple(packages_distributions().get(top_level, ()))
+
+
+def plugin_of(cls: type) -> str:
+    """The distribution that provides ``cls`` (or its module, for a plugin loaded with ``--plugin``)."""
+    found = _distributions_of(cls.__module__.partition(".")[0])
+    return found[0] if found else cls.__module__
+
+
+def describe_class(cls: type) -> str:
+    return f"plugin {plugin_of(cls)!r}, class {cls.__module__}.{cls.__qualname__}"
+
+
+def violation(cls: type, fixes: List[str]) -> ContractViolation:
+    return ContractViolation(f"{describe_class(cls)}: " + "; ".join(fixes))
+
+
+def build_method(cls: Type[Method], task, params: Mapping[str, Any]) -> Method:
+    """``cls(task, **params)``, turning a skipped ``super().__init__`` into a :class:`ContractViolation`.
+
+    Other errors (a :class:`~noprop_bench.errors.UsageError` included) propagate unchanged.
+    """
+    instance = cls.__new__(cls)
+    try:
+        instance.__init__(task, **params)
+    except Exception:
+        if "_modules" not in vars(instance):  # torch's own message would say only that '_modules' is missing
+            raise violation(cls, [SUPER_INIT_FIX]) from sys.exc_info()[1]
+        raise
+    fixes = built_method_fixes(instance)
+    if fixes:
+        raise violation(cls, fixes)
+    return instance
+
+
+def built_method_fixes(method: Method) -> List[str]:
+    """What is wrong with a freshly built method, as fixes (empty when nothing is)."""
+    if "_modules" not in vars(method) or not hasattr(method, "task") or not isinstance(getattr(method, "params", None), dict):
+        return [SUPER_INIT_FIX]
+    return []
+
+
+def step_metrics_fixes(metrics: Any) -> List[str]:
+    """What is wrong with what ``train_step`` returned."""
+    if not isinstance(metrics, dict):
+        return [f"train_step must return a dict of tensors such as {{'loss': loss.detach()}}, "
+                f"not {type(metrics).__name__}"]
+    not_tensors = sorted(str(key) for key, value in metrics.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        return [f"train_step must return tensors (e.g. loss.detach(), not loss.item()) in its dict; "
+                f"{', '.join(not_tensors)} {'is' if len(not_tensors) == 1 else 'are'} not"]
+    return []
+
+
+def loss_fixes(metrics: Dict[str, Any]) -> List[str]:
+    """What is wrong with the ``"loss"`` a method returned (missing: see ``MISSING_LOSS_WARNING``)."""
+    loss = metrics.get("loss")
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        return [f"train_step's 'loss' must be a scalar tensor, not one of shape {list(loss.shape)}"]
+    return []
+
+
+MISSING_LOSS_WARNING = ("train_step returns no 'loss': the harness cannot see a diverging loss, only non-finite "
+                        "predictions at evaluations; return {'loss': loss.detach(), ...}")
+
+
+def logits_fixes(logits: Any, batch: int, num_classes: int, device: Optional[torch.device] = None) -> List[str]:
+    """What is wrong with the output of ``predict`` on a batch of ``batch`` images."""
+    expected = f"floating logits of shape [B, num_classes] = [{batch}, {num_classes}]"
+    if not isinstance(logits, torch.Tensor):
+        return [f"predict must return a tensor of {expected}, not {type(logits).__name__}"]
+    fixes = []
+    if tuple(logits.shape) != (batch, num_classes):
+        fixes.append(f"predict must return {expected}, not shape {list(logits.shape)}")
+    if not logits.is_floating_point():
+        fixes.append(f"predict must return {expected}, not dtype {logits.dtype}")
+    if device is not None and logits.device.type != torch.device(device).type:
+        fixes.append(f"predict must return its logits on task.device ({device}), not on {logits.device}")
+    return fixes

@@ -1,0 +1,62 @@
+"""The host explains contract violations in one line, and judges divergence on predictions too."""
+
+import json
+
+import pytest
+
+from noprop_bench.cli import EXIT_TRIAL_FAILED, run
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def _grid(tmp_path, methods, *extra, executor="local"):
+    out = tmp_path / executor.replace("[", "-").replace("]", "").replace("=", "")
+    code = run(["--plugin", "fake_plugins", "--plugin", "broken_plugins", "--dataset", "tiny", "--methods", methods,
+                "--budget", "4steps", "--checkpoints", "1", "--threads", "1", "--executor", executor,
+                "--out", str(out), *extra])
+    return code, {(r["method"], r["seed"]): r for r in _records(out)}
+
+
+def test_violations_become_one_line_naming_plugin_class_and_fix(tmp_path, one_thread, capsys):
+    code, records = _grid(tmp_path, "no_super_init,float_loss,wrong_shape,linear")
+    assert code == EXIT_TRIAL_FAILED
+    errors = {method: r["error"] for (method, _), r in records.items()}
+    assert records[("linear", 0)]["status"] == "ok"
+    for method, fix in (("no_super_init", "call super().__init__(task, **params) first in __init__"),
+                        ("float_loss", "train_step must return tensors (e.g. loss.detach(), not loss.item())"),
+                        ("wrong_shape", "predict must return floating logits of shape [B, num_classes] = [64, 4], "
+                                        "not shape [64, 2]")):
+        assert records[(method, 0)]["status"] == "failed"
+        assert errors[method].startswith("contract violation: plugin 'broken_plugins', class broken_plugins.")
+        assert fix in errors[method]
+        assert "\n" not in errors[method]
+    printed = capsys.readouterr().err
+    assert "_modules" not in printed and "Traceback" not in printed
+    assert f"failed: {errors['no_super_init']}" in printed
+
+
+def test_non_finite_predictions_are_divergence(tmp_path, one_thread):
+    code, records = _grid(tmp_path, "nan_predictions")
+    assert code == EXIT_TRIAL_FAILED
+    assert records[("nan_predictions", 0)]["status"] == "diverged"
+    assert "non-finite predictions" in records[("nan_predictions", 0)]["error"]
+
+
+def test_a_step_without_loss_warns_once(tmp_path, one_thread, capsys):
+    code, records = _grid(tmp_path, "no_loss")
+    assert code == 0 and records[("no_loss", 0)]["status"] == "ok"
+    assert len(records[("no_loss", 0)]["warnings"]) == 1
+    assert capsys.readouterr().err.count("train_step returns no 'loss'") == 1
+
+
+@pytest.mark.parametrize("executor", ["local", "local[workers=2]"])
+def test_a_usage_error_while_building_a_method_fails_that_trial_and_the_grid_goes_on(executor, tmp_path, one_thread):
+    code, records = _grid(tmp_path, "refuses_seed,linear", "--seeds", "2", executor=executor)
+    assert code == EXIT_TRIAL_FAILED
+    assert {key: r["status"] for key, r in records.items()} == {
+        ("refuses_seed", 0): "ok", ("refuses_seed", 1): "failed", ("linear", 0): "ok", ("linear", 1): "ok"}
+    error = records[("refuses_seed", 1)]["error"]
+    assert error.startswith("bad input: plugin 'broken_plugins', class broken_plugins.RefusesSeed: ")
+    assert error.endswith("refuses_seed cannot train seed 1")
