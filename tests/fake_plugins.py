@@ -3,9 +3,9 @@
 import time
 
 import torch
-from torch import nn
 
-from noprop_bench import Dataset, Method, Split, hookimpl
+from noprop_bench import Dataset, Split, hookimpl
+from noprop_bench.testing.tiny import ConformanceMethod
 
 FINISHED = []  # records seen by the trial_finished hook
 
@@ -31,27 +31,12 @@ class Tiny(Dataset):
         return Split((base + noise).clamp(0, 255).to(torch.uint8), labels)
 
 
-class Linear(Method):
+class Linear(ConformanceMethod):
     """A linear classifier on raw pixels: small and deterministic."""
 
     name = "linear"
     label = "Linear"
     defaults = {"lr": 0.05, "embedding": "one-hot"}
-
-    def __init__(self, task, **params):
-        super().__init__(task, **params)
-        self.layer = nn.Linear(task.image_dim, task.num_classes)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=self.params["lr"])
-
-    def train_step(self, x, y):
-        loss = nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.detach()}
-
-    def predict(self, x):
-        return self.layer(x.flatten(1))
 
 
 class Explode(Linear):

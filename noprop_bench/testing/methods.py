@@ -1,0 +1,209 @@
+"""``check_method``: a method plugin run through the contract on tiny synthetic data."""
+
+import copy
+from collections import Counter
+import json
+import warnings
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Type
+
+import torch
+
+from ..conformance import (ContractViolation, built_method_fixes, build_method, describe_class, logits_fixes,
+                           loss_fixes, step_metrics_fixes)
+from ..errors import UsageError
+from ..method import FAMILIES, Method
+from .host_sync import HostSyncWarning, record_host_syncs
+from .tiny import tiny_batch, tiny_task
+
+
+def reachable_tensors(obj: Any, skip: Iterable[Any] = (), depth: int = 5,
+                      seen: Optional[set] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor an object holds: parameters, buffers, optimiser state and plain
+    tensors kept in attributes, lists and dicts, a few levels deep; objects in ``skip`` are not entered."""
+    seen = {id(item) for item in skip} if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield "", obj
+        return
+    if isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    elif isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)) or (
+            hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] not in ("torch", "builtins")):
+        items = list(vars(obj).items())
+    else:
+        return
+    for key, value in items:
+        for path, tensor in reachable_tensors(value, skip, depth - 1, seen):
+            yield f"{key}.{path}" if path else str(key), tensor
+
+
+def _own_tensors(method: Method) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The tensors a method holds, leaving out the task it was handed (shared by design)."""
+    task = getattr(method, "task", None)
+    return reachable_tensors(method, skip=[task, *vars(task).values()] if task is not None else [])
+
+
+def _state(method: Method) -> Dict[str, torch.Tensor]:
+    return {path: tensor.detach().clone() for path, tensor in _own_tensors(method)}
+
+
+def _predict(method: Method, x: torch.Tensor, seed: int, features: bool = False) -> torch.Tensor:
+    method.eval()
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.inference_mode():
+        torch.manual_seed(seed)
+        logits = method.predict_from_features(method.features(x)) if features else method.predict(x)
+    method.train()
+    return logits
+
+
+class _Findings:
+    """Violations, each worded as its fix, reported together as one assertion per violation."""
+
+    def __init__(self, cls: type):
+        self.cls, self.fixes = cls, []
+
+    def add(self, fixes: List[str]) -> None:
+        self.fixes.extend(fixes)
+
+    def check(self, ok: bool, fix: str) -> None:
+        if not ok:
+            self.fixes.append(fix)
+
+    def raise_if_any(self) -> None:
+        if self.fixes:
+            lines = "\n".join(f"  - {fix}" for fix in self.fixes)
+            raise AssertionError(f"{describe_class(self.cls)} breaks the method contract; to fix:\n{lines}")
+
+
+def check_method(cls: Type[Method], device="cpu", **params) -> None:
+    """Run ``cls`` through the method contract on tiny synthetic data; an ``AssertionError`` lists a fix
+    for each violation, and a :class:`HostSyncWarning` names each host synchronisation in ``train_step``.
+
+    ``params`` are the method's parameters as Python values (as ``defaults`` holds them); choose small
+    ones (few steps, few blocks) so the check takes seconds. Plain tensors updated by hand are as good as
+    ``nn.Parameter``\\ s.
+    """
+    findings = _Findings(cls)
+    findings.check(bool(cls.name) and isinstance(cls.name, str), "set the class attribute name = 'my_method'")
+    findings.check(cls.family in FAMILIES, f"set family to one of {', '.join(FAMILIES)}, not {cls.family!r}")
+    defaults_before = copy.deepcopy(cls.defaults)
+    try:
+        resolved = cls.resolve_params(params)
+    except UsageError as error:
+        findings.add([f"parameters {params} must resolve against defaults (got: {error})"])
+        findings.raise_if_any()
+    try:
+        json.dumps(resolved)
+    except (TypeError, ValueError) as error:
+        findings.add([f"resolved parameters must be plain JSON values (numbers, strings, booleans, lists): {error}"])
+    task = tiny_task(device)
+    try:
+        method = build_method(cls, task, resolved).to(task.device)
+        twin = build_method(cls, task, resolved).to(task.device)
+    except ContractViolation as error:
+        findings.add([str(error).split(": ", 1)[1]])
+        findings.raise_if_any()
+    findings.add(built_method_fixes(method))
+    findings.add(_device_fixes(method, task.device))
+    findings.add(_shared_state_fixes(method, twin))
+    x, y = tiny_batch(task)
+    x_before, y_before = x.clone(), y.clone()
+
+    twin_before = _state(twin)
+    method.train()
+    with record_host_syncs(task.device, _own_packages(cls)) as syncs:
+        metrics = method.train_step(x, y)
+    findings.add(step_metrics_fixes(metrics))
+    if isinstance(metrics, dict):
+        loss = metrics.get("loss")
+        findings.check(loss is not None, "return the training loss as metrics['loss'] so divergence can be seen")
+        findings.add(loss_fixes(metrics))
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            findings.check(bool(torch.isfinite(loss.detach()).all()), "train_step's loss must be finite on a tiny batch")
+    findings.check(_unchanged(twin_before, _state(twin)),
+                   "two instances must share no state: training one changed the other (keep tensors, optimisers "
+                   "and buffers per instance, never in class attributes or module globals)")
+    findings.check(cls.defaults == defaults_before, "never modify the class's defaults; copy them (self.params)")
+    for sync, count in sorted(Counter(syncs).items()):
+        warnings.warn(f"{describe_class(cls)}: train_step forces a host synchronisation ({count}x): {sync}; keep "
+                      f"Python numbers out of the step and return tensors", HostSyncWarning, stacklevel=2)
+
+    logits = _predict(method, x, seed=1)
+    findings.add(logits_fixes(logits, len(y), task.num_classes, task.device))
+    findings.add(_determinism_fixes(cls, method, x, logits))
+    findings.add(_feature_split_fixes(method, x))
+    findings.check(torch.equal(x, x_before) and torch.equal(y, y_before),
+                   "never modify the input batch in place (x or y): clone it first")
+    findings.raise_if_any()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, a NaN equal to a NaN in the same place (a schedule may hold NaN where undefined)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def _unchanged(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> bool:
+    return before.keys() == after.keys() and all(_same(before[k], after[k]) for k in before)
+
+
+def _device_fixes(method: Method, device: torch.device) -> List[str]:
+    elsewhere = sorted(path for path, tensor in _own_tensors(method) if tensor.device.type != device.type)
+    if elsewhere:
+        return [f"move every parameter and tensor to task.device ({device}) in __init__ "
+                f"(e.g. self.to(task.device)); on another device: {', '.join(elsewhere[:5])}"]
+    return []
+
+
+def _shared_state_fixes(method: Method, twin: Method) -> List[str]:
+    def storages(m):
+        return {t.untyped_storage().data_ptr(): p for p, t in _own_tensors(m) if t.numel() > 0}
+
+    shared = sorted(set(storages(method)) & set(storages(twin)))
+    if shared:
+        names = sorted(storages(method)[pointer] for pointer in shared)
+        return [f"two instances must share no state: create tensors in __init__, not at class or module level "
+                f"(shared: {', '.join(names[:5])})"]
+    return []
+
+
+def _own_packages(cls: type) -> Set[str]:
+    """The top-level packages of a method class and its bases, the host's and torch's excepted."""
+    return {base.__module__.partition(".")[0] for base in cls.__mro__
+            if base.__module__.partition(".")[0] not in ("builtins", "torch", "noprop_bench")}
+
+
+def _determinism_fixes(cls: Type[Method], method: Method, x: torch.Tensor, seed_1: torch.Tensor) -> List[str]:
+    same = _same(seed_1, _predict(method, x, seed=1))
+    other_seed = _same(seed_1, _predict(method, x, seed=2))
+    if not same:
+        return ["predict must give the same logits for the same torch seed: draw randomness from torch's "
+                "generator (torch.randn, not numpy or random)"]
+    if cls.stochastic and other_seed:
+        return ["predict does not vary with the seed: set stochastic = False, so the final evaluation is not "
+                "repeated for nothing"]
+    if not cls.stochastic and not other_seed:
+        return ["predict varies with the seed: set stochastic = True, so the final evaluation is repeated "
+                "--inference-runs times"]
+    return []
+
+
+def _feature_split_fixes(method: Method, x: torch.Tensor) -> List[str]:
+    overridden = [type(method).features is not Method.features,
+                  type(method).predict_from_features is not Method.predict_from_features]
+    if overridden == [False, False]:
+        return []
+    if not all(overridden):
+        return ["override both features and predict_from_features, or neither"]
+    if not torch.allclose(_predict(method, x, seed=3, features=True), _predict(method, x, seed=3),
+                          rtol=1e-4, atol=1e-5, equal_nan=True):
+        return ["predict_from_features(features(x)) must equal predict(x) for the same seed: keep every random "
+                "draw and every setting-dependent step in predict_from_features"]
+    return []

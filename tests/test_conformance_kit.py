@@ -1,0 +1,264 @@
+"""``noprop_bench.testing``: every built-in plugin passes the conformance checks, and each kind of
+violation fails with its own fix."""
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from noprop_bench import Dataset, Method, Split
+from noprop_bench.executor import Executor, execute_job
+from noprop_bench.plugins import load_plugins
+from noprop_bench.testing import HostSyncWarning, check_dataset, check_executor, check_method
+from noprop_bench_plugins.datasets.imagefolder import ImageFolder
+from noprop_bench_plugins.datasets.torchvision_datasets import MNIST
+from test_datasets import fake_idx_set, write_idx_gz
+from test_imagefolder import write_tree
+
+REGISTRY = load_plugins()
+# small settings, so each built-in method is checked in about a second; a key a method lacks is ignored
+SMALL = {"blocks": 2, "steps": 4, "eval_steps": 2, "time_dim": 8, "schedule_width": 8}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY.methods))
+def test_every_registered_method_passes(name, one_thread):
+    cls = REGISTRY.methods[name]
+    small = {key: value for key, value in SMALL.items() if key in cls.defaults}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HostSyncWarning)  # reported, not judged here (see the adjoint note)
+        check_method(cls, **small)
+
+
+def test_the_mnist5k_dataset_passes():
+    check_dataset(REGISTRY.datasets["mnist5k"])
+
+
+def test_the_torchvision_family_passes_on_small_idx_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(MNIST, "extra_dirs", (), raising=False)
+    write_idx_gz(tmp_path, fake_idx_set())
+    check_dataset(MNIST, root=str(tmp_path))
+
+
+def test_the_imagefolder_dataset_passes(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOPROP_BENCH_DATA", str(tmp_path / "cache"))
+    write_tree(tmp_path / "tree")
+    check_dataset(ImageFolder, argument=str(tmp_path / "tree"))
+
+
+@pytest.mark.parametrize("options", [{}, {"workers": 2}], ids=["in-process", "workers=2"])
+def test_the_local_executor_passes(options):
+    check_executor(REGISTRY.executors["local"], **options)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit is not installed")
+def test_the_submitit_executor_passes_on_its_local_cluster():
+    check_executor(REGISTRY.executors["submitit"], cluster="local")
+
+
+# --- methods that break the contract, each in one way -------------------------------------------
+
+class HandWritten(Method):
+    """Plain tensors updated by hand, no nn.Parameter: within the contract."""
+
+    name = "hand_written"
+    defaults = {"lr": 0.5}
+
+    def __init__(self, task, **params):
+        super().__init__(task, **params)
+        generator = torch.Generator().manual_seed(task.seed)
+        self.weight = (0.01 * torch.randn(task.image_dim, task.num_classes, generator=generator)).to(task.device)
+
+    def train_step(self, x, y):
+        probabilities = torch.softmax(x.flatten(1) @ self.weight, dim=1)
+        target = nn.functional.one_hot(y, probabilities.shape[1]).float()
+        self.weight -= self.params["lr"] * x.flatten(1).T @ (probabilities - target) / len(y)
+        loss = -(target * probabilities.clamp_min(1e-12).log()).sum(dim=1).mean()
+        return {"loss": loss}
+
+    def predict(self, x):
+        return x.flatten(1) @ self.weight
+
+
+def _failure(cls, **params) -> str:
+    with pytest.raises(AssertionError) as failure:
+        check_method(cls, **params)
+    return str(failure.value)
+
+
+def test_plain_tensors_updated_by_hand_pass():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_method(HandWritten)
+
+
+def test_a_skipped_super_init_is_named_with_its_fix():
+    class NoSuper(HandWritten):
+        name = "no_super"
+
+        def __init__(self, task, **params):
+            self.layer = nn.Linear(2, 2)
+
+    message = _failure(NoSuper)
+    assert "class test_conformance_kit." in message and "NoSuper" in message
+    assert "call super().__init__(task, **params) first in __init__" in message
+
+
+def test_params_that_do_not_resolve_or_serialise():
+    assert "must resolve against defaults" in _failure(HandWritten, momentum=0.9)
+
+    class Unserialisable(HandWritten):
+        name = "unserialisable"
+        defaults = {"lr": 0.5, "shape": {1, 2}}
+
+    assert "resolved parameters must be plain JSON values" in _failure(Unserialisable)
+
+
+def test_train_step_results_loss_and_host_syncs():
+    class PythonNumbers(HandWritten):
+        name = "python_numbers"
+
+        def train_step(self, x, y):
+            return {"loss": float(super().train_step(x, y)["loss"])}
+
+    class NoLoss(HandWritten):
+        name = "no_loss"
+
+        def train_step(self, x, y):
+            super().train_step(x, y)
+            return {"accuracy": torch.tensor(1.0)}
+
+    class Syncs(HandWritten):
+        name = "syncs"
+
+        def train_step(self, x, y):
+            metrics = super().train_step(x, y)
+            if metrics["loss"].item() > 1e9:
+                raise RuntimeError
+            return metrics
+
+    assert "train_step must return tensors (e.g. loss.detach(), not loss.item())" in _failure(PythonNumbers)
+    assert "return the training loss as metrics['loss']" in _failure(NoLoss)
+    with pytest.warns(HostSyncWarning, match=r"train_step forces a host synchronisation \(1x\): Tensor.item\(\)"):
+        check_method(Syncs)
+
+
+def test_predict_shape_and_determinism():
+    class WrongShape(HandWritten):
+        name = "wrong_shape"
+
+        def predict(self, x):
+            return super().predict(x).argmax(dim=1)
+
+    class SecretlyStochastic(HandWritten):
+        name = "secretly_stochastic"
+
+        def predict(self, x):
+            return super().predict(x) + torch.randn(len(x), self.task.num_classes)
+
+    class NotStochastic(HandWritten):
+        name = "not_stochastic"
+        stochastic = True
+
+    class UsesNumpyRandomness(HandWritten):
+        name = "numpy_randomness"
+        stochastic = True
+
+        def predict(self, x):
+            import numpy as np
+            return super().predict(x) + torch.from_numpy(np.random.randn(len(x), self.task.num_classes)).float()
+
+    message = _failure(WrongShape)
+    assert "predict must return floating logits of shape [B, num_classes] = [8, 3], not shape [8]" in message
+    assert "set stochastic = True" in _failure(SecretlyStochastic)
+    assert "set stochastic = False" in _failure(NotStochastic)
+    assert "draw randomness from torch's generator" in _failure(UsesNumpyRandomness)
+
+
+def test_features_must_reproduce_predict():
+    class HalfSplit(HandWritten):
+        name = "half_split"
+
+        def features(self, x):
+            return x.flatten(1)
+
+    class BadSplit(HalfSplit):
+        name = "bad_split"
+
+        def predict_from_features(self, features):
+            return features @ self.weight + 1.0
+
+    assert "override both features and predict_from_features, or neither" in _failure(HalfSplit)
+    assert "predict_from_features(features(x)) must equal predict(x)" in _failure(BadSplit)
+
+
+def test_input_modified_in_place():
+    class Normalises(HandWritten):
+        name = "normalises_in_place"
+
+        def train_step(self, x, y):
+            x -= x.mean()
+            return super().train_step(x, y)
+
+    assert "never modify the input batch in place" in _failure(Normalises)
+
+
+SHARED_WEIGHT = torch.zeros(256, 3)
+
+
+def test_instances_share_no_state():
+    class ModuleLevel(HandWritten):
+        name = "module_level"
+
+        def __init__(self, task, **params):
+            super().__init__(task, **params)
+            self.weight = SHARED_WEIGHT
+
+    class MutatesDefaults(HandWritten):
+        name = "mutates_defaults"
+        defaults = {"lr": 0.5, "history": []}
+
+        def train_step(self, x, y):
+            self.defaults["history"].append(1)
+            return super().train_step(x, y)
+
+    message = _failure(ModuleLevel)
+    assert "two instances must share no state: create tensors in __init__" in message
+    assert "training one changed the other" in message
+    assert "never modify the class's defaults" in _failure(MutatesDefaults)
+
+
+# --- datasets and executors that break the contract ---------------------------------------------
+
+def test_dataset_violations_are_each_named():
+    class Sloppy(Dataset):
+        name = "sloppy"
+        classes = ("a", "b")
+        image_shape = (1, 4, 4)
+        mean, std = (0.5, 0.5), (0.2,)
+
+        def load(self, split):
+            count = 6 if split == "train" else 3
+            images = torch.zeros(count, 1, 4, 4 if split == "train" else 5, dtype=torch.uint8)
+            return Split(images, torch.arange(count, dtype=torch.int32))
+
+    with pytest.raises(AssertionError) as failure:
+        check_dataset(Sloppy)
+    message = str(failure.value)
+    assert "train labels must be int64 [N] (torch.long), not torch.int32" in message
+    assert "train labels must lie in 0..1 (one per name in classes); found 0..5" in message
+    assert "train and test images must have the same shape [C, H, W]" in message
+    assert "mean and std need one value per channel (1)" in message
+
+
+def test_an_executor_that_loses_a_record_is_named():
+    class Forgetful(Executor):
+        name = "forgetful"
+
+        def run(self, jobs, deliver, say):
+            for job in jobs[1:]:
+                deliver(job, execute_job(job, progress=say))
+
+    with pytest.raises(AssertionError, match="run\\(\\) must call deliver\\(job, record\\) exactly once per job"):
+        check_executor(Forgetful)
