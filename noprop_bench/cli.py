@@ -16,6 +16,7 @@ from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
 from .run.jobs import Progress, TrialJob, import_root
+from .run.resume import pending_specs
 from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "executor ran a trial")
     parser.add_argument("--out", default=None,
                         help="output directory (default results/<dataset>-<timestamp>); reuse it to resume")
+    parser.add_argument("--keep-stale", action="store_true",
+                        help="on resume, keep finished trials whose method code differs from the installed one "
+                             "(another distribution version or git commit) instead of training them again; "
+                             "their rows are marked † in table1.md")
     parser.add_argument("--data-root", default=None,
                         help="where datasets are stored or downloaded (default: $NOPROP_BENCH_DATA, else "
                              "$XDG_CACHE_HOME/noprop-bench or ~/.cache/noprop-bench)")
@@ -209,11 +214,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     for record in store.merge_record_files():
         say(f"recorded {record.get('row_label')} seed {record.get('seed')}: it finished after the last run's "
             f"host had stopped")
-    finished = store.finished_ids()
-    pending = [spec for spec in specs if spec.trial_id not in finished]
-    for spec in specs:
-        if spec.trial_id in finished:
-            say(f"skip {spec.describe()}: already finished in {store.path}")
+    pending = pending_specs(specs, store.read()[0], args.keep_stale, say, str(store.path))
     problems = []
     jobs = [_job(spec, args, executor) for spec in pending]
     if jobs:

@@ -6,30 +6,18 @@ and the fix instead of an error from deep inside torch.
 """
 
 import sys
-from importlib.metadata import packages_distributions
-from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Type
 
 import torch
 
 from .method import Method
+from .provenance import plugin_of
 
 SUPER_INIT_FIX = "call super().__init__(task, **params) first in __init__, before creating any module or tensor"
 
 
 class ContractViolation(RuntimeError):
     """A plugin broke the contract; the message names the plugin, the class and the fix."""
-
-
-@lru_cache(maxsize=None)
-def _distributions_of(top_level: str) -> tuple:
-    return tuple(packages_distributions().get(top_level, ()))
-
-
-def plugin_of(cls: type) -> str:
-    """The distribution that provides ``cls`` (or its module, for a plugin loaded with ``--plugin``)."""
-    found = _distributions_of(cls.__module__.partition(".")[0])
-    return found[0] if found else cls.__module__
 
 
 def describe_class(cls: type) -> str:

@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import paper as paper_data
+from .code_versions import OLDER_CODE_MARK, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                           family_heading, format_mean_se, mean_and_standard_error, ordered_rows,
@@ -46,6 +47,8 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
             if paper and paper_data.paper_dataset(spec):
                 headers.append((f"{label} {split} (paper)", "paper", spec, split))
                 headers.append((f"{label} {split} Δ", "delta", spec, split))
+    older = older_code_trials(ok)
+    marked = {row for record, row in zip(ok, rows) if str(record.get("trial_id")) in older}
     table = []
     current_family = None
     for family, row in ordered_rows(ok, rows):
@@ -53,7 +56,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
             table.append([family_heading(family)] + [""] * len(headers))
             current_family = family
         base_label = next(r["row_label"] for r, name in zip(ok, rows) if name == row)
-        line = [row]
+        line = [f"{row} {OLDER_CODE_MARK}" if row in marked else row]
         for _, kind, spec, split in headers:
             values = cells.get((row, spec, split), [])
             published = paper_data.paper_accuracy(base_label, spec, split) if kind != "ours" else None
@@ -88,7 +91,7 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     ok = [r for r in records if r.get("status") == "ok"]
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
-               f"{_runs_text(ok)}; \"(n=1)\" marks a single value. {settings_text(ok)}")
+               f"{_runs_text(ok)}; \"(n=1)\" marks a single value. {settings_text(ok)}{older_code_note(ok)}")
     if paper:
         caption += (f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}; Δ = our mean − "
                     f"the paper's mean. Our budget is not the paper's schedule, so Δ is indicative.")

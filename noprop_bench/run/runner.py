@@ -19,6 +19,7 @@ from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
 from ..errors import UsageError
 from .memory import PeakMemory
 from ..method import Method
+from ..provenance import code_identity
 from .store import environment, trial_id
 from ..task import Task
 
@@ -240,7 +241,8 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
         "dataset_label": data.dataset.display_name,
         "num_classes": data.dataset.num_classes, "image_shape": list(data.train.images.shape[1:]),
         "train_size": len(data.train), "test_size": len(data.test),
-        "environment": environment(spec.device), "data_load_seconds": data.load_seconds,
+        "environment": environment(spec.device), "code": code_identity(spec.method),
+        "data_load_seconds": data.load_seconds,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "curve": [], "steps": 0, "samples": 0, "epochs": 0.0,
         "train_seconds": 0.0, "eval_seconds": 0.0, "setup_seconds": 0.0,

@@ -1,0 +1,77 @@
+"""Which code a plugin class comes from: its distribution and version, and the git commit of a checkout.
+
+Stored with every trial (``record["code"]``) so a rerun can tell results of other code from its own.
+"""
+
+import subprocess
+import sys
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+CODE_FIELDS = ("distribution", "version", "git_commit")
+
+
+@lru_cache(maxsize=None)
+def _distributions_of(top_level: str) -> tuple:
+    return tuple(packages_distributions().get(top_level, ()))
+
+
+def distribution_of(cls: type) -> Optional[str]:
+    """The installed distribution providing ``cls``, or None (a module loaded with ``--plugin``)."""
+    found = _distributions_of(cls.__module__.partition(".")[0])
+    return found[0] if found else None
+
+
+def plugin_of(cls: type) -> str:
+    """The distribution that provides ``cls``, or its module when no distribution does."""
+    return distribution_of(cls) or cls.__module__
+
+
+@lru_cache(maxsize=None)
+def git_commit(folder: str) -> Optional[str]:
+    """The checked-out commit of the git work tree holding ``folder``, or None.
+
+    Only for source checkouts (editable installs, ``--plugin`` modules): code installed into
+    site-packages is identified by its version alone.
+    """
+    path = Path(folder).resolve()
+    if "site-packages" in path.parts or "dist-packages" in path.parts:
+        return None
+    if not any((parent / ".git").exists() for parent in (path, *path.parents)):
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def code_identity(cls: type) -> Dict[str, Any]:
+    """``{"distribution", "version", "git_commit"}`` of the code that defines ``cls`` (None where unknown)."""
+    distribution = distribution_of(cls)
+    try:
+        installed = version(distribution) if distribution else None
+    except PackageNotFoundError:
+        installed = None
+    module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return {"distribution": distribution, "version": installed,
+            "git_commit": git_commit(str(Path(module_file).parent)) if module_file else None}
+
+
+def same_code(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    return all(recorded.get(key) == current.get(key) for key in CODE_FIELDS)
+
+
+def describe_code(code: Optional[Mapping[str, Any]]) -> str:
+    """``noprop-bench 0.1.0, git 1a2b3c4d5e6f`` (what is known of it)."""
+    if not code:
+        return "unrecorded code"
+    parts = [" ".join(str(code[key]) for key in ("distribution", "version") if code.get(key))]
+    if code.get("git_commit"):
+        parts.append(f"git {str(code['git_commit'])[:12]}")
+    return ", ".join(part for part in parts if part) or "unknown code"

@@ -1,0 +1,74 @@
+"""Trial records know the code that produced them; a rerun retrains what other code finished."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import noprop_bench_plugins
+from noprop_bench.provenance import code_identity, describe_code
+from noprop_bench_plugins.methods.backprop import Backprop
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def _rewrite(out, change):
+    records = _records(out)
+    for record in records:
+        change(record)
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_code_of_a_built_in_method_is_its_distribution_version_and_checkout_commit():
+    code = code_identity(Backprop)
+    assert code["distribution"] == "noprop-bench" and code["version"] == "0.1.0"
+    source = Path(noprop_bench_plugins.__file__).parent
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and "site-packages" not in source.parts:  # an editable install of a checkout
+        assert code["git_commit"] == head.stdout.strip()
+        assert re.fullmatch(r"noprop-bench 0\.1\.0, git [0-9a-f]{12}", describe_code(code))
+    else:
+        assert code["git_commit"] is None
+
+
+def test_a_rerun_retrains_trials_finished_by_other_code_and_keeps_them_when_asked(fake_run, capsys):
+    args = ("--methods", "linear", "--budget", "128samples", "--seeds", "2", "--checkpoints", "0")
+    code, out = fake_run(*args)
+    first = _records(out)
+    assert code == 0 and len(first) == 2 and all(r["code"] == first[0]["code"] for r in first)
+
+    def older_seed_0(record):
+        if record["seed"] == 0:
+            record["code"] = {**record["code"], "version": "0.0.9"}
+
+    _rewrite(out, older_seed_0)
+    capsys.readouterr()
+    assert fake_run(*args, "--keep-stale")[0] == 0
+    err = capsys.readouterr().err
+    assert "keep Linear (one-hot) seed 0: finished with" in err and "0.0.9" in err and "--keep-stale" in err
+    assert len(_records(out)) == 2  # nothing retrained
+    table = (out / "table1.md").read_text()
+    assert "Linear (one-hot) †" in table
+    assert "† marks rows with trials that ran older code of their method" in table
+    assert "Linear (one-hot) seed 0 (" in table and "0.0.9" in table
+
+    assert fake_run(*args)[0] == 0
+    err = capsys.readouterr().err
+    assert "stale Linear (one-hot) seed 0: finished with" in err and "training it again" in err
+    assert "skip Linear (one-hot) seed 1" in err
+    records = _records(out)
+    assert [r["seed"] for r in records] == [0, 1, 0]  # only the stale trial was trained again
+    assert "†" not in (out / "table1.md").read_text()  # the latest record of each trial ran the current code
+
+
+def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
+    args = ("--methods", "linear", "--budget", "128samples", "--seeds", "1", "--checkpoints", "0")
+    code, out = fake_run(*args)
+    _rewrite(out, lambda record: record.pop("code"))
+    capsys.readouterr()
+    assert fake_run(*args)[0] == 0
+    assert "1 finished trial(s) in" in capsys.readouterr().err
+    assert len(_records(out)) == 1
+    assert "Linear (one-hot)" in (out / "table1.md").read_text() and "†" not in (out / "table1.md").read_text()
