@@ -19,6 +19,7 @@ from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
 from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
+from .scaffold import new_plugin_main
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
 from .run.runner import TrialSpec, backbone_width, trial_header
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             "per finished trial), with table1.md, table2.md (memory, throughput), time_to_accuracy.md, "
             "curves.csv and figure3.png/.svg rendered from it; rerunning with the same --out skips finished "
             "trials. `noprop-bench report DIR [DIR ...]` re-renders them from trials.jsonl alone "
-            "(`noprop-bench report --help`). "
+            "(`noprop-bench report --help`); `noprop-bench new-plugin NAME` writes a ready plugin distribution "
+            "(`noprop-bench new-plugin --help`). "
             "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 3 regression against "
             "--baseline, 130 interrupted."
         ),
@@ -186,6 +188,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return report_main(argv[1:])
+    if argv and argv[0] == "new-plugin":
+        return new_plugin_main(argv[1:])
     args = build_parser().parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731

