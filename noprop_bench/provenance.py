@@ -6,16 +6,33 @@ Stored with every trial (``record["code"]``) so a rerun can tell results of othe
 import subprocess
 import sys
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from importlib.metadata import PackageNotFoundError, entry_points, packages_distributions, version
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 CODE_FIELDS = ("distribution", "version", "git_commit")
 
 
+ENTRY_POINT_GROUP = "noprop_bench"
+
+
+@lru_cache(maxsize=1)
+def _plugin_distributions() -> Dict[str, str]:
+    """``{top-level package: distribution}`` for the plugins registered as entry points (a quick scan)."""
+    found: Dict[str, str] = {}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(entry_point, "dist", None)  # Python >= 3.10
+        if dist is not None:
+            found.setdefault(entry_point.value.partition(".")[0].partition(":")[0], dist.metadata["Name"])
+    return found
+
+
 @lru_cache(maxsize=None)
 def _distributions_of(top_level: str) -> tuple:
-    return tuple(packages_distributions().get(top_level, ()))
+    known = _plugin_distributions().get(top_level)
+    if known:
+        return (known,)
+    return tuple(packages_distributions().get(top_level, ()))  # a full scan of the installed distributions
 
 
 def distribution_of(cls: type) -> Optional[str]:
