@@ -48,7 +48,8 @@ def build_method(cls: Type[Method], task, params: Mapping[str, Any]) -> Method:
 
 def built_method_fixes(method: Method) -> List[str]:
     """What is wrong with a freshly built method, as fixes (empty when nothing is)."""
-    if "_modules" not in vars(method) or not hasattr(method, "task") or not isinstance(getattr(method, "params", None), dict):
+    initialised = "_modules" in vars(method) and hasattr(method, "task")
+    if not initialised or not isinstance(getattr(method, "params", None), dict):
         return [SUPER_INIT_FIX]
     return []
 

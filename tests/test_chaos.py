@@ -17,8 +17,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from noprop_bench.report.cli import write_run_outputs
 from noprop_bench.run.store import SLOW_APPEND_VARIABLE, TrialStore, latest_per_trial
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the runs are forked from a helper process")
 
 TESTS = Path(__file__).resolve().parent
 KILLS = 20

@@ -1,5 +1,6 @@
 """``noprop-bench new-plugin``: the distribution it writes installs, passes its own test, is listed and runs."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -10,6 +11,9 @@ import pytest
 
 from noprop_bench.cli import main, run
 from noprop_bench.scaffold import render_plugin
+
+
+DISTRIBUTION = "noprop-bench-scaffolded-method"
 
 
 def _python(*args, cwd):
@@ -24,6 +28,7 @@ def installed_method_plugin(tmp_path, monkeypatch):
     pytest.importorskip("setuptools")
     if importlib.util.find_spec("setuptools.command.bdist_wheel") is None:
         pytest.importorskip("wheel", reason="editable installs need wheel with setuptools < 70.1")
+    _uninstall(tmp_path)  # left behind by an earlier session that was killed, if any
     directory = tmp_path / "np-scaffolded"
     with pytest.raises(SystemExit) as exit_info:
         main(["new-plugin", "scaffolded_method", "--dir", str(directory)])
@@ -37,7 +42,15 @@ def installed_method_plugin(tmp_path, monkeypatch):
     try:
         yield directory
     finally:
-        _python("-m", "pip", "uninstall", "--quiet", "--yes", "noprop-bench-scaffolded-method", cwd=tmp_path)
+        _uninstall(tmp_path)
+
+
+def _uninstall(cwd):
+    try:
+        importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return
+    _python("-m", "pip", "uninstall", "--quiet", "--yes", DISTRIBUTION, cwd=cwd)
 
 
 def test_a_new_method_plugin_installs_passes_its_test_is_listed_and_runs(installed_method_plugin, tmp_path,

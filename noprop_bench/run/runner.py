@@ -167,12 +167,14 @@ FeatureBatches = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: int, seed: int,
-             setting: Optional[Dict[str, Any]] = None, features: Optional[FeatureBatches] = None) -> float:
+             setting: Optional[Dict[str, Any]] = None, features: Optional[FeatureBatches] = None,
+             require_finite: bool = True) -> float:
     """Accuracy (%) of ``method.predict(x, **setting)`` on ``split``.
 
     The RNG is forked and seeded, so evaluation is reproducible and never perturbs training. With
     ``features`` (from :func:`split_features`) the method predicts from them instead of the images, with
-    the same result, as the features use no randomness.
+    the same result, as the features use no randomness. Non-finite logits raise :class:`Diverged` when
+    ``require_finite`` (the checkpoints and the final evaluation; not the optional sweeps and diagnostics).
     """
     setting = setting or {}
     was_training = method.training
@@ -194,7 +196,7 @@ def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: in
             finite &= _finite(logits)
             correct += (logits.argmax(dim=1) == y).sum()
     method.train(was_training)
-    if not bool(finite):
+    if require_finite and not bool(finite):
         raise Diverged(f"non-finite predictions{' with ' + repr(setting) if setting else ''}")
     return 100.0 * correct.item() / len(split)
 
@@ -407,7 +409,7 @@ class _TrialRun:
         if self.data.val is not None:
             record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, spec.eval_batch_size,
                                          seed=spec.seed * 1000 + 701)
-        record["diagnostics"] = {name: self._test_accuracy(spec.seed * 1000 + 801, setting)
+        record["diagnostics"] = {name: self._test_accuracy(spec.seed * 1000 + 801, setting, require_finite=False)
                                  for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
             record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
@@ -425,13 +427,15 @@ class _TrialRun:
     def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
         spec = self.spec
         started = time.perf_counter()
-        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, setting) for r in range(runs)]
+        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, setting, require_finite=False)
+                      for r in range(runs)]
         return {"setting": setting, "test_acc_runs": accuracies, "test_acc": float(np.mean(accuracies)),
                 "eval_seconds": time.perf_counter() - started}
 
-    def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None) -> float:
+    def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None,
+                       require_finite: bool = True) -> float:
         return evaluate(self.method, self.data.test, self.data.normalize, self.spec.eval_batch_size, seed=seed,
-                        setting=setting, features=self.test_features)
+                        setting=setting, features=self.test_features, require_finite=require_finite)
 
     def finish(self):
         """Fill in what is known even when the trial stopped early."""

@@ -34,8 +34,8 @@ def check_dataset(cls: Type[Dataset], argument: Optional[str] = None, root: Opti
         if shapes["train"] != shapes["test"]:
             fixes.append(f"train and test images must have the same shape [C, H, W]; got {shapes}")
         if shapes["train"] != tuple(dataset.image_shape):
-            fixes.append(f"image_shape must be the images' [C, H, W]: {shapes['train']}, not {tuple(dataset.image_shape)} "
-                         f"(set it in __init__ when it depends on the files)")
+            fixes.append(f"image_shape must be the images' [C, H, W]: {shapes['train']}, not "
+                         f"{tuple(dataset.image_shape)} (set it in __init__ when it depends on the files)")
         channels = shapes["train"][0]
         if len(dataset.mean) != channels or len(dataset.std) != channels:
             fixes.append(f"mean and std need one value per channel ({channels}); got {len(dataset.mean)} and "
