@@ -54,6 +54,18 @@ class NaNPredictions(_Pixels):
         return super().predict(x) * float("nan")
 
 
+class NaNDiagnostic(_Pixels):
+    """Sound predictions, except in an optional diagnostic setting."""
+
+    name, label = "nan_diagnostic", "NaNDiagnostic"
+
+    def predict(self, x, broken=False):
+        return super().predict(x) * (float("nan") if broken else 1.0)
+
+    def diagnostic_settings(self):
+        return {"broken": {"broken": True}}
+
+
 class NoLoss(_Pixels):
     name, label = "no_loss", "NoLoss"
 
@@ -75,5 +87,5 @@ class RefusesSeed(_Pixels):
 
 @hookimpl
 def register_methods(register):
-    for cls in (NoSuperInit, FloatLoss, WrongShape, NaNPredictions, NoLoss, RefusesSeed):
+    for cls in (NoSuperInit, FloatLoss, WrongShape, NaNPredictions, NaNDiagnostic, NoLoss, RefusesSeed):
         register(cls)

@@ -37,11 +37,16 @@ def test_violations_become_one_line_naming_plugin_class_and_fix(tmp_path, one_th
     assert f"failed: {errors['no_super_init']}" in printed
 
 
-def test_non_finite_predictions_are_divergence(tmp_path, one_thread):
-    code, records = _grid(tmp_path, "nan_predictions")
+@pytest.mark.parametrize("checkpoints", ["1", "0"], ids=["at-a-checkpoint", "at-the-final-evaluation"])
+def test_non_finite_predictions_are_divergence(checkpoints, tmp_path, one_thread):
+    code, records = _grid(tmp_path, "nan_predictions,nan_diagnostic", "--checkpoints", checkpoints)
     assert code == EXIT_TRIAL_FAILED
     assert records[("nan_predictions", 0)]["status"] == "diverged"
-    assert "non-finite predictions" in records[("nan_predictions", 0)]["error"]
+    assert records[("nan_predictions", 0)]["error"] == "non-finite predictions"
+    assert len(records[("nan_predictions", 0)]["curve"]) == 0  # stopped at the first evaluation
+    # a NaN in an optional diagnostic setting is reported there, not held against the trial
+    assert records[("nan_diagnostic", 0)]["status"] == "ok"
+    assert records[("nan_diagnostic", 0)]["diagnostics"]["broken"] is not None
 
 
 def test_a_step_without_loss_warns_once(tmp_path, one_thread, capsys):
