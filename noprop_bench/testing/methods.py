@@ -91,15 +91,7 @@ def check_method(cls: Type[Method], device="cpu", **params) -> None:
     findings.check(bool(cls.name) and isinstance(cls.name, str), "set the class attribute name = 'my_method'")
     findings.check(cls.family in FAMILIES, f"set family to one of {', '.join(FAMILIES)}, not {cls.family!r}")
     defaults_before = copy.deepcopy(cls.defaults)
-    try:
-        resolved = cls.resolve_params(params)
-    except UsageError as error:
-        findings.add([f"parameters {params} must resolve against defaults (got: {error})"])
-        findings.raise_if_any()
-    try:
-        json.dumps(resolved)
-    except (TypeError, ValueError) as error:
-        findings.add([f"resolved parameters must be plain JSON values (numbers, strings, booleans, lists): {error}"])
+    resolved = _resolved_params(cls, params, findings)
     task = tiny_task(device)
     try:
         method = build_method(cls, task, resolved).to(task.device)
@@ -112,10 +104,40 @@ def check_method(cls: Type[Method], device="cpu", **params) -> None:
     findings.add(_shared_state_fixes(method, twin))
     x, y = tiny_batch(task)
     x_before, y_before = x.clone(), y.clone()
-
     twin_before = _state(twin)
+    _check_train_step(method, x, y, findings)
+    findings.check(_unchanged(twin_before, _state(twin)),
+                   "two instances must share no state: training one changed the other (keep tensors, optimisers "
+                   "and buffers per instance, never in class attributes or module globals)")
+    findings.check(cls.defaults == defaults_before, "never modify the class's defaults; copy them (self.params)")
+    logits = _predict(method, x, seed=1)
+    findings.add(logits_fixes(logits, len(y), task.num_classes, task.device))
+    if isinstance(logits, torch.Tensor):
+        findings.add(_determinism_fixes(cls, method, x, logits))
+        findings.add(_feature_split_fixes(method, x))
+    findings.check(torch.equal(x, x_before) and torch.equal(y, y_before),
+                   "never modify the input batch in place (x or y): clone it first")
+    findings.raise_if_any()
+
+
+def _resolved_params(cls: Type[Method], params: Dict[str, Any], findings: _Findings) -> Dict[str, Any]:
+    try:
+        resolved = cls.resolve_params(params)
+    except UsageError as error:
+        findings.add([f"parameters {params} must resolve against defaults (got: {error})"])
+        findings.raise_if_any()
+    try:
+        json.dumps(resolved)
+    except (TypeError, ValueError) as error:
+        findings.add([f"resolved parameters must be plain JSON values (numbers, strings, booleans, lists): {error}"])
+    return resolved
+
+
+def _check_train_step(method: Method, x: torch.Tensor, y: torch.Tensor, findings: _Findings) -> None:
+    """One training step: a dict of tensors with a finite scalar loss, and no host synchronisation."""
+    cls = type(method)
     method.train()
-    with record_host_syncs(task.device, _own_packages(cls)) as syncs:
+    with record_host_syncs(method.task.device, _own_packages(cls)) as syncs:
         metrics = method.train_step(x, y)
     findings.add(step_metrics_fixes(metrics))
     if isinstance(metrics, dict):
@@ -125,22 +147,9 @@ def check_method(cls: Type[Method], device="cpu", **params) -> None:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             findings.check(bool(torch.isfinite(loss.detach()).all()),
                            "train_step's loss must be finite on a tiny batch")
-    findings.check(_unchanged(twin_before, _state(twin)),
-                   "two instances must share no state: training one changed the other (keep tensors, optimisers "
-                   "and buffers per instance, never in class attributes or module globals)")
-    findings.check(cls.defaults == defaults_before, "never modify the class's defaults; copy them (self.params)")
     for sync, count in sorted(Counter(syncs).items()):
         warnings.warn(f"{describe_class(cls)}: train_step forces a host synchronisation ({count}x): {sync}; keep "
-                      f"Python numbers out of the step and return tensors", HostSyncWarning, stacklevel=2)
-
-    logits = _predict(method, x, seed=1)
-    findings.add(logits_fixes(logits, len(y), task.num_classes, task.device))
-    if isinstance(logits, torch.Tensor):
-        findings.add(_determinism_fixes(cls, method, x, logits))
-        findings.add(_feature_split_fixes(method, x))
-    findings.check(torch.equal(x, x_before) and torch.equal(y, y_before),
-                   "never modify the input batch in place (x or y): clone it first")
-    findings.raise_if_any()
+                      f"Python numbers out of the step and return tensors", HostSyncWarning, stacklevel=3)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
