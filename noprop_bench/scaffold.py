@@ -10,6 +10,7 @@ from string import Template
 from typing import Dict, List, Optional, Sequence
 
 from .errors import UsageError
+from .plugins import load_plugins
 
 KINDS = {
     "method": {"check": "check_method", "usage": "noprop-bench --methods {name},backprop --dataset mnist5k "
@@ -41,17 +42,22 @@ def class_name(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_") if part)
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, kind: str = "method") -> None:
     if not _NAME.match(name) or keyword.iskeyword(name):
         raise UsageError(f"plugin name {name!r}: use lower case letters, digits and underscores, starting with a "
                          f"letter (it is a Python package name too)")
     if importlib.util.find_spec(name) is not None:
         raise UsageError(f"plugin name {name!r}: a Python module of that name already exists here; choose another")
+    registry = load_plugins()
+    taken = registry.methods if kind == "method" else registry.datasets
+    if name in taken:
+        raise UsageError(f"plugin name {name!r}: plugin {registry.provider[f'{kind}:{name}']!r} already provides a "
+                         f"{kind} of that name; choose another")
 
 
 def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path]:
     """Write the distribution for plugin ``name`` into ``directory``; returns the files written."""
-    check_name(name)
+    check_name(name, kind)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise UsageError(f"--dir {directory}: exists and is not an empty folder; choose a new one")
     values = {"name": name, "class_name": class_name(name), "package": name, "kind": kind,
