@@ -46,8 +46,12 @@ def record_host_syncs(device: torch.device, packages: Collection[str]) -> Iterat
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield found
-        found.extend(f"CUDA synchronisation: {w.message}" for w in caught
-                     if "synchroniz" in str(w.message).lower())
+        for caught_warning in caught:
+            if cuda and "synchroniz" in str(caught_warning.message).lower():
+                found.append(f"CUDA synchronisation: {caught_warning.message}")
+            else:  # not ours to swallow
+                warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                                       caught_warning.lineno)
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
