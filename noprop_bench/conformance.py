@@ -5,7 +5,6 @@ these at the start of every trial, so a broken plugin fails with one line naming
 and the fix instead of an error from deep inside torch.
 """
 
-import sys
 from typing import Any, Dict, List, Mapping, Optional, Type
 
 import torch
@@ -36,9 +35,9 @@ def build_method(cls: Type[Method], task, params: Mapping[str, Any]) -> Method:
     instance = cls.__new__(cls)
     try:
         instance.__init__(task, **params)
-    except Exception:
+    except AttributeError as error:
         if "_modules" not in vars(instance):  # torch's own message would say only that '_modules' is missing
-            raise violation(cls, [SUPER_INIT_FIX]) from sys.exc_info()[1]
+            raise violation(cls, [SUPER_INIT_FIX]) from error
         raise
     fixes = built_method_fixes(instance)
     if fixes:

@@ -4,7 +4,10 @@ import json
 
 import pytest
 
+from noprop_bench import Method, UsageError
 from noprop_bench.cli import EXIT_TRIAL_FAILED, run
+from noprop_bench.conformance import build_method
+from noprop_bench.testing.tiny import tiny_task
 
 
 def _records(out):
@@ -65,3 +68,17 @@ def test_a_usage_error_while_building_a_method_fails_that_trial_and_the_grid_goe
     error = records[("refuses_seed", 1)]["error"]
     assert error.startswith("bad input: plugin 'broken_plugins', class broken_plugins.RefusesSeed: ")
     assert error.endswith("refuses_seed cannot train seed 1")
+
+
+def test_only_a_missing_super_init_is_blamed_on_super_init():
+    class ChecksFirst(Method):
+        name = "checks_first"
+
+        def __init__(self, task, **params):
+            if task.seed == 0:
+                raise UsageError("checks_first refuses seed 0")  # before super().__init__: still bad input
+            super().__init__(task, **params)
+
+    with pytest.raises(UsageError, match="refuses seed 0"):
+        build_method(ChecksFirst, tiny_task(seed=0), {})
+    assert isinstance(build_method(ChecksFirst, tiny_task(seed=1), {}), ChecksFirst)
