@@ -32,4 +32,4 @@ def older_code_note(records: Sequence[Dict[str, Any]]) -> str:
             if text not in labels:
                 labels.append(text)
     return (f" {OLDER_CODE_MARK} marks rows with trials that ran older code of their method than its newest "
-            f"trial here (kept with --keep-stale): {'; '.join(labels)}.")
+            f"trial here (kept with --keep-stale, or merged from an older run): {'; '.join(labels)}.")
