@@ -48,7 +48,7 @@ def test_table1_merges_datasets_in_paper_order():
     header = lines[2]
     assert header.index("MNIST5k train") < header.index("MNIST5k test") < header.index("CIFAR-10 test")
     order = [line.split("|")[1].strip() for line in lines[4:15] if line.startswith("|")]
-    assert order == ["**Discrete-time**", "Backprop (one-hot)", "NoProp-DT (one-hot)", "**Continuous-time**",
+    assert order == ["**Discrete-time**", "Backprop with linear head", "NoProp-DT (one-hot)", "**Continuous-time**",
                      "Adjoint (one-hot)", "NoProp-CT (one-hot)", "NoProp-CT (dim=20)", "NoProp-CT (prototype)",
                      "Zeta ODE (one-hot)"]
     assert "mean ± standard error" in text and "2 seed(s)" in text
@@ -60,9 +60,22 @@ def test_table1_side_by_side_with_paper():
     records, notes = load("mnist", "cifar10")
     text = render_table1(records, paper=True, notes=notes)
     check_golden("table1_paper.md", text)
-    assert "99.46 ± 0.06" in text  # Backprop (one-hot), MNIST test
     assert "79.25 ± 0.28" in text  # NoProp-DT (one-hot), CIFAR-10 test
     assert "5k-image subset of MNIST" in text
+    # the fixture's linear-head backprop was recorded as "Backprop (one-hot)": it is never paired with the paper
+    legacy = next(line for line in text.splitlines() if line.startswith("| Backprop with linear head"))
+    assert legacy.split("|")[3].strip() == "–" and "99.46" not in text
+
+
+def test_paper_rows_pair_by_method_not_by_label():
+    records, _ = load("mnist")
+    legacy = next(r for r in records if r["method"] == "backprop")
+    paper_baseline = {**legacy, "method": "backprop_dt", "row_label": "Backprop (one-hot)", "method_label": "Backprop",
+                      "trial_id": "dt" + legacy["trial_id"], "params": {"embedding": "one-hot", "dim": 20}}
+    text = render_table1(records + [paper_baseline], paper=True)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines() if line.startswith("| B")}
+    assert [cell.strip() for cell in rows["Backprop (one-hot)"]][1] == "99.46 ± 0.06"
+    assert [cell.strip() for cell in rows["Backprop with linear head"]][1:] == ["–", "–"]
 
 
 def test_table2():
@@ -111,13 +124,15 @@ def test_mixed_settings_never_share_a_cell():
     text = render_table1(records, notes=notes)
     check_golden("table1_mixed.md", text)
     assert text.count("| Method") == 3  # 60s on the CPU, 20000samples on the CPU, 60s on the GPU
-    assert "Backprop (one-hot) [lr=0.001]" in text and "Backprop (one-hot) [lr=0.0003]" in text
+    assert "Backprop with linear head [lr=0.001]" in text and "Backprop with linear head [lr=0.0003]" in text
     table2 = render_table2(records)
     check_golden("table2_mixed.md", table2)
     assert "CUDA max allocated" in table2 and "peak resident set size" in table2
     assert table2.count("| Method") == 3
     with_paper = render_table2(records, paper=True).split("CUDA max allocated")[0]
-    assert with_paper.count("paper (GB, one-hot)") == 1 and "0.87" in with_paper  # only next to CUDA numbers
+    assert with_paper.count("paper (GB, one-hot)") == 1  # only next to CUDA numbers
+    # the linear-head backprop is not the paper's Backprop: no paper memory beside it
+    assert "0.87" not in with_paper and "| Backprop with linear head |                      0.900 |                             – |" in with_paper
 
 
 A100, H100 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"

@@ -17,13 +17,18 @@ import numpy as np
 from ..method import FAMILIES
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial
 
-PAPER_METHOD_ORDER = ("backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
+PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
 EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
 FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continuous-time"}
 DATASET_ORDER = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
 COMPARABILITY_KEYS = ("budget", "backbone", "device_name", "batch_size")
 REQUIRED_FIELDS = ("status", "method", "row_label", "family", "dataset", "budget", "backbone", "seed")
 SOURCE_FIELD = "_source_dir"  # set by load_records: the directory a record was read from
+# labels a method has since changed: (method, old row label) -> (method label, row label) now. The linear-head
+# ``backprop`` was labelled like the paper's Backprop (one-hot) row, which is ``backprop_dt``.
+RENAMED_LABELS = {
+    ("backprop", "Backprop (one-hot)"): ("Backprop with linear head", "Backprop with linear head"),
+}
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -71,15 +76,23 @@ def _describe(record: Any, number: int) -> str:
     return f"record {number}"
 
 
+def current_labels(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` with today's labels when its method has been relabelled since (a copy; else itself)."""
+    renamed = RENAMED_LABELS.get((record["method"], record["row_label"]))
+    if renamed is None:
+        return record
+    return {**record, "method_label": renamed[0], "row_label": renamed[1]}
+
+
 def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List[Dict[str, Any]], List[str]]:
-    """The reportable records, and a note for each one left out."""
+    """The reportable records (with today's labels), and a note for each one left out."""
     valid, notes = [], []
     for number, record in enumerate(records, 1):
         problem = check_record(record)
         if problem:
             notes.append(f"{source}: {_describe(record, number)}: {problem}; skipped")
         else:
-            valid.append(record)
+            valid.append(current_labels(record))
     return valid, notes
 
 

@@ -52,11 +52,12 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
         if family != current_family:
             table.append([family_heading(family)] + [""] * len(headers))
             current_family = family
-        base_label = next(r["row_label"] for r, name in zip(ok, rows) if name == row)
+        paper_row = paper_data.paper_row_label(next(r for r, name in zip(ok, rows) if name == row))
         line = [row]
         for _, kind, spec, split in headers:
             values = cells.get((row, spec, split), [])
-            published = paper_data.paper_accuracy(base_label, spec, split) if kind != "ours" else None
+            published = (paper_data.paper_accuracy(paper_row, spec, split)
+                         if kind != "ours" and paper_row else None)
             if kind == "ours":
                 line.append(format_mean_se(values))
             elif published is None:

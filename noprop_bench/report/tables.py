@@ -74,7 +74,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
                 line.append(_number(_mean(cell, "seconds_per_epoch")))
             else:
                 one_hot = cell[0]["row_label"].endswith("(one-hot)")
-                published = paper_data.paper_memory_gb(cell[0].get("method_label", ""), spec) if one_hot else None
+                published = paper_data.paper_memory_gb(cell[0]["method"], spec) if one_hot else None
                 line.append("–" if published is None else f"{published:.2f}")
         table.append(line)
     return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
-from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, DTBlock
+from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_blocks
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 
 SCHEDULES = ("sequential", "random")
@@ -80,10 +80,7 @@ class NoPropDT(Method):
         self.embedding = label_embedding_for(task, p["embedding"], p["dim"])
         self.schedule = CosineSchedule(self.T, p["cosine_offset"], p["abar_min"], p["abar_max"])
         prototype = p["embedding"] == "prototype"
-        self.blocks = nn.ModuleList(
-            DTBlock(task.make_backbone(), task.backbone_features, task.num_classes, self.embedding.dim,
-                    label_backbone=task.make_backbone() if prototype else None, image_shape=task.image_shape)
-            for _ in range(self.T))
+        self.blocks = dt_blocks(task, self.T, self.embedding.dim, prototype)
         self.classifier = nn.Linear(self.embedding.dim, task.num_classes)
         self.to(task.device)
 

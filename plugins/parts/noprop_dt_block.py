@@ -103,3 +103,11 @@ class DTBlock(nn.Module):
     def forward(self, features: torch.Tensor, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """``u_t`` from precomputed ``features``: a convex combination of the rows of ``embedding``."""
         return self.logits(features, z).softmax(dim=1) @ embedding
+
+
+def dt_blocks(task, count: int, embedding_dim: int, prototype: bool) -> nn.ModuleList:
+    """``count`` fresh :class:`DTBlock` for ``task``, each with its own backbone (and label backbone for prototypes)."""
+    return nn.ModuleList(
+        DTBlock(task.make_backbone(), task.backbone_features, task.num_classes, embedding_dim,
+                label_backbone=task.make_backbone() if prototype else None, image_shape=task.image_shape)
+        for _ in range(count))
