@@ -20,6 +20,7 @@ from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
 from .run.runner import TrialSpec, backbone_width, trial_header
+from .presets import PAPER_BUDGET, paper_budget
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "convolution and no stem max-pool, so small images keep their resolution")
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help="training budget per trial: SECONDS of training work (evaluation excluded), "
-                             "or Nsamples / Nsteps (deterministic on the CPU, for regression checks)")
+                             "Nsamples / Nsteps (deterministic on the CPU, for regression checks), Nepochs (passes "
+                             "over the training split; for noprop_dt summed over its blocks), or paper: each "
+                             "method's epochs from the paper's table for the dataset's kind (MNIST, CIFAR-10 or "
+                             "CIFAR-100). Training time is measured and reported whatever the unit")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                         help="training seeds per method (0..N-1); the paper uses 3")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size, the same for every method")
@@ -155,7 +159,8 @@ def _check_counts(args):
 
 def _plan(args, registry, device, command) -> tuple:
     _check_counts(args)
-    budget = Budget.parse(args.budget)
+    paper_epochs = args.budget.strip() == PAPER_BUDGET
+    budget = None if paper_epochs else Budget.parse(args.budget)
     methods = []
     for name, given in parse_method_list(args.methods):
         cls = registry.method(name)
@@ -168,7 +173,8 @@ def _plan(args, registry, device, command) -> tuple:
     check_backbone_name(backbone)
     backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
     augment = args.augment or dataset.augment
-    specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone, budget=budget,
+    specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone,
+                       budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
@@ -217,7 +223,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     problems = []
     jobs = [_job(spec, args, executor) for spec in pending]
     if jobs:
-        say(f"{len(jobs)} trial(s) on {args.dataset}, budget {specs[0].budget} each, backbone {specs[0].backbone}, "
+        budgets = ", ".join(dict.fromkeys(str(spec.budget) for spec in specs))
+        say(f"{len(jobs)} trial(s) on {args.dataset}, budget {budgets} each, backbone {specs[0].backbone}, "
             f"device {device}, executor {executor.spec_text}")
 
     progress = Progress(len(jobs))

@@ -307,7 +307,7 @@ class _TrialRun:
                     loss_count += 1
                     finite = finite & _finite(loss)
                 if spec.budget.unit != "seconds" or steps % read_every == 0:
-                    spent = spec.budget.progress(self.clock.elapsed(), samples, steps)
+                    spent = spec.budget.progress(self.clock.elapsed(), samples, steps, len(data.train))
                 if steps % DIVERGENCE_CHECK_EVERY == 0 and not bool(finite):
                     raise Diverged(f"non-finite loss by step {steps}")
                 done = spent >= 1.0
