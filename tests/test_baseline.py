@@ -35,6 +35,15 @@ def test_saved_baseline_states_its_tolerances_and_command(baseline):
     assert saved["reference_method"] == "steady" and saved["budget"] == "15steps"
     assert "--save-baseline" in saved["command"]
     assert set(saved["rows"]) == {"tiny / Steady (one-hot)", "tiny / Sleepy (one-hot)"}
+    assert all(row["accuracy_seeds"] == 2 and row["accuracy_seed_se"] >= 0 for row in saved["rows"].values())
+
+
+def test_tolerance_comes_from_the_seed_level_spread_with_a_floor():
+    from noprop_bench.report.baseline import DEFAULT_TOLERANCE, accuracy_allowance
+    # pooled s.e. 0.5 (inference runs of one model), seed-level s.e. 1.2: the seed level sets the tolerance
+    assert accuracy_allowance({"accuracy_se": 0.5, "accuracy_seed_se": 1.2}, DEFAULT_TOLERANCE) == pytest.approx(3.6)
+    assert accuracy_allowance({"accuracy_se": 0.5, "accuracy_seed_se": 0.1}, DEFAULT_TOLERANCE) == 1.0  # the floor
+    assert accuracy_allowance({"accuracy_se": 0.5}, DEFAULT_TOLERANCE) == pytest.approx(1.5)  # an older baseline
 
 
 def test_same_code_passes(fake_run, baseline, tmp_path, capsys):

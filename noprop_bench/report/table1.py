@@ -13,8 +13,13 @@ from .records import (assign_rows, check_records, comparable_groups, dataset_col
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
 
-def format_cell(values: List[float]) -> str:
-    return format_mean_se(values)
+def format_cell(values: List[float], seed_means: Sequence[float] = ()) -> str:
+    """``mean ± pooled s.e.``, then ``[± s.e. over per-seed means]`` when that differs (a cell with two or more
+    seeds and more than one inference run per seed); see :func:`table1_caption`."""
+    text = format_mean_se(values)
+    if len(seed_means) > 1 and len(values) > len(seed_means):
+        text += f" [± {mean_and_standard_error(seed_means)[1]:.2f}]"
+    return text
 
 
 def _signed(value: float) -> str:
@@ -35,9 +40,13 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
         notes.extend(duplicate_notes)
     columns = dataset_columns(ok)
     cells: Dict[Tuple[str, str, str], List[float]] = {}
+    seed_means: Dict[Tuple[str, str, str], List[float]] = {}
     for record, row in zip(ok, rows):
         for split, field in SPLITS.items():
-            cells.setdefault((row, record["dataset"], split), []).extend(record.get(field) or [])
+            values = record.get(field) or []
+            cells.setdefault((row, record["dataset"], split), []).extend(values)
+            if values:
+                seed_means.setdefault((row, record["dataset"], split), []).append(sum(values) / len(values))
     splits = ["train", "test"] if train_columns else ["test"]
     headers: List[Tuple[str, str, str, str]] = []  # (header, kind, dataset, split)
     for spec, label in columns.items():
@@ -59,7 +68,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
             published = (paper_data.paper_accuracy(paper_row, spec, split)
                          if kind != "ours" and paper_row else None)
             if kind == "ours":
-                line.append(format_mean_se(values))
+                line.append(format_cell(values, seed_means.get((row, spec, split), [])))
             elif published is None:
                 line.append("–")
             elif kind == "paper":
@@ -84,12 +93,27 @@ def _runs_text(records: List[Dict[str, Any]]) -> str:
     return f"{len(seeds)} seed(s) × {counts} inference run(s) per seed ({breakdown})"
 
 
+SEED_SE_TEXT = (" [± s.e.] is the standard error over the per-seed means (n = seeds): inference runs of one "
+                "trained model are not independent, so the pooled ± understates the spread between training runs; "
+                "it is shown where the two differ (more than one seed and inference run).")
+
+
+def _has_seed_se(records: List[Dict[str, Any]]) -> bool:
+    """Whether some cell shows the seed-level s.e. (two or more seeds with more than one inference run)."""
+    seeds: Dict[Tuple[str, str], set] = {}
+    for record in records:
+        if len(record.get("test_acc_runs") or []) > 1:
+            seeds.setdefault((record["row_label"], record["dataset"]), set()).add(record["seed"])
+    return any(len(found) > 1 for found in seeds.values())
+
+
 def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False) -> str:
     """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
-               f"{_runs_text(ok)}; \"(n=1)\" marks a single value. {settings_text(ok)}")
+               f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
+               f"single value.{SEED_SE_TEXT if _has_seed_se(ok) else ''} {settings_text(ok)}")
     if paper:
         caption += (f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}; Δ = our mean − "
                     f"the paper's mean. Our budget is not the paper's schedule, so Δ is indicative.")
