@@ -410,3 +410,5 @@ class _TrialRun:
                 record["method_metrics"] = self.method.trial_metrics()
             except Exception as error:  # metrics are secondary: never lose the trial over them
                 record["method_metrics"] = {"error": f"{type(error).__name__}: {error}"}
+            for warning in record["method_metrics"].get("warnings") or []:
+                self.say(f"warning: {self.spec.describe()}: {warning}")

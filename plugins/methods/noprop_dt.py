@@ -36,7 +36,10 @@ class NoPropDT(Method):
     * ``random``: one block drawn uniformly per batch (the paper's "time steps could be sampled").
 
     The budget covers all blocks either way: the harness's "epochs" are passes over the data summed
-    over blocks; ``trial_metrics()`` gives the passes each block saw.
+    over blocks; ``trial_metrics()`` gives the passes each block saw. A budget is not rounded to whole
+    cycles: when some block got less than one pass over the training split (under a short budget,
+    late blocks, block T included, may get none), the trial records a warning in
+    ``method_metrics["warnings"]`` and the run prints it.
 
     Inference (Eq. 3): ``z_0 ~ N(0, I)``, ``z_t = a_t u_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps``
     for t = 1..T (``noise=false`` drops the eps term), then the classifier's logits on ``z_T``. It runs
@@ -196,7 +199,19 @@ class NoPropDT(Method):
             "backbone_passes_per_test_batch": self.T * (2 if self.params["embedding"] == "prototype" else 1),
             "memory_note": "one block's activations and gradients at a time; all blocks' parameters and "
                            "AdamW moments stay resident, and count in the peak",
+            "warnings": self.short_budget_warnings(),
         }
+
+    def short_budget_warnings(self) -> List[str]:
+        """A warning when some block saw less than one pass over the training split (none when unknown)."""
+        if not self.train_size:
+            return []
+        short = [t + 1 for t, n in enumerate(self.block_samples_seen) if n < self.train_size]
+        if not short:
+            return []
+        return [f"block{'s' * (len(short) > 1)} {', '.join(map(str, short))} of {self.T} got less than one pass over the training split "
+                f"each (passes per block: {', '.join(f'{n / self.train_size:.2f}' for n in self.block_samples_seen)}); "
+                f"the chain is only partly trained; a budget of at least {self.T} epochs gives every block one"]
 
 
 @hookimpl
