@@ -19,8 +19,10 @@ from .run.jobs import Progress, TrialJob, import_root
 from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
-from .run.runner import TrialSpec, backbone_width, trial_header
-from .presets import PAPER_BUDGET, paper_budget
+from .run.probe import estimate_text
+from .run.runner import RunData, TrialSpec, backbone_width, trial_header
+from .presets import (PAPER_BUDGET, PRESETS, apply_preset, explicit_options, method_override, paper_budget,
+                      preset_method_params)
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
@@ -114,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare the finished run with this baseline; exit 3 with a table of what regressed "
                              "when accuracy or relative throughput fell beyond the tolerances stated in FILE")
     parser.add_argument("--save-baseline", metavar="FILE", help="write a baseline from this run's trials to FILE")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="paper: the paper's protocol in one flag: backbone noprop_cnn, no augmentation, each "
+                             "method's optimiser settings from the paper (the adjoint with 1000 Euler steps), 3 "
+                             "seeds, 5 inference runs, train accuracy, --budget paper; without --methods the 13 "
+                             "rows of Table 1. Explicit flags override it and the tables say which; a quick "
+                             "speed probe prints an estimate of the total wall time before training starts")
     parser.add_argument("--list", action="store_true",
                         help="list methods, datasets and executors with their plugins and parameters, then exit")
     return parser
@@ -164,7 +172,7 @@ def _plan(args, registry, device, command) -> tuple:
     methods = []
     for name, given in parse_method_list(args.methods):
         cls = registry.method(name)
-        params = cls.resolve_params(given)
+        params = cls.resolve_params(preset_method_params(name, given) if args.preset else given)
         if (cls, params) not in methods:
             methods.append((cls, params))
     dataset_name, argument = parse_dataset_spec(args.dataset)
@@ -178,16 +186,26 @@ def _plan(args, registry, device, command) -> tuple:
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
-                       val_split=args.val_split, command=command)
+                       val_split=args.val_split, command=command, preset=_preset_record(args, cls, params))
              for cls, params in methods for seed in range(args.seeds)]
     return dataset, specs
+
+
+def _preset_record(args, cls, params) -> Optional[dict]:
+    """What a trial's record says of the preset: its name and every way the run departs from it."""
+    if not args.preset:
+        return None
+    method = method_override(cls, params)
+    return {"name": args.preset, "overrides": args.preset_overrides + ([method] if method else [])}
 
 
 def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return report_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.preset_overrides = apply_preset(args, explicit_options(parser, argv)) if args.preset else []
     command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -222,6 +240,8 @@ def run(argv: Optional[List[str]] = None) -> int:
             say(f"skip {spec.describe()}: already finished in {store.path}")
     problems = []
     jobs = [_job(spec, args, executor) for spec in pending]
+    if jobs and args.preset:
+        say(estimate_text(pending, RunData.load(dataset, device, val_split=args.val_split)))
     if jobs:
         budgets = ", ".join(dict.fromkeys(str(spec.budget) for spec in specs))
         say(f"{len(jobs)} trial(s) on {args.dataset}, budget {budgets} each, backbone {specs[0].backbone}, "

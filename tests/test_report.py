@@ -72,15 +72,35 @@ def test_table1_side_by_side_with_paper():
     assert legacy.split("|")[3].strip() == "–" and "99.46" not in text
 
 
+def _cells(text):
+    return {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Method")}
+
+
 def test_paper_rows_pair_by_method_not_by_label():
     records, _ = load("mnist")
     legacy = next(r for r in records if r["method"] == "backprop")
     paper_baseline = {**legacy, "method": "backprop_dt", "row_label": "Backprop (one-hot)", "method_label": "Backprop",
                       "trial_id": "dt" + legacy["trial_id"], "params": {"embedding": "one-hot", "dim": 20}}
-    text = render_table1(records + [paper_baseline], paper=True)
-    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines() if line.startswith("| B")}
-    assert [cell.strip() for cell in rows["Backprop (one-hot)"]][1] == "99.46 ± 0.06"
-    assert [cell.strip() for cell in rows["Backprop with linear head"]][1:] == ["–", "–"]
+    cells = _cells(render_table1(records + [paper_baseline], paper=True))
+    assert cells["Backprop (one-hot)"][1] == "99.46 ± 0.06"
+    assert cells["Backprop with linear head"][1] == "–"
+
+
+def test_difference_to_the_paper_only_under_the_papers_protocol():
+    records, _ = load("mnist")
+    ct = [r for r in records if r["row_label"] == "NoProp-CT (one-hot)"]
+    clean = [{**r, "preset": {"name": "paper", "overrides": []}} for r in ct]
+    text = render_table1(clean + [r for r in records if r["row_label"] != "NoProp-CT (one-hot)"], paper=True)
+    cells = _cells(text)
+    assert cells["NoProp-CT (one-hot)"] == ["93.50 ± 0.25 [± 0.50]", "97.84 ± 0.71", "-4.34"]
+    assert cells["NoProp-CT (dim=20)"] == ["91.00 ± 0.29", "97.70 ± 0.51", "–"]  # not a preset trial
+    assert "shown only for rows run under --preset paper" in text and "No Δ for trials run otherwise" in text
+    overridden = [{**r, "preset": {"name": "paper", "overrides": ["--budget 60"]}} for r in ct]
+    text = render_table1(overridden, paper=True)
+    assert "Δ" not in text.split("\n\n")[1].splitlines()[0]  # no difference column at all
+    assert "Run with --preset paper, overridden: --budget 60." in text
+
 
 
 def test_table2():

@@ -22,6 +22,25 @@ def format_cell(values: List[float], seed_means: Sequence[float] = ()) -> str:
     return text
 
 
+def under_paper_protocol(record: Dict[str, Any]) -> bool:
+    """Whether a trial ran under ``--preset paper`` with nothing overridden: only then is a difference to the
+    paper's number a measurement of the method rather than of our shorter or different setting."""
+    preset = record.get("preset")
+    return isinstance(preset, dict) and preset.get("name") == "paper" and not preset.get("overrides")
+
+
+def preset_text(records: List[Dict[str, Any]]) -> str:
+    """What the caption says of ``--preset paper``: which trials used it and what they overrode."""
+    presets = [r.get("preset") for r in records if isinstance(r.get("preset"), dict)]
+    if not presets:
+        return ""
+    overrides = list(dict.fromkeys(o for preset in presets for o in preset.get("overrides") or []))
+    some = "" if len(presets) == len(records) else f" ({len(presets)} of {len(records)} trials)"
+    if not overrides:
+        return f" Run with --preset paper{some}, nothing overridden."
+    return f" Run with --preset paper{some}, overridden: {', '.join(overrides)}."
+
+
 def _signed(value: float) -> str:
     return f"{value:+.2f}"
 
@@ -48,13 +67,15 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
             if values:
                 seed_means.setdefault((row, record["dataset"], split), []).append(sum(values) / len(values))
     splits = ["train", "test"] if train_columns else ["test"]
+    protocol_rows = {row for row in rows if all(under_paper_protocol(r) for r, name in zip(ok, rows) if name == row)}
     headers: List[Tuple[str, str, str, str]] = []  # (header, kind, dataset, split)
     for spec, label in columns.items():
         for split in splits:
             headers.append((f"{label} {split}", "ours", spec, split))
             if paper and paper_data.paper_dataset(spec):
                 headers.append((f"{label} {split} (paper)", "paper", spec, split))
-                headers.append((f"{label} {split} Δ", "delta", spec, split))
+                if protocol_rows:
+                    headers.append((f"{label} {split} Δ", "delta", spec, split))
     table = []
     current_family = None
     for family, row in ordered_rows(ok, rows):
@@ -73,6 +94,8 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
                 line.append("–")
             elif kind == "paper":
                 line.append(f"{published[0]:.2f} ± {published[1]:.2f}")
+            elif row not in protocol_rows:
+                line.append("–")
             else:
                 line.append(_signed(mean_and_standard_error(values)[0] - published[0]) if values else "–")
         table.append(line)
@@ -114,9 +137,16 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
                f"single value.{SEED_SE_TEXT if _has_seed_se(ok) else ''} {settings_text(ok)}")
+    caption += preset_text(ok)
     if paper:
-        caption += (f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}; Δ = our mean − "
-                    f"the paper's mean. Our budget is not the paper's schedule, so Δ is indicative.")
+        caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
+        protocol = [r for r in ok if under_paper_protocol(r)]
+        if protocol:
+            caption += (" Δ = our mean − the paper's mean, shown only for rows run under --preset paper with "
+                        "nothing overridden (the paper's protocol).")
+        if len(protocol) < len(ok):
+            caption += (" No Δ for trials run otherwise (without --preset paper, or overriding it): their "
+                        "budget or settings are not the paper's, so a difference would not measure the method.")
         subsets = sorted({r["dataset"] for r in ok if r["dataset"] in paper_data.SUBSET_DATASETS})
         for spec in subsets:
             sizes = next((r.get("train_size"), r.get("test_size")) for r in ok if r["dataset"] == spec)

@@ -96,6 +96,7 @@ class TrialSpec:
     inference_sweep: bool = False
     val_split: float = 0.0
     command: str = ""
+    preset: Optional[Dict[str, Any]] = None  # {"name": ..., "overrides": [...]}; not part of the identity
 
     def config(self) -> Dict[str, Any]:
         return {
@@ -215,6 +216,7 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
         "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment,
         "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
+        "preset": spec.preset,
     }
 
 
