@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
+from noprop_bench_plugins.parts.block_offload import BlockOffload
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
 from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_blocks
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
@@ -45,6 +46,11 @@ class NoPropDT(Method):
     for t = 1..T (``noise=false`` drops the eps term), then the classifier's logits on ``z_T``. It runs
     all T backbones, inherently: each block has its own image path.
 
+    ``offload=true`` keeps every block but the one training (or, at inference, running) in host memory,
+    with its AdamW state, and moves a block in for its turn; the moves happen inside ``train_step``, so
+    the training clock counts them. The device then holds one block's parameters and moments instead of
+    T (the memory the paper's DT claim rests on). It computes exactly what ``offload=false`` does.
+
     Choices the paper leaves open (section 7), all parameters: the fixed cosine schedule with
     ``cosine_offset=0.008`` squeezed into ``[abar_min, abar_max] = [0.001, 0.999]`` (see
     :class:`CosineSchedule`); constant learning rate; no gradient clipping. Memory: only one block's
@@ -58,7 +64,7 @@ class NoPropDT(Method):
     stochastic = True
     defaults = {
         "embedding": "one-hot", "dim": 20, "blocks": 10, "eta": 0.1, "lr": 1e-3, "weight_decay": 1e-3,
-        "schedule": "sequential", "block_samples": 0, "noise": True,
+        "schedule": "sequential", "block_samples": 0, "noise": True, "offload": False,
         "cosine_offset": 0.008, "abar_min": 1e-3, "abar_max": 0.999,
     }
     choices = {"embedding": EMBEDDINGS, "schedule": SCHEDULES}
@@ -72,8 +78,9 @@ class NoPropDT(Method):
         if not 0.0 < params["abar_min"] < params["abar_max"] < 1.0:
             raise UsageError(f"method {cls.name!r}: needs 0 < abar_min < abar_max < 1, got "
                              f"abar_min={params['abar_min']}, abar_max={params['abar_max']}")
-        if not isinstance(params["noise"], bool):
-            raise UsageError(f"method {cls.name!r}: noise={params['noise']!r} must be true or false")
+        for key in ("noise", "offload"):
+            if not isinstance(params[key], bool):
+                raise UsageError(f"method {cls.name!r}: {key}={params[key]!r} must be true or false")
 
     def __init__(self, task, **params):
         super().__init__(task, **params)
@@ -92,6 +99,7 @@ class NoPropDT(Method):
 
         self.block_optimizers = [adamw(block.parameters()) for block in self.blocks]
         self.shared_optimizer = adamw(list(self.classifier.parameters()) + list(self.embedding.parameters()))
+        self.offload = BlockOffload(self.blocks, self.block_optimizers, task.device) if p["offload"] else None
 
         self.train_size = len(task.train_images) if task.train_images is not None else 0
         self.pass_samples = p["block_samples"] or self.train_size
@@ -131,6 +139,7 @@ class NoPropDT(Method):
 
     def train_step(self, x, y):
         t = self.next_block()
+        self._bring_in(t)
         terms = self.block_losses(t, x, y)
         optimizers = (self.block_optimizers[t - 1], self.shared_optimizer)
         for optimizer in optimizers:
@@ -140,6 +149,11 @@ class NoPropDT(Method):
             optimizer.step()
         self._count(t, len(y))
         return {key: value.detach() for key, value in terms.items()}
+
+    def _bring_in(self, t: int):
+        """With ``offload``, block t on the device and the others on the host."""
+        if self.offload is not None:
+            self.offload.activate(t - 1)
 
     def _count(self, t: int, samples: int):
         self.block_steps[t - 1] += 1
@@ -167,6 +181,7 @@ class NoPropDT(Method):
         W = self.embedding.weight
         z = torch.randn(x.shape[0], W.shape[1], device=x.device)
         for t in range(start_block, self.T + 1):
+            self._bring_in(t)
             block = self.blocks[t - 1]
             z = s.a[t] * block(block.features(x), z, W) + s.b[t] * z
             if noise:
@@ -197,8 +212,11 @@ class NoPropDT(Method):
             "parameters_per_block": per_block, "parameters_shared": shared,
             "blocks_trained_per_step": 1, "backbone_passes_per_train_step": 1,
             "backbone_passes_per_test_batch": self.T * (2 if self.params["embedding"] == "prototype" else 1),
-            "memory_note": "one block's activations and gradients at a time; all blocks' parameters and "
-                           "AdamW moments stay resident, and count in the peak",
+            "memory_note": ("one block's activations, gradients, parameters and AdamW moments on the device at a "
+                            "time; the other blocks wait in host memory" if self.offload else
+                            "one block's activations and gradients at a time; all blocks' parameters and "
+                            "AdamW moments stay resident, and count in the peak"),
+            "block_moves": self.offload.moves if self.offload else 0,
             "warnings": self.short_budget_warnings(),
         }
 
