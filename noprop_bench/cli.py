@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(observed only, never used to select anything)")
     parser.add_argument("--train-accuracy", action="store_true",
                         help="also measure accuracy on the training split at the end (Table 1's train columns)")
+    parser.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false",
+                        help="do not measure train accuracy (overrides --preset paper, which measures it)")
     parser.add_argument("--inference-sweep", action="store_true",
                         help="after training, evaluate every inference setting a method offers (e.g. NoProp-CT: "
                              "euler and heun at 2..1000 steps) and write inference_sweep.md")

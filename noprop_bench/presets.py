@@ -82,7 +82,10 @@ def apply_preset(args, explicit) -> list:
             setattr(args, dest, value)
         elif getattr(args, dest) != value:
             flag = OPTION_FLAGS[dest]
-            overrides.append(flag if isinstance(value, bool) else f"{flag} {getattr(args, dest)}")
+            if isinstance(value, bool):
+                overrides.append(flag if getattr(args, dest) else f"--no-{flag[2:]}")
+            else:
+                overrides.append(f"{flag} {getattr(args, dest)}")
     if "methods" not in explicit:
         args.methods = PAPER_ROWS
     return overrides

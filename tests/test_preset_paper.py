@@ -35,8 +35,9 @@ def test_without_methods_it_runs_the_13_rows_of_table_1():
 
 def test_explicit_flags_override_and_are_named():
     args, overrides = preset_args(["--preset", "paper", "--budg", "20", "--seeds", "3", "--no-augment",
-                                   "--methods", "noprop_ct"])
-    assert overrides == ["--budget 20"]  # --seeds 3 and no augmentation are the preset's own values
+                                   "--methods", "noprop_ct", "--no-train-accuracy"])
+    # --seeds 3 and no augmentation are the preset's own values
+    assert overrides == ["--no-train-accuracy", "--budget 20"]
     assert (args.budget, args.methods, args.seeds, args.backbone) == ("20", "noprop_ct", 3, "noprop_cnn")
 
 
