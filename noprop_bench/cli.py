@@ -21,7 +21,10 @@ from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
 from .scaffold import new_plugin_main
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
-from .run.runner import TrialSpec, backbone_width, trial_header
+from .run.probe import estimate_text
+from .run.runner import RunData, TrialSpec, backbone_width, trial_header
+from .presets import (PAPER_BUDGET, PRESETS, apply_preset, explicit_options, method_override, paper_budget,
+                      preset_method_params)
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
@@ -65,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "convolution and no stem max-pool, so small images keep their resolution")
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help="training budget per trial: SECONDS of training work (evaluation excluded), "
-                             "or Nsamples / Nsteps (deterministic on the CPU, for regression checks)")
+                             "Nsamples / Nsteps (deterministic on the CPU, for regression checks), Nepochs (passes "
+                             "over the training split; for noprop_dt summed over its blocks), or paper: each "
+                             "method's epochs from the paper's table for the dataset's kind (MNIST, CIFAR-10 or "
+                             "CIFAR-100). Training time is measured and reported whatever the unit")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                         help="training seeds per method (0..N-1); the paper uses 3")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size, the same for every method")
@@ -76,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(observed only, never used to select anything)")
     parser.add_argument("--train-accuracy", action="store_true",
                         help="also measure accuracy on the training split at the end (Table 1's train columns)")
+    parser.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false",
+                        help="do not measure train accuracy (overrides --preset paper, which measures it)")
     parser.add_argument("--inference-sweep", action="store_true",
                         help="after training, evaluate every inference setting a method offers (e.g. NoProp-CT: "
                              "euler and heun at 2..1000 steps) and write inference_sweep.md")
@@ -117,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare the finished run with this baseline; exit 3 with a table of what regressed "
                              "when accuracy or relative throughput fell beyond the tolerances stated in FILE")
     parser.add_argument("--save-baseline", metavar="FILE", help="write a baseline from this run's trials to FILE")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="paper: the paper's protocol in one flag: backbone noprop_cnn, no augmentation, each "
+                             "method's optimiser settings from the paper (the adjoint with 1000 Euler steps), 3 "
+                             "seeds, 5 inference runs, train accuracy, --budget paper; without --methods the 13 "
+                             "rows of Table 1. Explicit flags override it and the tables say which; a quick "
+                             "speed probe prints an estimate of the total wall time before training starts")
     parser.add_argument("--list", action="store_true",
                         help="list methods, datasets and executors with their plugins and parameters, then exit")
     return parser
@@ -162,11 +176,12 @@ def _check_counts(args):
 
 def _plan(args, registry, device, command) -> tuple:
     _check_counts(args)
-    budget = Budget.parse(args.budget)
+    paper_epochs = args.budget.strip() == PAPER_BUDGET
+    budget = None if paper_epochs else Budget.parse(args.budget)
     methods = []
     for name, given in parse_method_list(args.methods):
         cls = registry.method(name)
-        params = cls.resolve_params(given)
+        params = cls.resolve_params(preset_method_params(name, given) if args.preset else given)
         if (cls, params) not in methods:
             methods.append((cls, params))
     dataset_name, argument = parse_dataset_spec(args.dataset)
@@ -175,13 +190,22 @@ def _plan(args, registry, device, command) -> tuple:
     check_backbone_name(backbone)
     backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
     augment = args.augment or dataset.augment
-    specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone, budget=budget,
+    specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone,
+                       budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
-                       val_split=args.val_split, command=command)
+                       val_split=args.val_split, command=command, preset=_preset_record(args, cls, params))
              for cls, params in methods for seed in range(args.seeds)]
     return dataset, specs
+
+
+def _preset_record(args, cls, params) -> Optional[dict]:
+    """What a trial's record says of the preset: its name and every way the run departs from it."""
+    if not args.preset:
+        return None
+    method = method_override(cls, params)
+    return {"name": args.preset, "overrides": args.preset_overrides + ([method] if method else [])}
 
 
 def run(argv: Optional[List[str]] = None) -> int:
@@ -190,7 +214,9 @@ def run(argv: Optional[List[str]] = None) -> int:
         return report_main(argv[1:])
     if argv and argv[0] == "new-plugin":
         return new_plugin_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.preset_overrides = apply_preset(args, explicit_options(parser, argv)) if args.preset else []
     command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -221,8 +247,11 @@ def run(argv: Optional[List[str]] = None) -> int:
     pending = pending_specs(specs, store.read()[0], args.keep_stale, say, str(store.path))
     problems = []
     jobs = [_job(spec, args, executor) for spec in pending]
+    if jobs and args.preset:
+        say(estimate_text(pending, RunData.load(dataset, device, val_split=args.val_split)))
     if jobs:
-        say(f"{len(jobs)} trial(s) on {args.dataset}, budget {specs[0].budget} each, backbone {specs[0].backbone}, "
+        budgets = ", ".join(dict.fromkeys(str(spec.budget) for spec in specs))
+        say(f"{len(jobs)} trial(s) on {args.dataset}, budget {budgets} each, backbone {specs[0].backbone}, "
             f"device {device}, executor {executor.spec_text}")
 
     progress = Progress(len(jobs))

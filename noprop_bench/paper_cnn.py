@@ -1,8 +1,10 @@
 """The paper's small CNN image path (Li, Teh, Pascanu 2025, Figure 6), registered as timm model ``noprop_cnn``.
 
 Three unpadded 3x3 convolutions (32, 64, 128 channels) with ReLU, 2x2 max-pooling after the first and
-the third, dropout 0.2 after each, then flatten -> FC(256) -> ReLU. Unpadded convolutions are the
-reading under which the paper's published parameter counts are reproduced exactly.
+the third, dropout 0.2 after each, then flatten -> FC(256) -> ReLU (the continuous-time image path).
+The discrete-time block ends in FC(256) -> BN instead: :func:`ending_without_activation` gives it that.
+Unpadded convolutions are the reading under which the paper's published parameter counts (reference
+Table 5, per block) are reproduced exactly; ``tests/test_paper_architecture.py`` asserts them.
 """
 
 import torch
@@ -36,6 +38,18 @@ class NoPropCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+
+def ending_without_activation(backbone: nn.Module, width: int) -> bool:
+    """Drop the ReLU after the paper CNN's last FC, in place, when that FC has ``width`` outputs.
+
+    Returns whether it did: the features are then ``conv stack -> FC(width)``, ready for a batch norm.
+    Any other backbone (or width) is left unchanged.
+    """
+    if not isinstance(backbone, NoPropCNN) or backbone.num_features != width:
+        return False
+    backbone.fc[-1] = nn.Identity()
+    return True
 
 
 @register_model

@@ -178,7 +178,7 @@ def test_built_in_entry_points_keep_their_names():
     from importlib.metadata import entry_points
 
     names = {ep.name: ep.value for ep in entry_points(group="noprop_bench")}
-    assert {"backprop", "noprop_ct", "noprop_dt", "noprop_fm", "adjoint", "mnist5k", "torchvision_datasets",
+    assert {"backprop", "backprop_dt", "noprop_ct", "noprop_dt", "noprop_fm", "adjoint", "mnist5k", "torchvision_datasets",
             "imagefolder", "local_executor", "submitit_executor", "ray_executor"} <= set(names)
     for name in ("backprop", "noprop_ct", "adjoint"):
         assert names[name] == f"noprop_bench_plugins.methods.{name}"

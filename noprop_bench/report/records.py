@@ -8,6 +8,7 @@ column order).
 
 import json
 import math
+import re
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -17,13 +18,18 @@ import numpy as np
 from ..method import FAMILIES
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial
 
-PAPER_METHOD_ORDER = ("backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
+PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
 EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
 FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continuous-time"}
 DATASET_ORDER = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
 COMPARABILITY_KEYS = ("budget", "backbone", "device_name", "batch_size")
 REQUIRED_FIELDS = ("status", "method", "row_label", "family", "dataset", "budget", "backbone", "seed")
 SOURCE_FIELD = "_source_dir"  # set by load_records: the directory a record was read from
+# labels a method has since changed: (method, old row label) -> (method label, row label) now. The linear-head
+# ``backprop`` was labelled like the paper's Backprop (one-hot) row, which is ``backprop_dt``.
+RENAMED_LABELS = {
+    ("backprop", "Backprop (one-hot)"): ("Backprop with linear head", "Backprop with linear head"),
+}
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -71,15 +77,23 @@ def _describe(record: Any, number: int) -> str:
     return f"record {number}"
 
 
+def current_labels(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` with today's labels when its method has been relabelled since (a copy; else itself)."""
+    renamed = RENAMED_LABELS.get((record["method"], record["row_label"]))
+    if renamed is None:
+        return record
+    return {**record, "method_label": renamed[0], "row_label": renamed[1]}
+
+
 def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List[Dict[str, Any]], List[str]]:
-    """The reportable records, and a note for each one left out."""
+    """The reportable records (with today's labels), and a note for each one left out."""
     valid, notes = [], []
     for number, record in enumerate(records, 1):
         problem = check_record(record)
         if problem:
             notes.append(f"{source}: {_describe(record, number)}: {problem}; skipped")
         else:
-            valid.append(record)
+            valid.append(current_labels(record))
     return valid, notes
 
 
@@ -133,11 +147,12 @@ def device_name(record: Dict[str, Any]) -> str:
 
 
 def budget_unit(record: Dict[str, Any]) -> str:
-    """``seconds``, ``samples`` or ``steps``; records without ``budget_unit`` are read from the budget string."""
+    """``seconds``, ``samples``, ``steps`` or ``epochs``; records without ``budget_unit`` are read from the
+    budget string."""
     if record.get("budget_unit"):
         return str(record["budget_unit"])
     budget = str(record.get("budget", "")).strip()
-    return next((unit for unit in ("samples", "steps") if budget.endswith(unit)), "seconds")
+    return next((unit for unit in ("samples", "steps", "epochs") if budget.endswith(unit)), "seconds")
 
 
 def comparability(record: Dict[str, Any], by_device: Optional[bool] = None) -> Tuple[str, str, Optional[str], str]:
@@ -147,9 +162,17 @@ def comparability(record: Dict[str, Any], by_device: Optional[bool] = None) -> T
     only; samples or steps buy the same training anywhere), True always, False never; the device is None
     when it does not split.
     """
-    split = budget_unit(record) not in ("samples", "steps") if by_device is None else by_device
-    return (str(record.get("budget")), str(record.get("backbone")), device_name(record) if split else None,
+    split = budget_unit(record) not in ("samples", "steps", "epochs") if by_device is None else by_device
+    return (budget_group(record), str(record.get("backbone")), device_name(record) if split else None,
             str(record.get("batch_size")))
+
+
+def budget_group(record: Dict[str, Any]) -> str:
+    """The budget trials share a table by: a named budget's name (``100epochs (paper)`` and
+    ``2epochs (paper)`` are both the paper's protocol), else the budget itself."""
+    budget = str(record.get("budget"))
+    match = re.search(r"\((\w+)\)\s*$", budget)
+    return match.group(1) if match else budget
 
 
 def comparable_groups(records: Iterable[Dict[str, Any]], by_device: Optional[bool] = None
@@ -169,7 +192,7 @@ def device_counts(records: Sequence[Dict[str, Any]]) -> Counter:
 
 def _mixed_devices_text(record: Dict[str, Any]) -> str:
     unit = budget_unit(record)
-    if unit in ("samples", "steps"):
+    if unit in ("samples", "steps", "epochs"):
         return (f"accuracies share a {unit[:-1]} budget, but training times and throughput are not comparable "
                 f"across devices.")
     return "the budget is in seconds, so neither accuracies nor training times are comparable across devices."
@@ -178,6 +201,10 @@ def _mixed_devices_text(record: Dict[str, Any]) -> str:
 def settings_text(records: Sequence[Dict[str, Any]]) -> str:
     """The shared settings of a comparable group, for captions; a group that mixes devices says so."""
     budget, backbone, _, batch = comparability(records[0])
+    if budget == "paper":
+        epochs = ", ".join(f"{label} {budget_text}" for label, budget_text in dict.fromkeys(
+            (str(r.get("method_label") or r["method"]), str(r["budget"]).split(" ")[0]) for r in records))
+        budget = f"the paper's epochs per method ({epochs})"
     shared = f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}"
     devices = device_counts(records)
     if len(devices) == 1:

@@ -14,8 +14,32 @@ from .records import (assign_rows, check_records, comparable_groups, dataset_col
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
 
-def format_cell(values: List[float]) -> str:
-    return format_mean_se(values)
+def format_cell(values: List[float], seed_means: Sequence[float] = ()) -> str:
+    """``mean ± pooled s.e.``, then ``[± s.e. over per-seed means]`` when that differs (a cell with two or more
+    seeds and more than one inference run per seed); see :func:`table1_caption`."""
+    text = format_mean_se(values)
+    if len(seed_means) > 1 and len(values) > len(seed_means):
+        text += f" [± {mean_and_standard_error(seed_means)[1]:.2f}]"
+    return text
+
+
+def under_paper_protocol(record: Dict[str, Any]) -> bool:
+    """Whether a trial ran under ``--preset paper`` with nothing overridden: only then is a difference to the
+    paper's number a measurement of the method rather than of our shorter or different setting."""
+    preset = record.get("preset")
+    return isinstance(preset, dict) and preset.get("name") == "paper" and not preset.get("overrides")
+
+
+def preset_text(records: List[Dict[str, Any]]) -> str:
+    """What the caption says of ``--preset paper``: which trials used it and what they overrode."""
+    presets = [r.get("preset") for r in records if isinstance(r.get("preset"), dict)]
+    if not presets:
+        return ""
+    overrides = list(dict.fromkeys(o for preset in presets for o in preset.get("overrides") or []))
+    some = "" if len(presets) == len(records) else f" ({len(presets)} of {len(records)} trials)"
+    if not overrides:
+        return f" Run with --preset paper{some}, nothing overridden."
+    return f" Run with --preset paper{some}, overridden: {', '.join(overrides)}."
 
 
 def _signed(value: float) -> str:
@@ -36,17 +60,23 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
         notes.extend(duplicate_notes)
     columns = dataset_columns(ok)
     cells: Dict[Tuple[str, str, str], List[float]] = {}
+    seed_means: Dict[Tuple[str, str, str], List[float]] = {}
     for record, row in zip(ok, rows):
         for split, field in SPLITS.items():
-            cells.setdefault((row, record["dataset"], split), []).extend(record.get(field) or [])
+            values = record.get(field) or []
+            cells.setdefault((row, record["dataset"], split), []).extend(values)
+            if values:
+                seed_means.setdefault((row, record["dataset"], split), []).append(sum(values) / len(values))
     splits = ["train", "test"] if train_columns else ["test"]
+    protocol_rows = {row for row in rows if all(under_paper_protocol(r) for r, name in zip(ok, rows) if name == row)}
     headers: List[Tuple[str, str, str, str]] = []  # (header, kind, dataset, split)
     for spec, label in columns.items():
         for split in splits:
             headers.append((f"{label} {split}", "ours", spec, split))
             if paper and paper_data.paper_dataset(spec):
                 headers.append((f"{label} {split} (paper)", "paper", spec, split))
-                headers.append((f"{label} {split} Δ", "delta", spec, split))
+                if protocol_rows:
+                    headers.append((f"{label} {split} Δ", "delta", spec, split))
     older = older_code_trials(ok)
     marked = {row for record, row in zip(ok, rows) if str(record.get("trial_id")) in older}
     table = []
@@ -55,17 +85,20 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
         if family != current_family:
             table.append([family_heading(family)] + [""] * len(headers))
             current_family = family
-        base_label = next(r["row_label"] for r, name in zip(ok, rows) if name == row)
+        paper_row = paper_data.paper_row_label(next(r for r, name in zip(ok, rows) if name == row))
         line = [f"{row} {OLDER_CODE_MARK}" if row in marked else row]
         for _, kind, spec, split in headers:
             values = cells.get((row, spec, split), [])
-            published = paper_data.paper_accuracy(base_label, spec, split) if kind != "ours" else None
+            published = (paper_data.paper_accuracy(paper_row, spec, split)
+                         if kind != "ours" and paper_row else None)
             if kind == "ours":
-                line.append(format_mean_se(values))
+                line.append(format_cell(values, seed_means.get((row, spec, split), [])))
             elif published is None:
                 line.append("–")
             elif kind == "paper":
                 line.append(f"{published[0]:.2f} ± {published[1]:.2f}")
+            elif row not in protocol_rows:
+                line.append("–")
             else:
                 line.append(_signed(mean_and_standard_error(values)[0] - published[0]) if values else "–")
         table.append(line)
@@ -86,15 +119,37 @@ def _runs_text(records: List[Dict[str, Any]]) -> str:
     return f"{len(seeds)} seed(s) × {counts} inference run(s) per seed ({breakdown})"
 
 
+SEED_SE_TEXT = (" [± s.e.] is the standard error over the per-seed means (n = seeds): inference runs of one "
+                "trained model are not independent, so the pooled ± understates the spread between training runs; "
+                "it is shown where the two differ (more than one seed and inference run).")
+
+
+def _has_seed_se(records: List[Dict[str, Any]]) -> bool:
+    """Whether some cell shows the seed-level s.e. (two or more seeds with more than one inference run)."""
+    seeds: Dict[Tuple[str, str], set] = {}
+    for record in records:
+        if len(record.get("test_acc_runs") or []) > 1:
+            seeds.setdefault((record["row_label"], record["dataset"]), set()).add(record["seed"])
+    return any(len(found) > 1 for found in seeds.values())
+
+
 def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False) -> str:
     """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
-               f"{_runs_text(ok)}; \"(n=1)\" marks a single value. {settings_text(ok)}{older_code_note(ok)}")
+               f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
+               f"single value.{SEED_SE_TEXT if _has_seed_se(ok) else ''} {settings_text(ok)}{older_code_note(ok)}")
+    caption += preset_text(ok)
     if paper:
-        caption += (f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}; Δ = our mean − "
-                    f"the paper's mean. Our budget is not the paper's schedule, so Δ is indicative.")
+        caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
+        protocol = [r for r in ok if under_paper_protocol(r)]
+        if protocol:
+            caption += (" Δ = our mean − the paper's mean, shown only for rows run under --preset paper with "
+                        "nothing overridden (the paper's protocol).")
+        if len(protocol) < len(ok):
+            caption += (" No Δ for trials run otherwise (without --preset paper, or overriding it): their "
+                        "budget or settings are not the paper's, so a difference would not measure the method.")
         subsets = sorted({r["dataset"] for r in ok if r["dataset"] in paper_data.SUBSET_DATASETS})
         for spec in subsets:
             sizes = next((r.get("train_size"), r.get("test_size")) for r in ok if r["dataset"] == spec)

@@ -13,7 +13,12 @@ from .records import (assign_rows, check_records, comparable_groups, dataset_col
 GB = 1e9
 MEMORY_KINDS = {
     "cuda_max_allocated": ("CUDA max allocated (torch.cuda.max_memory_allocated over training), the measure "
-                           "closest to the paper's \"process GPU memory allocated\""),
+                           "closest to the paper's \"process GPU memory allocated\". It includes everything on "
+                           "the device during training: the dataset (training and test splits are held there), "
+                           "the model, its optimiser state and activations. NoProp-DT keeps all T blocks and "
+                           "their AdamW moments there unless run with offload=true (then one block at a time); "
+                           "Backprop (backprop_dt) is the end-to-end model, all blocks' activations kept for one "
+                           "backward pass"),
     "cpu_peak_rss": ("peak resident set size of the whole process on the CPU (sampled during training); it "
                      "includes the interpreter, the libraries and the dataset held in memory, so it is not "
                      "comparable with the paper's GPU numbers"),
@@ -74,7 +79,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
                 line.append(_number(_mean(cell, "seconds_per_epoch")))
             else:
                 one_hot = cell[0]["row_label"].endswith("(one-hot)")
-                published = paper_data.paper_memory_gb(cell[0].get("method_label", ""), spec) if one_hot else None
+                published = paper_data.paper_memory_gb(cell[0]["method"], spec) if one_hot else None
                 line.append("–" if published is None else f"{published:.2f}")
         table.append(line)
     return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])

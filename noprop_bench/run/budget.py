@@ -3,29 +3,38 @@
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..errors import UsageError
 
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|seconds|samples|steps)?\s*$")
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|seconds|samples|steps|epochs)?\s*(?:\((\w+)\))?\s*$")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much training each trial gets: ``amount`` of ``unit`` (seconds, samples or steps)."""
+    """How much training each trial gets: ``amount`` of ``unit`` (seconds, samples, steps or epochs).
+
+    One epoch is one pass over the training split, for every method: ``len(train)`` training samples.
+    For NoProp-DT, which trains one block per step, the passes are summed over its blocks (so under
+    ``schedule=sequential`` each of T blocks sees ``epochs / T`` passes of its own). ``name`` is set when
+    the amount came from a named budget such as ``paper`` (the paper's epochs per method and dataset).
+    """
 
     amount: float
     unit: str
+    name: Optional[str] = None
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
-        """``"120"``/``"120s"`` (seconds of training work), ``"20000samples"``, ``"500steps"``."""
+        """``"120"``/``"120s"`` (seconds of training work), ``"20000samples"``, ``"500steps"``, ``"20epochs"``."""
         match = _BUDGET.match(str(text))
         if not match or float(match.group(1)) <= 0:
             raise UsageError(
                 f"budget {text!r} not understood; accepted: SECONDS (e.g. 120 or 120s), "
-                f"Nsamples (e.g. 20000samples) or Nsteps (e.g. 500steps), greater than zero"
+                f"Nsamples (e.g. 20000samples), Nsteps (e.g. 500steps), Nepochs (e.g. 20epochs) or paper, "
+                f"greater than zero"
             )
         unit = match.group(2) or "s"
         unit = "seconds" if unit in ("s", "sec", "seconds") else unit
@@ -34,17 +43,23 @@ class Budget:
             if not amount.is_integer():
                 raise UsageError(f"budget {text!r}: a count of {unit} must be a whole number")
             amount = int(amount)
-        return cls(amount, unit)
+        return cls(amount, unit, match.group(3))
 
     def __str__(self) -> str:
-        return f"{self.amount:g}s" if self.unit == "seconds" else f"{self.amount}{self.unit}"
+        """``120s``, ``500steps``, ``20epochs``; a named budget adds its name: ``100epochs (paper)``."""
+        text = f"{self.amount:g}s" if self.unit == "seconds" else f"{self.amount}{self.unit}"
+        return f"{text} ({self.name})" if self.name else text
 
     @property
     def deterministic(self) -> bool:
         return self.unit != "seconds"
 
-    def progress(self, seconds: float, samples: int, steps: int) -> float:
-        """The fraction of the budget spent, from 0 to 1 and beyond."""
+    def progress(self, seconds: float, samples: int, steps: int, train_size: int = 0) -> float:
+        """The fraction of the budget spent, from 0 to 1 and beyond (epochs need ``train_size``)."""
+        if self.unit == "epochs":
+            if train_size <= 0:
+                raise ValueError("an epoch budget needs the size of the training split")
+            return samples / (self.amount * train_size)
         spent = {"seconds": seconds, "samples": samples, "steps": steps}[self.unit]
         return spent / self.amount
 

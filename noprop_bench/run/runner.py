@@ -99,6 +99,7 @@ class TrialSpec:
     inference_sweep: bool = False
     val_split: float = 0.0
     command: str = ""
+    preset: Optional[Dict[str, Any]] = None  # {"name": ..., "overrides": [...]}; not part of the identity
 
     def config(self) -> Dict[str, Any]:
         return {
@@ -228,6 +229,7 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
         "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment,
         "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
+        "preset": spec.preset,
     }
 
 
@@ -336,7 +338,7 @@ class _TrialRun:
                     loss_count += 1
                     finite = finite & _finite(loss)
                 if spec.budget.unit != "seconds" or steps % read_every == 0:
-                    spent = spec.budget.progress(self.clock.elapsed(), samples, steps)
+                    spent = spec.budget.progress(self.clock.elapsed(), samples, steps, len(data.train))
                 if steps % DIVERGENCE_CHECK_EVERY == 0 and not bool(finite):
                     raise Diverged(f"non-finite loss by step {steps}")
                 done = spent >= 1.0
@@ -450,3 +452,5 @@ class _TrialRun:
                 record["method_metrics"] = self.method.trial_metrics()
             except Exception as error:  # metrics are secondary: never lose the trial over them
                 record["method_metrics"] = {"error": f"{type(error).__name__}: {error}"}
+            for warning in record["method_metrics"].get("warnings") or []:
+                self.say(f"warning: {self.spec.describe()}: {warning}")

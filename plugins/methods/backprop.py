@@ -1,4 +1,7 @@
-"""Back-propagation baseline: the run's backbone plus a linear classifier, trained end to end."""
+"""A plain back-propagation reference: the run's backbone plus a linear classifier, trained end to end.
+
+Not the paper's Backprop rows: those are ``backprop_dt`` (NoProp-DT's blocks trained end to end).
+"""
 
 import torch
 from torch import nn
@@ -7,10 +10,14 @@ from noprop_bench import Method, hookimpl
 
 
 class Backprop(Method):
-    """Backbone features -> linear layer -> logits; cross-entropy; AdamW (lr 1e-3, wd 1e-3) as the paper."""
+    """Backbone features -> linear layer -> logits; cross-entropy; AdamW (lr 1e-3, wd 1e-3).
+
+    Labelled "Backprop with linear head" so it is never read as the paper's Backprop (one-hot) row; it has
+    no label embedding, so its row label carries none.
+    """
 
     name = "backprop"
-    label = "Backprop"
+    label = "Backprop with linear head"
     family = "discrete-time"
     defaults = {"lr": 1e-3, "weight_decay": 1e-3}
 
@@ -34,6 +41,10 @@ class Backprop(Method):
 
     def predict(self, x):
         return self(x)
+
+    @classmethod
+    def row_label(cls, params):
+        return cls.label
 
 
 @hookimpl

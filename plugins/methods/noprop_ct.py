@@ -23,7 +23,8 @@ class NoPropCT(Method):
              + eta/2 * mean(SNR'(t) * ||u(z_t, x, t) - u_y||^2),  z_t = sqrt(abar) u_y + sqrt(1-abar) eps
 
     with Adam (L2 weight decay, as the paper's table), every parameter (backbone, paths, classifier,
-    schedule, learned W_Embed) in one optimiser. The backbone runs once per step.
+    schedule, learned W_Embed) in one optimiser; the schedule's parameters form their own group with
+    ``schedule_weight_decay`` (default 0). The backbone runs once per step.
 
     Inference starts from ``z_0 ~ N(0, I)`` on a uniform grid of ``steps`` intervals and classifies
     ``z_1`` with the linear classifier; the backbone runs once per test batch. Solvers:
@@ -47,8 +48,12 @@ class NoPropCT(Method):
     * ``time_dim=64`` sinusoidal embedding with ``t`` scaled by 1000 (see ``sinusoidal_embedding``).
     * SNR' in closed form, not autograd; ``gamma1 > gamma0`` enforced by parametrisation.
     * Constant learning rate (``warmup_steps`` adds an optional linear warm-up); no gradient clipping.
+    * ``schedule_weight_decay=0``: no weight decay on the learnable schedule (the paper is silent). Its
+      parameters are not weights to regularise but the schedule's shape and endpoints: decay would pull
+      ``gamma0`` and the endpoint gap towards 0, i.e. squeeze ``abar`` towards 0.5 at both ends,
+      against what the loss asks. Set it to ``weight_decay`` for one decay on everything.
     * Conv padding and input normalisation belong to the backbone and the dataset, not to this method.
-    * Prototype: medoid from up to 256 sampled images per class; the noised label goes through a fresh
+    * Prototype: medoid over the whole class (computed in chunks, see ``class_medoids``); the noised label goes through a fresh
       copy of the run's backbone ("an image-style module").
     """
 
@@ -61,6 +66,7 @@ class NoPropCT(Method):
         "solver": "stochastic", "steps": 1000, "eval_solver": "heun", "eval_steps": 20,
         "sweep_steps": "2,5,10,20,40,100,1000",
         "gamma0": -3.0, "gamma1": 3.0, "schedule_width": 64, "time_dim": 64, "warmup_steps": 0,
+        "schedule_weight_decay": 0.0,
     }
     choices = {"embedding": EMBEDDINGS, "solver": SOLVERS, "eval_solver": SOLVERS}
 
@@ -75,7 +81,7 @@ class NoPropCT(Method):
         if not params["gamma1"] > params["gamma0"]:
             raise UsageError(f"method {cls.name!r}: needs gamma1 > gamma0 (abar increasing in t), got "
                              f"gamma0={params['gamma0']}, gamma1={params['gamma1']}")
-        for key in ("lr", "weight_decay", "eta", "warmup_steps"):
+        for key in ("lr", "weight_decay", "eta", "warmup_steps", "schedule_weight_decay"):
             if params[key] < 0:
                 raise UsageError(f"method {cls.name!r}: {key}={params[key]!r} must be >= 0")
         parse_steps(params["sweep_steps"])
@@ -89,7 +95,7 @@ class NoPropCT(Method):
             if task.train_images is None or task.train_labels is None:
                 raise UsageError("prototype embedding needs the training images to pick class medoids")
             images = task.normalize(task.train_images).flatten(1)
-            medoids = class_medoids(images, task.train_labels, task.num_classes, seed=task.seed)
+            medoids = class_medoids(images, task.train_labels, task.num_classes)
         self.embedding = LabelEmbedding(p["embedding"], task.num_classes, p["dim"], medoids)
         label_backbone = task.make_backbone() if p["embedding"] == "prototype" else None
         self.model = CTModel(task.make_backbone(), task.backbone_features, task.num_classes, self.embedding.dim,
@@ -98,7 +104,11 @@ class NoPropCT(Method):
         self.classifier = torch.nn.Linear(self.embedding.dim, task.num_classes)
         self.schedule = MonotoneSchedule(p["gamma0"], p["gamma1"], p["schedule_width"])
         self.to(task.device)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        schedule_ids = {id(param) for param in self.schedule.parameters()}
+        self.optimizer = torch.optim.Adam([
+            {"params": [q for q in self.parameters() if id(q) not in schedule_ids], "weight_decay": p["weight_decay"]},
+            {"params": list(self.schedule.parameters()), "weight_decay": p["schedule_weight_decay"]},
+        ], lr=p["lr"])
         warmup = int(p["warmup_steps"])
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

@@ -7,8 +7,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
+from noprop_bench_plugins.parts.block_offload import BlockOffload
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
-from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, DTBlock
+from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_blocks
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 
 SCHEDULES = ("sequential", "random")
@@ -36,11 +37,19 @@ class NoPropDT(Method):
     * ``random``: one block drawn uniformly per batch (the paper's "time steps could be sampled").
 
     The budget covers all blocks either way: the harness's "epochs" are passes over the data summed
-    over blocks; ``trial_metrics()`` gives the passes each block saw.
+    over blocks; ``trial_metrics()`` gives the passes each block saw. A budget is not rounded to whole
+    cycles: when some block got less than one pass over the training split (under a short budget,
+    late blocks, block T included, may get none), the trial records a warning in
+    ``method_metrics["warnings"]`` and the run prints it.
 
     Inference (Eq. 3): ``z_0 ~ N(0, I)``, ``z_t = a_t u_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps``
     for t = 1..T (``noise=false`` drops the eps term), then the classifier's logits on ``z_T``. It runs
     all T backbones, inherently: each block has its own image path.
+
+    ``offload=true`` keeps every block but the one training (or, at inference, running) in host memory,
+    with its AdamW state, and moves a block in for its turn; the moves happen inside ``train_step``, so
+    the training clock counts them. The device then holds one block's parameters and moments instead of
+    T (the memory the paper's DT claim rests on). It computes exactly what ``offload=false`` does.
 
     Choices the paper leaves open (section 7), all parameters: the fixed cosine schedule with
     ``cosine_offset=0.008`` squeezed into ``[abar_min, abar_max] = [0.001, 0.999]`` (see
@@ -55,7 +64,7 @@ class NoPropDT(Method):
     stochastic = True
     defaults = {
         "embedding": "one-hot", "dim": 20, "blocks": 10, "eta": 0.1, "lr": 1e-3, "weight_decay": 1e-3,
-        "schedule": "sequential", "block_samples": 0, "noise": True,
+        "schedule": "sequential", "block_samples": 0, "noise": True, "offload": False,
         "cosine_offset": 0.008, "abar_min": 1e-3, "abar_max": 0.999,
     }
     choices = {"embedding": EMBEDDINGS, "schedule": SCHEDULES}
@@ -69,8 +78,9 @@ class NoPropDT(Method):
         if not 0.0 < params["abar_min"] < params["abar_max"] < 1.0:
             raise UsageError(f"method {cls.name!r}: needs 0 < abar_min < abar_max < 1, got "
                              f"abar_min={params['abar_min']}, abar_max={params['abar_max']}")
-        if not isinstance(params["noise"], bool):
-            raise UsageError(f"method {cls.name!r}: noise={params['noise']!r} must be true or false")
+        for key in ("noise", "offload"):
+            if not isinstance(params[key], bool):
+                raise UsageError(f"method {cls.name!r}: {key}={params[key]!r} must be true or false")
 
     def __init__(self, task, **params):
         super().__init__(task, **params)
@@ -80,10 +90,7 @@ class NoPropDT(Method):
         self.embedding = label_embedding_for(task, p["embedding"], p["dim"])
         self.schedule = CosineSchedule(self.T, p["cosine_offset"], p["abar_min"], p["abar_max"])
         prototype = p["embedding"] == "prototype"
-        self.blocks = nn.ModuleList(
-            DTBlock(task.make_backbone(), task.backbone_features, task.num_classes, self.embedding.dim,
-                    label_backbone=task.make_backbone() if prototype else None, image_shape=task.image_shape)
-            for _ in range(self.T))
+        self.blocks = dt_blocks(task, self.T, self.embedding.dim, prototype)
         self.classifier = nn.Linear(self.embedding.dim, task.num_classes)
         self.to(task.device)
 
@@ -92,6 +99,7 @@ class NoPropDT(Method):
 
         self.block_optimizers = [adamw(block.parameters()) for block in self.blocks]
         self.shared_optimizer = adamw(list(self.classifier.parameters()) + list(self.embedding.parameters()))
+        self.offload = BlockOffload(self.blocks, self.block_optimizers, task.device) if p["offload"] else None
 
         self.train_size = len(task.train_images) if task.train_images is not None else 0
         self.pass_samples = p["block_samples"] or self.train_size
@@ -131,6 +139,7 @@ class NoPropDT(Method):
 
     def train_step(self, x, y):
         t = self.next_block()
+        self._bring_in(t)
         terms = self.block_losses(t, x, y)
         optimizers = (self.block_optimizers[t - 1], self.shared_optimizer)
         for optimizer in optimizers:
@@ -140,6 +149,11 @@ class NoPropDT(Method):
             optimizer.step()
         self._count(t, len(y))
         return {key: value.detach() for key, value in terms.items()}
+
+    def _bring_in(self, t: int):
+        """With ``offload``, block t on the device and the others on the host."""
+        if self.offload is not None:
+            self.offload.activate(t - 1)
 
     def _count(self, t: int, samples: int):
         self.block_steps[t - 1] += 1
@@ -167,6 +181,7 @@ class NoPropDT(Method):
         W = self.embedding.weight
         z = torch.randn(x.shape[0], W.shape[1], device=x.device)
         for t in range(start_block, self.T + 1):
+            self._bring_in(t)
             block = self.blocks[t - 1]
             z = s.a[t] * block(block.features(x), z, W) + s.b[t] * z
             if noise:
@@ -197,9 +212,24 @@ class NoPropDT(Method):
             "parameters_per_block": per_block, "parameters_shared": shared,
             "blocks_trained_per_step": 1, "backbone_passes_per_train_step": 1,
             "backbone_passes_per_test_batch": self.T * (2 if self.params["embedding"] == "prototype" else 1),
-            "memory_note": "one block's activations and gradients at a time; all blocks' parameters and "
-                           "AdamW moments stay resident, and count in the peak",
+            "memory_note": ("one block's activations, gradients, parameters and AdamW moments on the device at a "
+                            "time; the other blocks wait in host memory" if self.offload else
+                            "one block's activations and gradients at a time; all blocks' parameters and "
+                            "AdamW moments stay resident, and count in the peak"),
+            "block_moves": self.offload.moves if self.offload else 0,
+            "warnings": self.short_budget_warnings(),
         }
+
+    def short_budget_warnings(self) -> List[str]:
+        """A warning when some block saw less than one pass over the training split (none when unknown)."""
+        if not self.train_size:
+            return []
+        short = [t + 1 for t, n in enumerate(self.block_samples_seen) if n < self.train_size]
+        if not short:
+            return []
+        return [f"block{'s' * (len(short) > 1)} {', '.join(map(str, short))} of {self.T} got less than one pass over the training split "
+                f"each (passes per block: {', '.join(f'{n / self.train_size:.2f}' for n in self.block_samples_seen)}); "
+                f"the chain is only partly trained; a budget of at least {self.T} epochs gives every block one"]
 
 
 @hookimpl

@@ -23,14 +23,13 @@ MIN_IMAGES_PER_CLASS = 2  # a medoid needs at least one other image to measure d
 
 # -- label embeddings --------------------------------------------------------------------------
 
-def class_medoids(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                  sample: int = 256, seed: int = 0) -> torch.Tensor:
-    """Per class, the image with the smallest median distance to (a sample of) the other images of its class.
+def class_medoids(images: torch.Tensor, labels: torch.Tensor, num_classes: int, chunk: int = 512) -> torch.Tensor:
+    """Per class, the image with the smallest median distance to all the other images of its class.
 
-    ``images`` are float ``[N, D]``; returns ``[num_classes, D]``. Classes with more than ``sample``
-    images are subsampled (seeded), which keeps this O(sample^2) per class.
+    ``images`` are float ``[N, D]``; returns ``[num_classes, D]``. The whole class is used (the paper's
+    medoid); distances are computed ``chunk`` rows at a time, so memory stays at ``chunk x class size``
+    distances however large the class.
     """
-    generator = torch.Generator().manual_seed(seed)
     rows = []
     for c in range(num_classes):
         members = torch.nonzero(labels == c).flatten()
@@ -38,14 +37,17 @@ def class_medoids(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
             raise UsageError(
                 f"prototype embedding needs at least {MIN_IMAGES_PER_CLASS} training images per class to pick "
                 f"medoids; class {c} has {len(members)}. Use embedding=one-hot or embedding=learned")
-        if len(members) > sample:
-            members = members[torch.randperm(len(members), generator=generator)[:sample].to(members.device)]
         group = images[members]
-        distances = torch.cdist(group, group)
         n = len(group)
-        # median over the *other* images: drop the zero self-distance on the diagonal
-        others = distances[~torch.eye(n, dtype=torch.bool, device=distances.device)].view(n, n - 1)
-        rows.append(group[others.median(dim=1).values.argmin()])
+        medians = []
+        for start in range(0, n, chunk):
+            distances = torch.cdist(group[start:start + chunk], group)
+            # median over the *other* images: drop each row's zero self-distance
+            own = torch.arange(start, min(start + chunk, n), device=distances.device)
+            keep = torch.ones_like(distances, dtype=torch.bool)
+            keep[torch.arange(len(own)), own] = False
+            medians.append(distances[keep].view(len(own), n - 1).median(dim=1).values)
+        rows.append(group[torch.cat(medians).argmin()])
     return torch.stack(rows)
 
 

@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from noprop_bench.paper_cnn import ending_without_activation
+
 
 class CosineSchedule(nn.Module):
     """Fixed schedule over ``t = 0..T`` (0: noise, T: label) with everything Eq. 3 and Eq. 8 need.
@@ -47,24 +49,37 @@ class CosineSchedule(nn.Module):
         self.blocks = blocks
 
 
+def image_projection(backbone: nn.Module, backbone_features: int, width: int) -> nn.Module:
+    """What follows ``backbone`` in a DT image path to end in FC(width) -> BN.
+
+    The paper CNN already ends in FC(width): its ReLU is dropped (in place) and only the BN follows.
+    Any other backbone keeps its features and gets FC(width) -> BN.
+    """
+    if ending_without_activation(backbone, width):
+        return nn.BatchNorm1d(width)
+    return nn.Sequential(nn.Linear(backbone_features, width), nn.BatchNorm1d(width))
+
+
 class DTBlock(nn.Module):
     """``u_t(z_{t-1}, x) = softmax(logits) . W_Embed`` with Figure 6's discrete-time paths.
 
-    Image path: the run's backbone -> FC(width) -> BN. Label path: FC(width) -> BN -> ReLU plus a
-    residual branch FC -> BN -> ReLU -> FC -> BN; for prototype embeddings instead an image-style
-    module, a fresh backbone on ``z`` viewed as an image -> FC(width) -> BN. Head: concat ->
-    FC(width) -> BN -> ReLU -> FC(128) -> BN -> ReLU -> FC(num_classes).
+    Image path: the run's backbone -> FC(width) -> BN; with the paper CNN (``noprop_cnn``), whose
+    features already end in FC(256), its conv stack -> FC(256) -> BN exactly as the figure, so a block
+    has the paper's parameter count. Label path: FC(width) -> BN -> ReLU plus a residual branch
+    FC -> BN -> ReLU -> FC -> BN; for prototype embeddings instead an image-style module, a fresh
+    backbone on ``z`` viewed as an image, built like the image path. Head: concat -> FC(width) -> BN ->
+    ReLU -> FC(128) -> BN -> ReLU -> FC(num_classes).
     """
 
     def __init__(self, backbone: nn.Module, backbone_features: int, num_classes: int, embedding_dim: int,
                  width: int = 256, label_backbone: Optional[nn.Module] = None, image_shape: Tuple[int, ...] = ()):
         super().__init__()
         self.backbone = backbone
-        self.image_fc = nn.Sequential(nn.Linear(backbone_features, width), nn.BatchNorm1d(width))
+        self.image_fc = image_projection(backbone, backbone_features, width)
         self.image_shape = tuple(image_shape)
         self.prototype = label_backbone is not None
         if self.prototype:
-            self.label_path = nn.Sequential(label_backbone, nn.Linear(backbone_features, width), nn.BatchNorm1d(width))
+            self.label_path = nn.Sequential(label_backbone, image_projection(label_backbone, backbone_features, width))
             self.label_residual = None
         else:
             self.label_path = nn.Sequential(nn.Linear(embedding_dim, width), nn.BatchNorm1d(width), nn.ReLU())
@@ -88,3 +103,11 @@ class DTBlock(nn.Module):
     def forward(self, features: torch.Tensor, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """``u_t`` from precomputed ``features``: a convex combination of the rows of ``embedding``."""
         return self.logits(features, z).softmax(dim=1) @ embedding
+
+
+def dt_blocks(task, count: int, embedding_dim: int, prototype: bool) -> nn.ModuleList:
+    """``count`` fresh :class:`DTBlock` for ``task``, each with its own backbone (and label backbone for prototypes)."""
+    return nn.ModuleList(
+        DTBlock(task.make_backbone(), task.backbone_features, task.num_classes, embedding_dim,
+                label_backbone=task.make_backbone() if prototype else None, image_shape=task.image_shape)
+        for _ in range(count))

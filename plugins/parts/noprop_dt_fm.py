@@ -13,7 +13,7 @@ def label_embedding_for(task, kind: str, dim: int) -> LabelEmbedding:
         if task.train_images is None or task.train_labels is None:
             raise UsageError("prototype embedding needs the training images to pick class medoids")
         images = task.normalize(task.train_images).flatten(1)
-        medoids = class_medoids(images, task.train_labels, task.num_classes, seed=task.seed)
+        medoids = class_medoids(images, task.train_labels, task.num_classes)
     return LabelEmbedding(kind, task.num_classes, dim, medoids)
 
 

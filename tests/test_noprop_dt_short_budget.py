@@ -1,0 +1,47 @@
+"""NoProp-DT under short budgets: a block with less than one pass is recorded and printed as a warning."""
+
+import json
+
+import torch
+from torch import nn
+
+from noprop_bench_plugins.methods.noprop_dt import NoPropDT
+from noprop_helpers import first_batch, mnist_shaped_task
+
+
+def make_method(**params):
+    task = mnist_shaped_task(make_backbone=lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU()),
+                             features=8)
+    torch.manual_seed(0)
+    return NoPropDT(task, **NoPropDT.resolve_params({"blocks": 3, **params}))
+
+
+def train(method, steps, batch=8):
+    x, y = first_batch(method.task, batch)
+    for _ in range(steps):
+        method.train_step(x, y)
+
+
+def test_blocks_short_of_one_pass_are_named():
+    method = make_method()  # 40 training images: one pass is 5 steps of 8
+    train(method, 7)  # block 1: 5 steps, block 2: 2 steps, block 3: none
+    warnings = method.trial_metrics()["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("blocks 2, 3 of 3 got less than one pass")
+    assert "1.00, 0.40, 0.00" in warnings[0]
+
+
+def test_no_warning_once_every_block_had_a_pass():
+    method = make_method()
+    train(method, 15)
+    assert method.trial_metrics()["warnings"] == []
+
+
+def test_the_run_records_and_prints_the_warning(fake_run, capsys):
+    code, out = fake_run("--methods", "noprop_dt[blocks=2]", "--budget", "2steps", "--checkpoints", "0",
+                         "--batch-size", "64",
+                         "--inference-runs", "1")
+    assert code == 0
+    record = json.loads((out / "trials.jsonl").read_text().splitlines()[-1])
+    # 256 training images, 2 steps of 64: block 1 saw half a pass, block 2 none
+    assert record["method_metrics"]["warnings"][0].startswith("blocks 1, 2 of 2 got less than one pass")
+    assert "warning: NoProp-DT (one-hot) seed 0: blocks 1, 2 of 2" in capsys.readouterr().err
