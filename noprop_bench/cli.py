@@ -25,6 +25,7 @@ from .run.probe import estimate_text
 from .run.runner import RunData, TrialSpec, backbone_width, trial_header
 from .presets import (PAPER_BUDGET, PRESETS, apply_preset, explicit_options, method_override, paper_budget,
                       preset_method_params)
+from .run.speed_settings import add_speed_arguments, chosen_settings
 from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no augmentation (the paper's v1 setting); same as --augment none")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto picks cuda when available")
+    add_speed_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch in each trial (default: torch's choice in-process; an equal "
                              "share of the cores per worker with local[workers=N])")
@@ -190,12 +192,14 @@ def _plan(args, registry, device, command) -> tuple:
     check_backbone_name(backbone)
     backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
     augment = args.augment or dataset.augment
+    speed = chosen_settings(device.type, args.precision, args.channels_last, args.compile).identity()
     specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone,
                        budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
-                       val_split=args.val_split, command=command, preset=_preset_record(args, cls, params))
+                       val_split=args.val_split, command=command, preset=_preset_record(args, cls, params),
+                       speed_settings=speed)
              for cls, params in methods for seed in range(args.seeds)]
     return dataset, specs
 
@@ -252,7 +256,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     if jobs:
         budgets = ", ".join(dict.fromkeys(str(spec.budget) for spec in specs))
         say(f"{len(jobs)} trial(s) on {args.dataset}, budget {budgets} each, backbone {specs[0].backbone}, "
-            f"device {device}, executor {executor.spec_text}")
+            f"device {device}, {specs[0].speed.describe()}, executor {executor.spec_text}")
 
     progress = Progress(len(jobs))
 

@@ -89,6 +89,11 @@ class Method(nn.Module):
     def reuses_features(self) -> bool:
         return type(self).features is not Method.features and type(self).predict_from_features is not Method.predict_from_features
 
+    def compile_targets(self) -> List[str]:
+        """Attribute paths ``torch.compile`` wraps under ``--compile`` (dotted for submodules' methods, e.g.
+        ``"model.logits"``); by default the train step and the inference path. Return ``[]`` to stay eager."""
+        return ["train_step", "predict_from_features" if self.reuses_features() else "predict"]
+
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
         return {}

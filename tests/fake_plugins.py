@@ -104,9 +104,23 @@ class Noisy(Linear):
         return logits + 3 * torch.randn_like(logits)
 
 
+class SlowStart(Linear):
+    """Its first train step in a process takes 1 s (as lazy initialisation or compilation would)."""
+
+    name = "slow_start"
+    label = "SlowStart"
+    started = False
+
+    def train_step(self, x, y):
+        if not SlowStart.started:
+            SlowStart.started = True
+            time.sleep(1.0)
+        return super().train_step(x, y)
+
+
 @hookimpl
 def register_methods(register):
-    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy):
+    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart):
         register(cls)
 
 

@@ -39,7 +39,7 @@ def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
         ordered = sorted(zip(group, rows), key=lambda pair: (dataset_order.index(pair[0]["dataset"]),
                                                              row_order.index(pair[1]), str(pair[0]["seed"])))
         for record, row in ordered:
-            budget, backbone, device, batch = comparability(record, by_device=True)
+            budget, backbone, device, batch, _ = comparability(record, by_device=True)
             curve = [p for p in record.get("curve") or [] if isinstance(p, dict)]
             for index, point in enumerate(curve):
                 lines.append([number, budget, backbone, device, batch, record["dataset"],
@@ -102,7 +102,7 @@ def figure3(records: List[Dict[str, Any]]):
     all_rows = list(dict.fromkeys(row for g, r in groups for _, row in ordered_rows(g, r)))
     colours = {row: f"C{i % 10}" for i, row in enumerate(all_rows)}
     for g_index, (group, rows) in enumerate(groups):
-        budget, backbone, device, batch = comparability(group[0], by_device=True)
+        budget, backbone, device, batch, speed = comparability(group[0], by_device=True)
         for d_index, (spec, label) in enumerate(dataset_columns(group).items()):
             ax = axes[g_index][d_index]
             chosen = [(r, row) for r, row in zip(group, rows) if r["dataset"] == spec]
@@ -112,7 +112,7 @@ def figure3(records: List[Dict[str, Any]]):
                     continue
                 ax.plot(times, mean, color=colours[row], label=row, marker="o", markersize=2.5, linewidth=1.4)
                 ax.fill_between(times, low, high, color=colours[row], alpha=0.2, linewidth=0)
-            title = label if len(groups) == 1 else f"{label}\n{budget}, {backbone}, batch {batch}\n{device}\nmean, band min–max over seeds"
+            title = label if len(groups) == 1 else f"{label}\n{budget}, {backbone}, batch {batch}, {speed}\n{device}\nmean, band min–max over seeds"
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("cumulative training time (s)")
             ax.set_ylabel("test accuracy (%)")
@@ -121,8 +121,8 @@ def figure3(records: List[Dict[str, Any]]):
         for d_index in range(len(dataset_columns(group)), width):
             axes[g_index][d_index].set_visible(False)
     if len(groups) == 1:
-        budget, backbone, device, batch = comparability(groups[0][0][0], by_device=True)
-        figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}\n{device}\n"
+        budget, backbone, device, batch, speed = comparability(groups[0][0][0], by_device=True)
+        figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}, {speed}\n{device}\n"
                         f"line: mean over seeds, band: min–max over seeds", fontsize=8)
     return figure
 

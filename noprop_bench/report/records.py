@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..method import FAMILIES
+from ..run.speed_settings import SpeedSettings
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial
 
 PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
@@ -155,8 +156,17 @@ def budget_unit(record: Dict[str, Any]) -> str:
     return next((unit for unit in ("samples", "steps", "epochs") if budget.endswith(unit)), "seconds")
 
 
-def comparability(record: Dict[str, Any], by_device: Optional[bool] = None) -> Tuple[str, str, Optional[str], str]:
-    """What must be equal for two trials to share a table: budget, backbone, device name, batch size.
+def speed_text(record: Dict[str, Any]) -> str:
+    """The trial's speed settings as caption text; records from before speed settings ran eager fp32."""
+    fields = {key: value for key, value in (record.get("speed_settings") or {}).items()
+              if key in ("precision", "channels_last", "compile")}
+    return SpeedSettings.from_dict(fields).describe()
+
+
+def comparability(record: Dict[str, Any], by_device: Optional[bool] = None
+                  ) -> Tuple[str, str, Optional[str], str, str]:
+    """What must be equal for two trials to share a table: budget, backbone, device name, batch size,
+    speed settings.
 
     ``by_device`` None splits by device only for budgets in seconds (a clock is fair on one device type
     only; samples or steps buy the same training anywhere), True always, False never; the device is None
@@ -164,7 +174,7 @@ def comparability(record: Dict[str, Any], by_device: Optional[bool] = None) -> T
     """
     split = budget_unit(record) not in ("samples", "steps", "epochs") if by_device is None else by_device
     return (budget_group(record), str(record.get("backbone")), device_name(record) if split else None,
-            str(record.get("batch_size")))
+            str(record.get("batch_size")), speed_text(record))
 
 
 def budget_group(record: Dict[str, Any]) -> str:
@@ -200,7 +210,7 @@ def _mixed_devices_text(record: Dict[str, Any]) -> str:
 
 def settings_text(records: Sequence[Dict[str, Any]]) -> str:
     """The shared settings of a comparable group, for captions; a group that mixes devices says so."""
-    budget, backbone, _, batch = comparability(records[0])
+    budget, backbone, _, batch, speed = comparability(records[0])
     if budget == "paper":
         epochs = ", ".join(f"{label} {budget_text}" for label, budget_text in dict.fromkeys(
             (str(r.get("method_label") or r["method"]), str(r["budget"]).split(" ")[0]) for r in records))
@@ -208,9 +218,10 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
     shared = f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}"
     devices = device_counts(records)
     if len(devices) == 1:
-        return f"{shared}; device {next(iter(devices))}."
+        return f"{shared}; device {next(iter(devices))}. Speed settings: {speed}."
     listed = ", ".join(f"{name} ({n} trial{'s' * (n != 1)})" for name, n in sorted(devices.items()))
-    return f"{shared}. Devices: {listed}: the group mixes device types; {_mixed_devices_text(records[0])}"
+    return (f"{shared}. Devices: {listed}: the group mixes device types; {_mixed_devices_text(records[0])} "
+            f"Speed settings: {speed}.")
 
 
 # -- rows and columns -------------------------------------------------------------------------------

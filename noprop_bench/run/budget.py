@@ -78,9 +78,13 @@ class TrainingClock:
         self._elapsed = 0.0
         self._started_at = None
 
-    def _now(self) -> float:
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU)."""
         if self._cuda:
             torch.cuda.synchronize(self._device)
+
+    def _now(self) -> float:
+        self.synchronize()
         return time.perf_counter()
 
     def start(self):

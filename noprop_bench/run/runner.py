@@ -18,6 +18,8 @@ from .budget import Budget, TrainingClock
 from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
 from ..errors import UsageError
 from .memory import PeakMemory
+from .speed_settings import SpeedSettings, apply_speed_settings, precision_flags
+from .warmup import warm_up
 from ..method import Method
 from ..provenance import code_identity
 from .store import environment, trial_id
@@ -100,9 +102,15 @@ class TrialSpec:
     val_split: float = 0.0
     command: str = ""
     preset: Optional[Dict[str, Any]] = None  # {"name": ..., "overrides": [...]}; not part of the identity
+    speed_settings: Optional[Dict[str, Any]] = None  # SpeedSettings fields; None: eager fp32
+
+    @property
+    def speed(self) -> SpeedSettings:
+        return SpeedSettings.from_dict(self.speed_settings)
 
     def config(self) -> Dict[str, Any]:
-        return {
+        speed = self.speed.identity()  # only when not eager fp32, so older trial ids stay valid
+        return {**({"speed": speed} if speed else {}),
             "method": self.method.name, "params": self.params, "dataset": self.dataset,
             "backbone": self.backbone, "budget": str(self.budget), "seed": self.seed,
             "batch_size": self.batch_size, "augment": self.augment,
@@ -230,6 +238,7 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment,
         "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
         "preset": spec.preset,
+        "speed_settings": spec.speed.as_dict(),
     }
 
 
@@ -257,7 +266,8 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
         return record
     trial = _TrialRun(spec, data, record, say)
     try:
-        trial.run()
+        with precision_flags(spec.speed):
+            trial.run()
         record["status"] = "ok"
     except Diverged as error:
         record["status"] = "diverged"
@@ -297,6 +307,7 @@ class _TrialRun:
         self.method: Optional[Method] = None
         self.steps = self.samples = 0
         self.test_features: Optional[FeatureBatches] = None
+        self.speed = None
 
     def run(self):
         spec, data, record = self.spec, self.data, self.record
@@ -314,6 +325,7 @@ class _TrialRun:
         batch_size = spec.batch_size
         stream = BatchStream(data.train, batch_size, data.normalize, spec.augment, seed=spec.seed)
         record["setup_seconds"] = time.perf_counter() - setup_started
+        self._warm_up(method, batch_size)
 
         fractions = checkpoint_fractions(spec.checkpoints)
         loss_sum = torch.zeros((), device=spec.device)
@@ -367,6 +379,23 @@ class _TrialRun:
             warning = f"{describe_class(type(self.method))}: {MISSING_LOSS_WARNING}"
             self.record.setdefault("warnings", []).append(warning)
             self.say(f"warning: {warning}")
+
+    def _warm_up(self, method: Method, batch_size: int):
+        """Apply the speed settings and run untimed warm-up steps on the first training images; the
+        method's state is restored afterwards, so nothing is learned off the clock."""
+        spec, data, record = self.spec, self.data, self.record
+        self.speed = apply_speed_settings(method, spec.speed, torch.device(spec.device).type, self.say)
+        x, y = data.normalize(data.train.images[:batch_size]), data.train.labels[:batch_size]
+        inference = None
+        if spec.speed.compile != "none":  # compile the inference path now too, not during the first checkpoint
+            setting = method.checkpoint_setting()
+            if method.reuses_features():
+                inference = lambda: method.predict_from_features(method.features(x), **setting)  # noqa: E731
+            else:
+                inference = lambda: method.predict(x, **setting)  # noqa: E731
+        timing = warm_up(method, x, y, inference=inference, synchronize=self.clock.synchronize)
+        record["warmup_seconds"] = timing["warmup_seconds"]
+        record["compile_seconds"] = timing["first_step_seconds"] if spec.speed.compile != "none" else 0.0
 
     def _update_counts(self):
         record = self.record
@@ -445,6 +474,8 @@ class _TrialRun:
         self.clock.stop()
         if record["steps"] != self.steps:
             self._update_counts()
+        if self.speed is not None:
+            record["speed_settings"] = self.speed.record()
         record["peak_memory_bytes"] = self.memory.peak_bytes
         record["memory_kind"] = self.memory.kind
         if self.method is not None:

@@ -1,0 +1,200 @@
+"""Speed settings the harness owns (precision, memory format, torch.compile), applied alike to every method.
+
+A method never chooses its own precision or compilation: the run's :class:`SpeedSettings` wrap the
+method's entry points (``train_step``, ``predict``, ``features``, ``predict_from_features``) in the
+same way for every method, so a comparison stays fair. ``torch.compile`` wraps what the method's
+optional ``compile_targets()`` hook names (by default the train step and the inference path); a target
+that cannot be compiled falls back to eager, and the reason is recorded with the trial.
+"""
+
+import contextlib
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from ..errors import UsageError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+ENTRY_POINTS = ("train_step", "predict", "features", "predict_from_features")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How a trial's arithmetic runs: ``precision`` (fp32, tf32 matmuls/convolutions, bf16 autocast),
+    ``channels_last`` memory format for 4-D weights and inputs, and the ``compile`` mode."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str = "none"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: accepted: {', '.join(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise UsageError(f"--compile {self.compile!r}: accepted: {', '.join(COMPILE_MODES)}")
+
+    @property
+    def is_reference(self) -> bool:
+        """Eager fp32 in the default memory format: the settings every trial had before they existed."""
+        return self == SpeedSettings()
+
+    def identity(self) -> Optional[Dict[str, Any]]:
+        """What enters the trial id: nothing for the reference settings (old trial ids stay valid)."""
+        return None if self.is_reference else asdict(self)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Short caption text, e.g. ``eager fp32`` or ``bf16, channels-last, compile max-autotune``."""
+        parts = [self.precision] + (["channels-last"] if self.channels_last else [])
+        return ", ".join(parts + [f"compile {self.compile}"]) if self.compile != "none" else " ".join(
+            ["eager", ", ".join(parts)])
+
+    @classmethod
+    def from_dict(cls, fields: Optional[Dict[str, Any]]) -> "SpeedSettings":
+        return cls(**(fields or {}))
+
+
+def default_settings(device_type: str) -> SpeedSettings:
+    """The settings a run gets when none are asked for: eager fp32 on the CPU; on CUDA TF32 (fp32 storage
+    and accumulation, 10-bit mantissa products) with channels-last, which tensor-core convolutions prefer.
+    torch.compile stays opt-in: its compile time and its failures depend on the method."""
+    if device_type == "cuda":
+        return SpeedSettings(precision="tf32", channels_last=True, compile="none")
+    return SpeedSettings()
+
+
+def chosen_settings(device_type: str, precision: Optional[str] = None, channels_last: Optional[bool] = None,
+                    compile: Optional[str] = None) -> SpeedSettings:
+    """The device's :func:`default_settings` with what the command line gave put over them."""
+    base = default_settings(device_type)
+    return SpeedSettings(precision=precision or base.precision,
+                         channels_last=base.channels_last if channels_last is None else channels_last,
+                         compile=compile or base.compile)
+
+
+def add_speed_arguments(parser) -> None:
+    """``--precision``, ``--channels-last``/``--no-channels-last`` and ``--compile`` on an argparse parser."""
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="arithmetic for every method of the run: fp32, tf32 (TF32 matmuls and convolutions "
+                             "on CUDA) or bf16 (autocast); default: fp32 on the CPU, tf32 on CUDA")
+    parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                        help="channels-last memory format for weights and images (default on CUDA, off on the CPU)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep the default (contiguous) memory format")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                        help="torch.compile mode for each method's train step and inference path (reduce-overhead "
+                             "uses CUDA graphs); a method that cannot be compiled runs eagerly and its trial says "
+                             "why; compilation happens in untimed warm-up. Default: none")
+
+
+@contextlib.contextmanager
+def precision_flags(settings: SpeedSettings) -> Iterator[None]:
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions while the trial runs; restored afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = settings.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _is_compiler_error(error: BaseException) -> bool:
+    """Errors raised by torch.compile's tracing or code generation, not by the method's own code."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch.fx")) or "Unsupported" in type(error).__name__
+
+
+class CompiledCall:
+    """A compiled entry point that runs eagerly from its first compiler error on, keeping the reason."""
+
+    def __init__(self, name: str, eager: Callable, mode: str, on_fallback: Callable[[str, str], None]):
+        self.name, self.eager, self.on_fallback = name, eager, on_fallback
+        self.compiled: Optional[Callable] = torch.compile(eager, mode=mode)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as error:
+            if not _is_compiler_error(error):
+                raise
+            self.compiled = None
+            self.on_fallback(self.name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            return self.eager(*args, **kwargs)
+
+
+def _resolve(method: torch.nn.Module, path: str):
+    """The object owning the attribute ``path`` (dotted, e.g. ``model.logits``) and the attribute's name."""
+    owner, _, name = path.rpartition(".")
+    target = method
+    for part in filter(None, owner.split(".")):
+        target = getattr(target, part)
+    if not callable(getattr(target, name, None)):
+        raise UsageError(f"method {getattr(method, 'name', '?')!r}: compile target {path!r} is not callable")
+    return target, name
+
+
+class AppliedSpeed:
+    """What :func:`apply_speed_settings` did to one method: what was compiled, what fell back and why."""
+
+    def __init__(self, settings: SpeedSettings, say: Callable[[str], None] = lambda message: None):
+        self.settings, self.say = settings, say
+        self.compiled: List[str] = []
+        self.fallbacks: Dict[str, str] = {}
+
+    def fallback(self, name: str, reason: str) -> None:
+        if name in self.compiled:
+            self.compiled.remove(name)
+        self.fallbacks[name] = reason
+        self.say(f"torch.compile failed for {name}; it runs eagerly: {reason}")
+
+    def record(self) -> Dict[str, Any]:
+        return {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks)}
+
+
+def _wrap_entry(function: Callable, settings: SpeedSettings, device_type: str) -> Callable:
+    """``function`` with channels-last inputs and bf16 autocast, as the settings ask."""
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        if settings.channels_last:
+            args = tuple(a.contiguous(memory_format=torch.channels_last)
+                         if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+        if settings.precision == "bf16":
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                return function(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, device_type: str,
+                         say: Callable[[str], None] = lambda message: None) -> AppliedSpeed:
+    """Put ``method`` under ``settings`` in place: memory format, compiled targets, autocast on entry points.
+
+    Wrappers are instance attributes, so the class (and every other instance) stays as it was. ``say``
+    hears of every compile target that falls back to eager.
+    """
+    applied = AppliedSpeed(settings, say)
+    if settings.channels_last:
+        method.to(memory_format=torch.channels_last)
+    if settings.compile != "none":
+        targets = method.compile_targets() if hasattr(method, "compile_targets") else []
+        for path in targets:
+            owner, name = _resolve(method, path)
+            setattr(owner, name, CompiledCall(path, getattr(owner, name), settings.compile, applied.fallback))
+            applied.compiled.append(path)
+    if settings.channels_last or settings.precision == "bf16":
+        for name in ENTRY_POINTS:
+            if name in ("features", "predict_from_features") and not method.reuses_features():
+                continue
+            setattr(method, name, _wrap_entry(getattr(method, name), settings, device_type))
+    return applied

@@ -1,0 +1,145 @@
+"""Untimed warm-up before a trial's clock starts, leaving the method exactly as it was.
+
+Warm-up steps pay for what the first steps of a process would otherwise charge to the budget: lazy
+CUDA initialisation, cuDNN autotuning, torch.compile's tracing and code generation. They are real
+``train_step`` calls, so they change parameters, optimiser moments, counters and random generators;
+:class:`MethodState` captures all of that first and puts it back afterwards, so no training happens
+off the clock.
+"""
+
+import copy
+import random
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+WARMUP_STEPS = 3  # CUDA graphs (compile mode reduce-overhead) record on the third call
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _stateful(value: Any) -> bool:
+    return isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.Generator))
+
+
+def _save_object(value: Any) -> Any:
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    return copy.deepcopy(value.state_dict())
+
+
+def _restore_object(value: Any, saved: Any) -> None:
+    if isinstance(value, torch.Generator):
+        value.set_state(saved)
+    else:
+        value.load_state_dict(copy.deepcopy(saved))
+
+
+def _random_states() -> Tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _set_random_states(states: Tuple) -> None:
+    cpu, cuda, python, numpy = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
+class MethodState:
+    """Everything a ``train_step`` may change: parameters, gradients, buffers, optimisers, LR schedulers,
+    generators and plain Python attributes (counters, lists of numbers) of every submodule, plus the
+    global random generators. Objects held in lists or tuples (one optimiser per block) count too."""
+
+    def __init__(self, method: nn.Module):
+        self.method = method
+        with torch.no_grad():
+            self.tensors = [(t, t.detach().clone()) for t in self._tensors()]
+            self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in method.parameters()]
+        self.objects: List[Tuple[Any, Any]] = []
+        self.plain: List[Tuple[nn.Module, str, Any]] = []
+        self.plain_objects: List[Tuple[Any, Dict[str, Any]]] = []
+        for module in method.modules():
+            for key, value in vars(module).items():
+                if key in _MODULE_INTERNALS and key != "training":
+                    continue
+                if _stateful(value):
+                    self.objects.append((value, _save_object(value)))
+                elif isinstance(value, (list, tuple)) and value and all(_stateful(v) for v in value):
+                    self.objects.extend((v, _save_object(v)) for v in value)
+                elif _is_plain(value):
+                    self.plain.append((module, key, copy.deepcopy(value)))
+                elif _is_plain_object(value):  # restored in place: others may hold a reference
+                    self.plain_objects.append((value, copy.deepcopy(vars(value))))
+        self.random = _random_states()
+
+    def _tensors(self) -> List[torch.Tensor]:
+        return [*self.method.parameters(), *self.method.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, saved in self.tensors:
+                tensor.copy_(saved)
+            for parameter, grad in self.grads:
+                parameter.grad = grad
+        for value, saved in self.objects:
+            _restore_object(value, saved)
+        for module, key, saved in self.plain:
+            object.__setattr__(module, key, copy.deepcopy(saved))
+        for value, saved in self.plain_objects:
+            vars(value).clear()
+            vars(value).update(copy.deepcopy(saved))
+        _set_random_states(self.random)
+
+
+def _is_plain_object(value: Any) -> bool:
+    """A small bookkeeping object (e.g. a counter class) whose attributes are all plain data."""
+    if isinstance(value, (nn.Module, torch.Tensor, type)) or callable(value) or not hasattr(value, "__dict__"):
+        return False
+    return all(_is_plain(v) for v in vars(value).values())
+
+
+def warm_up(method: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = WARMUP_STEPS,
+            inference: Optional[Callable[[], Any]] = None, synchronize: Callable[[], None] = lambda: None
+            ) -> Dict[str, float]:
+    """Run ``steps`` train steps on ``(x, y)`` (and ``inference()`` once, if given), then restore the method.
+
+    Returns ``warmup_seconds`` (all of it) and ``first_step_seconds`` (the first call, where compilation
+    happens), both wall time with the device synchronised.
+    """
+    state = MethodState(method)
+    was_training = method.training
+    started = time.perf_counter()
+    first = 0.0
+    try:
+        for step in range(steps):
+            method.train()
+            method.train_step(x, y)
+            if step == 0:
+                synchronize()
+                first = time.perf_counter() - started
+        if inference is not None:
+            method.eval()
+            with torch.inference_mode():
+                inference()
+        synchronize()
+    finally:
+        state.restore()
+        method.train(was_training)
+    return {"warmup_seconds": time.perf_counter() - started, "first_step_seconds": first}

@@ -1,0 +1,201 @@
+"""Harness-owned speed settings: warm-up leaves no trace, settings enter the trial id, compiled and
+bf16/channels-last paths run and match eager fp32."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fake_plugins
+from noprop_bench.errors import UsageError
+from noprop_bench.run.runner import TrialSpec
+from noprop_bench.run.budget import Budget
+from noprop_bench.run.speed_settings import (CompiledCall, SpeedSettings, apply_speed_settings, chosen_settings,
+                                             precision_flags)
+from noprop_bench.run.warmup import warm_up
+from noprop_bench_plugins.methods.adjoint import Adjoint
+from noprop_bench_plugins.methods.backprop import Backprop
+from noprop_bench_plugins.methods.noprop_ct import NoPropCT
+from noprop_bench_plugins.methods.noprop_dt import NoPropDT
+from noprop_bench_plugins.methods.noprop_fm import NoPropFM
+from noprop_helpers import first_batch, mnist_shaped_task
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def _small_backbone():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+BUILT_INS = [(Backprop, {}), (NoPropCT, {}), (NoPropDT, {"blocks": 3, "block_samples": 64}),
+             (NoPropDT, {"blocks": 3, "schedule": "random"}), (NoPropFM, {}),
+             (Adjoint, {"solver": "euler", "steps": 2})]
+
+
+def _optimizers(method):
+    found = []
+    for value in vars(method).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, torch.optim.Optimizer):
+                found.append(item)
+    return found
+
+
+def _train(cls, params, warm: bool, steps: int = 3):
+    torch.manual_seed(0)
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    method = cls(task, **params)
+    x, y = first_batch(task, 16)
+    if warm:
+        warm_up(method, x, y, steps=2, inference=lambda: method.predict(x))
+    torch.manual_seed(1)
+    for _ in range(steps):
+        method.train_step(x, y)
+    return method, torch.rand(4)
+
+
+@pytest.mark.parametrize("cls, params", BUILT_INS, ids=lambda v: getattr(v, "name", str(v)))
+def test_warm_up_leaves_model_and_optimisers_exactly_as_they_were(cls, params, one_thread):
+    (plain, plain_draw), (warmed, warmed_draw) = _train(cls, params, warm=False), _train(cls, params, warm=True)
+    assert plain.state_dict().keys() == warmed.state_dict().keys()
+    for (name, a), (_, b) in zip(plain.state_dict().items(), warmed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)  # bit for bit
+    for first, second in zip(_optimizers(plain), _optimizers(warmed)):
+        a, b = first.state_dict(), second.state_dict()
+        assert a["param_groups"] == b["param_groups"]
+        assert a["state"].keys() == b["state"].keys()
+        for index in a["state"]:
+            for key, value in a["state"][index].items():
+                assert torch.equal(value, b["state"][index][key]), (index, key)
+    assert torch.equal(plain_draw, warmed_draw)
+    if cls is NoPropDT:  # block bookkeeping is Python state, restored too
+        assert plain.block_steps == warmed.block_steps and plain.current == warmed.current
+
+
+def test_warm_up_restores_the_global_random_generator(one_thread):
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    method = Backprop(task)
+    x, y = first_batch(task, 8)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    warm_up(method, x, y, steps=2)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_reference_settings_keep_old_trial_ids_and_others_change_them():
+    spec = TrialSpec(method=fake_plugins.Linear, params={"lr": 0.05, "embedding": "one-hot"}, dataset="tiny",
+                     backbone="noprop_cnn", budget=Budget.parse("3steps"), seed=0, batch_size=128,
+                     device=torch.device("cpu"), augment="none")
+    assert "speed" not in spec.config()
+    old = spec.trial_id
+    spec.speed_settings = SpeedSettings().as_dict()
+    assert spec.trial_id == old
+    ids = {old}
+    for settings in (SpeedSettings(precision="bf16"), SpeedSettings(channels_last=True),
+                     SpeedSettings(compile="default"), SpeedSettings(precision="tf32", compile="max-autotune")):
+        spec.speed_settings = settings.as_dict()
+        ids.add(spec.trial_id)
+    assert len(ids) == 5
+
+
+def test_defaults_per_device_and_bad_values():
+    assert chosen_settings("cpu").is_reference
+    assert chosen_settings("cuda") == SpeedSettings(precision="tf32", channels_last=True)
+    assert chosen_settings("cuda", precision="fp32", channels_last=False).is_reference
+    with pytest.raises(UsageError, match="--precision"):
+        SpeedSettings(precision="fp8")
+    with pytest.raises(UsageError, match="--compile"):
+        SpeedSettings(compile="fast")
+
+
+def test_precision_flags_are_set_for_the_trial_and_restored():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with precision_flags(SpeedSettings(precision="tf32")):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with precision_flags(SpeedSettings(precision="fp32")):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_warm_up_is_outside_the_clock(fake_run):
+    fake_plugins.SlowStart.started = False
+    code, out = fake_run("--methods", "slow_start", "--budget", "0.5", "--checkpoints", "0")
+    record = _records(out)[0]
+    assert code == 0 and record["status"] == "ok"
+    assert record["warmup_seconds"] >= 1.0  # the slow first step happened in the warm-up ...
+    assert record["train_seconds"] < 0.9  # ... and was not charged to the 0.5 s budget
+    assert record["compile_seconds"] == 0.0 and record["speed_settings"]["compile"] == "none"
+
+
+def test_bf16_and_channels_last_run_and_are_recorded(fake_run):
+    code, out = fake_run("--methods", "linear", "--budget", "3steps", "--precision", "bf16", "--channels-last")
+    record = _records(out)[0]
+    assert code == 0 and record["status"] == "ok"
+    assert record["speed_settings"] == {"precision": "bf16", "channels_last": True, "compile": "none",
+                                        "compiled": [], "compile_fallbacks": {}}
+    assert "eager bf16, channels-last" in (out / "table1.md").read_text()
+
+
+def test_compiled_fp32_matches_eager(fake_run, tmp_path):
+    args = ("--methods", "linear", "--budget", "5steps", "--checkpoints", "1")
+    _, eager_out = fake_run(*args, out=tmp_path / "eager")
+    _, compiled_out = fake_run(*args, "--compile", "default", out=tmp_path / "compiled")
+    eager, compiled = _records(eager_out)[0], _records(compiled_out)[0]
+    assert compiled["status"] == "ok" and compiled["trial_id"] != eager["trial_id"]
+    assert compiled["speed_settings"]["compiled"] == ["train_step", "predict"]
+    assert compiled["speed_settings"]["compile_fallbacks"] == {}
+    assert compiled["compile_seconds"] > 0
+    assert compiled["steps"] == eager["steps"] == 5
+    # tolerance: a compiled kernel may sum in another order; 5 SGD steps on a linear model stay within 1e-5
+    for a, b in zip(eager["curve"], compiled["curve"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
+        assert a["test_acc"] == b["test_acc"]
+    # different speed settings never share a table
+    assert "compile default" in (compiled_out / "table1.md").read_text()
+
+
+def test_a_compile_failure_falls_back_to_eager_and_says_why(monkeypatch):
+    class Refused(Exception):
+        pass
+
+    Refused.__module__ = "torch._dynamo.exc"
+
+    def refuse(*args, **kwargs):
+        raise Refused("cannot trace this")
+
+    monkeypatch.setattr(torch, "compile", lambda function, mode=None: refuse)
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    method = Backprop(task)
+    heard = []
+    applied = apply_speed_settings(method, SpeedSettings(compile="default"), "cpu", heard.append)
+    x, y = first_batch(task, 8)
+    assert torch.isfinite(method.train_step(x, y)["loss"])  # ran eagerly
+    record = applied.record()
+    assert record["compiled"] == ["predict"]
+    assert record["compile_fallbacks"] == {"train_step": "Refused: cannot trace this"}
+    assert "train_step" in heard[0]
+
+
+def test_a_method_error_inside_a_compiled_call_is_not_swallowed():
+    def broken(x):
+        raise ValueError("the method's own bug")
+
+    call = CompiledCall("f", broken, "default", lambda name, reason: None)
+    call.compiled = broken
+    with pytest.raises(ValueError):
+        call(torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_channels_last_on_cuda(one_thread):
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    task.device = torch.device("cuda")
+    method = Backprop(task).cuda()
+    apply_speed_settings(method, SpeedSettings(precision="bf16", channels_last=True), "cuda")
+    x, y = first_batch(task, 8)
+    assert torch.isfinite(method.train_step(x.cuda(), y.cuda())["loss"])
