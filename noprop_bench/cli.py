@@ -21,6 +21,7 @@ from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
 from .scaffold import new_plugin_main
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
+from .run.evaluation_plan import DEFAULT_CHECKPOINT_SIZE
 from .run.probe import estimate_text
 from .run.runner import RunData, TrialSpec, backbone_width, trial_header
 from .presets import (PAPER_BUDGET, PRESETS, apply_preset, explicit_options, method_override, paper_budget,
@@ -81,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", type=int, default=8,
                         help="test evaluations during training, log-spaced over the budget, for the curves "
                              "(observed only, never used to select anything)")
+    parser.add_argument("--checkpoint-size", type=int, default=DEFAULT_CHECKPOINT_SIZE, metavar="N",
+                        help="test images per checkpoint evaluation: a fixed, stratified subset of the test split "
+                             "(0: the whole split); the final evaluation always uses the whole test split")
     parser.add_argument("--train-accuracy", action="store_true",
-                        help="also measure accuracy on the training split at the end (Table 1's train columns)")
+                        help="also measure accuracy on the training split at the end (Table 1's train columns), on "
+                             "a fixed, stratified subset of at most twice the test split's size")
     parser.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false",
                         help="do not measure train accuracy (overrides --preset paper, which measures it)")
     parser.add_argument("--inference-sweep", action="store_true",
@@ -169,7 +174,8 @@ def _pick_executor(args, registry):
 
 def _check_counts(args):
     for flag, value, least in (("--seeds", args.seeds, 1), ("--batch-size", args.batch_size, 1),
-                               ("--inference-runs", args.inference_runs, 1), ("--checkpoints", args.checkpoints, 0)):
+                               ("--inference-runs", args.inference_runs, 1), ("--checkpoints", args.checkpoints, 0),
+                               ("--checkpoint-size", args.checkpoint_size, 0)):
         if value < least:
             raise UsageError(f"{flag} {value}: must be a whole number of at least {least}")
     if not 0.0 <= args.val_split < 1.0:
@@ -197,6 +203,7 @@ def _plan(args, registry, device, command) -> tuple:
                        budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
+                       checkpoint_size=args.checkpoint_size,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
                        val_split=args.val_split, command=command, preset=_preset_record(args, cls, params),
                        speed_settings=speed)

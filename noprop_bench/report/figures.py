@@ -16,7 +16,7 @@ from .records import (assign_rows, check_records, comparability, comparable_grou
 
 CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",
                  "row_label", "seed", "point", "final", "train_seconds", "steps", "samples", "epochs",
-                 "test_acc", "train_loss"]
+                 "test_acc", "train_loss", "test_images"]
 
 
 def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]], List[str]]]:
@@ -31,7 +31,8 @@ def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]]
 
 def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
     """Every curve point of every ok trial, one row each; ``table`` numbers the comparable groups (one device
-    each) as Table 2 does, ``final`` marks the end-of-budget evaluation (the last point)."""
+    each) as Table 2 does, ``final`` marks the end-of-budget evaluation (the last point), ``test_images``
+    says how many test images the point evaluated (records from before ``--checkpoint-size``: all)."""
     lines = []
     for number, (group, rows) in enumerate(_ok_groups(records), 1):
         dataset_order = list(dataset_columns(group))
@@ -46,7 +47,8 @@ def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
                               record.get("dataset_label", record["dataset"]), record["method"], row,
                               record["seed"], index, index == len(curve) - 1,
                               *(point.get(k) for k in ("train_seconds", "steps", "samples", "epochs",
-                                                       "test_acc", "train_loss"))])
+                                                       "test_acc", "train_loss")),
+                              point.get("test_images", record.get("test_size"))])
     return pd.DataFrame(lines, columns=CURVE_COLUMNS)
 
 

@@ -224,6 +224,19 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
             f"Speed settings: {speed}.")
 
 
+def checkpoint_text(records: Sequence[Dict[str, Any]]) -> str:
+    """Which test images the curve's points before the last saw (``--checkpoint-size``), for captions."""
+    sizes = sorted({(r.get("checkpoint_size"), r.get("test_size")) for r in records}, key=str)
+    parts = []
+    for checkpoint, whole in sizes:
+        if checkpoint is None or checkpoint == whole:
+            parts.append("the whole test split")
+        else:
+            parts.append(f"a fixed, stratified subset of {checkpoint} of the {whole} test images")
+    return (f"Points during training evaluate {' or '.join(dict.fromkeys(parts))}; the last point (end of budget) "
+            f"evaluates the whole test split.")
+
+
 # -- rows and columns -------------------------------------------------------------------------------
 def _order(value: Any, order: Sequence[Any]) -> int:
     return order.index(value) if value in order else len(order)

@@ -7,8 +7,8 @@ import pandas as pd
 
 from ..errors import UsageError
 from .document import Document, Section, to_markdown
-from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          ordered_rows, settings_text)
+from .records import (assign_rows, check_records, checkpoint_text, comparable_groups, dataset_columns,
+                      drop_duplicate_seeds, ordered_rows, settings_text)
 
 DEFAULT_TARGETS = {
     "mnist": (90.0, 95.0, 97.0), "mnist5k": (90.0, 95.0, 97.0), "fashion_mnist": (80.0, 85.0, 90.0),
@@ -93,7 +93,8 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
                 "Training seconds (evaluation excluded) until the first test evaluation at or above each "
                 "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
                 "its budget. Resolution is the spacing of the test evaluations (--checkpoints), and the "
-                "curve is observed only, never used to stop training. " + settings_text(group))))
+                "curve is observed only, never used to stop training. " + checkpoint_text(group) + " "
+                + settings_text(group))))
     return Document("Time to accuracy", sections, "No trial finished successfully.")
 
 

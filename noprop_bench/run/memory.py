@@ -47,9 +47,18 @@ class PeakMemory:
             self._thread.start()
         return self
 
+    def pause(self):
+        """Stop counting (on CUDA: keep the peak so far), e.g. while evaluation runs inside the context."""
+        if self.kind == "cuda_max_allocated":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+
+    def resume(self):
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def __exit__(self, *exc):
         if self.kind == "cuda_max_allocated":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         else:
             self._stop.set()
             self._thread.join()

@@ -17,6 +17,8 @@ from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method
 from .budget import Budget, TrainingClock
 from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
 from ..errors import UsageError
+from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batch_size, stratified_indices,
+                              stratified_subset, train_accuracy_split)
 from .memory import PeakMemory
 from .speed_settings import SpeedSettings, apply_speed_settings, precision_flags
 from .warmup import warm_up
@@ -66,18 +68,12 @@ class RunData:
 
 def hold_out(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:
     """Split off ``fraction`` of every class (at least one image each) as a validation split."""
-    generator = torch.Generator().manual_seed(seed)
     labels = split.labels.cpu()
-    keep, held = [], []
     for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        count = max(1, int(round(fraction * len(members))))
-        if count >= len(members):
+        members = int((labels == label).sum())
+        if max(1, int(round(fraction * members))) >= members:
             raise UsageError(f"--val-split {fraction} leaves no training image of class {int(label)}")
-        held.append(members[:count])
-        keep.append(members[count:])
-    keep, held = torch.cat(keep).sort().values, torch.cat(held).sort().values
+    keep, held = stratified_indices(labels, fraction, seed)
     return (Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held]))
 
 
@@ -95,8 +91,9 @@ class TrialSpec:
     device: torch.device
     augment: str
     inference_runs: int = 5
-    eval_batch_size: int = 1000
+    eval_batch_size: Optional[int] = None  # None: sized for the device (evaluation_plan.evaluation_batch_size)
     checkpoints: int = 8
+    checkpoint_size: int = DEFAULT_CHECKPOINT_SIZE  # test images per checkpoint evaluation; 0: all
     train_accuracy: bool = False
     inference_sweep: bool = False
     val_split: float = 0.0
@@ -117,6 +114,8 @@ class TrialSpec:
             "inference_runs": self.inference_runs if self.method.stochastic else 1,
             "device_type": torch.device(self.device).type, "train_accuracy": self.train_accuracy,
             "inference_sweep": self.inference_sweep, "val_split": self.val_split,
+            # train accuracy is measured on at most twice the test split's size (evaluation_plan)
+            **({"train_accuracy_size": "2x test"} if self.train_accuracy else {}),
         }
 
     @property
@@ -308,6 +307,10 @@ class _TrialRun:
         self.steps = self.samples = 0
         self.test_features: Optional[FeatureBatches] = None
         self.speed = None
+        self.checkpoint_test = stratified_subset(data.test, spec.checkpoint_size)
+        self.eval_batch = spec.eval_batch_size or evaluation_batch_size(spec.device, tuple(data.test.images.shape[1:]))
+        record["checkpoint_size"] = len(self.checkpoint_test)
+        record["eval_batch_size"] = self.eval_batch
 
     def run(self):
         spec, data, record = self.spec, self.data, self.record
@@ -408,13 +411,16 @@ class _TrialRun:
 
     def _checkpoint(self, steps, samples, loss_sum, loss_count, spent):
         started = time.perf_counter()
-        accuracy = evaluate(self.method, self.data.test, self.data.normalize, self.spec.eval_batch_size,
+        self.memory.pause()  # evaluation batches are not the training's memory
+        accuracy = evaluate(self.method, self.checkpoint_test, self.data.normalize, self.eval_batch,
                             seed=self.spec.seed * 1000, setting=self.method.checkpoint_setting())
+        self.memory.resume()
         self.record["eval_seconds"] += time.perf_counter() - started
         train_seconds = self.clock.elapsed()
         self.record["curve"].append({
             "train_seconds": train_seconds, "steps": steps, "samples": samples,
             "epochs": samples / len(self.data.train), "test_acc": accuracy,
+            "test_images": len(self.checkpoint_test),
             "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
             **self.method.curve_metrics(),
         })
@@ -426,19 +432,21 @@ class _TrialRun:
         started = time.perf_counter()
         runs = spec.inference_runs if spec.method.stochastic else 1
         # every test evaluation below shares one pass of the setting-independent part (the backbone)
-        self.test_features = split_features(self.method, data.test, data.normalize, spec.eval_batch_size)
+        self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch)
         test = [self._test_accuracy(spec.seed * 1000 + 1 + r) for r in range(runs)]
         record["test_acc_runs"] = test
         record["test_acc"] = float(np.mean(test))
         if spec.train_accuracy:
-            train_features = split_features(self.method, data.train, data.normalize, spec.eval_batch_size)
-            train = [evaluate(self.method, data.train, data.normalize, spec.eval_batch_size,
+            train_split = train_accuracy_split(data.train, len(data.test))
+            record["train_acc_size"] = len(train_split)
+            train_features = split_features(self.method, train_split, data.normalize, self.eval_batch)
+            train = [evaluate(self.method, train_split, data.normalize, self.eval_batch,
                               seed=spec.seed * 1000 + 501 + r, features=train_features) for r in range(runs)]
             del train_features
             record["train_acc_runs"] = train
             record["train_acc"] = float(np.mean(train))
         if self.data.val is not None:
-            record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, spec.eval_batch_size,
+            record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, self.eval_batch,
                                          seed=spec.seed * 1000 + 701)
         record["diagnostics"] = {name: self._test_accuracy(spec.seed * 1000 + 801, setting, require_finite=False)
                                  for name, setting in self.method.diagnostic_settings().items()}
@@ -448,7 +456,7 @@ class _TrialRun:
         record["eval_seconds"] += time.perf_counter() - started
         record["curve"].append({
             "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
-            "epochs": record["epochs"], "test_acc": record["test_acc"],
+            "epochs": record["epochs"], "test_acc": record["test_acc"], "test_images": len(data.test),
             "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
             **self.method.curve_metrics(),
         })
@@ -465,7 +473,7 @@ class _TrialRun:
 
     def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None,
                        require_finite: bool = True) -> float:
-        return evaluate(self.method, self.data.test, self.data.normalize, self.spec.eval_batch_size, seed=seed,
+        return evaluate(self.method, self.data.test, self.data.normalize, self.eval_batch, seed=seed,
                         setting=setting, features=self.test_features, require_finite=require_finite)
 
     def finish(self):

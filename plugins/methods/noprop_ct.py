@@ -199,6 +199,11 @@ class NoPropCT(Method):
             z = self.integrate(features, solver, steps)
         return self.classifier(z)
 
+    def compile_targets(self) -> List[str]:
+        """Under ``--compile``: the train step and the per-step head the integration loop calls (compiling the
+        whole loop would unroll up to 1000 steps and recompile for every step count)."""
+        return ["train_step", "model.logits"]
+
     # -- host hooks -------------------------------------------------------------------------------
     def checkpoint_setting(self) -> dict:
         """Settings for the evaluations during training: cheap by default (heun, 20 steps)."""

@@ -141,6 +141,11 @@ class NoPropFM(Method):
         return -torch.cdist(z, self.embedding.weight).pow(2)
 
     # -- host hooks -------------------------------------------------------------------------------
+    def compile_targets(self) -> List[str]:
+        """Under ``--compile``: the train step and the per-step head the integration loop calls (compiling the
+        whole loop would unroll up to 1000 steps and recompile for every step count)."""
+        return ["train_step", "model.logits"]
+
     def checkpoint_setting(self) -> dict:
         """Settings for the evaluations during training: cheap by default (euler, 20 steps)."""
         return {"solver": self.params["eval_solver"], "steps": self.params["eval_steps"]}

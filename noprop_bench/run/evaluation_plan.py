@@ -1,0 +1,67 @@
+"""What an evaluation looks at and in what batches: stratified subsets and device-sized batches.
+
+Checkpoint evaluations during training may look at a fixed, stratified subset of the test split
+(``--checkpoint-size``); the final evaluation always sees the whole split. ``--train-accuracy`` looks at
+a fixed, stratified subset of the training split of at most twice the test split's size, so it costs at
+most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA;
+on the CPU they stay at the fixed size, so CPU results do not move.
+"""
+
+from typing import Tuple
+
+import torch
+
+from ..datasets import Split
+
+DEFAULT_CHECKPOINT_SIZE = 2000
+CPU_EVAL_BATCH = 1000  # the batch every CPU evaluation has always used: stochastic predictions stay identical
+CUDA_EVAL_BATCH_MAX = 16384
+CUDA_FREE_MEMORY_SHARE = 0.25  # evaluation may take this share of the memory free when the trial starts
+TRAIN_ACCURACY_FACTOR = 2
+SUBSET_SEED = 54321  # fixed, so every method and seed of a run looks at the same images
+
+
+def stratified_indices(labels: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices (sorted) left and taken when ``fraction`` of every class (at least one image) is taken."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    keep, taken = [], []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(len(members), max(1, int(round(fraction * len(members)))))
+        taken.append(members[:count])
+        keep.append(members[count:])
+    return torch.cat(keep).sort().values, torch.cat(taken).sort().values
+
+
+def stratified_subset(split: Split, size: int, seed: int = SUBSET_SEED) -> Split:
+    """About ``size`` images of ``split`` in its class proportions; the whole split if ``size`` is 0 or
+    not smaller than it."""
+    if size <= 0 or size >= len(split):
+        return split
+    _, taken = stratified_indices(split.labels, size / len(split), seed)
+    taken = taken.to(split.labels.device)
+    return Split(split.images.index_select(0, taken), split.labels.index_select(0, taken))
+
+
+def train_accuracy_split(train: Split, test_size: int) -> Split:
+    """The part of the training split ``--train-accuracy`` measures: at most twice the test split."""
+    return stratified_subset(train, TRAIN_ACCURACY_FACTOR * test_size)
+
+
+def image_bytes_estimate(image_shape) -> int:
+    """A generous per-image memory estimate for inference: the image's floats times a backbone's
+    activation blow-up (resnet18 at 32 px holds about 100 times its input at its widest point)."""
+    channels, height, width = image_shape
+    return max(channels, 3) * height * width * 4 * 256
+
+
+def evaluation_batch_size(device: torch.device, image_shape) -> int:
+    """Images per evaluation batch: the fixed CPU size, or on CUDA a share of the free memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_EVAL_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    fitting = int(free * CUDA_FREE_MEMORY_SHARE) // image_bytes_estimate(image_shape)
+    return max(CPU_EVAL_BATCH, min(CUDA_EVAL_BATCH_MAX, fitting))

@@ -1,0 +1,69 @@
+"""Evaluation at device speed: checkpoint subsets, train-accuracy subsets and batch sizes leave the final
+accuracy as it was."""
+
+import json
+
+import torch
+
+from noprop_bench.datasets import Normalizer, Split
+from noprop_bench.report.records import checkpoint_text
+from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, stratified_subset,
+                                              train_accuracy_split)
+from noprop_bench.run.runner import evaluate
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def _split(n=100, classes=4):
+    labels = torch.arange(n) % classes
+    return Split(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+                 labels)
+
+
+def test_stratified_subset_is_fixed_and_keeps_class_proportions():
+    split = _split(100)
+    subset = stratified_subset(split, 40)
+    assert len(subset) == 40
+    assert torch.bincount(subset.labels).tolist() == [10, 10, 10, 10]
+    assert torch.equal(stratified_subset(split, 40).images, subset.images)  # the same images every time
+    assert stratified_subset(split, 0) is split and stratified_subset(split, 500) is split
+    assert len(train_accuracy_split(split, test_size=20)) == 40
+
+
+def test_cpu_evaluation_batch_is_the_fixed_size():
+    assert evaluation_batch_size(torch.device("cpu"), (3, 32, 32)) == CPU_EVAL_BATCH
+
+
+def test_evaluation_batch_size_does_not_change_a_deterministic_prediction():
+    split = _split(50)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    model.predict = model.forward
+    normalize = Normalizer((0.5,), (0.25,), "cpu")
+    accuracies = {evaluate(model, split, normalize, batch, seed=0) for batch in (1, 7, 50, 1000)}
+    assert len(accuracies) == 1
+
+
+def test_checkpoint_subset_changes_the_curve_only(fake_run, tmp_path):
+    args = ("--methods", "noisy", "--budget", "6steps", "--checkpoints", "2", "--inference-runs", "2")
+    _, whole_out = fake_run(*args, "--checkpoint-size", "0", out=tmp_path / "whole")
+    _, subset_out = fake_run(*args, "--checkpoint-size", "16", out=tmp_path / "subset")
+    whole, subset = _records(whole_out)[0], _records(subset_out)[0]
+    assert whole["trial_id"] == subset["trial_id"]  # an observation setting, like --checkpoints
+    assert whole["checkpoint_size"] == 64 and subset["checkpoint_size"] == 16
+    images = [p["test_images"] for p in subset["curve"]]
+    assert len(images) >= 2 and set(images[:-1]) == {16} and images[-1] == 64
+    assert subset["test_acc_runs"] == whole["test_acc_runs"]  # the final evaluation is untouched
+    assert [p["train_loss"] for p in subset["curve"]] == [p["train_loss"] for p in whole["curve"]]
+    caption = (subset_out / "time_to_accuracy.md").read_text()
+    assert "a fixed, stratified subset of 16 of the 64 test images" in caption
+    assert "test_images" in (subset_out / "curves.csv").read_text().splitlines()[0]
+    assert "the whole test split; the last point" in checkpoint_text([whole])
+
+
+def test_train_accuracy_uses_at_most_twice_the_test_split(fake_run):
+    code, out = fake_run("--methods", "linear", "--budget", "3steps", "--train-accuracy")
+    record = _records(out)[0]
+    assert code == 0 and record["train_acc_size"] == 2 * record["test_size"] == 128
+    assert 0 <= record["train_acc"] <= 100
