@@ -23,6 +23,7 @@ from .scaffold import new_plugin_main
 from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
 from .run.evaluation_plan import DEFAULT_CHECKPOINT_SIZE
 from .run.probe import estimate_text
+from .run.speed import speed_main
 from .run.runner import RunData, TrialSpec, backbone_width, trial_header
 from .presets import (PAPER_BUDGET, PRESETS, apply_preset, explicit_options, method_override, paper_budget,
                       preset_method_params)
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             "curves.csv and figure3.png/.svg rendered from it; rerunning with the same --out skips finished "
             "trials. `noprop-bench report DIR [DIR ...]` re-renders them from trials.jsonl alone "
             "(`noprop-bench report --help`); `noprop-bench new-plugin NAME` writes a ready plugin distribution "
-            "(`noprop-bench new-plugin --help`). "
+            "(`noprop-bench new-plugin --help`); `noprop-bench speed` times every method's train step and "
+            "inference on random images of the dataset's shape (`noprop-bench speed --help`). "
             "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 3 regression against "
             "--baseline, 130 interrupted."
         ),
@@ -223,6 +225,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return report_main(argv[1:])
+    if argv and argv[0] == "speed":
+        return speed_main(argv[1:])
     if argv and argv[0] == "new-plugin":
         return new_plugin_main(argv[1:])
     parser = build_parser()

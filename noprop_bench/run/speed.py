@@ -1,0 +1,228 @@
+"""``noprop-bench speed``: what a trial spends its budget and its evaluation on, without training to accuracy.
+
+For each method and each combination of speed settings asked for, on random images of the dataset's
+shape (the dataset is never loaded or downloaded): the median milliseconds of a train step after
+warm-up (the device synchronised around each step), samples per second, the ratio to backprop (or to
+the first method), inference images per second at the method's final-evaluation setting and at its
+checkpoint setting, and the peak memory of the train steps. Writes ``speed.md`` and ``speed.json``.
+"""
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from ..backbones import check_backbone_name, create_backbone
+from ..datasets import Normalizer
+from ..errors import UsageError
+from ..plugins import load_plugins
+from ..specs import parse_dataset_spec, parse_method_list
+from ..task import Task
+from .evaluation_plan import evaluation_batch_size
+from .memory import PeakMemory
+from .runner import backbone_width
+from .speed_settings import COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, default_settings, precision_flags
+from .store import device_name
+
+DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
+# steps timed and warm-up steps before them; the CPU gets fewer so the five built-ins take under a minute
+STEPS = {"cuda": (50, 5), "cpu": (3, 1)}
+INFERENCE_IMAGES = {"cpu": 128}  # CUDA: the evaluation batch the trial would use
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noprop-bench speed",
+        description="Time each method's train step and inference on random images of the dataset's shape "
+                    "(no dataset is loaded), for every combination of the speed settings given; prints a "
+                    "markdown table and writes speed.md and speed.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods, NAME[key=value,...]")
+    parser.add_argument("--dataset", default="mnist5k", help="whose image shape and class count to use")
+    parser.add_argument("--backbone", default=None, help="timm model name or noprop_cnn; default: the dataset's")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", default=None,
+                        help=f"comma-separated, from {', '.join(PRECISIONS)}; default: the device's default")
+    parser.add_argument("--channels-last", default=None, metavar="off,on",
+                        help="comma-separated off/on; default: the device's default")
+    parser.add_argument("--compile", default=None,
+                        help=f"comma-separated, from {', '.join(COMPILE_MODES)}; default: none")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed train steps per row (default: {STEPS['cuda'][0]} on CUDA, {STEPS['cpu'][0]} "
+                             f"on the CPU)")
+    parser.add_argument("--out", default=None, help="directory for speed.md and speed.json "
+                                                    "(default results/speed-<dataset>-<timestamp>)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE as a plugin")
+    return parser
+
+
+def _choices(text: Optional[str], allowed: Sequence[str], flag: str, default: Any) -> List[Any]:
+    if text is None:
+        return [default]
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    for value in values:
+        if value not in allowed:
+            raise UsageError(f"{flag} {value!r}: accepted: {', '.join(allowed)}")
+    return values or [default]
+
+
+def settings_grid(args, device_type: str) -> List[SpeedSettings]:
+    """Every combination of the settings given (the device's default for a setting not given)."""
+    base = default_settings(device_type)
+    precisions = _choices(args.precision, PRECISIONS, "--precision", base.precision)
+    layouts = [v == "on" for v in _choices(args.channels_last, ("off", "on"), "--channels-last",
+                                            "on" if base.channels_last else "off")]
+    modes = _choices(args.compile, COMPILE_MODES, "--compile", base.compile)
+    return [SpeedSettings(p, c, m) for p, c, m in itertools.product(precisions, layouts, modes)]
+
+
+def random_task(dataset, backbone: str, device: torch.device, images: int) -> Task:
+    """A task of the dataset's shape and classes on random images (labels cycle through the classes)."""
+    shape = tuple(dataset.image_shape)
+    generator = torch.Generator().manual_seed(0)
+    train_images = torch.randint(0, 256, (images, *shape), dtype=torch.uint8, generator=generator).to(device)
+    labels = (torch.arange(images) % dataset.num_classes).to(device)
+    return Task(num_classes=dataset.num_classes, image_shape=shape, device=device, backbone_name=backbone,
+                make_backbone=lambda: create_backbone(backbone, in_chans=shape[0], image_size=max(shape[1:])),
+                backbone_features=backbone_width(backbone, shape),
+                normalize=Normalizer(dataset.mean, dataset.std, device), train_images=train_images,
+                train_labels=labels, seed=0)
+
+
+def _timed(call: Callable[[], Any], synchronize: Callable[[], None]) -> float:
+    synchronize()
+    started = time.perf_counter()
+    call()
+    synchronize()
+    return time.perf_counter() - started
+
+
+def _inference_images_per_second(method, x, setting: Dict[str, Any], synchronize, warm: bool) -> float:
+    def predict():
+        with torch.inference_mode():
+            torch.manual_seed(0)
+            if method.reuses_features():
+                method.predict_from_features(method.features(x), **setting)
+            else:
+                method.predict(x, **setting)
+
+    method.eval()
+    if warm:
+        predict()
+    seconds = _timed(predict, synchronize)
+    method.train()
+    return len(x) / max(seconds, 1e-9)
+
+
+def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, batch_size: int, steps: int,
+            warmup: int, inference_images: int) -> Dict[str, Any]:
+    """One row: a fresh method under ``settings``, warmed up, then ``steps`` timed train steps and one
+    timed inference pass at each of its final and checkpoint settings."""
+    device = task.device
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with precision_flags(settings):
+        torch.manual_seed(0)
+        method = cls(task, **params).to(device)
+        method.train()
+        applied = apply_speed_settings(method, settings, device.type)
+        x = task.normalize(task.train_images[:batch_size])
+        y = task.train_labels[:batch_size]
+        started = time.perf_counter()
+        for _ in range(warmup):
+            method.train_step(x, y)
+        synchronize()
+        warmup_seconds = time.perf_counter() - started
+        memory = PeakMemory(device)
+        with memory:
+            times = [_timed(lambda: method.train_step(x, y), synchronize) for _ in range(steps)]
+        eval_x = task.normalize(task.train_images[:inference_images])
+        warm = settings.compile != "none"
+        final = _inference_images_per_second(method, eval_x, {}, synchronize, warm)
+        checkpoint = _inference_images_per_second(method, eval_x, method.checkpoint_setting(), synchronize, warm)
+    median = statistics.median(times)
+    return {
+        "method": cls.name, "row_label": cls.row_label(params), "params": params,
+        "settings": settings.describe(), **applied.record(),
+        "ms_per_step": 1000 * median, "samples_per_second": batch_size / median,
+        "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
+        "checkpoint_setting": method.checkpoint_setting(), "inference_images": len(eval_x),
+        "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
+        "warmup_seconds": warmup_seconds, "steps_timed": steps,
+    }
+
+
+def add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """Each row's samples/s over the reference's with the same settings: backprop when present, else the
+    first method."""
+    methods = [row["method"] for row in rows]
+    reference = "backprop" if "backprop" in methods else methods[0]
+    for row in rows:
+        base = next((r for r in rows if r["method"] == reference and r["settings"] == row["settings"]), None)
+        row["ratio_to"] = reference
+        row["ratio"] = row["samples_per_second"] / base["samples_per_second"] if base else None
+
+
+def render(rows: List[Dict[str, Any]], header: str) -> str:
+    frame = pd.DataFrame([{
+        "Method": row["row_label"], "Settings": row["settings"], "ms/step": round(row["ms_per_step"], 2),
+        "samples/s": round(row["samples_per_second"], 1),
+        f"vs {row['ratio_to']}": None if row["ratio"] is None else round(row["ratio"], 2),
+        "inference img/s (final)": round(row["inference_images_per_second_final"], 1),
+        "inference img/s (checkpoint)": round(row["inference_images_per_second_checkpoint"], 1),
+        "peak MiB": round(row["peak_memory_bytes"] / 2**20, 1),
+        "fell back to eager": "; ".join(f"{k}: {v}" for k, v in row["compile_fallbacks"].items()) or "",
+    } for row in rows])
+    return f"{header}\n\n{frame.to_markdown(index=False)}\n"
+
+
+def speed_main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
+        raise UsageError("--batch-size and --steps must be whole numbers of at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device here")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    registry = load_plugins(args.plugin)
+    methods = [(registry.method(name), registry.method(name).resolve_params(given))
+               for name, given in parse_method_list(args.methods)]
+    dataset_name, argument = parse_dataset_spec(args.dataset)
+    dataset = registry.dataset(dataset_name)(argument, download=False)
+    backbone = args.backbone or dataset.default_backbone
+    check_backbone_name(backbone)
+    grid = settings_grid(args, device.type)
+    steps, warmup = STEPS[device.type]
+    steps = args.steps or steps
+    inference_images = INFERENCE_IMAGES.get(device.type) or evaluation_batch_size(device, dataset.image_shape)
+    task = random_task(dataset, backbone, device, max(args.batch_size, inference_images))
+    rows = []
+    for settings, (cls, params) in itertools.product(grid, methods):
+        say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
+        rows.append(measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images))
+    add_ratios(rows)
+    shape = "x".join(map(str, dataset.image_shape))
+    header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
+              f"backbone {backbone}, batch {args.batch_size}, {device_name(device)}\n\n"
+              f"Median of {steps} train steps after {warmup} untimed warm-up step(s), the device synchronised "
+              f"around each; inference: one pass over {inference_images} images at the method's final and "
+              f"checkpoint settings; peak memory of the train steps ({rows[0]['memory_kind'] if rows else ''}).")
+    text = render(rows, header)
+    out = Path(args.out or Path("results") / f"speed-{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.md").write_text(text)
+    (out / "speed.json").write_text(json.dumps({"device": device_name(device), "backbone": backbone,
+                                                "dataset": args.dataset, "batch_size": args.batch_size,
+                                                "rows": rows}, indent=1, default=str))
+    print(text)
+    say(f"written to {out}/ (speed.md, speed.json)")
+    return 0

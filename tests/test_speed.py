@@ -1,0 +1,38 @@
+"""``noprop-bench speed``: a smoke test on random images of a dataset's shape, and its bad input."""
+
+import json
+
+import pytest
+
+from noprop_bench.cli import run
+from noprop_bench.errors import UsageError
+
+
+def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
+                "linear,backprop,noprop_ct[steps=4,eval_steps=2]", "--batch-size", "8", "--steps", "2",
+                "--precision", "fp32,bf16", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "speed.json").read_text())
+    rows = data["rows"]
+    assert [(r["method"], r["precision"]) for r in rows] == [
+        ("linear", "fp32"), ("backprop", "fp32"), ("noprop_ct", "fp32"),
+        ("linear", "bf16"), ("backprop", "bf16"), ("noprop_ct", "bf16")]
+    for row in rows:
+        assert row["ms_per_step"] > 0 and row["samples_per_second"] == pytest.approx(8000 / row["ms_per_step"])
+        assert row["inference_images_per_second_final"] > 0 and row["inference_images_per_second_checkpoint"] > 0
+        assert row["ratio_to"] == "backprop" and row["steps_timed"] == 2
+    assert [r["ratio"] for r in rows if r["method"] == "backprop"] == [1.0, 1.0]
+    assert rows[2]["checkpoint_setting"] == {"solver": "heun", "steps": 2}
+    table = (out / "speed.md").read_text()
+    assert "Tiny shape (1x16x16, 4 classes, random images)" in table and "eager bf16" in table
+    assert table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),
+                                         ("--steps", "0")])
+def test_speed_rejects_bad_input(flag, value, tmp_path):
+    with pytest.raises(UsageError):
+        run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", flag, value,
+             "--out", str(tmp_path)])
