@@ -14,7 +14,7 @@ import torch
 from ..backbones import create_backbone, feature_dim
 from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method, describe_class,
                            logits_fixes, loss_fixes, step_metrics_fixes, violation)
-from .budget import Budget, TrainingClock
+from .budget import Budget, ClockReads, TrainingClock
 from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
 from ..errors import UsageError
 from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batch_size, stratified_indices,
@@ -28,7 +28,7 @@ from .store import environment, trial_id
 from ..task import Task
 
 DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
-CUDA_CLOCK_READ_EVERY = 8  # steps between clock reads on CUDA (each read synchronises)
+CUDA_CLOCK_READ_EVERY = 8  # most steps between clock reads on CUDA (each read synchronises); see ClockReads
 
 
 class Diverged(RuntimeError):
@@ -334,7 +334,7 @@ class _TrialRun:
         loss_sum = torch.zeros((), device=spec.device)
         loss_count = 0
         finite = torch.ones((), dtype=torch.bool, device=spec.device)
-        read_every = CUDA_CLOCK_READ_EVERY if torch.device(spec.device).type == "cuda" else 1
+        reads = ClockReads(CUDA_CLOCK_READ_EVERY if torch.device(spec.device).type == "cuda" else 1)
         spent = 0.0
         with self.memory:
             self.clock.start()
@@ -352,8 +352,9 @@ class _TrialRun:
                     loss_sum = loss_sum + loss.detach().float()
                     loss_count += 1
                     finite = finite & _finite(loss)
-                if spec.budget.unit != "seconds" or steps % read_every == 0:
+                if spec.budget.unit != "seconds" or reads.due(steps):
                     spent = spec.budget.progress(self.clock.elapsed(), samples, steps, len(data.train))
+                    reads.read(steps, spent)
                 if steps % DIVERGENCE_CHECK_EVERY == 0 and not bool(finite):
                     raise Diverged(f"non-finite loss by step {steps}")
                 done = spent >= 1.0

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.ode import LatentDynamics, SolverSettings, solve, solver_failures
 from noprop_bench_plugins.parts.noprop import CTModel
+from noprop_bench_plugins.parts.optim import optimizer_options
 
 Z0 = ("noise", "zeros")
 
@@ -138,7 +139,8 @@ class Adjoint(Method):
         self.dynamics = LatentDynamics(self.model, p["time_scale"])
         self.nfe = NFETrace()
         self.to(task.device)
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"],
+                                           **optimizer_options(task.device))
 
     def z0(self, n: int, device) -> torch.Tensor:
         shape = (n, self.task.num_classes)

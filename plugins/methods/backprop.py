@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from noprop_bench import Method, hookimpl
+from noprop_bench_plugins.parts.optim import optimizer_options
 
 
 class Backprop(Method):
@@ -27,7 +28,7 @@ class Backprop(Method):
         self.classifier = nn.Linear(task.backbone_features, task.num_classes)
         self.to(task.device)
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=self.params["lr"],
-                                           weight_decay=self.params["weight_decay"])
+                                           weight_decay=self.params["weight_decay"], **optimizer_options(task.device))
 
     def forward(self, x):
         return self.classifier(self.backbone(x))

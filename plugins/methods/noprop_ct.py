@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, LabelEmbedding, MonotoneSchedule,
                                                 class_medoids, parse_steps, solver_setting)
+from noprop_bench_plugins.parts.optim import optimizer_options
 
 SOLVERS = ("stochastic", "euler", "heun")
 ODE_SOLVERS = ("euler", "heun")
@@ -108,7 +109,7 @@ class NoPropCT(Method):
         self.optimizer = torch.optim.Adam([
             {"params": [q for q in self.parameters() if id(q) not in schedule_ids], "weight_decay": p["weight_decay"]},
             {"params": list(self.schedule.parameters()), "weight_decay": p["schedule_weight_decay"]},
-        ], lr=p["lr"])
+        ], lr=p["lr"], **optimizer_options(task.device))
         warmup = int(p["warmup_steps"])
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

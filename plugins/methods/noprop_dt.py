@@ -11,6 +11,7 @@ from noprop_bench_plugins.parts.block_offload import BlockOffload
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
 from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_blocks
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.optim import optimizer_options
 
 SCHEDULES = ("sequential", "random")
 
@@ -95,7 +96,8 @@ class NoPropDT(Method):
         self.to(task.device)
 
         def adamw(parameters):
-            return torch.optim.AdamW(parameters, lr=p["lr"], weight_decay=p["weight_decay"])
+            return torch.optim.AdamW(parameters, lr=p["lr"], weight_decay=p["weight_decay"],
+                                     **optimizer_options(task.device))
 
         self.block_optimizers = [adamw(block.parameters()) for block in self.blocks]
         self.shared_optimizer = adamw(list(self.classifier.parameters()) + list(self.embedding.parameters()))

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS, CTModel, parse_steps, solver_setting
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.optim import optimizer_options
 
 SOLVERS = ("euler", "heun")
 
@@ -73,7 +74,8 @@ class NoPropFM(Method):
         self.anchor = p["embedding"] != "one-hot"
         self.classifier = torch.nn.Linear(self.embedding.dim, task.num_classes) if self.anchor else None
         self.to(task.device)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"],
+                                          **optimizer_options(task.device))
 
     # -- training ---------------------------------------------------------------------------------
     def velocity(self, features: torch.Tensor, z: torch.Tensor, time_features: torch.Tensor) -> torch.Tensor:
