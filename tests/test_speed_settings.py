@@ -32,7 +32,8 @@ def _small_backbone():
 
 
 BUILT_INS = [(Backprop, {}), (NoPropCT, {}), (NoPropDT, {"blocks": 3, "block_samples": 64}),
-             (NoPropDT, {"blocks": 3, "schedule": "random"}), (NoPropFM, {}),
+             (NoPropDT, {"blocks": 3, "schedule": "random"}), (NoPropDT, {"blocks": 3, "schedule": "parallel"}),
+             (NoPropFM, {}),
              (Adjoint, {"solver": "euler", "steps": 2})]
 
 

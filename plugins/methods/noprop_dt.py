@@ -11,9 +11,10 @@ from noprop_bench_plugins.parts.block_offload import BlockOffload
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
 from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_blocks
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.noprop_dt_parallel import parallel_runner, parallel_step
 from noprop_bench_plugins.parts.optim import optimizer_options
 
-SCHEDULES = ("sequential", "random")
+SCHEDULES = ("sequential", "random", "parallel")
 
 
 class NoPropDT(Method):
@@ -36,6 +37,8 @@ class NoPropDT(Method):
       ..., block T, then block 1 again. The paper's outer loop over t, with its inner loop over all
       mini-batches, fits a time budget this way; ``block_samples`` changes the pass length.
     * ``random``: one block drawn uniformly per batch (the paper's "time steps could be sampled").
+    * ``parallel``: every block on every batch, in one vectorised step (``parts/noprop_dt_parallel.py``);
+      the shared classifier and embedding step once per batch.
 
     The budget covers all blocks either way: the harness's "epochs" are passes over the data summed
     over blocks; ``trial_metrics()`` gives the passes each block saw. A budget is not rounded to whole
@@ -82,6 +85,9 @@ class NoPropDT(Method):
         for key in ("noise", "offload"):
             if not isinstance(params[key], bool):
                 raise UsageError(f"method {cls.name!r}: {key}={params[key]!r} must be true or false")
+        if params["offload"] and params["schedule"] == "parallel":
+            raise UsageError(f"method {cls.name!r}: schedule=parallel trains every block at once, so it needs "
+                             "them all on the device: it cannot be combined with offload=true")
 
     def __init__(self, task, **params):
         super().__init__(task, **params)
@@ -102,6 +108,7 @@ class NoPropDT(Method):
         self.block_optimizers = [adamw(block.parameters()) for block in self.blocks]
         self.shared_optimizer = adamw(list(self.classifier.parameters()) + list(self.embedding.parameters()))
         self.offload = BlockOffload(self.blocks, self.block_optimizers, task.device) if p["offload"] else None
+        self.parallel = parallel_runner(self.blocks) if p["schedule"] == "parallel" else None
 
         self.train_size = len(task.train_images) if task.train_images is not None else 0
         self.pass_samples = p["block_samples"] or self.train_size
@@ -132,14 +139,25 @@ class NoPropDT(Method):
         u_hat = block(block.features(x), z_prev, W)
         weight = 0.5 * self.T * self.params["eta"] * s.snr_delta[t - 1]
         denoise = weight * (u_hat - u_y).pow(2).sum(dim=1).mean()
+        terms = self.output_losses(u_y, y)
+        return {"loss": terms["ce"] + terms["kl"] + denoise, **terms, "denoise": denoise}
+
+    def output_losses(self, u_y: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The CE on a sampled ``z_T`` and the closed-form KL of ``q(z_0|y)``, shared by every block's loss."""
+        s = self.schedule
         z_T = s.abar[-1].sqrt() * u_y + (1 - s.abar[-1]).sqrt() * torch.randn_like(u_y)
         ce = F.cross_entropy(self.classifier(z_T), y)
         abar_0 = s.abar[0]
         # KL(N(sqrt(abar0) u_y, (1 - abar0) I) || N(0, I))
-        kl = 0.5 * (W.shape[1] * (-abar_0 - torch.log1p(-abar_0)) + abar_0 * u_y.pow(2).sum(dim=1)).mean()
-        return {"loss": ce + kl + denoise, "ce": ce, "kl": kl, "denoise": denoise}
+        kl = 0.5 * (u_y.shape[1] * (-abar_0 - torch.log1p(-abar_0)) + abar_0 * u_y.pow(2).sum(dim=1)).mean()
+        return {"ce": ce, "kl": kl}
 
     def train_step(self, x, y):
+        if self.parallel is not None:  # schedule=parallel: every block on this batch, vectorised
+            terms = parallel_step(self, self.parallel, x, y)
+            for t in range(1, self.T + 1):
+                self._count(t, len(y))
+            return terms
         t = self.next_block()
         self._bring_in(t)
         terms = self.block_losses(t, x, y)
@@ -212,7 +230,7 @@ class NoPropDT(Method):
             "abar": [float(v) for v in s.abar], "loss_weights": [float(v) * 0.5 * self.T * self.params["eta"]
                                                                  for v in s.snr_delta],
             "parameters_per_block": per_block, "parameters_shared": shared,
-            "blocks_trained_per_step": 1, "backbone_passes_per_train_step": 1,
+            "blocks_trained_per_step": self.T if self.parallel is not None else 1, "backbone_passes_per_train_step": 1,
             "backbone_passes_per_test_batch": self.T * (2 if self.params["embedding"] == "prototype" else 1),
             "memory_note": ("one block's activations, gradients, parameters and AdamW moments on the device at a "
                             "time; the other blocks wait in host memory" if self.offload else
