@@ -59,7 +59,8 @@ def test_parallel_step_equals_separate_block_updates(steps, one_thread):
 
 def test_parallel_schedule_trains_every_block_each_step(one_thread):
     torch.manual_seed(0)
-    task = mnist_shaped_task(make_backbone=_backbone, features=4)
+    # with dropout, as the paper's CNN has: each block draws its own masks inside the vectorised call
+    task = mnist_shaped_task(make_backbone=lambda: nn.Sequential(_backbone(), nn.Dropout(0.2)), features=4)
     method = NoPropDT(task, blocks=3, schedule="parallel")
     x, y = first_batch(task, 16)
     terms = method.train_step(x, y)

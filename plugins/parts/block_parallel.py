@@ -48,7 +48,8 @@ class ParallelModules:
             return functional_call(self.template, (p, b), tuple(args))
 
         dims = (0, 0) + (0,) * per_count + (None,) * len(shared)
-        return vmap(one, in_dims=dims, randomness="error")(prefixed_params, prefixed_buffers, *per_module, *shared)
+        # "different": each module draws its own dropout masks, as it would alone (from another RNG stream)
+        return vmap(one, in_dims=dims, randomness="different")(prefixed_params, prefixed_buffers, *per_module, *shared)
 
     def write_back(self) -> None:
         """Each module gets its slice of the stacked gradients (as ``.grad``) and of the updated buffers."""
