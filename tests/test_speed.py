@@ -6,13 +6,14 @@ import pytest
 
 from noprop_bench.cli import run
 from noprop_bench.errors import UsageError
+from noprop_bench.run.speed import build_parser, settings_grid
 
 
 def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     out = tmp_path / "speed"
     code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
                 "linear,backprop,noprop_ct[steps=4,eval_steps=2]", "--batch-size", "8", "--steps", "2",
-                "--precision", "fp32,bf16", "--out", str(out)])
+                "--precision", "fp32,bf16", "--no-channels-last", "--out", str(out)])
     assert code == 0
     data = json.loads((out / "speed.json").read_text())
     rows = data["rows"]
@@ -28,6 +29,13 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     table = (out / "speed.md").read_text()
     assert "Tiny shape (1x16x16, 4 classes, random images)" in table and "eager bf16" in table
     assert table in capsys.readouterr().out
+
+
+def test_speed_channels_last_flags_match_the_main_command(tmp_path):
+    for flags, expected in ((["--channels-last"], [True]), (["--no-channels-last"], [False]),
+                            (["--channels-last", "off,on"], [False, True]), ([], [False])):
+        grid = settings_grid(build_parser().parse_args(flags), "cpu")
+        assert [s.channels_last for s in grid] == expected
 
 
 @pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),

@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", default=None,
                         help=f"comma-separated, from {', '.join(PRECISIONS)}; default: the device's default")
-    parser.add_argument("--channels-last", default=None, metavar="off,on",
-                        help="comma-separated off/on; default: the device's default")
+    parser.add_argument("--channels-last", nargs="?", const="on", default=None, metavar="off,on",
+                        help="comma-separated off/on (alone: on); default: the device's default")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_const", const="off",
+                        help="same as --channels-last off")
     parser.add_argument("--compile", default=None,
                         help=f"comma-separated, from {', '.join(COMPILE_MODES)}; default: none")
     parser.add_argument("--steps", type=int, default=None,
