@@ -6,6 +6,7 @@ import json
 import torch
 
 from noprop_bench.datasets import Normalizer, Split
+from noprop_bench.report.frames import load_curves
 from noprop_bench.report.records import checkpoint_text
 from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, stratified_subset,
                                               train_accuracy_split)
@@ -60,6 +61,8 @@ def test_checkpoint_subset_changes_the_curve_only(fake_run, tmp_path):
     assert "a fixed, stratified subset of 16 of the 64 test images" in caption
     assert "test_images" in (subset_out / "curves.csv").read_text().splitlines()[0]
     assert "the whole test split; the last point" in checkpoint_text([whole])
+    curves = load_curves(subset_out)
+    assert curves["test_images"].tolist() == images and set(curves["speed"]) == {"eager fp32"}
 
 
 def test_train_accuracy_uses_at_most_twice_the_test_split(fake_run):

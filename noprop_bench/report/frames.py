@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..run.store import TRIALS_FILE
-from .records import SOURCE_FIELD, assign_rows, device_name, load_records
+from .records import SOURCE_FIELD, assign_rows, device_name, load_records, speed_text
 from .tables import setting_label
 
 # column -> (dtype, meaning); the columns of every frame come first, in this order
@@ -41,6 +41,7 @@ IDENTITY_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("budget_unit", ("string", "seconds, samples or steps")),
     ("batch_size", ("Int64", "training batch size")),
     ("device", ("string", "device name as the tables group by, e.g. NVIDIA H100 or cpu (x86_64, ...)")),
+    ("speed", ("string", "speed settings, e.g. eager fp32 or bf16, channels-last, compile default")),
 ])
 
 TRIAL_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
@@ -86,6 +87,7 @@ CURVE_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("epochs", ("float64", "epochs so far")),
     ("test_acc", ("float64", "test accuracy (%) at the point")),
     ("train_loss", ("float64", "mean training loss since the previous point")),
+    ("test_images", ("Int64", "test images the point evaluated (--checkpoint-size; all at the last point)")),
 ])
 
 # fields that become rows of their own frame, or derived columns, rather than trial columns
@@ -160,7 +162,8 @@ def _numbers(values: Any) -> List[float]:
 def _identity(record: Dict[str, Any], row: str) -> Dict[str, Any]:
     """Who a row belongs to: the identity columns, then the method's parameters as ``params.*``."""
     identity = {name: record.get(name) for name in IDENTITY_COLUMNS}
-    identity.update(run_dir=record.get(SOURCE_FIELD), row=row, device=device_name(record))
+    identity.update(run_dir=record.get(SOURCE_FIELD), row=row, device=device_name(record),
+                    speed=speed_text(record))
     params = record.get("params")
     identity.update(flatten(params if isinstance(params, dict) else {}, "params."))
     return identity
@@ -196,8 +199,9 @@ def run_rows(record: Dict[str, Any], row: str) -> List[Dict[str, Any]]:
 def curve_rows(record: Dict[str, Any], row: str) -> List[Dict[str, Any]]:
     identity = _identity(record, row)
     points = [p for p in record.get("curve") or [] if isinstance(p, dict)]
-    return [dict(flatten(point), **identity, point=index, final=record.get("status") == "ok"
-                 and index == len(points) - 1) for index, point in enumerate(points)]
+    whole = record.get("test_size")  # records from before --checkpoint-size evaluated the whole split
+    return [dict({"test_images": whole}, **flatten(point), **identity, point=index,
+                 final=record.get("status") == "ok" and index == len(points) - 1) for index, point in enumerate(points)]
 
 
 def _frame(records: Iterable[Dict[str, Any]], make_rows: Callable, columns) -> pd.DataFrame:

@@ -22,9 +22,9 @@ def _number(value: Any) -> Optional[float]:
 
 
 def _settings(record: Dict[str, Any], by_device: Optional[bool]) -> Dict[str, Any]:
-    budget, backbone, device, _ = comparability(record, by_device)
+    budget, backbone, device, _, speed = comparability(record, by_device)
     return {"budget": budget, "budget_unit": budget_unit(record), "backbone": backbone, "device": device,
-            "batch_size": record.get("batch_size")}
+            "batch_size": record.get("batch_size"), "speed": speed}
 
 
 def _cells(group: List[Dict[str, Any]]):
