@@ -5,12 +5,14 @@ import json
 
 import torch
 
-from noprop_bench.datasets import Normalizer, Split
+from noprop_bench.datasets import Split
 from noprop_bench.report.frames import load_curves
 from noprop_bench.report.records import checkpoint_text
 from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, stratified_subset,
                                               train_accuracy_split)
 from noprop_bench.run.runner import evaluate
+from noprop_bench_plugins.methods.backprop import Backprop
+from noprop_helpers import mnist_shaped_task
 
 
 def _records(out):
@@ -37,12 +39,12 @@ def test_cpu_evaluation_batch_is_the_fixed_size():
     assert evaluation_batch_size(torch.device("cpu"), (3, 32, 32)) == CPU_EVAL_BATCH
 
 
-def test_evaluation_batch_size_does_not_change_a_deterministic_prediction():
-    split = _split(50)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
-    model.predict = model.forward
-    normalize = Normalizer((0.5,), (0.25,), "cpu")
-    accuracies = {evaluate(model, split, normalize, batch, seed=0) for batch in (1, 7, 50, 1000)}
+def test_evaluation_batch_size_does_not_change_a_deterministic_prediction(one_thread):
+    task = mnist_shaped_task(make_backbone=lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8)),
+                             features=8)
+    method = Backprop(task)
+    split = Split(task.train_images, task.train_labels)
+    accuracies = {evaluate(method, split, task.normalize, batch, seed=0) for batch in (1, 7, 40, 1000)}
     assert len(accuracies) == 1
 
 
