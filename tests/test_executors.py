@@ -108,7 +108,7 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
 
     assert run(command) == EXIT_OK
     err = capsys.readouterr().err
-    assert err.count("skip ") == 3 and "finished 1/1: Doomed (one-hot) seed 1: ok" in err
+    assert err.count("skip ") == 3 and "finished 1/1: Doomed seed 1: ok" in err
     second = _records(tmp_path / "run")
     assert len(second) == 5 and second[:4] == first
     latest = latest_per_trial(second)
@@ -124,7 +124,7 @@ def test_resume_works_across_executors(tmp_path, keep_threads, capsys):
     capsys.readouterr()
     assert run([*small, "--seeds", "3"]) == EXIT_OK  # in-process: only seed 2 is new
     err = capsys.readouterr().err
-    assert err.count("skip ") == 2 and "finished 1/1: Backprop (one-hot) seed 2" in err
+    assert err.count("skip ") == 2 and "finished 1/1: Backprop with linear head seed 2" in err
     records = _records(tmp_path / "run")
     assert sorted(r["seed"] for r in records) == [0, 1, 2]
     assert [r["executor"] for r in records] == ["local[workers=2]"] * 2 + ["local"]
@@ -220,8 +220,8 @@ def test_a_record_finished_while_no_host_listened_is_merged_not_retrained(tmp_pa
     assert run(["--methods", "backprop", "--dataset", "mnist5k", "--budget", "128samples", "--batch-size", "64",
                 "--checkpoints", "0", "--seeds", "2", "--device", "cpu", "--threads", "1", "--out", str(out)]) == EXIT_OK
     err = capsys.readouterr().err
-    assert "recorded Backprop (one-hot) seed 0: it finished after the last run's host had stopped" in err
-    assert "skip Backprop (one-hot) seed 0" in err and "finished 1/1: Backprop (one-hot) seed 1" in err
+    assert "recorded Backprop with linear head seed 0: it finished after the last run's host had stopped" in err
+    assert "skip Backprop with linear head seed 0" in err and "finished 1/1: Backprop with linear head seed 1" in err
     records = _records(out)
     assert [r["seed"] for r in records] == [0, 1] and records[0] == json.loads(json.dumps(orphan, default=str))
     assert list((out / "unmerged-records").iterdir()) == []
