@@ -105,6 +105,8 @@ def test_json_summary_matches_the_markdown_tables(tmp_path):
     assert {c["split"] for c in cells} == {"train", "test"}
     for cell in cells:
         text = f"{cell['mean']:.2f} (n=1)" if cell["n"] == 1 else f"{cell['mean']:.2f} ± {cell['se']:.2f}"
+        if cell["n"] > cell["seeds"] > 1:  # Table 1 then adds the s.e. over per-seed means
+            text += f" [± {cell['se_over_seed_means']:.2f}]"
         line = next(l for l in table1.splitlines() if l.startswith(f"| {cell['row']} "))
         assert text in line, (cell["row"], cell["dataset"], cell["split"])
         assert cell["n"] == len(cell["values"]) and cell["seeds"] <= cell["n"]
