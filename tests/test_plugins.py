@@ -98,7 +98,7 @@ def test_installed_plugin_is_listed_and_runs(site, tmp_path):
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert {r["method"]: r["status"] for r in records} == {"thirdparty_linear": "ok", "backprop": "ok"}
     table = (out / "table1.md").read_text()
-    assert "Third-party (one-hot)" in table and "Backprop (one-hot)" in table
+    assert "Third-party (one-hot)" in table and "Backprop with linear head" in table
 
 
 def test_asking_for_a_broken_plugin_names_it(site, tmp_path):
