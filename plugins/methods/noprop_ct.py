@@ -6,15 +6,15 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, LabelEmbedding, MonotoneSchedule,
-                                                class_medoids, parse_steps, solver_setting)
+from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, LabelEmbedding,
+                                                MonotoneSchedule, class_medoids, parse_steps, solver_setting)
 from noprop_bench_plugins.parts.optim import optimizer_options
 
 SOLVERS = ("stochastic", "euler", "heun")
 ODE_SOLVERS = ("euler", "heun")
 
 
-class NoPropCT(Method):
+class NoPropCT(IntegrationHooks, Method):
     """NoProp-CT: one network ``u(z_t, x, t)`` trained to denoise label embeddings, no end-to-end backprop.
 
     Training (Algorithm 2), per batch with ``t ~ U(0,1)`` per example::
@@ -70,6 +70,7 @@ class NoPropCT(Method):
         "schedule_weight_decay": 0.0,
     }
     choices = {"embedding": EMBEDDINGS, "solver": SOLVERS, "eval_solver": SOLVERS}
+    sweep_solvers = ODE_SOLVERS
 
     @classmethod
     def check_params(cls, params):
@@ -200,25 +201,7 @@ class NoPropCT(Method):
             z = self.integrate(features, solver, steps)
         return self.classifier(z)
 
-    def compile_targets(self) -> List[str]:
-        """Under ``--compile``: the train step and the per-step head the integration loop calls (compiling the
-        whole loop would unroll up to 1000 steps and recompile for every step count)."""
-        return ["train_step", "model.logits"]
-
-    # -- host hooks -------------------------------------------------------------------------------
-    def checkpoint_setting(self) -> dict:
-        """Settings for the evaluations during training: cheap by default (heun, 20 steps)."""
-        return {"solver": self.params["eval_solver"], "steps": self.params["eval_steps"]}
-
-    def sweep_settings(self) -> List[dict]:
-        """``--inference-sweep``: euler and heun at each of ``sweep_steps``."""
-        return [{"solver": solver, "steps": steps}
-                for solver in ODE_SOLVERS for steps in parse_steps(self.params["sweep_steps"])]
-
-    def diagnostic_settings(self) -> Dict[str, dict]:
-        """Run once per trial: z-ablation (accuracy should drop to chance)."""
-        return {"z_ablation": {"ablate_z": True}}
-
+    # -- host hooks (the rest come from IntegrationHooks) -----------------------------------------
     def trial_metrics(self):
         with torch.no_grad():
             ends = self.schedule.abar(torch.tensor([0.0, 1.0], device=self.schedule.gamma0.device))

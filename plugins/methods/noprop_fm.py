@@ -6,14 +6,14 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.parts.noprop import EMBEDDINGS, CTModel, parse_steps, solver_setting
+from noprop_bench_plugins.parts.noprop import EMBEDDINGS, CTModel, IntegrationHooks, parse_steps, solver_setting
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 from noprop_bench_plugins.parts.optim import optimizer_options
 
 SOLVERS = ("euler", "heun")
 
 
-class NoPropFM(Method):
+class NoPropFM(IntegrationHooks, Method):
     """NoProp-FM: a velocity field ``v(z_t, x, t) = logits . W_Embed`` (no softmax) from N(0, I) to ``u_y``.
 
     Training (Algorithm 3), per batch with ``t ~ U(0,1)`` and ``z_0 ~ N(0, I)`` per example::
@@ -51,6 +51,7 @@ class NoPropFM(Method):
         "sweep_steps": "2,5,10,20,40,100,1000", "time_dim": 64,
     }
     choices = {"embedding": EMBEDDINGS, "solver": SOLVERS, "eval_solver": SOLVERS}
+    sweep_solvers = SOLVERS
 
     @classmethod
     def check_params(cls, params):
@@ -142,25 +143,7 @@ class NoPropFM(Method):
             z = self.integrate(features, solver, steps)
         return -torch.cdist(z, self.embedding.weight).pow(2)
 
-    # -- host hooks -------------------------------------------------------------------------------
-    def compile_targets(self) -> List[str]:
-        """Under ``--compile``: the train step and the per-step head the integration loop calls (compiling the
-        whole loop would unroll up to 1000 steps and recompile for every step count)."""
-        return ["train_step", "model.logits"]
-
-    def checkpoint_setting(self) -> dict:
-        """Settings for the evaluations during training: cheap by default (euler, 20 steps)."""
-        return {"solver": self.params["eval_solver"], "steps": self.params["eval_steps"]}
-
-    def sweep_settings(self) -> List[dict]:
-        """``--inference-sweep``: euler and heun at each of ``sweep_steps``."""
-        return [{"solver": solver, "steps": steps}
-                for solver in SOLVERS for steps in parse_steps(self.params["sweep_steps"])]
-
-    def diagnostic_settings(self) -> Dict[str, dict]:
-        """Run once per trial: z-ablation (accuracy should drop to chance)."""
-        return {"z_ablation": {"ablate_z": True}}
-
+    # -- host hooks (the rest come from IntegrationHooks) -----------------------------------------
     def trial_metrics(self):
         evaluations = self.params["steps"] * (2 if self.params["solver"] == "heun" else 1)
         return {"anchor": self.anchor, "sigma": self.params["sigma"],

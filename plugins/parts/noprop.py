@@ -9,7 +9,7 @@
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -226,3 +226,29 @@ def solver_setting(method, solvers, solver=None, steps=None):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"method {method.name!r}: steps={steps!r} must be a whole number of at least 1")
     return solver, steps
+
+
+class IntegrationHooks:
+    """The host hooks NoProp-CT and NoProp-FM share: what is compiled, the checkpoint setting
+    (``eval_solver``/``eval_steps``), the ``--inference-sweep`` grid over ``sweep_solvers`` x ``sweep_steps``,
+    and the z-ablation diagnostic. Mixed into a ``Method`` that sets ``sweep_solvers``."""
+
+    sweep_solvers: Tuple[str, ...] = ()
+
+    def compile_targets(self) -> List[str]:
+        """Under ``--compile``: the train step and the per-step head the integration loop calls (compiling the
+        whole loop would unroll up to 1000 steps and recompile for every step count)."""
+        return ["train_step", "model.logits"]
+
+    def checkpoint_setting(self) -> dict:
+        """Settings for the evaluations during training: ``eval_solver`` at ``eval_steps`` (cheap by default)."""
+        return {"solver": self.params["eval_solver"], "steps": self.params["eval_steps"]}
+
+    def sweep_settings(self) -> List[dict]:
+        """``--inference-sweep``: each of ``sweep_solvers`` at each of ``sweep_steps``."""
+        return [{"solver": solver, "steps": steps}
+                for solver in self.sweep_solvers for steps in parse_steps(self.params["sweep_steps"])]
+
+    def diagnostic_settings(self) -> Dict[str, dict]:
+        """Run once per trial: z-ablation (accuracy should drop to chance)."""
+        return {"z_ablation": {"ablate_z": True}}
