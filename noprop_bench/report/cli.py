@@ -63,7 +63,7 @@ def build_report_parser() -> argparse.ArgumentParser:
         description="Re-render every table, the curves and Figure 3 from the trials.jsonl of one or more run "
                     "directories (nothing is rerun), as markdown, CSV, Parquet, HTML or JSON. Runs on several "
                     "datasets merge into one Table 1 with a column per dataset; trials with a different budget, "
-                    "backbone, device or batch size go to separate tables.")
+                    "backbone, device, batch size or speed settings go to separate tables.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, each holding a trials.jsonl")
     parser.add_argument("--out", default=None,
                         help="where to write the reports (default: DIR itself when one DIR is given, "
