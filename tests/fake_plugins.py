@@ -118,9 +118,21 @@ class SlowStart(Linear):
         return super().train_step(x, y)
 
 
+class OutOfMemory(Linear):
+    """Runs out of (CUDA) memory when it predicts on more than 16 images at once."""
+
+    name = "out_of_memory"
+    label = "OutOfMemory"
+
+    def predict(self, x):
+        if len(x) > 16:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory predicting {len(x)} images")
+        return super().predict(x)
+
+
 @hookimpl
 def register_methods(register):
-    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart):
+    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart, OutOfMemory):
         register(cls)
 
 

@@ -72,3 +72,16 @@ def test_train_accuracy_uses_at_most_twice_the_test_split(fake_run):
     record = _records(out)[0]
     assert code == 0 and record["train_acc_size"] == 2 * record["test_size"] == 128
     assert 0 <= record["train_acc"] <= 100
+
+
+def test_evaluation_that_runs_out_of_memory_retries_with_halved_batches(fake_run, tmp_path):
+    args = ("--budget", "4steps", "--checkpoints", "1")
+    code, out = fake_run("--methods", "out_of_memory", *args, out=tmp_path / "oom")
+    _, reference_out = fake_run("--methods", "linear", *args, out=tmp_path / "linear")
+    record, reference = _records(out)[0], _records(reference_out)[0]
+    assert code == 0 and record["status"] == "ok"
+    # a deterministic method predicts in the feature batches: 64 -> 32 -> 16 images (sampling: 1000 -> 250)
+    assert (record["eval_feature_batch_size"], record["eval_batch_size"]) == (16, 250)
+    assert [w for w in record["warnings"] if "ran out of device memory" in w] != []
+    assert record["test_acc"] == reference["test_acc"]
+    assert [p["test_acc"] for p in record["curve"]] == [p["test_acc"] for p in reference["curve"]]

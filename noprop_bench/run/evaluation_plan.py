@@ -3,11 +3,13 @@
 Checkpoint evaluations during training may look at a fixed, stratified subset of the test split
 (``--checkpoint-size``); the final evaluation always sees the whole split. ``--train-accuracy`` looks at
 a fixed, stratified subset of the training split of at most twice the test split's size, so it costs at
-most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA;
-on the CPU they stay at the fixed size, so CPU results do not move.
+most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA.
+On the CPU, passes that sample keep the fixed size every CPU evaluation has used, so their random draws
+(and results) do not move, and deterministic passes use small batches that stay in cache.
 """
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Tuple, Union
 
 import torch
 
@@ -15,6 +17,7 @@ from ..datasets import Split
 
 DEFAULT_CHECKPOINT_SIZE = 2000
 CPU_EVAL_BATCH = 1000  # the batch every CPU evaluation has always used: stochastic predictions stay identical
+CPU_FEATURE_BATCH = 64  # deterministic passes on the CPU: small enough for the activations to stay in cache
 CUDA_EVAL_BATCH_MAX = 16384
 CUDA_FREE_MEMORY_SHARE = 0.25  # evaluation may take this share of the memory free when the trial starts
 TRAIN_ACCURACY_FACTOR = 2
@@ -57,6 +60,24 @@ def image_bytes_estimate(image_shape) -> int:
     return max(channels, 3) * height * width * 4 * 256
 
 
+@dataclass(frozen=True)
+class EvaluationBatches:
+    """Images per forward pass at evaluation: ``stochastic`` for passes that sample, ``deterministic``
+    for the rest (see the module's docstring)."""
+
+    stochastic: int
+    deterministic: int
+
+    @classmethod
+    def of(cls, batches: Union[int, "EvaluationBatches"]) -> "EvaluationBatches":
+        """``batches`` itself, or one size for both kinds of pass."""
+        return batches if isinstance(batches, EvaluationBatches) else cls(batches, batches)
+
+    def halved(self) -> "EvaluationBatches":
+        """Half of each size (at least one image): the retry after the device ran out of memory."""
+        return EvaluationBatches(max(1, self.stochastic // 2), max(1, self.deterministic // 2))
+
+
 def evaluation_batch_size(device: torch.device, image_shape) -> int:
     """Images per evaluation batch: the fixed CPU size, or on CUDA a share of the free memory."""
     device = torch.device(device)
@@ -65,3 +86,10 @@ def evaluation_batch_size(device: torch.device, image_shape) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     fitting = int(free * CUDA_FREE_MEMORY_SHARE) // image_bytes_estimate(image_shape)
     return max(CPU_EVAL_BATCH, min(CUDA_EVAL_BATCH_MAX, fitting))
+
+
+def evaluation_batches(device: torch.device, image_shape) -> EvaluationBatches:
+    """The batches of a trial's evaluations: on the CPU the fixed size for passes that sample and
+    :data:`CPU_FEATURE_BATCH` for deterministic ones; on CUDA the memory-sized batch for both."""
+    size = evaluation_batch_size(device, image_shape)
+    return EvaluationBatches(size, CPU_FEATURE_BATCH if torch.device(device).type == "cpu" else size)

@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..datasets import BatchStream
+from .evaluation_plan import train_accuracy_split
 from .runner import RunData, TrialSpec, build_task, seed_everything
 
 PROBE_STEPS = 2
@@ -44,7 +45,7 @@ def probe_trial(spec: TrialSpec, data: RunData) -> Tuple[float, float]:
     x = data.normalize(data.test.images[:PROBE_IMAGES])
     with torch.inference_mode():
         per_image = _timed(lambda: method.predict(x)) / len(x)
-    images = len(data.test) + (len(data.train) if spec.train_accuracy else 0)
+    images = len(data.test) + (len(train_accuracy_split(data.train, len(data.test))) if spec.train_accuracy else 0)
     runs = spec.inference_runs if spec.method.stochastic else 1
     return training, per_image * images * runs
 

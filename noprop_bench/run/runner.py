@@ -13,12 +13,14 @@ import torch
 
 from ..backbones import create_backbone, feature_dim
 from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method, describe_class,
-                           logits_fixes, loss_fixes, step_metrics_fixes, violation)
+                           loss_fixes, step_metrics_fixes, violation)
 from .budget import Budget, ClockReads, TrainingClock
-from ..datasets import BatchStream, Dataset, Normalizer, Split, eval_batches
+from ..datasets import BatchStream, Dataset, Normalizer, Split
 from ..errors import UsageError
-from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batch_size, stratified_indices,
-                              stratified_subset, train_accuracy_split)
+from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, inference_layout,  # noqa: F401
+                         split_features)
+from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, stratified_indices, stratified_subset,
+                              train_accuracy_split)
 from .memory import PeakMemory
 from .speed_settings import SpeedSettings, apply_speed_settings, precision_flags
 from .warmup import warm_up
@@ -29,10 +31,6 @@ from ..task import Task
 
 DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
 CUDA_CLOCK_READ_EVERY = 8  # most steps between clock reads on CUDA (each read synchronises); see ClockReads
-
-
-class Diverged(RuntimeError):
-    """A training metric or the predictions became NaN or infinite."""
 
 
 VAL_SPLIT_SEED = 12345  # fixed, so every method and seed of a run holds out the same images
@@ -171,57 +169,6 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
     )
 
 
-FeatureBatches = List[Tuple[torch.Tensor, torch.Tensor]]
-
-
-def evaluate(method: Method, split: Split, normalize: Normalizer, batch_size: int, seed: int,
-             setting: Optional[Dict[str, Any]] = None, features: Optional[FeatureBatches] = None,
-             require_finite: bool = True) -> float:
-    """Accuracy (%) of ``method.predict(x, **setting)`` on ``split``.
-
-    The RNG is forked and seeded, so evaluation is reproducible and never perturbs training. With
-    ``features`` (from :func:`split_features`) the method predicts from them instead of the images, with
-    the same result, as the features use no randomness. Non-finite logits raise :class:`Diverged` when
-    ``require_finite`` (the checkpoints and the final evaluation; not the optional sweeps and diagnostics).
-    """
-    setting = setting or {}
-    was_training = method.training
-    method.eval()
-    devices = [split.images.device] if split.images.device.type == "cuda" else []
-    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
-    finite = torch.ones((), dtype=torch.bool, device=split.labels.device)
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        if features is None:
-            batches = ((method.predict(x, **setting), y) for x, y in eval_batches(split, normalize, batch_size))
-        else:
-            batches = ((method.predict_from_features(f, **setting), y) for f, y in features)
-        for number, (logits, y) in enumerate(batches):
-            if number == 0:
-                fixes = logits_fixes(logits, len(y), getattr(method.task, "num_classes", logits.shape[-1]))
-                if fixes:
-                    raise violation(type(method), fixes)
-            finite &= _finite(logits)
-            correct += (logits.argmax(dim=1) == y).sum()
-    method.train(was_training)
-    if require_finite and not bool(finite):
-        raise Diverged(f"non-finite predictions{' with ' + repr(setting) if setting else ''}")
-    return 100.0 * correct.item() / len(split)
-
-
-def split_features(method: Method, split: Split, normalize: Normalizer, batch_size: int) -> Optional[FeatureBatches]:
-    """``method.features`` of every evaluation batch of ``split``, or None when the method keeps
-    ``predict`` whole (see :meth:`Method.features`)."""
-    if not method.reuses_features():
-        return None
-    was_training = method.training
-    method.eval()
-    with torch.inference_mode():
-        batches = [(method.features(x), y) for x, y in eval_batches(split, normalize, batch_size)]
-    method.train(was_training)
-    return batches
-
-
 def _finite(value: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(value.detach()).all()
 
@@ -308,9 +255,11 @@ class _TrialRun:
         self.test_features: Optional[FeatureBatches] = None
         self.speed = None
         self.checkpoint_test = stratified_subset(data.test, spec.checkpoint_size)
-        self.eval_batch = spec.eval_batch_size or evaluation_batch_size(spec.device, tuple(data.test.images.shape[1:]))
+        self.eval_batch = EvaluationBatches.of(
+            spec.eval_batch_size or evaluation_batches(spec.device, tuple(data.test.images.shape[1:])))
         record["checkpoint_size"] = len(self.checkpoint_test)
-        record["eval_batch_size"] = self.eval_batch
+        record["eval_batch_size"] = self.eval_batch.stochastic
+        record["eval_feature_batch_size"] = self.eval_batch.deterministic
 
     def run(self):
         spec, data, record = self.spec, self.data, self.record
@@ -413,8 +362,9 @@ class _TrialRun:
     def _checkpoint(self, steps, samples, loss_sum, loss_count, spent):
         started = time.perf_counter()
         self.memory.pause()  # evaluation batches are not the training's memory
-        accuracy = evaluate(self.method, self.checkpoint_test, self.data.normalize, self.eval_batch,
-                            seed=self.spec.seed * 1000, setting=self.method.checkpoint_setting())
+        accuracy = self._fitting_memory(lambda: evaluate(
+            self.method, self.checkpoint_test, self.data.normalize, self.eval_batch, seed=self.spec.seed * 1000,
+            setting=self.method.checkpoint_setting()))
         self.memory.resume()
         self.record["eval_seconds"] += time.perf_counter() - started
         train_seconds = self.clock.elapsed()
@@ -428,9 +378,45 @@ class _TrialRun:
         self.say(f"{self.spec.describe()}: {min(spent, 1.0) * 100:5.1f}% of {self.spec.budget} "
                  f"({train_seconds:.1f}s, {steps} steps) test acc {accuracy:.2f}%")
 
+    def _fitting_memory(self, evaluation: Callable[[], Any]) -> Any:
+        """``evaluation()`` in the evaluation layout; when the device runs out of memory, again with the
+        evaluation batches halved (kept for the rest of the trial, and recorded with a warning)."""
+        while True:
+            try:
+                with inference_layout(self.method, torch.device(self.spec.device).type, self.spec.speed):
+                    return evaluation()
+            except torch.cuda.OutOfMemoryError:
+                self.test_features = None
+                if self.eval_batch.stochastic == 1 and self.eval_batch.deterministic == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.eval_batch = self.eval_batch.halved()
+                self.record["eval_batch_size"] = self.eval_batch.stochastic
+                self.record["eval_feature_batch_size"] = self.eval_batch.deterministic
+                warning = (f"evaluation ran out of device memory; retried with batches of "
+                           f"{self.eval_batch.stochastic} (sampling) and {self.eval_batch.deterministic} images")
+                self.record.setdefault("warnings", []).append(warning)
+                self.say(f"warning: {self.spec.describe()}: {warning}")
+
     def _final_evaluation(self, loss_sum, loss_count):
-        spec, data, record = self.spec, self.data, self.record
         started = time.perf_counter()
+        self._fitting_memory(self._final_accuracies)
+        self.test_features = None
+        spec, data, record = self.spec, self.data, self.record
+        record["eval_seconds"] += time.perf_counter() - started
+        record["curve"].append({
+            "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
+            "epochs": record["epochs"], "test_acc": record["test_acc"], "test_images": len(data.test),
+            "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
+            **self.method.curve_metrics(),
+        })
+        self.say(f"{spec.describe()}: done, {record['train_seconds']:.1f}s training, {record['steps']} steps, "
+                 f"test acc {record['test_acc']:.2f}%")
+
+    def _final_accuracies(self):
+        """Test accuracy over the inference runs, and what else was asked for, into the record."""
+        spec, data, record = self.spec, self.data, self.record
         runs = spec.inference_runs if spec.method.stochastic else 1
         # every test evaluation below shares one pass of the setting-independent part (the backbone)
         self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch)
@@ -453,16 +439,6 @@ class _TrialRun:
                                  for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
             record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
-        self.test_features = None
-        record["eval_seconds"] += time.perf_counter() - started
-        record["curve"].append({
-            "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
-            "epochs": record["epochs"], "test_acc": record["test_acc"], "test_images": len(data.test),
-            "train_loss": (loss_sum / max(loss_count, 1)).item() if loss_count else None,
-            **self.method.curve_metrics(),
-        })
-        self.say(f"{spec.describe()}: done, {record['train_seconds']:.1f}s training, {record['steps']} steps, "
-                 f"test acc {record['test_acc']:.2f}%")
 
     def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
         spec = self.spec

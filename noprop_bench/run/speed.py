@@ -21,12 +21,13 @@ import pandas as pd
 import torch
 
 from ..backbones import check_backbone_name, create_backbone
-from ..datasets import Normalizer
+from ..datasets import Normalizer, Split
 from ..errors import UsageError
 from ..plugins import load_plugins
 from ..specs import parse_dataset_spec, parse_method_list
 from ..task import Task
-from .evaluation_plan import evaluation_batch_size
+from .evaluation import evaluate, inference_layout
+from .evaluation_plan import evaluation_batch_size, evaluation_batches
 from .memory import PeakMemory
 from .runner import backbone_width
 from .speed_settings import COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, default_settings, precision_flags
@@ -35,7 +36,7 @@ from .store import device_name
 DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
 # steps timed and warm-up steps before them; the CPU gets fewer so the five built-ins take under a minute
 STEPS = {"cuda": (50, 5), "cpu": (3, 1)}
-INFERENCE_IMAGES = {"cpu": 128}  # CUDA: the evaluation batch the trial would use
+INFERENCE_IMAGES = {"cpu": 256}  # CUDA: the evaluation batch the trial would use
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,21 +109,20 @@ def _timed(call: Callable[[], Any], synchronize: Callable[[], None]) -> float:
     return time.perf_counter() - started
 
 
-def _inference_images_per_second(method, x, setting: Dict[str, Any], synchronize, warm: bool) -> float:
-    def predict():
-        with torch.inference_mode():
-            torch.manual_seed(0)
-            if method.reuses_features():
-                method.predict_from_features(method.features(x), **setting)
-            else:
-                method.predict(x, **setting)
+def _inference_images_per_second(method, task: Task, images: int, setting: Dict[str, Any], settings: SpeedSettings,
+                                 synchronize, warm: bool) -> float:
+    """Images/s of one evaluation pass as a trial's evaluations run it: the same batches and layout."""
+    split = Split(task.train_images[:images], task.train_labels[:images])
+    batches = evaluation_batches(task.device, task.image_shape)
 
-    method.eval()
+    def predict():
+        with inference_layout(method, task.device.type, settings):
+            evaluate(method, split, task.normalize, batches, seed=0, setting=setting, require_finite=False)
+
     if warm:
         predict()
     seconds = _timed(predict, synchronize)
-    method.train()
-    return len(x) / max(seconds, 1e-9)
+    return images / max(seconds, 1e-9)
 
 
 def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, batch_size: int, steps: int,
@@ -146,17 +146,17 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         memory = PeakMemory(device)
         with memory:
             times = [_timed(lambda: method.train_step(x, y), synchronize) for _ in range(steps)]
-        eval_x = task.normalize(task.train_images[:inference_images])
         warm = settings.compile != "none"
-        final = _inference_images_per_second(method, eval_x, {}, synchronize, warm)
-        checkpoint = _inference_images_per_second(method, eval_x, method.checkpoint_setting(), synchronize, warm)
+        final = _inference_images_per_second(method, task, inference_images, {}, settings, synchronize, warm)
+        checkpoint = _inference_images_per_second(method, task, inference_images, method.checkpoint_setting(),
+                                                  settings, synchronize, warm)
     median = statistics.median(times)
     return {
         "method": cls.name, "row_label": cls.row_label(params), "params": params,
         "settings": settings.describe(), **applied.record(),
         "ms_per_step": 1000 * median, "samples_per_second": batch_size / median,
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
-        "checkpoint_setting": method.checkpoint_setting(), "inference_images": len(eval_x),
+        "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
         "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
         "warmup_seconds": warmup_seconds, "steps_timed": steps,
     }
