@@ -10,7 +10,8 @@ from torch.nn import functional as F
 from noprop_bench import UsageError
 from noprop_bench_plugins.methods.noprop_dt import NoPropDT
 from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule
-from noprop_helpers import first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task
+from noprop_helpers import (first_batch, fit_on_mnist5k, held_out_accuracy, mnist_shaped_task,
+                            predictions_whole_and_shared)
 
 
 @pytest.fixture(autouse=True)
@@ -277,3 +278,23 @@ def test_cli_end_to_end(tmp_path):
     assert metrics["block_steps"] == [4, 2, 2] and metrics["schedule"] == "sequential"
     assert sum(metrics["passes_per_block"]) == pytest.approx(record["epochs"])
     assert "NoProp-DT (one-hot)" in (out / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("setting", [{}, {"noise": False}, {"start_block": 10}])
+def test_shared_block_features_give_exactly_equation_3(setting):
+    """The harness computes every block's image path once; the chain from them is Eq. 3 bit for bit."""
+    method = make_method().eval()
+    x, _ = first_batch(method.task, 8)
+    s, W, noise = method.schedule, method.embedding.weight, setting.get("noise", True)
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        z = torch.randn(len(x), W.shape[1])
+        for t in range(setting.get("start_block", 1), method.T + 1):
+            block = method.blocks[t - 1]
+            z = s.a[t] * block(block.features(x), z, W) + s.b[t] * z
+            if noise:
+                z = z + s.c[t].sqrt() * torch.randn_like(z)
+        reference = method.classifier(z)
+    whole, shared = predictions_whole_and_shared(method, x, **setting)
+    assert method.reuses_features() and method.features(x).shape == (8, method.T, 256)
+    assert torch.equal(whole, reference) and torch.equal(shared, reference)

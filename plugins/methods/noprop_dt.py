@@ -192,21 +192,37 @@ class NoPropDT(Method):
         starts from ``z_{k-1} ~ N(0, I)`` and runs blocks k..T only (a diagnostic: with k = T, how much
         the last block classifies from the image alone).
         """
+        noise, start_block = self._inference_setting(noise, start_block)
+        return self.predict_from_features(self.features(x), noise, start_block)
+
+    def features(self, x):
+        """Every block's image path ``[B, T, width]``: independent of ``z``, so the harness computes it once
+        for all inference runs and settings."""
+        paths = []
+        for t in range(1, self.T + 1):
+            self._bring_in(t)
+            paths.append(self.blocks[t - 1].features(x))
+        return torch.stack(paths, dim=1)
+
+    def predict_from_features(self, features, noise=None, start_block=1):
+        noise, start_block = self._inference_setting(noise, start_block)
+        s = self.schedule
+        W = self.embedding.weight
+        z = torch.randn(features.shape[0], W.shape[1], device=features.device)
+        for t in range(start_block, self.T + 1):
+            self._bring_in(t)
+            z = s.a[t] * self.blocks[t - 1](features[:, t - 1].contiguous(), z, W) + s.b[t] * z
+            if noise:
+                z = z + s.c[t].sqrt() * torch.randn_like(z)
+        return self.classifier(z)
+
+    def _inference_setting(self, noise, start_block):
         noise = self.params["noise"] if noise is None else noise
         if not isinstance(noise, bool):
             raise UsageError(f"method {self.name!r}: noise={noise!r} must be true or false")
         if isinstance(start_block, bool) or not isinstance(start_block, int) or not 1 <= start_block <= self.T:
             raise UsageError(f"method {self.name!r}: start_block={start_block!r} must be a whole number in 1..{self.T}")
-        s = self.schedule
-        W = self.embedding.weight
-        z = torch.randn(x.shape[0], W.shape[1], device=x.device)
-        for t in range(start_block, self.T + 1):
-            self._bring_in(t)
-            block = self.blocks[t - 1]
-            z = s.a[t] * block(block.features(x), z, W) + s.b[t] * z
-            if noise:
-                z = z + s.c[t].sqrt() * torch.randn_like(z)
-        return self.classifier(z)
+        return noise, start_block
 
     # -- host hooks -------------------------------------------------------------------------------
     def sweep_settings(self) -> List[dict]:
