@@ -282,3 +282,48 @@ def test_cli_end_to_end(tmp_path):
 def test_prediction_from_shared_features_is_the_same_prediction(trained, setting):
     method, x, _ = trained
     assert torch.equal(*predictions_whole_and_shared(method, x[:200], **setting))
+
+
+def _integrate_step_by_step(method, features, solver, steps):
+    """The integration with every coefficient computed inside the loop, as Algorithm 2 reads."""
+    W = method.embedding.weight
+    grid = torch.linspace(0.0, 1.0, steps + 1)
+    gamma, dgamma = method.schedule(grid)
+    abar = torch.sigmoid(-gamma)
+    times = method.model.time_features(grid)
+    z = torch.randn(features.shape[0], W.shape[1])
+
+    def u(z, k):
+        return method.model.logits(features, z, times[k:k + 1]).softmax(dim=1) @ W
+
+    def drift(z, k):
+        return -0.5 * dgamma[k] * (abar[k].sqrt() * u(z, k) - abar[k] * z)
+
+    h = 1.0 / steps
+    for k in range(steps):
+        if solver == "stochastic":
+            ab_prev, ab_next = abar[k], abar[k + 1]
+            alpha = ab_prev / ab_next
+            a = ab_next.sqrt() * (1 - alpha) / (1 - ab_prev)
+            b = alpha.sqrt() * (1 - ab_next) / (1 - ab_prev)
+            c = (1 - ab_next) * (1 - alpha) / (1 - ab_prev)
+            z = a * u(z, k) + b * z + c.clamp_min(0).sqrt() * torch.randn_like(z)
+        elif solver == "euler":
+            z = z + h * drift(z, k)
+        else:
+            f0 = drift(z, k)
+            z = z + 0.5 * h * (f0 + drift(z + h * f0, k + 1))
+    return z
+
+
+@pytest.mark.parametrize("solver", ["stochastic", "euler", "heun"])
+def test_coefficients_computed_before_the_loop_change_nothing(solver):
+    method = make_method(make_task(backbone=small_backbone)).eval()
+    x, _ = first_batch(method.task, 16)
+    with torch.inference_mode():
+        features = method.features(x)
+        torch.manual_seed(2)
+        reference = _integrate_step_by_step(method, features, solver, 25)
+        torch.manual_seed(2)
+        integrated = method.integrate(features, solver, 25)
+    assert torch.equal(integrated, reference)

@@ -158,18 +158,21 @@ class NoPropCT(IntegrationHooks, Method):
         def u(z, k):
             return self.model.logits(features, z, times[k:k + 1]).softmax(dim=1) @ W
 
+        # every step's coefficients at once, before the loop: the loop itself only runs the network
         if solver == "stochastic":
+            ab_prev, ab_next = abar[:-1], abar[1:]
+            alpha = ab_prev / ab_next
+            a = ab_next.sqrt() * (1 - alpha) / (1 - ab_prev)
+            b = alpha.sqrt() * (1 - ab_next) / (1 - ab_prev)
+            noise_scale = ((1 - ab_next) * (1 - alpha) / (1 - ab_prev)).clamp_min(0).sqrt()
             for k in range(steps):
-                ab_prev, ab_next = abar[k], abar[k + 1]
-                alpha = ab_prev / ab_next
-                a = ab_next.sqrt() * (1 - alpha) / (1 - ab_prev)
-                b = alpha.sqrt() * (1 - ab_next) / (1 - ab_prev)
-                c = (1 - ab_next) * (1 - alpha) / (1 - ab_prev)
-                z = a * u(z, k) + b * z + c.clamp_min(0).sqrt() * torch.randn_like(z)
+                z = a[k] * u(z, k) + b[k] * z + noise_scale[k] * torch.randn_like(z)
             return z
 
+        drift_scale, abar_sqrt = -0.5 * dgamma, abar.sqrt()
+
         def drift(z, k):
-            return -0.5 * dgamma[k] * (abar[k].sqrt() * u(z, k) - abar[k] * z)
+            return drift_scale[k] * (abar_sqrt[k] * u(z, k) - abar[k] * z)
 
         h = 1.0 / steps
         for k in range(steps):
