@@ -208,6 +208,7 @@ def test_time_reports_split_devices_even_with_sample_budget():
     assert table2.count(f"; device {A100}.") == 1 and table2.count(f"; device {H100}.") == 1
     times = render_time_to_accuracy(records)
     assert times.count("## MNIST5k") == 2 and "mixes" not in times
+    assert f"## MNIST5k (device {A100})" in times and f"## MNIST5k (device {H100})" in times
     curves = curves_frame(records)
     assert curves.groupby("table")["device"].nunique().tolist() == [1, 1]
 

@@ -194,6 +194,15 @@ def comparable_groups(records: Iterable[Dict[str, Any]], by_device: Optional[boo
     return list(groups.values())
 
 
+def group_distinctions(groups: Sequence[Sequence[Dict[str, Any]]], by_device: Optional[bool] = None) -> List[str]:
+    """Per comparable group, the :func:`comparability` fields that tell it from the other groups (e.g.
+    ``device NVIDIA H100``), for headings; empty strings when there is one group."""
+    keys = [comparability(group[0], by_device) for group in groups]
+    names = ("budget", "backbone", "device", "batch size", "speed settings")
+    varying = [i for i in range(len(names)) if len({key[i] for key in keys}) > 1]
+    return [", ".join(f"{names[i]} {key[i]}" for i in varying) for key in keys]
+
+
 def device_counts(records: Sequence[Dict[str, Any]]) -> Counter:
     """Trials per device name, counted as the tables count them (a duplicate seed once)."""
     kept, _, _ = drop_duplicate_seeds(records, assign_rows(records))

@@ -8,7 +8,7 @@ import pandas as pd
 from ..errors import UsageError
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, checkpoint_text, comparable_groups, dataset_columns,
-                      drop_duplicate_seeds, ordered_rows, settings_text)
+                      drop_duplicate_seeds, group_distinctions, ordered_rows, settings_text)
 
 DEFAULT_TARGETS = {
     "mnist": (90.0, 95.0, 97.0), "mnist5k": (90.0, 95.0, 97.0), "fashion_mnist": (80.0, 85.0, 90.0),
@@ -85,11 +85,12 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
     sections = []
-    for group in comparable_groups(ok, by_device=True):
+    groups = comparable_groups(ok, by_device=True)
+    for group, distinction in zip(groups, group_distinctions(groups, by_device=True)):
         for spec, label in dataset_columns(group).items():
             chosen = tuple(targets) if targets else default_targets(spec)
             frame = time_to_accuracy_frame([r for r in group if r["dataset"] == spec], chosen)
-            sections.append(Section(label, frame, (
+            sections.append(Section(f"{label} ({distinction})" if distinction else label, frame, (
                 "Training seconds (evaluation excluded) until the first test evaluation at or above each "
                 "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
                 "its budget. Resolution is the spacing of the test evaluations (--checkpoints), and the "
