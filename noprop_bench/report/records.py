@@ -203,6 +203,18 @@ def group_distinctions(groups: Sequence[Sequence[Dict[str, Any]]], by_device: Op
     return [", ".join(f"{names[i]} {key[i]}" for i in varying) for key in keys]
 
 
+def field_mean(records: Sequence[Dict[str, Any]], field: str, scale: float = 1.0) -> float:
+    """The mean of ``field`` over the records that hold a number there, divided by ``scale``; NaN if none do."""
+    values = [r.get(field) for r in records]
+    values = [float(v) / scale for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def memory_kind(record: Dict[str, Any]) -> str:
+    """How the record's peak memory was measured (e.g. ``cuda_max_allocated``), or ``unknown``."""
+    return str(record.get("memory_kind") or "unknown")
+
+
 def device_counts(records: Sequence[Dict[str, Any]]) -> Counter:
     """Trials per device name, counted as the tables count them (a duplicate seed once)."""
     kept, _, _ = drop_duplicate_seeds(records, assign_rows(records))

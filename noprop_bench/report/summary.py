@@ -6,9 +6,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .records import (assign_rows, budget_unit, check_records, comparability, comparable_groups, dataset_columns,
-                      drop_duplicate_seeds, mean_and_standard_error, ordered_rows)
+                      drop_duplicate_seeds, field_mean, mean_and_standard_error, memory_kind, ordered_rows)
 from .table1 import SPLITS, not_ok_lines
-from .tables import GB, _mean, _memory_kind
+from .tables import GB
 
 SUMMARY_FORMAT = "noprop-bench report summary"
 SUMMARY_VERSION = 1
@@ -71,13 +71,13 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     dataset: means over seeds."""
     tables = []
     for group in comparable_groups(records, by_device=True):
-        for kind in dict.fromkeys(_memory_kind(r) for r in group):
+        for kind in dict.fromkeys(memory_kind(r) for r in group):
             cells = [{"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
                       "dataset_label": label, "seeds": len(chosen),
-                      "peak_memory_gb": _number(_mean(chosen, "peak_memory_bytes", GB)),
-                      "samples_per_second": _number(_mean(chosen, "samples_per_second")),
-                      "seconds_per_epoch": _number(_mean(chosen, "seconds_per_epoch"))}
-                     for family, row, spec, label, chosen in _cells([r for r in group if _memory_kind(r) == kind])]
+                      "peak_memory_gb": _number(field_mean(chosen, "peak_memory_bytes", GB)),
+                      "samples_per_second": _number(field_mean(chosen, "samples_per_second")),
+                      "seconds_per_epoch": _number(field_mean(chosen, "seconds_per_epoch"))}
+                     for family, row, spec, label, chosen in _cells([r for r in group if memory_kind(r) == kind])]
             tables.append({**_settings(group[0], True), "memory_kind": kind, "cells": cells})
     return tables
 

@@ -1,6 +1,6 @@
 """Table 2 (peak memory, throughput, time per epoch) and the inference-settings sweep table."""
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pandas as pd
@@ -8,7 +8,7 @@ import pandas as pd
 from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, format_mean_se, ordered_rows, settings_text)
+                          family_heading, field_mean, format_mean_se, memory_kind, ordered_rows, settings_text)
 
 GB = 1e9
 MEMORY_KINDS = {
@@ -35,16 +35,6 @@ def _number(value: float) -> str:
     return f"{value:.3f}"
 
 
-def _mean(records: Sequence[Dict[str, Any]], field: str, scale: float = 1.0) -> float:
-    values = [r.get(field) for r in records]
-    values = [float(v) / scale for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _memory_kind(record: Dict[str, Any]) -> str:
-    return str(record.get("memory_kind") or "unknown")
-
-
 def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataFrame:
     """Rows as Table 1; per dataset: peak memory (GB), samples/s and s/epoch, each a mean over seeds.
 
@@ -54,7 +44,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
     rows = assign_rows(records)
     records, rows, _ = drop_duplicate_seeds(records, rows)
     columns = dataset_columns(records)
-    show_paper = paper and all(_memory_kind(r) == "cuda_max_allocated" for r in records)
+    show_paper = paper and all(memory_kind(r) == "cuda_max_allocated" for r in records)
     headers = []
     for spec, label in columns.items():
         headers += [(f"{label} peak memory (GB)", spec, "memory")]
@@ -72,11 +62,11 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
             if not cell:
                 line.append("–")
             elif kind == "memory":
-                line.append(_number(_mean(cell, "peak_memory_bytes", GB)))
+                line.append(_number(field_mean(cell, "peak_memory_bytes", GB)))
             elif kind == "throughput":
-                line.append(_number(_mean(cell, "samples_per_second")))
+                line.append(_number(field_mean(cell, "samples_per_second")))
             elif kind == "epoch":
-                line.append(_number(_mean(cell, "seconds_per_epoch")))
+                line.append(_number(field_mean(cell, "seconds_per_epoch")))
             else:
                 one_hot = cell[0]["row_label"].endswith("(one-hot)")
                 published = paper_data.paper_memory_gb(cell[0]["method"], spec) if one_hot else None
@@ -86,7 +76,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
 
 
 def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
-    kind = _memory_kind(records[0])
+    kind = memory_kind(records[0])
     seeds = len({r["seed"] for r in records})
     paper_text = (" Paper column: the paper's memory table (one-hot embedding, its own unnamed GPU and batch "
                   "settings), so the comparison is indicative." if paper and kind == "cuda_max_allocated" else "")
@@ -103,7 +93,7 @@ def table2_document(records: List[Dict[str, Any]], paper: bool = False) -> Docum
     for group in comparable_groups(ok, by_device=True):
         by_kind: Dict[str, List[Dict[str, Any]]] = {}
         for record in group:
-            by_kind.setdefault(_memory_kind(record), []).append(record)
+            by_kind.setdefault(memory_kind(record), []).append(record)
         for kind_records in by_kind.values():
             sections.append(Section(None, table2_frame(kind_records, paper=paper), table2_caption(kind_records, paper)))
     return Document("Table 2: peak memory and training time", sections, "No trial finished successfully.")
