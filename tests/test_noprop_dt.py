@@ -298,3 +298,26 @@ def test_shared_block_features_give_exactly_equation_3(setting):
     whole, shared = predictions_whole_and_shared(method, x, **setting)
     assert method.reuses_features() and method.features(x).shape == (8, method.T, 256)
     assert torch.equal(whole, reference) and torch.equal(shared, reference)
+
+
+def test_compiled_training_builds_one_graph_for_every_block():
+    """--compile wraps the per-block loss: moving to another block must not recompile (on the clock)."""
+    from torch._dynamo.utils import counters
+    from noprop_bench.run.speed_settings import SpeedSettings, apply_speed_settings
+
+    method = make_method(blocks=4, block_samples=8).train()
+    torch._dynamo.reset()
+    counters.clear()
+    applied = apply_speed_settings(method, SpeedSettings(compile="default"), "cpu")
+    assert applied.record()["compiled"] == ["losses_of_block", "predict_from_features"]
+    x, y = first_batch(method.task, 8)
+    blocks_trained = []
+    for step in range(6):
+        blocks_trained.append(method.next_block())
+        assert torch.isfinite(method.train_step(x, y)["loss"])
+        if step == 0:
+            graphs_after_first_block = counters["stats"]["unique_graphs"]
+    assert blocks_trained == [1, 2, 3, 4, 1, 2]
+    assert graphs_after_first_block >= 1 and counters["stats"]["unique_graphs"] == graphs_after_first_block
+    assert applied.record()["compile_fallbacks"] == {}
+    torch._dynamo.reset()

@@ -135,9 +135,16 @@ class NoPropDT(Method):
         u_y = W[y]
         with torch.no_grad():  # the block's input: no gradient may flow back through it
             z_prev = s.abar[t - 1].sqrt() * u_y + (1 - s.abar[t - 1]).sqrt() * torch.randn_like(u_y)
-        block = self.blocks[t - 1]
-        u_hat = block(block.features(x), z_prev, W)
         weight = 0.5 * self.T * self.params["eta"] * s.snr_delta[t - 1]
+        return self.losses_of_block(self.blocks[t - 1], x, y, z_prev, weight)
+
+    def losses_of_block(self, block: nn.Module, x: torch.Tensor, y: torch.Tensor, z_prev: torch.Tensor,
+                        weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """A block's loss terms given its noisy input ``z_prev`` and denoising weight. Nothing here depends on
+        which block it is, so under ``--compile`` one graph serves all T blocks (see :meth:`compile_targets`)."""
+        W = self.embedding.weight
+        u_y = W[y]
+        u_hat = block(block.features(x), z_prev, W)
         denoise = weight * (u_hat - u_y).pow(2).sum(dim=1).mean()
         terms = self.output_losses(u_y, y)
         return {"loss": terms["ce"] + terms["kl"] + denoise, **terms, "denoise": denoise}
@@ -225,6 +232,15 @@ class NoPropDT(Method):
         return noise, start_block
 
     # -- host hooks -------------------------------------------------------------------------------
+    def compile_targets(self) -> List[str]:
+        """Under ``--compile``: the per-block loss and the inference chain. Compiling ``train_step`` would
+        specialise on the block index and recompile for every block, on the training clock, until torch's
+        recompile limit silently left the last blocks eager; ``schedule=parallel`` updates every block in
+        one step, so its train step is compiled whole."""
+        if self.parallel is not None:
+            return ["train_step", "predict_from_features"]
+        return ["losses_of_block", "predict_from_features"]
+
     def sweep_settings(self) -> List[dict]:
         """``--inference-sweep``: with and without the noise term."""
         return [{"noise": True}, {"noise": False}]
