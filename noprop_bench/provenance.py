@@ -68,16 +68,33 @@ def git_commit(folder: str) -> Optional[str]:
     return done.stdout.strip() or None
 
 
+@lru_cache(maxsize=None)
+def git_modified(folder: str) -> Optional[bool]:
+    """Whether tracked files of the checkout holding ``folder`` differ from its commit (None outside one)."""
+    if git_commit(folder) is None:
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(Path(folder).resolve()), "status", "--porcelain",
+                               "--untracked-files=no"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
+
+
 def code_identity(cls: type) -> Dict[str, Any]:
-    """``{"distribution", "version", "git_commit"}`` of the code that defines ``cls`` (None where unknown)."""
+    """``{"distribution", "version", "git_commit", "git_modified"}`` of the code that defines ``cls`` (None
+    where unknown). ``git_modified`` says the checkout had uncommitted changes, so the commit alone does not
+    name the code; it is informational and not part of :data:`CODE_FIELDS`."""
     distribution = distribution_of(cls)
     try:
         installed = version(distribution) if distribution else None
     except PackageNotFoundError:
         installed = None
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    folder = str(Path(module_file).parent) if module_file else None
     return {"distribution": distribution, "version": installed,
-            "git_commit": git_commit(str(Path(module_file).parent)) if module_file else None}
+            "git_commit": git_commit(folder) if folder else None,
+            "git_modified": git_modified(folder) if folder else None}
 
 
 def same_code(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
@@ -90,5 +107,6 @@ def describe_code(code: Optional[Mapping[str, Any]]) -> str:
         return "unrecorded code"
     parts = [" ".join(str(code[key]) for key in ("distribution", "version") if code.get(key))]
     if code.get("git_commit"):
-        parts.append(f"git {str(code['git_commit'])[:12]}")
+        modified = " with uncommitted changes" if code.get("git_modified") else ""
+        parts.append(f"git {str(code['git_commit'])[:12]}{modified}")
     return ", ".join(part for part in parts if part) or "unknown code"

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import noprop_bench_plugins
-from noprop_bench.provenance import code_identity, describe_code
+from noprop_bench.provenance import code_identity, describe_code, git_commit, git_modified, same_code
 from noprop_bench_plugins.methods.backprop import Backprop
 
 
@@ -28,7 +28,7 @@ def test_the_code_of_a_built_in_method_is_its_distribution_version_and_checkout_
     head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0 and "site-packages" not in source.parts:  # an editable install of a checkout
         assert code["git_commit"] == head.stdout.strip()
-        assert re.fullmatch(r"noprop-bench 0\.1\.0, git [0-9a-f]{12}", describe_code(code))
+        assert re.fullmatch(r"noprop-bench 0\.1\.0, git [0-9a-f]{12}( with uncommitted changes)?", describe_code(code))
     else:
         assert code["git_commit"] is None
 
@@ -72,3 +72,27 @@ def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
     assert "1 finished trial(s) in" in capsys.readouterr().err
     assert len(_records(out)) == 1
     assert "Linear (one-hot)" in (out / "table1.md").read_text() and "†" not in (out / "table1.md").read_text()
+
+
+def test_a_checkout_with_uncommitted_changes_says_so(tmp_path, monkeypatch):
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    package = tmp_path / "changed_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text("class Method:\n    pass\n")
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "plugin"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import changed_plugin
+
+    def identity():
+        git_commit.cache_clear()
+        git_modified.cache_clear()
+        return code_identity(changed_plugin.Method)
+
+    clean = identity()
+    assert clean["git_commit"] and clean["git_modified"] is False
+    (package / "__init__.py").write_text("class Method:\n    changed = True\n")
+    modified = identity()
+    assert modified["git_commit"] == clean["git_commit"] and modified["git_modified"] is True
+    assert describe_code(modified).endswith("with uncommitted changes")
+    assert same_code(clean, modified)  # informational: the commit still decides what is stale
