@@ -34,7 +34,9 @@ def split_features(method: Method, split: Split, normalize: Normalizer,
     batches = EvaluationBatches.of(batches)
     was_training = method.training
     method.eval()
-    with torch.inference_mode():
+    devices = [split.images.device] if split.images.device.type == "cuda" else []
+    # forked: a plugin whose features draw random numbers (against the contract) still leaves training's RNG alone
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
         features = torch.cat([method.features(x) for x, _ in eval_batches(split, normalize, batches.deterministic)])
     method.train(was_training)
     size = batches.stochastic
