@@ -257,13 +257,19 @@ def test_a_cuda_worker_trains_on_its_own_gpu(tmp_path):
     json.dumps(record)
 
 
+def _ctrl_c_reaches_it():
+    """As in a terminal: a shell starts background jobs (a CI step, say) with SIGINT ignored, and the
+    host would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_workers_and_records_their_trials_as_interrupted(tmp_path):
     out = tmp_path / "run"
     host = subprocess.Popen(
         [sys.executable, "-m", "noprop_bench", "--methods", "backprop", "--dataset", "mnist5k", "--budget", "120",
          "--seeds", "3", "--checkpoints", "0", "--threads", "1", "--executor", "local[workers=2]",
-         "--out", str(out)], stderr=subprocess.PIPE, text=True)
+         "--out", str(out)], stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_it)
     lines, loaded = [], 0
     while loaded < 2:  # both workers are training
         line = host.stderr.readline()
@@ -280,6 +286,26 @@ def test_ctrl_c_stops_the_workers_and_records_their_trials_as_interrupted(tmp_pa
     for pid in workers:  # no worker is left training
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_ctrl_c_is_held_until_a_message_to_or_from_a_worker_is_whole():
+    """Raised halfway through a pipe read, KeyboardInterrupt would leave the pipe mid-message and the host's
+    next read (collecting what the workers finished) would block for good."""
+    steps = []
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with local_executor.whole_messages():
+                os.kill(os.getpid(), signal.SIGINT)
+                steps.append("after the signal")  # still runs: the interrupt waits for the block's end
+                steps.append("message whole")
+        assert steps == ["after the signal", "message whole"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with local_executor.whole_messages():
+            steps.append("no signal")  # and nothing is raised without one
+        assert steps[-1] == "no signal"
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_submitit_refuses_to_fall_back_to_this_machine_without_slurm(monkeypatch, tmp_path, capsys):

@@ -7,11 +7,13 @@ not share. A worker that dies loses only the trial it held: that trial is record
 cause, and a fresh worker takes its place.
 """
 
+import contextlib
 import multiprocessing
 import os
 import platform
 import signal
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Dict, List, Optional
 
@@ -39,6 +41,28 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exit status {exitcode}"
 
 
+@contextlib.contextmanager
+def whole_messages():
+    """Hold Ctrl-C back until a message to or from a worker is read or written whole.
+
+    Interrupted halfway through, a pipe is left mid-message and the next read takes the rest of the body
+    for a length header and blocks for good. Outside the main thread (where no handler can be set) this
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and previous is signal.default_int_handler:
+            raise KeyboardInterrupt
+        if held and callable(previous):
+            previous(signal.SIGINT, None)
+
+
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
     """A worker process: run the jobs it is sent, one at a time, and send back progress and records."""
     os.environ.update(environment)  # before anything initialises CUDA
@@ -59,6 +83,7 @@ class _Worker:
     process: Any
     connection: Any
     job: Optional[TrialJob] = None
+    received: List[Any] = field(default_factory=list)  # messages read whole and not yet handled
 
 
 class LocalExecutor(Executor):
@@ -138,7 +163,8 @@ class _Pool:
                     if worker.job is None and queue:
                         worker.job = queue.pop(0)
                         try:
-                            worker.connection.send(worker.job)
+                            with whole_messages():
+                                worker.connection.send(worker.job)
                         except OSError:  # it died just now: _collect records the job as failed
                             pass
                         self.say(f"worker {worker.number}: {worker.job.describe()}")
@@ -177,8 +203,11 @@ class _Pool:
     def _collect(self, worker: _Worker) -> Optional[Dict[str, Any]]:
         """The worker's record if it finished its trial; a failed record if it died; else None."""
         try:
-            while worker.connection.poll():
-                kind, payload = worker.connection.recv()
+            while worker.received or worker.connection.poll():
+                if not worker.received:
+                    with whole_messages():  # a Ctrl-C held here is raised with the message kept
+                        worker.received.append(worker.connection.recv())
+                kind, payload = worker.received.pop(0)
                 if kind == "record":
                     return payload
                 self.say(f"  [worker {worker.number}] {payload}")
