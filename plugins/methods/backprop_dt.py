@@ -8,8 +8,8 @@ from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
-from noprop_bench_plugins.parts.noprop_dt_block import dt_blocks
-from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.noprop_dt_block import dt_chain
+from noprop_bench_plugins.parts.noprop_dt_fm import require_non_negative, require_whole
 
 
 class BackpropDT(Method):
@@ -54,8 +54,7 @@ class BackpropDT(Method):
         type(self).check_params(self.params)
         p = self.params
         self.T = p["blocks"]
-        self.embedding = label_embedding_for(task, p["embedding"], p["dim"])
-        self.blocks = dt_blocks(task, self.T, self.embedding.dim, prototype=p["embedding"] == "prototype")
+        self.embedding, self.blocks = dt_chain(task, p)
         self.mix_weights = nn.Parameter(torch.full((self.T,), math.atanh(p["mix_init"])))
         self.classifier = nn.Linear(self.embedding.dim, task.num_classes)
         self.to(task.device)

@@ -9,8 +9,8 @@ from torch.nn import functional as F
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.block_offload import BlockOffload
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
-from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_blocks
-from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
+from noprop_bench_plugins.parts.noprop_dt_block import CosineSchedule, dt_chain
+from noprop_bench_plugins.parts.noprop_dt_fm import require_non_negative, require_whole
 from noprop_bench_plugins.parts.noprop_dt_parallel import parallel_runner, parallel_step
 from noprop_bench_plugins.parts.optim import optimizer_options
 
@@ -94,10 +94,9 @@ class NoPropDT(Method):
         type(self).check_params(self.params)
         p = self.params
         self.T = p["blocks"]
-        self.embedding = label_embedding_for(task, p["embedding"], p["dim"])
+        self.embedding, blocks = dt_chain(task, p)
         self.schedule = CosineSchedule(self.T, p["cosine_offset"], p["abar_min"], p["abar_max"])
-        prototype = p["embedding"] == "prototype"
-        self.blocks = dt_blocks(task, self.T, self.embedding.dim, prototype)
+        self.blocks = blocks
         self.classifier = nn.Linear(self.embedding.dim, task.num_classes)
         self.to(task.device)
 
@@ -199,7 +198,6 @@ class NoPropDT(Method):
         starts from ``z_{k-1} ~ N(0, I)`` and runs blocks k..T only (a diagnostic: with k = T, how much
         the last block classifies from the image alone).
         """
-        noise, start_block = self._inference_setting(noise, start_block)
         return self.predict_from_features(self.features(x), noise, start_block)
 
     def features(self, x):

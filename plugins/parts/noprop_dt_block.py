@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from noprop_bench.paper_cnn import ending_without_activation
+from noprop_bench_plugins.parts.noprop import LabelEmbedding
+from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for
 
 
 class CosineSchedule(nn.Module):
@@ -111,3 +113,11 @@ def dt_blocks(task, count: int, embedding_dim: int, prototype: bool) -> nn.Modul
         DTBlock(task.make_backbone(), task.backbone_features, task.num_classes, embedding_dim,
                 label_backbone=task.make_backbone() if prototype else None, image_shape=task.image_shape)
         for _ in range(count))
+
+
+def dt_chain(task, params) -> Tuple[LabelEmbedding, nn.ModuleList]:
+    """The label embedding and the ``params["blocks"]`` fresh blocks of a discrete-time chain (NoProp-DT and
+    its end-to-end Backprop baseline), built in that order from ``embedding``, ``dim`` and ``blocks``."""
+    embedding = label_embedding_for(task, params["embedding"], params["dim"])
+    blocks = dt_blocks(task, params["blocks"], embedding.dim, prototype=params["embedding"] == "prototype")
+    return embedding, blocks
