@@ -4,7 +4,8 @@
 #   2. `noprop-bench speed` for (mnist5k shape, noprop_cnn) and (CIFAR-10 shape, resnet18), eager fp32
 #      against the best settings;
 #   3. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
-#      Table 2 and the evaluation/training wall-time ratio.
+#      Table 2 and the evaluation/training wall-time ratio;
+#   4. where pytest is installed, the CUDA graph tests (replays of the integration loops against eager).
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]          (default results/gpu-check-<timestamp>)
 # Environment: PYTHON (default python), NOPROP_CHECK_DEVICE (default cuda; cpu only to try the script),
@@ -82,13 +83,23 @@ cat "$OUT/run/table1.md" "$OUT/run/table2.md"
 "$PYTHON" - "$OUT/run/trials.jsonl" <<'EOF' | tee "$OUT/run/eval_ratio.md"
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
-print("\n| method | training s | evaluation s | evaluation / training | warm-up s | compile s |\n|---|---|---|---|---|---|")
+print("\n| method | training s | evaluation s | evaluation / training | warm-up s | compile s | CUDA graphs |"
+      "\n|---|---|---|---|---|---|---|")
 for r in records:
+    speed = r.get("speed_settings") or {}
+    graphs = ", ".join(speed.get("captured", [])) + "".join(
+        f" fell back: {name}: {why}" for name, why in (speed.get("capture_fallbacks") or {}).items())
     print(f"| {r['row_label']} | {r['train_seconds']:.1f} | {r['eval_seconds']:.1f} | "
           f"{r['eval_seconds'] / max(r['train_seconds'], 1e-9):.2f} | {r.get('warmup_seconds', 0):.1f} | "
-          f"{r.get('compile_seconds', 0):.1f} |")
+          f"{r.get('compile_seconds', 0):.1f} | {graphs.strip() or '-'} |")
 train = sum(r["train_seconds"] for r in records)
 evaluation = sum(r["eval_seconds"] for r in records)
 print(f"\nAll methods: evaluation/training wall ratio {evaluation / max(train, 1e-9):.2f}")
 EOF
+echo; echo "## whole-call CUDA graphs against eager (tests/test_cuda_graphs.py)"
+if [ "$DEVICE" = cuda ] && "$PYTHON" -c "import pytest" 2>/dev/null; then
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -n 15 | tee "$OUT/cuda_graph_tests.txt"
+else
+    echo "not run: needs --device cuda and pytest" | tee "$OUT/cuda_graph_tests.txt"
+fi
 echo; echo "gpu_check: $(( $(date +%s) - started )) s in all; outputs in $OUT/"

@@ -94,6 +94,13 @@ class Method(nn.Module):
         ``"model.logits"``); by default the train step and the inference path. Return ``[]`` to stay eager."""
         return ["train_step", "predict_from_features" if self.reuses_features() else "predict"]
 
+    def capture_targets(self) -> List[str]:
+        """Attribute paths whose whole inference call is recorded once as a CUDA graph and replayed, under
+        ``--compile`` on CUDA (e.g. an integration loop of many small steps; see ``run.cuda_graphs``).
+        What they compute must depend only on their arguments, the method's parameters and buffers, and
+        the random generator, and must not synchronise with the host. Default: none."""
+        return []
+
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
         return {}

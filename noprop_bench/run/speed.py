@@ -181,7 +181,9 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
         "inference img/s (final)": round(row["inference_images_per_second_final"], 1),
         "inference img/s (checkpoint)": round(row["inference_images_per_second_checkpoint"], 1),
         "peak MiB": round(row["peak_memory_bytes"] / 2**20, 1),
-        "fell back to eager": "; ".join(f"{k}: {v}" for k, v in row["compile_fallbacks"].items()) or "",
+        "fell back to eager": "; ".join(
+            [f"{k}: {v}" for k, v in row["compile_fallbacks"].items()]
+            + [f"{k} (CUDA graph): {v}" for k, v in row.get("capture_fallbacks", {}).items()]),
     } for row in rows])
     return f"{header}\n\n{frame.to_markdown(index=False)}\n"
 

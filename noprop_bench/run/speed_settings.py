@@ -4,7 +4,8 @@ A method never chooses its own precision or compilation: the run's :class:`Speed
 method's entry points (``train_step``, ``predict``, ``features``, ``predict_from_features``) in the
 same way for every method, so a comparison stays fair. ``torch.compile`` wraps what the method's
 optional ``compile_targets()`` hook names (by default the train step and the inference path); a target
-that cannot be compiled falls back to eager, and the reason is recorded with the trial.
+that cannot be compiled falls back to eager, and the reason is recorded with the trial. On CUDA,
+``--compile`` also records what ``capture_targets()`` names as whole CUDA graphs (see :mod:`.cuda_graphs`).
 """
 
 import contextlib
@@ -15,9 +16,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from ..errors import UsageError
+from .cuda_graphs import CapturedCall
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor records its own CUDA graphs in these
 ENTRY_POINTS = ("train_step", "predict", "features", "predict_from_features")
 
 
@@ -117,9 +120,14 @@ class CompiledCall:
     def __init__(self, name: str, eager: Callable, mode: str, on_fallback: Callable[[str, str], None]):
         self.name, self.eager, self.on_fallback = name, eager, on_fallback
         self.compiled: Optional[Callable] = torch.compile(eager, mode=mode)
+        self.records_cuda_graphs = mode in CUDA_GRAPH_MODES
 
     def __call__(self, *args, **kwargs):
         if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        if self.records_cuda_graphs and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # called inside a whole-call capture (capture_targets): inductor's own CUDA graphs cannot nest
+            # in it, and the eager kernels become part of the outer graph anyway
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
@@ -149,6 +157,8 @@ class AppliedSpeed:
         self.settings, self.say = settings, say
         self.compiled: List[str] = []
         self.fallbacks: Dict[str, str] = {}
+        self.captured: List[str] = []
+        self.capture_fallbacks: Dict[str, str] = {}
 
     def fallback(self, name: str, reason: str) -> None:
         if name in self.compiled:
@@ -156,8 +166,15 @@ class AppliedSpeed:
         self.fallbacks[name] = reason
         self.say(f"torch.compile failed for {name}; it runs eagerly: {reason}")
 
+    def capture_fallback(self, name: str, reason: str) -> None:
+        if name in self.captured:
+            self.captured.remove(name)
+        self.capture_fallbacks[name] = reason
+        self.say(f"CUDA graph capture failed for {name}; it runs eagerly: {reason}")
+
     def record(self) -> Dict[str, Any]:
-        return {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks)}
+        return {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks),
+                "captured": list(self.captured), "capture_fallbacks": dict(self.capture_fallbacks)}
 
 
 def _wrap_entry(function: Callable, settings: SpeedSettings, device_type: str) -> Callable:
@@ -181,7 +198,7 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
     """Put ``method`` under ``settings`` in place: memory format, compiled targets, autocast on entry points.
 
     Wrappers are instance attributes, so the class (and every other instance) stays as it was. ``say``
-    hears of every compile target that falls back to eager.
+    hears of every compile or capture target that falls back to eager.
     """
     applied = AppliedSpeed(settings, say)
     if settings.channels_last:
@@ -192,6 +209,12 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
             owner, name = _resolve(method, path)
             setattr(owner, name, CompiledCall(path, getattr(owner, name), settings.compile, applied.fallback))
             applied.compiled.append(path)
+    if settings.compile != "none" and device_type == "cuda":
+        targets = method.capture_targets() if hasattr(method, "capture_targets") else []
+        for path in targets:
+            owner, name = _resolve(method, path)
+            setattr(owner, name, CapturedCall(path, getattr(owner, name), method, applied.capture_fallback))
+            applied.captured.append(path)
     if settings.channels_last or settings.precision == "bf16":
         for name in ENTRY_POINTS:
             if name in ("features", "predict_from_features") and not method.reuses_features():

@@ -240,6 +240,11 @@ class IntegrationHooks:
         whole loop would unroll up to 1000 steps and recompile for every step count)."""
         return ["train_step", "model.logits"]
 
+    def capture_targets(self) -> List[str]:
+        """Under ``--compile`` on CUDA: the whole integration loop, recorded as one CUDA graph per batch
+        shape and setting and replayed, so 1000 steps cost one launch."""
+        return ["integrate"]
+
     def checkpoint_setting(self) -> dict:
         """Settings for the evaluations during training: ``eval_solver`` at ``eval_steps`` (cheap by default)."""
         return {"solver": self.params["eval_solver"], "steps": self.params["eval_steps"]}

@@ -1,0 +1,162 @@
+"""Whole inference calls recorded once as a CUDA graph and replayed, so a loop of many small steps (e.g. the
+1000 steps of NoProp-CT's stochastic process) costs one launch instead of thousands.
+
+Under ``--compile`` on CUDA the harness wraps each attribute a method names in ``capture_targets()`` in a
+:class:`CapturedCall`. A call under ``torch.inference_mode``/``no_grad`` is recorded the first time its
+signature is seen (tensor shapes, dtypes and strides, the other arguments, the autocast state and the
+storages of the method's parameters and buffers), then replayed: the tensor arguments are copied into the
+recording's inputs and its outputs are cloned out. Parameters updated in place between calls (what
+optimisers do) are read afresh by every replay; a parameter replaced by another tensor changes the
+signature, so that call is recorded again. Random numbers drawn inside are fresh on every replay and follow
+the generator's seed, as CUDA graphs handle the default generator. Calls with gradients enabled, on the CPU,
+or with arguments that cannot be part of a signature run as they are.
+
+A call that cannot be captured (something in it synchronises with the host, say) runs eagerly from then on
+and the reason is reported, like a compile fallback; errors of the function itself go up as they are. Running out of memory while recording is not such a
+failure: the recordings are dropped and the error goes up, so the harness can retry with smaller batches.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+import torch
+
+MAX_RECORDINGS = 8  # per wrapped attribute; each holds a private memory pool on the device
+PLAIN_TYPES = (int, float, str, bool, type(None))
+
+
+@dataclass
+class Recording:
+    """One recorded call: replaying it reads ``args``/``kwargs`` (its own tensors) and rewrites ``output``."""
+
+    replay: Callable[[], None]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    output: Any
+
+
+class CaptureFailed(RuntimeError):
+    """The function ran, but its call could not be captured into a CUDA graph."""
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _static_copy(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def record_cuda_graph(function: Callable, args: tuple, kwargs: dict) -> Recording:
+    """Run ``function`` once on a side stream (lazy initialisation, compilation and library workspaces happen
+    outside the capture), then capture one call into a ``torch.cuda.CUDAGraph``."""
+    static_args = tuple(_static_copy(a) for a in args)
+    static_kwargs = {key: _static_copy(value) for key, value in kwargs.items()}
+    # autocast caches weight casts across calls; a cast cached before the capture would be left out of the
+    # graph, and replays would read stale weights
+    cache_enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            function(*static_args, **static_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                output = function(*static_args, **static_kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
+            raise CaptureFailed(_first_line(error)) from error
+    finally:
+        torch.set_autocast_cache_enabled(cache_enabled)
+    return Recording(graph.replay, static_args, static_kwargs, output)
+
+
+def _tensor_signature(tensor: torch.Tensor) -> Hashable:
+    return ("tensor", tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, str(tensor.device))
+
+
+def _clone_output(output):
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_clone_output(item) for item in output)
+    if isinstance(output, dict):
+        return {key: _clone_output(value) for key, value in output.items()}
+    return output
+
+
+class CapturedCall:
+    """``function`` replayed from recordings keyed by call signature; see the module docstring.
+
+    ``owner`` is the module whose parameters and buffers the function reads. ``record`` makes a
+    :class:`Recording` (:func:`record_cuda_graph` on CUDA; tests pass a stand-in). ``on_fallback(name,
+    reason)`` hears once when recording fails and the call turns eager for good.
+    """
+
+    def __init__(self, name: str, function: Callable, owner: torch.nn.Module,
+                 on_fallback: Callable[[str, str], None], record: Callable[..., Recording] = record_cuda_graph,
+                 device_type: str = "cuda", max_recordings: int = MAX_RECORDINGS):
+        self.name, self.function, self.owner, self.on_fallback = name, function, owner, on_fallback
+        self.record: Optional[Callable[..., Recording]] = record
+        self.device_type, self.max_recordings = device_type, max_recordings
+        self.recordings: "OrderedDict[Hashable, Recording]" = OrderedDict()
+        self.replays = 0
+
+    def _signature(self, args: tuple, kwargs: dict) -> Optional[Hashable]:
+        parts = []
+        on_device = False
+        for value in list(args) + [kwargs[key] for key in sorted(kwargs)]:
+            if isinstance(value, torch.Tensor):
+                on_device = on_device or value.device.type == self.device_type
+                parts.append(_tensor_signature(value))
+            elif isinstance(value, PLAIN_TYPES):
+                parts.append((type(value).__name__, value))
+            else:
+                return None
+        if not on_device:
+            return None
+        autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+        storages = tuple(t.data_ptr() for t in list(self.owner.parameters()) + list(self.owner.buffers()))
+        return tuple(parts), tuple(sorted(kwargs)), autocast, torch.is_inference_mode_enabled(), storages
+
+    def __call__(self, *args, **kwargs):
+        if self.record is None or torch.is_grad_enabled():
+            return self.function(*args, **kwargs)
+        signature = self._signature(args, kwargs)
+        if signature is None:
+            return self.function(*args, **kwargs)
+        recording = self.recordings.get(signature)
+        if recording is None:
+            recording = self._recorded(args, kwargs)
+            if recording is None:
+                return self.function(*args, **kwargs)
+            self.recordings[signature] = recording
+            while len(self.recordings) > self.max_recordings:
+                self.recordings.popitem(last=False)
+        self.recordings.move_to_end(signature)
+        for static, value in zip(recording.args, args):
+            if isinstance(static, torch.Tensor):
+                static.copy_(value)
+        for key, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                recording.kwargs[key].copy_(value)
+        recording.replay()
+        self.replays += 1
+        return _clone_output(recording.output)
+
+    def _recorded(self, args: tuple, kwargs: dict) -> Optional[Recording]:
+        try:
+            return self.record(self.function, args, kwargs)
+        except torch.cuda.OutOfMemoryError:
+            self.recordings.clear()
+            raise
+        except CaptureFailed as error:
+            self.record = None
+            self.recordings.clear()
+            self.on_fallback(self.name, str(error))
+            return None

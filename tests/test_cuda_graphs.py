@@ -1,0 +1,231 @@
+"""Whole-call CUDA graphs (``capture_targets``): which calls are recorded, when a recording is reused, what
+a failed capture does; on a GPU, that replays of NoProp-CT's and NoProp-FM's integration loop give the eager
+results and follow parameter updates and the random generator.
+
+On the CPU the recorder is a stand-in that replays by calling the function again into the recorded output,
+so the bookkeeping of :class:`CapturedCall` is tested without a device."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from noprop_bench.datasets import Normalizer
+from noprop_bench.run import speed_settings
+from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
+from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
+from noprop_bench.task import Task
+from noprop_bench_plugins.methods.backprop import Backprop
+from noprop_bench_plugins.methods.noprop_ct import NoPropCT
+from noprop_bench_plugins.methods.noprop_fm import NoPropFM
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _small_backbone():
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 32), nn.ReLU())
+
+
+def _task(device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device(device), backbone_name="small",
+                make_backbone=_small_backbone, backbone_features=32,
+                normalize=Normalizer((0.1307,), (0.3081,), device), train_images=images.to(device),
+                train_labels=(torch.arange(64) % 10).to(device), seed=0)
+
+
+def _method(cls, device="cpu", **params):
+    torch.manual_seed(0)
+    task = _task(device)
+    small = {key: value for key, value in {"time_dim": 8, "schedule_width": 8}.items() if key in cls.defaults}
+    method = cls(task, **cls.resolve_params({**small, **params}))
+    x, y = task.normalize(task.train_images[:32]), task.train_labels[:32]
+    method.train_step(x, y)
+    method.eval()
+    return method, x, y
+
+
+class StandIn:
+    """Records by calling once; replays by calling again and writing into the recorded output."""
+
+    def __init__(self, fail_with=None):
+        self.recordings, self.fail_with = 0, fail_with
+
+    def __call__(self, function, args, kwargs):
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.recordings += 1
+        static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        output = function(*static_args, **kwargs)
+        return Recording(lambda: output.copy_(function(*static_args, **kwargs)), static_args, dict(kwargs), output)
+
+
+def _captured(method, record, **kwargs):
+    fallbacks = []
+    call = CapturedCall("integrate", method.integrate, method, lambda *reason: fallbacks.append(reason),
+                        record=record, device_type="cpu", **kwargs)
+    return call, fallbacks
+
+
+def test_a_recording_is_made_once_per_signature_and_replayed_into_fresh_tensors():
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, fallbacks = _captured(method, record)
+    with torch.inference_mode():
+        features = method.features(x)
+        call(features, "heun", 5)  # records
+        torch.manual_seed(1)
+        eager = method.integrate(features, "heun", 5)
+        torch.manual_seed(1)
+        first = call(features, "heun", 5)
+        second = call(features, "heun", 5)
+        assert record.recordings == 1 and call.replays == 3
+        torch.testing.assert_close(first, eager, rtol=0, atol=0)
+        assert first is not second and first.data_ptr() != second.data_ptr()
+        call(features[:16], "heun", 5)  # another shape
+        call(features, "euler", 5)  # another setting
+        call(features, "heun", 6)
+        assert record.recordings == 4
+        other = method.features(x.flip(0))
+        torch.manual_seed(2)
+        eager = method.integrate(other, "heun", 5)
+        torch.manual_seed(2)
+        torch.testing.assert_close(call(other, "heun", 5), eager, rtol=0, atol=0)
+        assert record.recordings == 4  # new values of the same shape: replayed
+    assert fallbacks == []
+
+
+def test_a_replaced_parameter_makes_a_new_recording_and_old_ones_are_dropped_beyond_the_limit():
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, _ = _captured(method, record, max_recordings=2)
+    with torch.inference_mode():
+        features = method.features(x)
+        call(features, "heun", 3)
+        weight = method.classifier.weight
+        method.classifier.weight = nn.Parameter(weight.detach().clone())
+        call(features, "heun", 3)
+        assert record.recordings == 2
+        call(features, "euler", 3)
+        assert len(call.recordings) == 2 and record.recordings == 3
+        call(features, "heun", 3)  # still held
+        assert record.recordings == 3
+
+
+def test_calls_with_gradients_on_other_devices_or_odd_arguments_run_as_they_are():
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, _ = _captured(method, record)
+    features = method.features(x).detach()
+    call(features, "heun", 3)  # gradients enabled
+    with torch.inference_mode():
+        call(features, solver="heun", steps=3)
+        assert record.recordings == 1  # keyword arguments are part of the signature too
+        call(features, "heun", np.int64(3))  # not a plain Python value: no signature
+        odd = CapturedCall("f", lambda a, b: a + 1, method, lambda *r: None, record=record, device_type="cuda")
+        odd(features, 1)  # no tensor on the device it records for
+        assert record.recordings == 1
+
+
+def test_a_failed_capture_turns_the_call_eager_for_good_and_says_why():
+    method, x, _ = _method(NoPropCT)
+    call, fallbacks = _captured(method, StandIn(fail_with=CaptureFailed("RuntimeError: operation not permitted")))
+    with torch.inference_mode():
+        features = method.features(x)
+        torch.manual_seed(1)
+        eager = method.integrate(features, "heun", 3)
+        torch.manual_seed(1)
+        torch.testing.assert_close(call(features, "heun", 3), eager, rtol=0, atol=0)
+        call(features, "euler", 3)
+    assert fallbacks == [("integrate", "RuntimeError: operation not permitted")]
+    assert call.record is None and not call.recordings
+
+
+def test_the_functions_own_errors_and_running_out_of_memory_go_up_without_turning_it_eager():
+    method, x, _ = _method(NoPropCT)
+    for error in (ValueError("bad setting"), torch.cuda.OutOfMemoryError("out of memory")):
+        call, fallbacks = _captured(method, StandIn(fail_with=error))
+        with torch.inference_mode(), pytest.raises(type(error)):
+            call(method.features(x), "heun", 3)
+        assert fallbacks == [] and call.record is not None
+
+
+def test_compile_on_cuda_captures_the_integration_loop_and_the_trial_records_it(monkeypatch):
+    method, _, _ = _method(NoPropFM)
+    applied = apply_speed_settings(method, SpeedSettings(compile="default"), "cuda")
+    assert isinstance(method.integrate, CapturedCall)
+    record = applied.record()
+    assert record["captured"] == ["integrate"] and record["capture_fallbacks"] == {}
+    applied.capture_fallback("integrate", "RuntimeError: no")
+    assert applied.record()["captured"] == [] and applied.record()["capture_fallbacks"] == {"integrate": "RuntimeError: no"}
+
+    on_cpu, _, _ = _method(NoPropCT)
+    assert apply_speed_settings(on_cpu, SpeedSettings(compile="default"), "cpu").record()["captured"] == []
+    assert not isinstance(on_cpu.integrate, CapturedCall)
+    eager, _, _ = _method(NoPropCT)
+    assert apply_speed_settings(eager, SpeedSettings(), "cuda").record()["captured"] == []
+    backprop, _, _ = _method(Backprop)  # nothing to capture
+    assert apply_speed_settings(backprop, SpeedSettings(compile="default"), "cuda").record()["captured"] == []
+
+
+def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_their_own_cuda_graphs(monkeypatch):
+    calls = []
+
+    def eager(value):
+        calls.append("eager")
+        return value
+
+    for mode, expected in (("reduce-overhead", "eager"), ("max-autotune", "eager"), ("default", "compiled")):
+        calls.clear()
+        compiled = CompiledCall("f", eager, mode, lambda *reason: None)
+        compiled.compiled = lambda value: calls.append("compiled")
+        monkeypatch.setattr(speed_settings.torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
+        compiled(1)
+        assert calls == [expected], mode
+        monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: False)
+        calls.clear()
+        compiled(1)
+        assert calls == ["compiled"], mode
+
+
+# -- on a GPU -------------------------------------------------------------------------------------
+
+@cuda_only
+@pytest.mark.parametrize("cls, solver", [(NoPropCT, "heun"), (NoPropCT, "euler"), (NoPropFM, "heun")])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_on_cuda_replays_of_an_ode_solve_match_eager_and_follow_training(cls, solver, precision):
+    method, x, y = _method(cls, "cuda")
+    call = CapturedCall("integrate", method.integrate, method, lambda name, reason: pytest.fail(reason))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
+        call(method.features(x), solver, 20)  # records (its warm-up run draws from the generator too)
+    for round_ in range(2):
+        with torch.inference_mode(), autocast:
+            features = method.features(x)
+            torch.manual_seed(round_)
+            eager = method.integrate(features, solver, 20)
+            torch.manual_seed(round_)
+            replayed = call(features, solver, 20)
+        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+        method.train()
+        method.train_step(x, y)  # parameters change in place: the next replay must see them
+        method.eval()
+    assert len(call.recordings) == 1 and call.replays == 3
+
+
+@cuda_only
+def test_on_cuda_the_stochastic_process_draws_fresh_noise_per_replay_and_follows_the_seed():
+    method, x, _ = _method(NoPropCT, "cuda")
+    call = CapturedCall("integrate", method.integrate, method, lambda name, reason: pytest.fail(reason))
+    with torch.inference_mode():
+        features = method.features(x)
+        call(features, "stochastic", 50)  # records
+        torch.manual_seed(3)
+        first = call(features, "stochastic", 50)
+        second = call(features, "stochastic", 50)
+        torch.manual_seed(3)
+        again = call(features, "stochastic", 50)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
