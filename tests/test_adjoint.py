@@ -10,6 +10,7 @@ from noprop_bench.run.budget import Budget
 from noprop_bench.datasets import Normalizer
 from noprop_bench.run.runner import RunData, TrialSpec, run_trial
 from noprop_bench.task import Task
+from noprop_bench.testing.host_sync import record_host_syncs
 from noprop_bench_plugins.methods.adjoint import Adjoint, NFETrace
 from noprop_bench_plugins.parts.ode import LatentDynamics, SolverError
 from noprop_helpers import predictions_whole_and_shared
@@ -199,3 +200,14 @@ def test_prediction_from_shared_features_is_the_same_prediction(setting, z0):
     method = make_method(z0=z0).eval()
     x, _ = batch()
     assert torch.equal(*predictions_whole_and_shared(method, x, **setting))
+
+
+@pytest.mark.parametrize("solver", ["rk4", "dopri5"])
+def test_a_train_step_of_the_plugin_reads_nothing_back_from_the_device(solver):
+    """The fixed-step grid is built from the ends of t on the device (torchdiffeq's own checks are not
+    the plugin's doing, see ``noprop_bench.testing.host_sync``)."""
+    method = make_method(solver=solver, steps=4)
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 4
+    with record_host_syncs(torch.device("cpu"), ["noprop_bench_plugins"]) as syncs:
+        method.train_step(x, y)
+    assert syncs == []

@@ -66,9 +66,14 @@ class SolverSettings:
         if self.adaptive:
             return {"max_num_steps": self.max_nfe}
         steps = self.steps
-        # an explicit uniform grid: ``step_size`` would round 1/steps and can add a sliver of a step
-        return {"grid_constructor": lambda func, y0, t: torch.linspace(
-            float(t[0]), float(t[-1]), steps + 1, dtype=t.dtype, device=t.device)}
+
+        def uniform_grid(func, y0, t):
+            # an explicit uniform grid (``step_size`` would round 1/steps and can add a sliver of a step),
+            # built on the device from t's ends without reading them on the host; the ends come out exact
+            fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=t.dtype, device=t.device)
+            return t[0] + (t[-1] - t[0]) * fractions
+
+        return {"grid_constructor": uniform_grid}
 
 
 class LatentDynamics:
