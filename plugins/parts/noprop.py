@@ -136,7 +136,7 @@ class MonotoneSchedule(nn.Module):
     def forward(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``gamma(t)`` and ``dgamma/dt`` (negative), elementwise for a 1-D ``t``."""
         value, slope = self._tilde(t)
-        ends, _ = self._tilde(torch.tensor([0.0, 1.0], device=t.device))
+        ends, _ = self._tilde(torch.arange(2.0, dtype=t.dtype, device=t.device))  # [0, 1] without a host copy
         span = ends[1] - ends[0]
         gbar = (value - ends[0]) / span
         width = self.gamma1 - self.gamma0
