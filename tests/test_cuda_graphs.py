@@ -96,7 +96,7 @@ def test_a_recording_is_made_once_per_signature_and_replayed_into_fresh_tensors(
     assert fallbacks == []
 
 
-def test_a_replaced_parameter_makes_a_new_recording_and_old_ones_are_dropped_beyond_the_limit():
+def test_a_replaced_parameter_makes_a_new_recording_and_all_are_dropped_together_beyond_the_limit():
     method, x, _ = _method(NoPropCT)
     record = StandIn()
     call, _ = _captured(method, record, max_recordings=2)
@@ -107,10 +107,12 @@ def test_a_replaced_parameter_makes_a_new_recording_and_old_ones_are_dropped_bey
         method.classifier.weight = nn.Parameter(weight.detach().clone())
         call(features, "heun", 3)
         assert record.recordings == 2
-        call(features, "euler", 3)
-        assert len(call.recordings) == 2 and record.recordings == 3
-        call(features, "heun", 3)  # still held
-        assert record.recordings == 3
+        call(features, "heun", 3)  # held
+        assert record.recordings == 2
+        call(features, "euler", 3)  # a third: the two are dropped (graphs of one stream share workspaces)
+        assert len(call.recordings) == 1 and record.recordings == 3
+        call(features, "heun", 3)
+        assert record.recordings == 4
 
 
 def test_calls_with_gradients_on_other_devices_or_odd_arguments_run_as_they_are():
@@ -176,9 +178,10 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
         calls.append("eager")
         return value
 
+    fallbacks = []
     for mode, expected in (("reduce-overhead", "eager"), ("max-autotune", "eager"), ("default", "compiled")):
         calls.clear()
-        compiled = CompiledCall("f", eager, mode, lambda *reason: None)
+        compiled = CompiledCall("f", eager, mode, lambda *reason: fallbacks.append(reason))
         compiled.compiled = lambda value: calls.append("compiled")
         monkeypatch.setattr(speed_settings.torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -188,6 +191,18 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
         calls.clear()
         compiled(1)
         assert calls == ["compiled"], mode
+
+    # a compiler error during a capture fails the capture; the target stays compiled for other calls
+    compiled = CompiledCall("f", eager, "default", lambda *reason: fallbacks.append(reason))
+
+    def recompiles_during_capture(value):
+        raise torch._dynamo.exc.TorchRuntimeError("cannot JIT compile during CUDA graph capture")
+
+    compiled.compiled = recompiles_during_capture
+    monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError):
+        compiled(1)
+    assert compiled.compiled is recompiles_during_capture and fallbacks == []
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
@@ -200,7 +215,7 @@ def test_on_cuda_replays_of_an_ode_solve_match_eager_and_follow_training(cls, so
     call = CapturedCall("integrate", method.integrate, method, lambda name, reason: pytest.fail(reason))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode(), autocast:
-        call(method.features(x), solver, 20)  # records (its warm-up run draws from the generator too)
+        call(method.features(x), solver, 20)  # records
     for round_ in range(2):
         with torch.inference_mode(), autocast:
             features = method.features(x)
@@ -213,6 +228,50 @@ def test_on_cuda_replays_of_an_ode_solve_match_eager_and_follow_training(cls, so
         method.train_step(x, y)  # parameters change in place: the next replay must see them
         method.eval()
     assert len(call.recordings) == 1 and call.replays == 3
+
+
+@cuda_only
+@pytest.mark.parametrize("cls", [NoPropCT, NoPropFM])
+def test_on_cuda_the_integration_loop_never_waits_for_the_host(cls):
+    method, x, _ = _method(cls, "cuda")
+    with torch.inference_mode():
+        features = method.features(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for solver in ("stochastic", "heun") if cls is NoPropCT else ("euler", "heun"):
+                method.integrate(features, solver, 5)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+def test_on_cuda_the_first_call_draws_what_an_eager_call_draws():
+    method, x, _ = _method(NoPropCT, "cuda")
+    call = CapturedCall("integrate", method.integrate, method, lambda name, reason: pytest.fail(reason))
+    with torch.inference_mode():
+        features = method.features(x)
+        torch.manual_seed(7)
+        eager = method.integrate(features, "stochastic", 30)
+        torch.manual_seed(7)
+        recorded = call(features, "stochastic", 30)
+    torch.testing.assert_close(recorded, eager, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_on_cuda_a_capture_that_fails_leaves_eager_work_and_the_generator_usable():
+    def syncs(features):
+        noise = torch.randn_like(features)
+        return features * float(noise.sum())  # reads a device value back: not capturable
+
+    reasons = []
+    owner = nn.Linear(2, 2).cuda()
+    call = CapturedCall("syncs", syncs, owner, lambda name, reason: reasons.append(reason))
+    with torch.inference_mode():
+        out = call(torch.ones(4, device="cuda"))
+    assert out.shape == (4,) and call.record is None and len(reasons) == 1
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(3, device="cuda")  # the generator still draws outside a capture
 
 
 @cuda_only

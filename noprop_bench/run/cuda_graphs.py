@@ -8,7 +8,8 @@ storages of the method's parameters and buffers), then replayed: the tensor argu
 recording's inputs and its outputs are cloned out. Parameters updated in place between calls (what
 optimisers do) are read afresh by every replay; a parameter replaced by another tensor changes the
 signature, so that call is recorded again. Random numbers drawn inside are fresh on every replay and follow
-the generator's seed, as CUDA graphs handle the default generator. Calls with gradients enabled, on the CPU,
+the generator's seed, as CUDA graphs handle the default generator; a replay draws what an eager call from
+the same generator state would. Calls with gradients enabled, on the CPU,
 or with arguments that cannot be part of a signature run as they are.
 
 A call that cannot be captured (something in it synchronises with the host, say) runs eagerly from then on
@@ -16,13 +17,12 @@ and the reason is reported, like a compile fallback; errors of the function itse
 failure: the recordings are dropped and the error goes up, so the harness can retry with smaller batches.
 """
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
-MAX_RECORDINGS = 8  # per wrapped attribute; each holds a private memory pool on the device
+MAX_RECORDINGS = 16  # per wrapped attribute; each holds a private memory pool on the device
 PLAIN_TYPES = (int, float, str, bool, type(None))
 
 
@@ -48,32 +48,63 @@ def _static_copy(value):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def record_cuda_graph(function: Callable, args: tuple, kwargs: dict) -> Recording:
-    """Run ``function`` once on a side stream (lazy initialisation, compilation and library workspaces happen
-    outside the capture), then capture one call into a ``torch.cuda.CUDAGraph``."""
-    static_args = tuple(_static_copy(a) for a in args)
-    static_kwargs = {key: _static_copy(value) for key, value in kwargs.items()}
-    # autocast caches weight casts across calls; a cast cached before the capture would be left out of the
-    # graph, and replays would read stale weights
-    cache_enabled = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
+def _generator_usable_after_a_failed_capture() -> None:
+    """A capture that fails may leave the default CUDA generator marked as capturing (older torch), and
+    every later draw would then raise; give it a fresh copy of its own state in that case only (swapping
+    the state under working recordings would detach their noise from the seed)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            function(*static_args, **static_kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        torch.randn(1, device="cuda")
+    except RuntimeError:
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        generator.graphsafe_set_state(generator.clone_state())
+
+
+class CudaGraphRecorder:
+    """Makes :class:`Recording` s with ``torch.cuda.CUDAGraph`` on a capture stream of its own.
+
+    Each call runs the function once on a side stream first (lazy initialisation, compilation and library
+    workspaces happen outside the capture), with the CUDA generator put back afterwards so the recorded
+    call draws what an eager call would. Errors of the function itself go up as they are; a failure of
+    the capture is raised as :class:`CaptureFailed` (out of memory excepted). Graphs captured on one stream
+    share cuBLAS workspaces, so their owner drops them together.
+    """
+
+    def __init__(self):
+        self.stream: Optional[torch.cuda.Stream] = None
+
+    def __call__(self, function: Callable, args: tuple, kwargs: dict) -> Recording:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        static_args = tuple(_static_copy(a) for a in args)
+        static_kwargs = {key: _static_copy(value) for key, value in kwargs.items()}
+        # autocast caches weight casts across calls; a cast cached before the capture would be left out of
+        # the graph, and replays would read stale weights
+        cache_enabled = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
         try:
-            with torch.cuda.graph(graph):
-                output = function(*static_args, **static_kwargs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
-            raise CaptureFailed(_first_line(error)) from error
-    finally:
-        torch.set_autocast_cache_enabled(cache_enabled)
-    return Recording(graph.replay, static_args, static_kwargs, output)
+            rng_state = torch.cuda.get_rng_state()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                function(*static_args, **static_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.set_rng_state(rng_state)
+            graph = torch.cuda.CUDAGraph()
+            # entering the stream outside the graph's context puts the current stream back even when
+            # ending the capture raises
+            with torch.cuda.stream(self.stream):
+                try:
+                    with torch.cuda.graph(graph, stream=self.stream):
+                        output = function(*static_args, **static_kwargs)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
+                    _generator_usable_after_a_failed_capture()
+                    # ending a broken capture raises on its own; the cause is the error before it
+                    raise CaptureFailed(_first_line(error.__context__ or error)) from error
+        finally:
+            torch.set_autocast_cache_enabled(cache_enabled)
+        return Recording(graph.replay, static_args, static_kwargs, output)
 
 
 def _tensor_signature(tensor: torch.Tensor) -> Hashable:
@@ -94,17 +125,18 @@ class CapturedCall:
     """``function`` replayed from recordings keyed by call signature; see the module docstring.
 
     ``owner`` is the module whose parameters and buffers the function reads. ``record`` makes a
-    :class:`Recording` (:func:`record_cuda_graph` on CUDA; tests pass a stand-in). ``on_fallback(name,
-    reason)`` hears once when recording fails and the call turns eager for good.
+    :class:`Recording` (by default a :class:`CudaGraphRecorder`; tests pass a stand-in). ``on_fallback(name,
+    reason)`` hears once when recording fails and the call turns eager for good. Past ``max_recordings``
+    signatures, all recordings are dropped together and made again as calls come.
     """
 
     def __init__(self, name: str, function: Callable, owner: torch.nn.Module,
-                 on_fallback: Callable[[str, str], None], record: Callable[..., Recording] = record_cuda_graph,
+                 on_fallback: Callable[[str, str], None], record: Optional[Callable[..., Recording]] = None,
                  device_type: str = "cuda", max_recordings: int = MAX_RECORDINGS):
         self.name, self.function, self.owner, self.on_fallback = name, function, owner, on_fallback
-        self.record: Optional[Callable[..., Recording]] = record
+        self.record: Optional[Callable[..., Recording]] = record or CudaGraphRecorder()
         self.device_type, self.max_recordings = device_type, max_recordings
-        self.recordings: "OrderedDict[Hashable, Recording]" = OrderedDict()
+        self.recordings: Dict[Hashable, Recording] = {}
         self.replays = 0
 
     def _signature(self, args: tuple, kwargs: dict) -> Optional[Hashable]:
@@ -132,13 +164,12 @@ class CapturedCall:
             return self.function(*args, **kwargs)
         recording = self.recordings.get(signature)
         if recording is None:
+            if len(self.recordings) >= self.max_recordings:
+                self.recordings.clear()
             recording = self._recorded(args, kwargs)
             if recording is None:
                 return self.function(*args, **kwargs)
             self.recordings[signature] = recording
-            while len(self.recordings) > self.max_recordings:
-                self.recordings.popitem(last=False)
-        self.recordings.move_to_end(signature)
         for static, value in zip(recording.args, args):
             if isinstance(static, torch.Tensor):
                 static.copy_(value)

@@ -125,10 +125,11 @@ class CompiledCall:
     def __call__(self, *args, **kwargs):
         if self.compiled is None:
             return self.eager(*args, **kwargs)
-        if self.records_cuda_graphs and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # called inside a whole-call capture (capture_targets): inductor's own CUDA graphs cannot nest
-            # in it, and the eager kernels become part of the outer graph anyway
-            return self.eager(*args, **kwargs)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # inside a whole-call capture (capture_targets): inductor's own CUDA graphs cannot nest in it
+            # (the eager kernels become part of the outer graph anyway), and an error here is the capture's
+            # to report, not a reason to stop compiling this target
+            return self.eager(*args, **kwargs) if self.records_cuda_graphs else self.compiled(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as error:
