@@ -138,7 +138,8 @@ def test_bf16_and_channels_last_run_and_are_recorded(fake_run):
     record = _records(out)[0]
     assert code == 0 and record["status"] == "ok"
     assert record["speed_settings"] == {"precision": "bf16", "channels_last": True, "compile": "none",
-                                        "compiled": [], "compile_fallbacks": {}}
+                                        "compiled": [], "compile_fallbacks": {}, "captured": [],
+                                        "capture_fallbacks": {}}
     assert "eager bf16, channels-last" in (out / "table1.md").read_text()
 
 
