@@ -15,6 +15,7 @@ from noprop_bench.run import speed_settings
 from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
 from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
 from noprop_bench.task import Task
+from noprop_bench.testing.host_sync import record_host_syncs
 from noprop_bench_plugins.methods.backprop import Backprop
 from noprop_bench_plugins.methods.noprop_ct import NoPropCT
 from noprop_bench_plugins.methods.noprop_fm import NoPropFM
@@ -203,6 +204,18 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError):
         compiled(1)
     assert compiled.compiled is recompiles_during_capture and fallbacks == []
+
+
+@pytest.mark.parametrize("cls, solvers", [(NoPropCT, ("stochastic", "euler", "heun")), (NoPropFM, ("euler", "heun"))])
+def test_the_captured_loops_read_nothing_back_from_the_device(cls, solvers):
+    """What a capture forbids, seen on the CPU: no value read back, no tensor copied from host memory."""
+    method, x, _ = _method(cls)
+    with torch.inference_mode():
+        features = method.features(x)
+        with record_host_syncs(torch.device("cpu"), ["noprop_bench_plugins"]) as syncs:
+            for solver in solvers:
+                method.integrate(features, solver, 3)
+    assert syncs == []
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
