@@ -10,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+import fake_plugins
 from noprop_bench.datasets import Normalizer
+from noprop_bench.run.budget import Budget
+from noprop_bench.run.runner import RunData, TrialSpec, run_trial
 from noprop_bench.run import speed_settings
 from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
 from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
@@ -48,7 +51,8 @@ def _method(cls, device="cpu", **params):
 
 
 class StandIn:
-    """Records by calling once; replays by calling again and writing into the recorded output."""
+    """Records by calling once, with the random generator put back afterwards as the CUDA recorder does;
+    replays by calling again and writing into the recorded output."""
 
     def __init__(self, fail_with=None):
         self.recordings, self.fail_with = 0, fail_with
@@ -58,7 +62,9 @@ class StandIn:
             raise self.fail_with
         self.recordings += 1
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        state = torch.get_rng_state()
         output = function(*static_args, **kwargs)
+        torch.set_rng_state(state)
         return Recording(lambda: output.copy_(function(*static_args, **kwargs)), static_args, dict(kwargs), output)
 
 
@@ -170,6 +176,40 @@ def test_compile_on_cuda_captures_the_integration_loop_and_the_trial_records_it(
     assert apply_speed_settings(eager, SpeedSettings(), "cuda").record()["captured"] == []
     backprop, _, _ = _method(Backprop)  # nothing to capture
     assert apply_speed_settings(backprop, SpeedSettings(compile="default"), "cuda").record()["captured"] == []
+
+
+@pytest.mark.parametrize("method", [NoPropCT, NoPropFM])
+def test_a_trial_whose_integration_loop_is_replayed_gives_the_eager_trial_results(method, monkeypatch):
+    """The harness's path end to end (warm-up, checkpoints, final runs, sweep, diagnostics) with the loop
+    wrapped as on CUDA, recorded by the stand-in: every accuracy is the eager trial's."""
+    data = RunData.load(fake_plugins.Tiny(), torch.device("cpu"))
+    spec = TrialSpec(method=method, params=method.resolve_params({"steps": "4", "eval_steps": "2",
+                                                                  "sweep_steps": "2,3"}),
+                     dataset="tiny", backbone="noprop_cnn", budget=Budget.parse("64samples"), seed=0,
+                     batch_size=32, device=torch.device("cpu"), augment="none", inference_runs=2, checkpoints=2,
+                     train_accuracy=True, inference_sweep=True)
+    eager = run_trial(spec, data)
+    recorders = []
+
+    def captured_on_cpu(*args, **kwargs):
+        recorders.append(StandIn())
+        return CapturedCall(*args, record=recorders[-1], device_type="cpu", **kwargs)
+
+    monkeypatch.setattr(speed_settings, "captures_whole_calls", lambda settings, device_type: True)
+    monkeypatch.setattr(speed_settings, "CapturedCall", captured_on_cpu)
+    replayed = run_trial(spec, data)
+    assert eager["status"] == replayed["status"] == "ok"
+    assert replayed["speed_settings"]["captured"] == ["integrate"] and recorders[0].recordings >= 2
+    for key in ("test_acc_runs", "train_acc", "diagnostics", "inference_sweep", "curve"):
+        assert _without_times(replayed[key]) == _without_times(eager[key]), key
+
+
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if "second" not in k and k not in ("wall", "elapsed")}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
 
 
 def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_their_own_cuda_graphs(monkeypatch):

@@ -194,6 +194,11 @@ def _wrap_entry(function: Callable, settings: SpeedSettings, device_type: str) -
     return wrapped
 
 
+def captures_whole_calls(settings: SpeedSettings, device_type: str) -> bool:
+    """Whether ``capture_targets()`` are recorded as CUDA graphs: under ``--compile``, on CUDA."""
+    return settings.compile != "none" and device_type == "cuda"
+
+
 def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, device_type: str,
                          say: Callable[[str], None] = lambda message: None) -> AppliedSpeed:
     """Put ``method`` under ``settings`` in place: memory format, compiled targets, autocast on entry points.
@@ -210,7 +215,7 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
             owner, name = _resolve(method, path)
             setattr(owner, name, CompiledCall(path, getattr(owner, name), settings.compile, applied.fallback))
             applied.compiled.append(path)
-    if settings.compile != "none" and device_type == "cuda":
+    if captures_whole_calls(settings, device_type):
         targets = method.capture_targets() if hasattr(method, "capture_targets") else []
         for path in targets:
             owner, name = _resolve(method, path)
