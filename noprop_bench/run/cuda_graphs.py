@@ -56,7 +56,10 @@ def _generator_usable_after_a_failed_capture() -> None:
         torch.randn(1, device="cuda")
     except RuntimeError:
         generator = torch.cuda.default_generators[torch.cuda.current_device()]
-        generator.graphsafe_set_state(generator.clone_state())
+        try:
+            generator.graphsafe_set_state(generator.clone_state())
+        except (AttributeError, RuntimeError):  # a torch without it: the eager run that follows says what is wrong
+            pass
 
 
 class CudaGraphRecorder:
