@@ -201,3 +201,25 @@ def test_bf16_channels_last_on_cuda(one_thread):
     apply_speed_settings(method, SpeedSettings(precision="bf16", channels_last=True), "cuda")
     x, y = first_batch(task, 8)
     assert torch.isfinite(method.train_step(x.cuda(), y.cuda())["loss"])
+
+
+def test_a_compiled_trial_compiles_nothing_once_its_clock_starts(fake_run, monkeypatch):
+    """The warm-up compiles the inference path at two batch sizes, so the evaluation batches (other sizes
+    again) reuse a graph dynamic in the batch dimension: no compilation is charged to the evaluations."""
+    from torch._dynamo.utils import counters
+
+    from noprop_bench.run import runner
+
+    after_warmup = []
+
+    def counting(*args, **kwargs):
+        timing = original(*args, **kwargs)
+        after_warmup.append(counters["stats"]["unique_graphs"])
+        return timing
+
+    original = runner.warm_up
+    monkeypatch.setattr(runner, "warm_up", counting)
+    code, out = fake_run("--methods", "linear", "--budget", "5steps", "--checkpoints", "2", "--train-accuracy",
+                         "--compile", "default")
+    assert code == 0 and _records(out)[0]["status"] == "ok"
+    assert len(after_warmup) == 1 and counters["stats"]["unique_graphs"] == after_warmup[0]

@@ -340,12 +340,19 @@ class _TrialRun:
         self.speed = apply_speed_settings(method, spec.speed, torch.device(spec.device).type, self.say)
         x, y = data.normalize(data.train.images[:batch_size]), data.train.labels[:batch_size]
         inference = None
-        if spec.speed.compile != "none":  # compile the inference path now too, not during the first checkpoint
+        if spec.speed.compile != "none":
+            # compile the inference path now too, not during the evaluations: at two batch sizes, so torch.compile
+            # makes the batch dimension dynamic here and every evaluation batch size reuses that graph
             setting = method.checkpoint_setting()
-            if method.reuses_features():
-                inference = lambda: method.predict_from_features(method.features(x), **setting)  # noqa: E731
-            else:
-                inference = lambda: method.predict(x, **setting)  # noqa: E731
+            sizes = sorted({max(2, len(x) // 2), len(x)})
+
+            def inference():  # runs under inference_mode: the clone is an inference tensor, as evaluation batches are
+                for size in sizes:
+                    images = x[:size].clone()
+                    if method.reuses_features():
+                        method.predict_from_features(method.features(images), **setting)
+                    else:
+                        method.predict(images, **setting)
         timing = warm_up(method, x, y, inference=inference, synchronize=self.clock.synchronize)
         record["warmup_seconds"] = timing["warmup_seconds"]
         record["compile_seconds"] = timing["first_step_seconds"] if spec.speed.compile != "none" else 0.0
