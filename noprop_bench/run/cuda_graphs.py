@@ -53,7 +53,9 @@ def _generator_usable_after_a_failed_capture() -> None:
     every later draw would then raise; give it a fresh copy of its own state in that case only (swapping
     the state under working recordings would detach their noise from the seed)."""
     try:
+        state = torch.cuda.get_rng_state()
         torch.randn(1, device="cuda")
+        torch.cuda.set_rng_state(state)  # the check itself leaves the draws of what follows alone
     except RuntimeError:
         generator = torch.cuda.default_generators[torch.cuda.current_device()]
         try:
