@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fake_plugins
+from noprop_bench import UsageError
 from noprop_bench.datasets import Normalizer
 from noprop_bench.run.budget import Budget
 from noprop_bench.run.runner import RunData, TrialSpec, run_trial
@@ -210,6 +211,14 @@ def _without_times(value):
     if isinstance(value, list):
         return [_without_times(v) for v in value]
     return value
+
+
+@pytest.mark.parametrize("hook, kind", [("compile_targets", "compile target"), ("capture_targets", "capture target")])
+def test_a_target_that_is_not_callable_is_refused_with_its_name(hook, kind, monkeypatch):
+    method, _, _ = _method(Backprop)
+    monkeypatch.setattr(method, hook, lambda: ["params"])  # a dict, not a function
+    with pytest.raises(UsageError, match=f"method 'backprop': {kind} 'params' is not callable"):
+        apply_speed_settings(method, SpeedSettings(compile="default"), "cuda")
 
 
 def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_their_own_cuda_graphs(monkeypatch):

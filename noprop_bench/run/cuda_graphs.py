@@ -40,7 +40,8 @@ class CaptureFailed(RuntimeError):
     """The function ran, but its call could not be captured into a CUDA graph."""
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``, the reason a fallback records."""
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
@@ -106,7 +107,7 @@ class CudaGraphRecorder:
                 except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
                     _generator_usable_after_a_failed_capture()
                     # ending a broken capture raises on its own; the cause is the error before it
-                    raise CaptureFailed(_first_line(error.__context__ or error)) from error
+                    raise CaptureFailed(first_line(error.__context__ or error)) from error
         finally:
             torch.set_autocast_cache_enabled(cache_enabled)
         return Recording(graph.replay, static_args, static_kwargs, output)

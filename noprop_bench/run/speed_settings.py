@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from ..errors import UsageError
-from .cuda_graphs import CapturedCall
+from .cuda_graphs import CapturedCall, first_line
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -136,18 +136,19 @@ class CompiledCall:
             if not _is_compiler_error(error):
                 raise
             self.compiled = None
-            self.on_fallback(self.name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            self.on_fallback(self.name, first_line(error))
             return self.eager(*args, **kwargs)
 
 
-def _resolve(method: torch.nn.Module, path: str):
-    """The object owning the attribute ``path`` (dotted, e.g. ``model.logits``) and the attribute's name."""
+def _resolve(method: torch.nn.Module, path: str, kind: str):
+    """The object owning the attribute ``path`` (dotted, e.g. ``model.logits``) and the attribute's name;
+    ``kind`` (e.g. ``compile target``) names the path in the error when it is not callable."""
     owner, _, name = path.rpartition(".")
     target = method
     for part in filter(None, owner.split(".")):
         target = getattr(target, part)
     if not callable(getattr(target, name, None)):
-        raise UsageError(f"method {getattr(method, 'name', '?')!r}: compile target {path!r} is not callable")
+        raise UsageError(f"method {getattr(method, 'name', '?')!r}: {kind} {path!r} is not callable")
     return target, name
 
 
@@ -162,16 +163,16 @@ class AppliedSpeed:
         self.capture_fallbacks: Dict[str, str] = {}
 
     def fallback(self, name: str, reason: str) -> None:
-        if name in self.compiled:
-            self.compiled.remove(name)
-        self.fallbacks[name] = reason
-        self.say(f"torch.compile failed for {name}; it runs eagerly: {reason}")
+        self._ran_eagerly(self.compiled, self.fallbacks, "torch.compile", name, reason)
 
     def capture_fallback(self, name: str, reason: str) -> None:
-        if name in self.captured:
-            self.captured.remove(name)
-        self.capture_fallbacks[name] = reason
-        self.say(f"CUDA graph capture failed for {name}; it runs eagerly: {reason}")
+        self._ran_eagerly(self.captured, self.capture_fallbacks, "CUDA graph capture", name, reason)
+
+    def _ran_eagerly(self, done: List[str], reasons: Dict[str, str], what: str, name: str, reason: str) -> None:
+        if name in done:
+            done.remove(name)
+        reasons[name] = reason
+        self.say(f"{what} failed for {name}; it runs eagerly: {reason}")
 
     def record(self) -> Dict[str, Any]:
         return {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks),
@@ -194,6 +195,16 @@ def _wrap_entry(function: Callable, settings: SpeedSettings, device_type: str) -
     return wrapped
 
 
+def _wrap_targets(method: torch.nn.Module, hook: str, kind: str, wrap: Callable[[str, Callable], Callable]) -> List[str]:
+    """Replace each attribute path the method's ``hook`` (``compile_targets``/``capture_targets``) names by
+    ``wrap(path, attribute)``; returns the paths."""
+    paths = list(getattr(method, hook)()) if hasattr(method, hook) else []
+    for path in paths:
+        owner, name = _resolve(method, path, kind)
+        setattr(owner, name, wrap(path, getattr(owner, name)))
+    return paths
+
+
 def captures_whole_calls(settings: SpeedSettings, device_type: str) -> bool:
     """Whether ``capture_targets()`` are recorded as CUDA graphs: under ``--compile``, on CUDA."""
     return settings.compile != "none" and device_type == "cuda"
@@ -210,17 +221,11 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
     if settings.channels_last:
         method.to(memory_format=torch.channels_last)
     if settings.compile != "none":
-        targets = method.compile_targets() if hasattr(method, "compile_targets") else []
-        for path in targets:
-            owner, name = _resolve(method, path)
-            setattr(owner, name, CompiledCall(path, getattr(owner, name), settings.compile, applied.fallback))
-            applied.compiled.append(path)
+        applied.compiled = _wrap_targets(method, "compile_targets", "compile target", lambda path, function: (
+            CompiledCall(path, function, settings.compile, applied.fallback)))
     if captures_whole_calls(settings, device_type):
-        targets = method.capture_targets() if hasattr(method, "capture_targets") else []
-        for path in targets:
-            owner, name = _resolve(method, path)
-            setattr(owner, name, CapturedCall(path, getattr(owner, name), method, applied.capture_fallback))
-            applied.captured.append(path)
+        applied.captured = _wrap_targets(method, "capture_targets", "capture target", lambda path, function: (
+            CapturedCall(path, function, method, applied.capture_fallback)))
     if settings.channels_last or settings.precision == "bf16":
         for name in ENTRY_POINTS:
             if name in ("features", "predict_from_features") and not method.reuses_features():
