@@ -7,16 +7,17 @@ from noprop_bench.task import Task
 from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 
-def mnist_shaped_task(images=None, labels=None, *, make_backbone, features, backbone_name="small", seed=0):
-    """A 10-class 1x28x28 task; without ``images``, 40 random images with labels 0..9 in turn."""
+def mnist_shaped_task(images=None, labels=None, *, make_backbone, features, backbone_name="small", seed=0,
+                      device="cpu"):
+    """A 10-class 1x28x28 task on ``device``; without ``images``, 40 random images with labels 0..9 in turn."""
     if images is None:
         generator = torch.Generator().manual_seed(seed)
         images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=generator)
         labels = torch.arange(40) % 10
-    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device("cpu"), backbone_name=backbone_name,
+    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device(device), backbone_name=backbone_name,
                 make_backbone=make_backbone, backbone_features=features,
-                normalize=Normalizer((0.1307,), (0.3081,), "cpu"), train_images=images, train_labels=labels,
-                seed=seed)
+                normalize=Normalizer((0.1307,), (0.3081,), device), train_images=images.to(device),
+                train_labels=labels.to(device), seed=seed)
 
 
 def first_batch(task, n=32):

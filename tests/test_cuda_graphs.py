@@ -12,17 +12,16 @@ from torch import nn
 
 import fake_plugins
 from noprop_bench import UsageError
-from noprop_bench.datasets import Normalizer
 from noprop_bench.run.budget import Budget
 from noprop_bench.run.runner import RunData, TrialSpec, run_trial
 from noprop_bench.run import speed_settings
 from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
 from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
-from noprop_bench.task import Task
 from noprop_bench.testing.host_sync import record_host_syncs
 from noprop_bench_plugins.methods.backprop import Backprop
 from noprop_bench_plugins.methods.noprop_ct import NoPropCT
 from noprop_bench_plugins.methods.noprop_fm import NoPropFM
+from noprop_helpers import mnist_shaped_task
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,18 +30,9 @@ def _small_backbone():
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 32), nn.ReLU())
 
 
-def _task(device="cpu"):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    return Task(num_classes=10, image_shape=(1, 28, 28), device=torch.device(device), backbone_name="small",
-                make_backbone=_small_backbone, backbone_features=32,
-                normalize=Normalizer((0.1307,), (0.3081,), device), train_images=images.to(device),
-                train_labels=(torch.arange(64) % 10).to(device), seed=0)
-
-
 def _method(cls, device="cpu", **params):
     torch.manual_seed(0)
-    task = _task(device)
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=32, device=device)
     small = {key: value for key, value in {"time_dim": 8, "schedule_width": 8}.items() if key in cls.defaults}
     method = cls(task, **cls.resolve_params({**small, **params}))
     x, y = task.normalize(task.train_images[:32]), task.train_labels[:32]
