@@ -17,7 +17,7 @@ from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method
 from .budget import Budget, ClockReads, TrainingClock
 from ..datasets import BatchStream, Dataset, Normalizer, Split
 from ..errors import UsageError
-from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, inference_layout,  # noqa: F401
+from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, inference_layout,
                          split_features)
 from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, stratified_indices, stratified_subset,
                               train_accuracy_split)
@@ -167,6 +167,24 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
         val_images=None if data.val is None else data.val.images,
         val_labels=None if data.val is None else data.val.labels, seed=spec.seed,
     )
+
+
+def _inference_at_two_sizes(method: Method, x: torch.Tensor) -> Callable[[], None]:
+    """The inference path at the checkpoint setting on two batch sizes of ``x``: torch.compile then makes
+    the batch dimension dynamic, and every evaluation batch size reuses that graph. Call it under
+    ``inference_mode``: the clones are then inference tensors, as evaluation batches are."""
+    setting = method.checkpoint_setting()
+    sizes = sorted({max(2, len(x) // 2), len(x)})
+
+    def inference():
+        for size in sizes:
+            images = x[:size].clone()
+            if method.reuses_features():
+                method.predict_from_features(method.features(images), **setting)
+            else:
+                method.predict(images, **setting)
+
+    return inference
 
 
 def _finite(value: torch.Tensor) -> torch.Tensor:
@@ -339,20 +357,8 @@ class _TrialRun:
         spec, data, record = self.spec, self.data, self.record
         self.speed = apply_speed_settings(method, spec.speed, torch.device(spec.device).type, self.say)
         x, y = data.normalize(data.train.images[:batch_size]), data.train.labels[:batch_size]
-        inference = None
-        if spec.speed.compile != "none":
-            # compile the inference path now too, not during the evaluations: at two batch sizes, so torch.compile
-            # makes the batch dimension dynamic here and every evaluation batch size reuses that graph
-            setting = method.checkpoint_setting()
-            sizes = sorted({max(2, len(x) // 2), len(x)})
-
-            def inference():  # runs under inference_mode: the clone is an inference tensor, as evaluation batches are
-                for size in sizes:
-                    images = x[:size].clone()
-                    if method.reuses_features():
-                        method.predict_from_features(method.features(images), **setting)
-                    else:
-                        method.predict(images, **setting)
+        # under --compile the inference path is compiled now too, not during the evaluations
+        inference = _inference_at_two_sizes(method, x) if spec.speed.compile != "none" else None
         timing = warm_up(method, x, y, inference=inference, synchronize=self.clock.synchronize)
         record["warmup_seconds"] = timing["warmup_seconds"]
         record["compile_seconds"] = timing["first_step_seconds"] if spec.speed.compile != "none" else 0.0
