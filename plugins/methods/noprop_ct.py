@@ -1,6 +1,6 @@
 """NoProp-CT: the continuous-time diffusion variant of NoProp (Li, Teh, Pascanu 2025, section 2.2.2)."""
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch.nn import functional as F

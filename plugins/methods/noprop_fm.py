@@ -1,6 +1,6 @@
 """NoProp-FM: the flow-matching variant of NoProp (Li, Teh, Pascanu 2025, section 2.3)."""
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch.nn import functional as F
