@@ -14,7 +14,7 @@ import fake_plugins
 from noprop_bench import UsageError
 from noprop_bench.run.budget import Budget
 from noprop_bench.run.runner import RunData, TrialSpec, run_trial
-from noprop_bench.run import speed_settings
+from noprop_bench.run import cuda_graphs, speed_settings
 from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
 from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
 from noprop_bench.testing.host_sync import record_host_syncs
@@ -223,11 +223,10 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
         calls.clear()
         compiled = CompiledCall("f", eager, mode, lambda *reason: fallbacks.append(reason))
         compiled.compiled = lambda value: calls.append("compiled")
-        monkeypatch.setattr(speed_settings.torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
+        monkeypatch.setattr(speed_settings, "recording_a_whole_call", lambda: True)
         compiled(1)
         assert calls == [expected], mode
-        monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: False)
+        monkeypatch.setattr(speed_settings, "recording_a_whole_call", lambda: False)
         calls.clear()
         compiled(1)
         assert calls == ["compiled"], mode
@@ -239,10 +238,64 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
         raise torch._dynamo.exc.TorchRuntimeError("cannot JIT compile during CUDA graph capture")
 
     compiled.compiled = recompiles_during_capture
-    monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(speed_settings, "recording_a_whole_call", lambda: True)
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError):
         compiled(1)
     assert compiled.compiled is recompiles_during_capture and fallbacks == []
+
+
+def test_a_compiled_target_traced_into_another_joins_its_graph_whole():
+    calls = []
+
+    def inner(value):
+        calls.append("inner ran eagerly")
+        return value * 2
+
+    inner_call = CompiledCall("inner", inner, "default", lambda *reason: pytest.fail(str(reason)))
+    inner_call.compiled = lambda value: pytest.fail("the compiled inner target was called from a trace")
+    outer = torch.compile(lambda value: inner_call(value) + 1, backend="eager", fullgraph=True)
+    torch.testing.assert_close(outer(torch.ones(3)), torch.full((3,), 3.0))
+    assert calls == ["inner ran eagerly"]
+
+
+def test_a_capture_that_broke_half_way_turns_every_captured_call_eager(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_captures_off", None)
+    monkeypatch.setattr(cuda_graphs, "_generator_usable_after_a_failed_capture", lambda: None)
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, fallbacks = _captured(method, record)
+    with torch.inference_mode():
+        features = method.features(x)
+        call(features, "heun", 3)
+        assert len(call.recordings) == 1
+
+        # what ending a broken capture raises: the error that broke it is its context
+        for cause, raised in ((ValueError("bad op in capture"), CaptureFailed),
+                              (torch.cuda.OutOfMemoryError("out of memory"), torch.cuda.OutOfMemoryError)):
+            monkeypatch.setattr(cuda_graphs, "_captures_off", None)
+            try:
+                try:
+                    raise cause
+                except Exception:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+            except RuntimeError as ended:
+                with pytest.raises(raised, match=str(cause)):
+                    cuda_graphs._after_a_broken_capture(ended)
+            assert cuda_graphs.captures_off_reason() == cuda_graphs.first_line(cause)
+
+        torch.manual_seed(2)
+        eager = method.integrate(features, "heun", 3)
+        torch.manual_seed(2)
+        torch.testing.assert_close(call(features, "heun", 3), eager, rtol=0, atol=0)
+    assert call.record is None and not call.recordings and record.recordings == 1
+    assert fallbacks == [("integrate", "captures are off in this process: OutOfMemoryError: out of memory")]
+
+
+def test_running_out_of_memory_in_a_capture_that_ended_properly_leaves_captures_on(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_captures_off", None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cuda_graphs._after_a_broken_capture(torch.cuda.OutOfMemoryError("out of memory"))
+    assert cuda_graphs.captures_off_reason() is None
 
 
 @pytest.mark.parametrize("cls, solvers", [(NoPropCT, ("stochastic", "euler", "heun")), (NoPropFM, ("euler", "heun"))])
@@ -298,7 +351,9 @@ def test_on_cuda_the_integration_loop_never_waits_for_the_host(cls):
 
 
 @cuda_only
-def test_on_cuda_a_capture_that_fails_leaves_eager_work_and_the_generator_usable():
+def test_on_cuda_a_call_that_syncs_is_found_before_any_capture_and_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_captures_off", None)
+
     def syncs(features):
         noise = torch.randn_like(features)
         return features * float(noise.sum())  # reads a device value back: not capturable
@@ -309,8 +364,34 @@ def test_on_cuda_a_capture_that_fails_leaves_eager_work_and_the_generator_usable
     with torch.inference_mode():
         out = call(torch.ones(4, device="cuda"))
     assert out.shape == (4,) and call.record is None and len(reasons) == 1
+    assert reasons[0].startswith("it synchronises with the host")
+    assert cuda_graphs.captures_off_reason() is None  # no capture began, so the process is unharmed
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.cuda.get_sync_debug_mode() == 0
     torch.randn(3, device="cuda")  # the generator still draws outside a capture
+
+
+@cuda_only
+def test_on_cuda_a_capture_that_breaks_half_way_turns_captures_off_for_the_process(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_captures_off", None)
+
+    def breaks_when_captured(features):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return features * 2
+
+    reasons = []
+    owner = nn.Linear(2, 2).cuda()
+    call = CapturedCall("breaks", breaks_when_captured, owner, lambda name, reason: reasons.append(reason))
+    other = CapturedCall("twice", lambda features: features * 2, owner, lambda name, reason: reasons.append(reason))
+    with torch.inference_mode():
+        torch.testing.assert_close(call(torch.ones(4, device="cuda")), torch.full((4,), 2.0, device="cuda"))
+        torch.testing.assert_close(other(torch.ones(4, device="cuda")), torch.full((4,), 2.0, device="cuda"))
+    assert reasons == ["RuntimeError: not capturable",
+                       "captures are off in this process: RuntimeError: not capturable"]
+    assert call.record is None and other.record is None and not other.recordings
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(3, device="cuda")
 
 
 @cuda_only

@@ -12,11 +12,17 @@ the generator's seed, as CUDA graphs handle the default generator; a replay draw
 the same generator state would. Calls with gradients enabled, on the CPU,
 or with arguments that cannot be part of a signature run as they are.
 
-A call that cannot be captured (something in it synchronises with the host, say) runs eagerly from then on
-and the reason is reported, like a compile fallback; errors of the function itself go up as they are. Running out of memory while recording is not such a
-failure: the recordings are dropped and the error goes up, so the harness can retry with smaller batches.
+A call that cannot be captured runs eagerly from then on and the reason is reported, like a compile fallback;
+errors of the function itself go up as they are. What synchronises with the host is found by a rehearsal run
+under ``torch.cuda.set_sync_debug_mode("error")`` before any capture begins, because a capture that breaks
+half-way can leave the caching allocator and the generator of older torch releases believing a capture is
+still under way. If one breaks all the same, captures are turned off for the rest of the process
+(:func:`captures_off_reason`): every wrapped call drops its recordings and runs eagerly. Running out of memory
+while recording is not a failure of the capture: the recordings are dropped and the error goes up, so the
+harness can retry with smaller batches.
 """
 
+import gc
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
@@ -45,6 +51,28 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
+_captures_off: Optional[str] = None  # why captures are off in this process; None while they are on
+_recording = 0  # how many CudaGraphRecorder calls are under way (warm-up, rehearsal and capture)
+
+
+def recording_a_whole_call() -> bool:
+    """Whether a whole-call recording (its warm-up, rehearsal or capture) is under way: compiled targets
+    with CUDA graphs of their own run eagerly then, as those cannot nest in it."""
+    return _recording > 0
+
+
+def captures_off_reason() -> Optional[str]:
+    """Why CUDA graph captures are off for the rest of this process (a capture broke half-way), or None."""
+    return _captures_off
+
+
+def turn_captures_off(reason: str) -> None:
+    """Turn captures off for the rest of the process; every :class:`CapturedCall` runs eagerly from its next
+    call on and reports ``reason``."""
+    global _captures_off
+    _captures_off = reason
+
+
 def _static_copy(value):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
@@ -68,17 +96,28 @@ def _generator_usable_after_a_failed_capture() -> None:
 class CudaGraphRecorder:
     """Makes :class:`Recording` s with ``torch.cuda.CUDAGraph`` on a capture stream of its own.
 
-    Each call runs the function once on a side stream first (lazy initialisation, compilation and library
-    workspaces happen outside the capture), with the CUDA generator put back afterwards so the recorded
-    call draws what an eager call would. Errors of the function itself go up as they are; a failure of
-    the capture is raised as :class:`CaptureFailed` (out of memory excepted). Graphs captured on one stream
-    share cuBLAS workspaces, so their owner drops them together.
+    Each call runs the function twice on a side stream first: once for lazy initialisation, compilation and
+    library workspaces, once more as a rehearsal in which a host synchronisation raises. The CUDA generator
+    is put back afterwards, so the recorded call draws what an eager call would. Errors of the function
+    itself go up as they are; a call that cannot be captured raises :class:`CaptureFailed` (out of memory
+    excepted). Graphs captured on one stream share cuBLAS workspaces, so their owner drops them together.
     """
 
     def __init__(self):
         self.stream: Optional[torch.cuda.Stream] = None
 
     def __call__(self, function: Callable, args: tuple, kwargs: dict) -> Recording:
+        global _recording
+        device = next(v.device for v in list(args) + list(kwargs.values())
+                      if isinstance(v, torch.Tensor) and v.device.type == "cuda")
+        _recording += 1
+        try:
+            with torch.cuda.device(device):
+                return self._record(function, args, kwargs)
+        finally:
+            _recording -= 1
+
+    def _record(self, function: Callable, args: tuple, kwargs: dict) -> Recording:
         if self.stream is None:
             self.stream = torch.cuda.Stream()
         static_args = tuple(_static_copy(a) for a in args)
@@ -93,24 +132,56 @@ class CudaGraphRecorder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 function(*static_args, **static_kwargs)
+                _rehearse_without_host_syncs(function, static_args, static_kwargs)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.set_rng_state(rng_state)
             graph = torch.cuda.CUDAGraph()
+            # a cyclic garbage collection during the capture could free an older graph, which is not allowed
+            # while a stream captures
+            collecting = gc.isenabled()
+            gc.disable()
             # entering the stream outside the graph's context puts the current stream back even when
             # ending the capture raises
             with torch.cuda.stream(self.stream):
                 try:
                     with torch.cuda.graph(graph, stream=self.stream):
                         output = function(*static_args, **static_kwargs)
-                except torch.cuda.OutOfMemoryError:
-                    raise
                 except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
-                    _generator_usable_after_a_failed_capture()
-                    # ending a broken capture raises on its own; the cause is the error before it
-                    raise CaptureFailed(first_line(error.__context__ or error)) from error
+                    _after_a_broken_capture(error)
+                finally:
+                    if collecting:
+                        gc.enable()
         finally:
             torch.set_autocast_cache_enabled(cache_enabled)
         return Recording(graph.replay, static_args, static_kwargs, output)
+
+
+def _rehearse_without_host_syncs(function: Callable, args: tuple, kwargs: dict) -> None:
+    """Run ``function`` with host synchronisations raising; one is reported as :class:`CaptureFailed`."""
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        function(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:  # the function ran cleanly a moment ago: the check is what raised
+        raise CaptureFailed(f"it synchronises with the host: {first_line(error)}") from error
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def _after_a_broken_capture(error: Exception) -> None:
+    """Raise what a capture that raised ``error`` amounts to; captures stay on only after an out-of-memory
+    error that left the capture properly ended."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        raise error
+    # ending a broken capture raises on its own; the cause is the error before it
+    cause = error.__context__ or error
+    _generator_usable_after_a_failed_capture()
+    turn_captures_off(first_line(cause))
+    if isinstance(cause, torch.cuda.OutOfMemoryError):
+        raise cause from error
+    raise CaptureFailed(first_line(cause)) from error
 
 
 def _tensor_signature(tensor: torch.Tensor) -> Hashable:
@@ -163,6 +234,8 @@ class CapturedCall:
         return tuple(parts), tuple(sorted(kwargs)), autocast, torch.is_inference_mode_enabled(), storages
 
     def __call__(self, *args, **kwargs):
+        if self.record is not None and captures_off_reason() is not None:
+            self._turn_eager(f"captures are off in this process: {captures_off_reason()}")
         if self.record is None or torch.is_grad_enabled():
             return self.function(*args, **kwargs)
         signature = self._signature(args, kwargs)
@@ -193,7 +266,10 @@ class CapturedCall:
             self.recordings.clear()
             raise
         except CaptureFailed as error:
-            self.record = None
-            self.recordings.clear()
-            self.on_fallback(self.name, str(error))
+            self._turn_eager(str(error))
             return None
+
+    def _turn_eager(self, reason: str) -> None:
+        self.record = None
+        self.recordings.clear()
+        self.on_fallback(self.name, reason)

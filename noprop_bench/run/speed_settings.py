@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from ..errors import UsageError
-from .cuda_graphs import CapturedCall, first_line
+from .cuda_graphs import CapturedCall, first_line, recording_a_whole_call
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -123,10 +123,11 @@ class CompiledCall:
         self.records_cuda_graphs = mode in CUDA_GRAPH_MODES
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is None:
+        if self.compiled is None or torch.compiler.is_compiling():
+            # when traced into another compiled target, the eager code joins that one's graph
             return self.eager(*args, **kwargs)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # inside a whole-call capture (capture_targets): inductor's own CUDA graphs cannot nest in it
+        if recording_a_whole_call():
+            # inside a whole-call recording (capture_targets): inductor's own CUDA graphs cannot nest in it
             # (the eager kernels become part of the outer graph anyway), and an error here is the capture's
             # to report, not a reason to stop compiling this target
             return self.eager(*args, **kwargs) if self.records_cuda_graphs else self.compiled(*args, **kwargs)
