@@ -13,7 +13,8 @@ from noprop_bench.run.runner import TrialSpec
 from noprop_bench.run.budget import Budget
 from noprop_bench.run.speed_settings import (CompiledCall, SpeedSettings, apply_speed_settings, chosen_settings,
                                              precision_flags)
-from noprop_bench.run.warmup import warm_up
+from noprop_bench.run import speed_settings
+from noprop_bench.run.warmup import _restore_optimizer_in_place, warm_up
 from noprop_bench_plugins.methods.adjoint import Adjoint
 from noprop_bench_plugins.methods.backprop import Backprop
 from noprop_bench_plugins.methods.noprop_ct import NoPropCT
@@ -75,6 +76,46 @@ def test_warm_up_leaves_model_and_optimisers_exactly_as_they_were(cls, params, o
     assert torch.equal(plain_draw, warmed_draw)
     if cls is NoPropDT:  # block bookkeeping is Python state, restored too
         assert plain.block_steps == warmed.block_steps and plain.current == warmed.current
+
+
+@pytest.mark.parametrize("cls", [Backprop, NoPropCT])
+def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up(cls, monkeypatch, one_thread):
+    """The warm-up restores the optimiser into its own tensors: replacing them would void the compiled
+    step's guards, and the first timed step would compile again."""
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(speed_settings.torch, "compile", lambda fn, mode=None: compile_(fn, backend=counting))
+    torch.manual_seed(0)
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    method = cls(task)
+    apply_speed_settings(method, SpeedSettings(compile="default"), "cpu")
+    x, y = first_batch(task, 16)
+    warm_up(method, x, y, steps=3)
+    assert graphs, "nothing was compiled in the warm-up"
+    compiled = len(graphs)
+    for _ in range(3):
+        method.train_step(x, y)
+    assert len(graphs) == compiled
+
+
+def test_warm_up_restores_optimisers_without_zero_fresh_state_through_load_state_dict(one_thread):
+    model = nn.Linear(3, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    adam = torch.optim.Adam(model.parameters(), lr=0.1)
+    fresh_sgd, fresh_adam = sgd.state_dict(), adam.state_dict()
+    model(torch.ones(4, 3)).sum().backward()
+    sgd.step()
+    adam.step()
+    # a zero momentum buffer is not SGD's fresh state when dampening is on: no in-place restore there
+    assert not _restore_optimizer_in_place(sgd, fresh_sgd) and sgd.state[model.weight]
+    moments = adam.state[model.weight]["exp_avg"]
+    assert _restore_optimizer_in_place(adam, fresh_adam)
+    assert adam.state[model.weight]["exp_avg"] is moments and not moments.any()
 
 
 def test_warm_up_restores_the_global_random_generator(one_thread):

@@ -44,8 +44,58 @@ def _save_object(value: Any) -> Any:
 def _restore_object(value: Any, saved: Any) -> None:
     if isinstance(value, torch.Generator):
         value.set_state(saved)
-    else:
+    elif not (isinstance(value, torch.optim.Optimizer) and _restore_optimizer_in_place(value, saved)):
         value.load_state_dict(copy.deepcopy(saved))
+
+
+# optimisers whose fresh per-parameter state is these tensors, all zero: zeroing them in place is exact
+_ZERO_STATE = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+               torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}
+
+
+def _restore_optimizer_in_place(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> bool:
+    """Put the ``state_dict()`` ``saved`` back into the optimiser's own tensors and group dicts.
+
+    ``load_state_dict`` would replace them, and a compiled train step guards on them: its first timed step
+    would compile again, on the clock. State the warm-up created is zeroed, which is exact only where a
+    fresh state is all zeros (``_ZERO_STATE``); returns False, touching nothing, where it cannot be exact.
+    ``capturable``, which torch.compile turns on for CUDA parameters when it traces a step, is left as is.
+    """
+    groups = optimizer.param_groups
+    if len(groups) != len(saved["param_groups"]):
+        return False
+    params = [p for group in groups for p in group["params"]]
+    plan = []
+    for index, param in enumerate(params):
+        now, before = optimizer.state.get(param), saved["state"].get(index)
+        if not now:
+            if before:
+                return False
+        elif before is None:
+            if not set(now) <= _ZERO_STATE.get(type(optimizer), set()) or not all(
+                    isinstance(v, torch.Tensor) for v in now.values()):
+                return False
+            plan.extend((tensor, None) for tensor in now.values())
+        elif set(now) == set(before) and all(isinstance(now[k], torch.Tensor) and isinstance(before[k], torch.Tensor)
+                                             and now[k].shape == before[k].shape for k in now):
+            plan.extend((now[k], before[k]) for k in now)
+        else:
+            return False
+    with torch.no_grad():
+        for tensor, value in plan:
+            if value is None:
+                tensor.zero_()
+            else:
+                tensor.copy_(value)
+    for group, saved_group in zip(groups, saved["param_groups"]):
+        for key, value in saved_group.items():
+            if key in ("params", "capturable"):
+                continue
+            if isinstance(group.get(key), torch.Tensor) and isinstance(value, torch.Tensor):
+                group[key].copy_(value)
+            else:
+                group[key] = copy.deepcopy(value)
+    return True
 
 
 def _random_states() -> Tuple:
