@@ -103,6 +103,30 @@ def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up
     assert len(graphs) == compiled
 
 
+def test_every_compiled_trial_of_a_process_compiles_the_same_graphs(monkeypatch, one_thread):
+    """Code compiled for earlier trials must not use up torch's recompile limit (shared code such as
+    Optimizer.step would then run eagerly in later trials)."""
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(speed_settings.torch, "compile", lambda fn, mode=None: compile_(fn, backend=counting))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    x, y = first_batch(task, 16)
+    per_trial = []
+    for _ in range(4):
+        method = Backprop(task)
+        apply_speed_settings(method, SpeedSettings(compile="default"), "cpu")
+        before = len(graphs)
+        warm_up(method, x, y, steps=3)
+        per_trial.append(len(graphs) - before)
+    assert per_trial[0] > 0 and len(set(per_trial)) == 1, per_trial
+
+
 def test_warm_up_restores_optimisers_without_zero_fresh_state_through_load_state_dict(one_thread):
     model = nn.Linear(3, 2)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)

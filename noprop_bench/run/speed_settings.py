@@ -215,13 +215,18 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
                          say: Callable[[str], None] = lambda message: None) -> AppliedSpeed:
     """Put ``method`` under ``settings`` in place: memory format, compiled targets, autocast on entry points.
 
-    Wrappers are instance attributes, so the class (and every other instance) stays as it was. ``say``
+    Wrappers are instance attributes, so the class (and every other instance) stays as it was. Under
+    ``--compile`` torch's compile caches are emptied first, so every trial compiles the same way. ``say``
     hears of every compile or capture target that falls back to eager.
     """
     applied = AppliedSpeed(settings, say)
     if settings.channels_last:
         method.to(memory_format=torch.channels_last)
     if settings.compile != "none":
+        # code compiled for earlier methods of the process holds guards on their (dead) objects: left in
+        # place, it would count towards torch's recompile limit on shared code such as Optimizer.step, and
+        # later trials would quietly run those parts eagerly
+        torch._dynamo.reset()
         applied.compiled = _wrap_targets(method, "compile_targets", "compile target", lambda path, function: (
             CompiledCall(path, function, settings.compile, applied.fallback)))
     if captures_whole_calls(settings, device_type):
