@@ -78,18 +78,24 @@ def test_warm_up_leaves_model_and_optimisers_exactly_as_they_were(cls, params, o
         assert plain.block_steps == warmed.block_steps and plain.current == warmed.current
 
 
-@pytest.mark.parametrize("cls", [Backprop, NoPropCT])
-def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up(cls, monkeypatch, one_thread):
-    """The warm-up restores the optimiser into its own tensors: replacing them would void the compiled
-    step's guards, and the first timed step would compile again."""
-    graphs = []
+@pytest.fixture
+def graphs(monkeypatch):
+    """The graphs torch.compile compiles from here on, in the order it compiles them (nothing is optimised)."""
+    compiled = []
 
     def counting(graph, example_inputs):
-        graphs.append(graph)
+        compiled.append(graph)
         return graph.forward
 
     compile_ = torch.compile
     monkeypatch.setattr(speed_settings.torch, "compile", lambda fn, mode=None: compile_(fn, backend=counting))
+    return compiled
+
+
+@pytest.mark.parametrize("cls", [Backprop, NoPropCT])
+def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up(cls, graphs, one_thread):
+    """The warm-up restores the optimiser into its own tensors: replacing them would void the compiled
+    step's guards, and the first timed step would compile again."""
     torch.manual_seed(0)
     task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
     method = cls(task)
@@ -103,18 +109,10 @@ def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up
     assert len(graphs) == compiled
 
 
-def test_every_compiled_trial_of_a_process_compiles_the_same_graphs(monkeypatch, one_thread):
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_every_compiled_trial_of_a_process_compiles_the_same_graphs(graphs, one_thread):
     """Code compiled for earlier trials must not use up torch's recompile limit (shared code such as
     Optimizer.step would then run eagerly in later trials)."""
-    graphs = []
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    compile_ = torch.compile
-    monkeypatch.setattr(speed_settings.torch, "compile", lambda fn, mode=None: compile_(fn, backend=counting))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
     x, y = first_batch(task, 16)
     per_trial = []
