@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import fake_plugins
+
 from noprop_bench.cli import run
 from noprop_bench.errors import UsageError
 from noprop_bench.run.speed import build_parser, settings_grid
@@ -29,6 +31,23 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     table = (out / "speed.md").read_text()
     assert "Tiny shape (1x16x16, 4 classes, random images)" in table and "eager bf16" in table
     assert table in capsys.readouterr().out
+
+
+def test_a_method_that_fails_is_a_row_saying_why_and_the_others_are_still_measured(tmp_path, one_thread,
+                                                                                     monkeypatch):
+    def broken_train_step(self, x, y):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+    monkeypatch.setattr(fake_plugins.Linear, "train_step", broken_train_step)
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear,backprop",
+                "--batch-size", "8", "--steps", "2", "--out", str(out)])
+    assert code == 1
+    failed, measured = json.loads((out / "speed.json").read_text())["rows"]
+    assert failed["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert failed["ms_per_step"] is None and failed["ratio"] is None
+    assert measured["ms_per_step"] > 0 and measured["ratio"] == 1.0
+    assert "not measured: RuntimeError: CUDA error" in (out / "speed.md").read_text()
 
 
 def test_speed_channels_last_flags_match_the_main_command(tmp_path):

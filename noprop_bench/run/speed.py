@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..plugins import load_plugins
 from ..specs import parse_dataset_spec, parse_method_list
 from ..task import Task
+from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
 from .memory import PeakMemory
@@ -37,6 +38,8 @@ DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
 # steps timed and warm-up steps before them; the CPU gets fewer so the five built-ins take under a minute
 STEPS = {"cuda": (50, 5), "cpu": (3, 1)}
 INFERENCE_IMAGES = {"cpu": 256}  # CUDA: the evaluation batch the trial would use
+FIGURES = ("ms_per_step", "samples_per_second", "inference_images_per_second_final",
+           "inference_images_per_second_checkpoint", "peak_memory_bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +122,7 @@ def _inference_images_per_second(method, task: Task, images: int, setting: Dict[
         with inference_layout(method, task.device.type, settings):
             evaluate(method, split, task.normalize, batches, seed=0, setting=setting, require_finite=False)
 
-    if warm:
+    if warm:  # compiled code, or cuDNN and cuBLAS choosing kernels for a batch shape not seen yet
         predict()
     seconds = _timed(predict, synchronize)
     return images / max(seconds, 1e-9)
@@ -146,7 +149,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         memory = PeakMemory(device)
         with memory:
             times = [_timed(lambda: method.train_step(x, y), synchronize) for _ in range(steps)]
-        warm = settings.compile != "none"
+        warm = settings.compile != "none" or device.type == "cuda"
         final = _inference_images_per_second(method, task, inference_images, {}, settings, synchronize, warm)
         checkpoint = _inference_images_per_second(method, task, inference_images, method.checkpoint_setting(),
                                                   settings, synchronize, warm)
@@ -162,28 +165,41 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     }
 
 
+def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
+    """The row of a method that could not be measured under ``settings``: what went wrong, no figures."""
+    return {"method": cls.name, "row_label": cls.row_label(params), "params": params,
+            "settings": settings.describe(), **settings.as_dict(), "error": first_line(error),
+            "compile_fallbacks": {}, "capture_fallbacks": {}, **{key: None for key in FIGURES}}
+
+
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
     """Each row's samples/s over the reference's with the same settings: backprop when present, else the
-    first method."""
+    first method; None where either was not measured."""
     methods = [row["method"] for row in rows]
     reference = "backprop" if "backprop" in methods else methods[0]
     for row in rows:
         base = next((r for r in rows if r["method"] == reference and r["settings"] == row["settings"]), None)
         row["ratio_to"] = reference
-        row["ratio"] = row["samples_per_second"] / base["samples_per_second"] if base else None
+        measured = base is not None and base["samples_per_second"] and row["samples_per_second"]
+        row["ratio"] = row["samples_per_second"] / base["samples_per_second"] if measured else None
+
+
+def _rounded(value: Optional[float], digits: int, scale: float = 1.0) -> Optional[float]:
+    return None if value is None else round(value / scale, digits)
 
 
 def render(rows: List[Dict[str, Any]], header: str) -> str:
     frame = pd.DataFrame([{
-        "Method": row["row_label"], "Settings": row["settings"], "ms/step": round(row["ms_per_step"], 2),
-        "samples/s": round(row["samples_per_second"], 1),
-        f"vs {row['ratio_to']}": None if row["ratio"] is None else round(row["ratio"], 2),
-        "inference img/s (final)": round(row["inference_images_per_second_final"], 1),
-        "inference img/s (checkpoint)": round(row["inference_images_per_second_checkpoint"], 1),
-        "peak MiB": round(row["peak_memory_bytes"] / 2**20, 1),
+        "Method": row["row_label"], "Settings": row["settings"], "ms/step": _rounded(row["ms_per_step"], 2),
+        "samples/s": _rounded(row["samples_per_second"], 1),
+        f"vs {row['ratio_to']}": _rounded(row["ratio"], 2),
+        "inference img/s (final)": _rounded(row["inference_images_per_second_final"], 1),
+        "inference img/s (checkpoint)": _rounded(row["inference_images_per_second_checkpoint"], 1),
+        "peak MiB": _rounded(row["peak_memory_bytes"], 1, 2**20),
         "fell back to eager": "; ".join(
             [f"{k}: {v}" for k, v in row["compile_fallbacks"].items()]
-            + [f"{k} (CUDA graph): {v}" for k, v in row.get("capture_fallbacks", {}).items()]),
+            + [f"{k} (CUDA graph): {v}" for k, v in row.get("capture_fallbacks", {}).items()]
+            + ([f"not measured: {row['error']}"] if row.get("error") else [])),
     } for row in rows])
     return f"{header}\n\n{frame.to_markdown(index=False)}\n"
 
@@ -212,14 +228,22 @@ def speed_main(argv: Sequence[str]) -> int:
     rows = []
     for settings, (cls, params) in itertools.product(grid, methods):
         say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
-        rows.append(measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images))
+        try:
+            rows.append(measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images))
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
+            say(f"{cls.row_label(params)}, {settings.describe()}: not measured: {first_line(error)}")
+            rows.append(failed_row(cls, params, settings, error))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     add_ratios(rows)
     shape = "x".join(map(str, dataset.image_shape))
     header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
               f"backbone {backbone}, batch {args.batch_size}, {device_name(device)}\n\n"
               f"Median of {steps} train steps after {warmup} untimed warm-up step(s), the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
-              f"checkpoint settings; peak memory of the train steps ({rows[0]['memory_kind'] if rows else ''}).")
+              f"checkpoint settings; peak memory of the train steps ({next((r['memory_kind'] for r in rows if 'memory_kind' in r), '')}).")
     text = render(rows, header)
     out = Path(args.out or Path("results") / f"speed-{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
@@ -229,4 +253,4 @@ def speed_main(argv: Sequence[str]) -> int:
                                                 "rows": rows}, indent=1, default=str))
     print(text)
     say(f"written to {out}/ (speed.md, speed.json)")
-    return 0
+    return 1 if any(row.get("error") for row in rows) else 0
