@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check, one command, meant to take under 4 minutes on one GPU:
-#   1. the device;
-#   2. `noprop-bench speed` for (mnist5k shape, noprop_cnn) and (CIFAR-10 shape, resnet18), eager fp32
-#      against the best settings;
-#   3. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
+# The GPU check, one command. Its phases run cheapest first, so a check cut short still says the most:
+#   1. the device, and whether torch.compile works on it;
+#   2. where pytest is installed, the CUDA graph tests (replays of the integration loops against eager);
+#   3. `noprop-bench speed` for the mnist5k shape with noprop_cnn, eager fp32 and then the best settings;
+#   4. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
 #      Table 2 and the evaluation/training wall-time ratio;
-#   4. where pytest is installed, the CUDA graph tests (replays of the integration loops against eager).
+#   5. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
+#      methods its targets name), eager fp32 and then the best settings.
+# A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT, is noted in OUT/failures.md
+# and the next phase still runs; the script then exits 1.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]          (default results/gpu-check-<timestamp>)
 # Environment: PYTHON (default python), NOPROP_CHECK_DEVICE (default cuda; cpu only to try the script),
 #   NOPROP_CHECK_BEST (default "--precision bf16 --channels-last --compile default"),
-#   NOPROP_CHECK_BUDGET (seconds per method, default 20), NOPROP_CHECK_STEPS (timed speed steps, default 50).
+#   NOPROP_CHECK_BUDGET (seconds per method, default 20), NOPROP_CHECK_STEPS (timed speed steps, default 50),
+#   NOPROP_CHECK_RESNET_METHODS (default backprop,noprop_ct),
+#   NOPROP_CHECK_PHASE_TIMEOUT (seconds per command, default 300).
 #
 # It installs nothing. Where the package is not installed, the checkout's own modules are imported
 # (through a temporary folder on PYTHONPATH) and the built-ins are loaded with --plugin. Only when
@@ -24,8 +29,12 @@ DEVICE=${NOPROP_CHECK_DEVICE:-cuda}
 BEST=${NOPROP_CHECK_BEST:---precision bf16 --channels-last --compile default}
 BUDGET=${NOPROP_CHECK_BUDGET:-20}
 STEPS=${NOPROP_CHECK_STEPS:-50}
+RESNET_METHODS=${NOPROP_CHECK_RESNET_METHODS:-backprop,noprop_ct}
+PHASE_TIMEOUT=${NOPROP_CHECK_PHASE_TIMEOUT:-300}
 OUT=${1:-results/gpu-check-$(date +%Y%m%d-%H%M%S)}
 METHODS=backprop,noprop_dt,noprop_ct,noprop_fm,adjoint
+read -r -a BEST_FLAGS <<< "$BEST"
+EAGER_FLAGS=(--precision fp32 --no-channels-last --compile none)
 started=$(date +%s)
 
 if ! "$PYTHON" -c "import mlxtend" 2>/dev/null; then
@@ -48,39 +57,72 @@ if ! "$PYTHON" -c "import noprop_bench_plugins.methods.backprop" 2>/dev/null; th
         PLUGINS+=(--plugin "noprop_bench_plugins.$module")
     done
 fi
-bench() { "$PYTHON" -c "from noprop_bench.cli import main; main()" "$@"; }
+
+# one noprop-bench command, stopped after PHASE_TIMEOUT seconds
+bench() {
+    timeout "$PHASE_TIMEOUT" "$PYTHON" -c "from noprop_bench.cli import main; main()" "$@" \
+        ${PLUGINS[@]+"${PLUGINS[@]}"}
+}
 
 mkdir -p "$OUT"
+failed=0
+# phase NAME FUNCTION ARGS...: run one phase; a failure is noted and the check goes on
+phase() {
+    local name=$1 status=0
+    shift
+    echo; echo "## $name"
+    "$@" || status=$?
+    if [ "$status" -ne 0 ]; then
+        failed=1
+        local why="exit status $status"
+        [ "$status" -eq 124 ] && why="stopped after ${PHASE_TIMEOUT} s"
+        echo "gpu_check: phase '$name' failed ($why)" | tee -a "$OUT/failures.md" >&2
+    fi
+}
+
 {
 echo "# GPU check"
 echo
 "$PYTHON" - "$DEVICE" <<'EOF'
-import sys, torch
+import sys, time, torch
 device = sys.argv[1]
 name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "cpu"
 print(f"Device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}")
+started = time.perf_counter()
+try:
+    torch.compile(lambda x: x + 1)(torch.ones(2, device=device))
+    print(f"torch.compile works here ({time.perf_counter() - started:.1f} s for a first tiny graph)")
+except Exception as error:  # compiled rows would quietly fall back to eager: say so at the top
+    print(f"torch.compile does NOT work here; compiled targets will run eagerly: {type(error).__name__}: {error}")
 EOF
 echo "Best settings: $BEST"
 } | tee "$OUT/device.md"
 
-# word splitting of $BEST is intended: it holds several options
-# shellcheck disable=SC2086
-for config in "mnist5k noprop_cnn" "cifar10 resnet18"; do
-    set -- $config
-    echo; echo "## speed: $1 shape, $2, eager fp32"
-    bench speed "${PLUGINS[@]}" --methods "$METHODS" --dataset "$1" --backbone "$2" --device "$DEVICE" \
-        --steps "$STEPS" --precision fp32 --no-channels-last --compile none --out "$OUT/speed-$1-eager"
-    echo; echo "## speed: $1 shape, $2, best settings"
-    bench speed "${PLUGINS[@]}" --methods "$METHODS" --dataset "$1" --backbone "$2" --device "$DEVICE" \
-        --steps "$STEPS" $BEST --out "$OUT/speed-$1-best"
-done
+cuda_graph_tests() {
+    if [ "$DEVICE" != cuda ] || ! "$PYTHON" -c "import pytest" 2>/dev/null; then
+        echo "not run: needs --device cuda and pytest" | tee "$OUT/cuda_graph_tests.txt"
+        return 0
+    fi
+    local status=0
+    timeout "$PHASE_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+        > "$OUT/cuda_graph_tests.txt" 2>&1 || status=$?
+    tail -n 15 "$OUT/cuda_graph_tests.txt"
+    return "$status"
+}
 
-echo; echo "## $BUDGET s per method on mnist5k, best settings"
-# shellcheck disable=SC2086
-bench "${PLUGINS[@]}" --methods "$METHODS" --dataset mnist5k --budget "$BUDGET" --device "$DEVICE" $BEST \
-    --out "$OUT/run" > /dev/null
-cat "$OUT/run/table1.md" "$OUT/run/table2.md"
-"$PYTHON" - "$OUT/run/trials.jsonl" <<'EOF' | tee "$OUT/run/eval_ratio.md"
+# speed DATASET METHODS BACKBONE NAME SETTINGS...: one `noprop-bench speed` table
+speed() {
+    local dataset=$1 methods=$2 backbone=$3 name=$4
+    shift 4
+    bench speed --methods "$methods" --dataset "$dataset" --backbone "$backbone" --device "$DEVICE" \
+        --steps "$STEPS" "$@" --out "$OUT/speed-$dataset-$name"
+}
+
+short_run() {
+    bench --methods "$METHODS" --dataset mnist5k --budget "$BUDGET" --device "$DEVICE" "${BEST_FLAGS[@]}" \
+        --out "$OUT/run" > /dev/null || return
+    cat "$OUT/run/table1.md" "$OUT/run/table2.md"
+    "$PYTHON" - "$OUT/run/trials.jsonl" <<'EOF' | tee "$OUT/run/eval_ratio.md"
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 print("\n| method | training s | evaluation s | evaluation / training | warm-up s | compile s | CUDA graphs |"
@@ -96,10 +138,15 @@ train = sum(r["train_seconds"] for r in records)
 evaluation = sum(r["eval_seconds"] for r in records)
 print(f"\nAll methods: evaluation/training wall ratio {evaluation / max(train, 1e-9):.2f}")
 EOF
-echo; echo "## whole-call CUDA graphs against eager (tests/test_cuda_graphs.py)"
-if [ "$DEVICE" = cuda ] && "$PYTHON" -c "import pytest" 2>/dev/null; then
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -n 15 | tee "$OUT/cuda_graph_tests.txt"
-else
-    echo "not run: needs --device cuda and pytest" | tee "$OUT/cuda_graph_tests.txt"
-fi
+}
+
+phase "whole-call CUDA graphs against eager (tests/test_cuda_graphs.py)" cuda_graph_tests
+phase "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$METHODS" noprop_cnn eager "${EAGER_FLAGS[@]}"
+phase "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$METHODS" noprop_cnn best "${BEST_FLAGS[@]}"
+phase "$BUDGET s per method on mnist5k, best settings" short_run
+phase "speed: cifar10 shape, resnet18, eager fp32" speed cifar10 "$RESNET_METHODS" resnet18 eager "${EAGER_FLAGS[@]}"
+phase "speed: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 best "${BEST_FLAGS[@]}"
+
 echo; echo "gpu_check: $(( $(date +%s) - started )) s in all; outputs in $OUT/"
+[ ! -f "$OUT/failures.md" ] || cat "$OUT/failures.md"
+exit "$failed"
