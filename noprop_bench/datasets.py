@@ -88,14 +88,24 @@ class Normalizer:
         return (images.float() - self.mean) * self.inv_std
 
 
+def to_device_without_waiting(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (in host memory) on ``device``; to CUDA through pinned memory without waiting for the copy,
+    where a copy from pageable memory would hold the host until the device had drained."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, for a whole uint8 batch at once."""
     n, c, h, w = images.shape
     device = images.device
     height, width = h + 2 * padding, w + 2 * padding
-    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator, device="cpu").to(device)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator, device="cpu").to(device)
-    flip = torch.rand((n, 1, 1), generator=generator, device="cpu").to(device) < 0.5
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator, device="cpu")
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator, device="cpu")
+    flip = torch.rand((n, 1, 1), generator=generator, device="cpu") < 0.5
+    dy, dx, flip = to_device_without_waiting(torch.stack([dy, dx, flip.long()]), device)
+    flip = flip.bool()
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     # whole rows by index_select (contiguous copies), then whole columns of a width-major copy:
     # far cheaper than gathering every pixel by advanced indexing

@@ -88,6 +88,19 @@ def test_crop_flip_equals_the_per_pixel_definition(shape):
     assert not torch.equal(fast, images)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_crop_flip_never_waits_for_the_device_and_draws_what_the_cpu_draws():
+    images = torch.randint(0, 256, (32, 3, 8, 8), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    on_device = images.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fast = crop_flip(on_device, torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(fast.cpu(), crop_flip(images, torch.Generator().manual_seed(0)))
+
+
 def test_hold_out_is_stratified_and_disjoint():
     split = _split(80)
     train, val = hold_out(split, 0.25, seed=0)
