@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from noprop_bench_plugins.methods.noprop_dt import NoPropDT
+from noprop_bench_plugins.parts.block_offload import BlockOffload
 from noprop_helpers import first_batch, mnist_shaped_task
 
 
@@ -49,3 +50,12 @@ def test_offload_must_be_true_or_false():
     from noprop_bench import UsageError
     with pytest.raises(UsageError, match="offload"):
         NoPropDT.resolve_params({"offload": "maybe"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move blocks off")
+def test_a_block_already_on_the_device_named_without_an_index_is_not_moved_again():
+    blocks = [nn.Linear(2, 2).cuda(), nn.Linear(2, 2).cuda()]
+    offload = BlockOffload(blocks, [None, None], torch.device("cuda"))
+    offload.activate(0)  # block 1 goes to the host
+    offload.activate(0)  # nothing left to move
+    assert offload.moves == 1 and next(blocks[0].parameters()).is_cuda

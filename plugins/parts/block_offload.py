@@ -11,6 +11,13 @@ def _device_of(module: nn.Module) -> Optional[torch.device]:
     return None if first is None else first.device
 
 
+def _with_index(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:N`` (the current device), as parameters report it; ``cuda`` never equals ``cuda:0``."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def move_block(block: nn.Module, optimizer: Optional[torch.optim.Optimizer], device: torch.device) -> None:
     """Move ``block``'s parameters and buffers and ``optimizer``'s per-parameter state to ``device``.
 
@@ -38,7 +45,7 @@ class BlockOffload:
     def __init__(self, blocks: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  device: torch.device, host: torch.device = torch.device("cpu")):
         self.blocks, self.optimizers = list(blocks), list(optimizers)
-        self.device, self.host = torch.device(device), torch.device(host)
+        self.device, self.host = _with_index(torch.device(device)), _with_index(torch.device(host))
         self.moves = 0
 
     def activate(self, index: int) -> None:
