@@ -8,6 +8,7 @@ import torch
 from noprop_bench.datasets import Split
 from noprop_bench.report.frames import load_curves
 from noprop_bench.report.records import checkpoint_text
+from noprop_bench.run import evaluation_plan
 from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, stratified_subset,
                                               train_accuracy_split)
 from noprop_bench.run.runner import evaluate
@@ -37,6 +38,20 @@ def test_stratified_subset_is_fixed_and_keeps_class_proportions():
 
 def test_cpu_evaluation_batch_is_the_fixed_size():
     assert evaluation_batch_size(torch.device("cpu"), (3, 32, 32)) == CPU_EVAL_BATCH
+
+
+def test_cuda_evaluation_batch_counts_the_allocators_cached_memory_as_free(monkeypatch):
+    """Memory held cached from earlier trials must not shrink a later trial's batches."""
+    cuda = evaluation_plan.torch.cuda
+    image = evaluation_plan.image_bytes_estimate((3, 32, 32))
+    share = evaluation_plan.CUDA_FREE_MEMORY_SHARE
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 0)
+    sizes = []
+    for driver_free, cached in ((8000 * image / share, 0), (5000 * image / share, 3000 * image / share)):
+        monkeypatch.setattr(cuda, "mem_get_info", lambda device=None, free=driver_free: (int(free), 2 * int(free)))
+        monkeypatch.setattr(cuda, "memory_reserved", lambda device=None, held=cached: int(held))
+        sizes.append(evaluation_batch_size(torch.device("cuda"), (3, 32, 32)))
+    assert sizes == [8000, 8000]
 
 
 def test_evaluation_batch_size_does_not_change_a_deterministic_prediction(one_thread):

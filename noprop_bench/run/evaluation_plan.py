@@ -84,6 +84,9 @@ def evaluation_batch_size(device: torch.device, image_shape) -> int:
     if device.type != "cuda":
         return CPU_EVAL_BATCH
     free, _ = torch.cuda.mem_get_info(device)
+    # memory torch's allocator keeps cached from earlier trials is free to this one: without it, a trial's
+    # batches (and so the draws of a stochastic method) would depend on what ran before it in the process
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     fitting = int(free * CUDA_FREE_MEMORY_SHARE) // image_bytes_estimate(image_shape)
     return max(CPU_EVAL_BATCH, min(CUDA_EVAL_BATCH_MAX, fitting))
 
