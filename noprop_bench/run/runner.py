@@ -1,6 +1,7 @@
 """One trial: seed, build, train under the budget, evaluate at checkpoints, evaluate at the end."""
 
 import dataclasses
+import gc
 import random
 import time
 import traceback
@@ -273,6 +274,10 @@ class _TrialRun:
         self.test_features: Optional[FeatureBatches] = None
         self.speed = None
         self.checkpoint_test = stratified_subset(data.test, spec.checkpoint_size)
+        if torch.device(spec.device).type == "cuda":
+            # an earlier trial's method may still sit in a reference cycle (it holds the wrappers of its
+            # captured calls, which hold it), with its device memory and CUDA graphs: free it before sizing
+            gc.collect()
         self.eval_batch = EvaluationBatches.of(
             spec.eval_batch_size or evaluation_batches(spec.device, tuple(data.test.images.shape[1:])))
         record["checkpoint_size"] = len(self.checkpoint_test)
