@@ -224,6 +224,7 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
         compiled = CompiledCall("f", eager, mode, lambda *reason: fallbacks.append(reason))
         compiled.compiled = lambda value: calls.append("compiled")
         monkeypatch.setattr(speed_settings, "recording_a_whole_call", lambda: True)
+        monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
         compiled(1)
         assert calls == [expected], mode
         monkeypatch.setattr(speed_settings, "recording_a_whole_call", lambda: False)
@@ -239,9 +240,16 @@ def test_a_compiled_target_called_inside_a_capture_runs_eagerly_in_modes_with_th
 
     compiled.compiled = recompiles_during_capture
     monkeypatch.setattr(speed_settings, "recording_a_whole_call", lambda: True)
+    monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError):
         compiled(1)
     assert compiled.compiled is recompiles_during_capture and fallbacks == []
+
+    # in the recording's warm-up, before the capture, a compiler error falls back to eager as anywhere else
+    monkeypatch.setattr(speed_settings.torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls.clear()
+    assert compiled(1) == 1 and calls == ["eager"] and compiled.compiled is None
+    assert fallbacks == [("f", "TorchRuntimeError: cannot JIT compile during CUDA graph capture")]
 
 
 def test_a_compiled_target_traced_into_another_joins_its_graph_whole():

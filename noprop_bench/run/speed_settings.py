@@ -128,9 +128,12 @@ class CompiledCall:
             return self.eager(*args, **kwargs)
         if recording_a_whole_call():
             # inside a whole-call recording (capture_targets): inductor's own CUDA graphs cannot nest in it
-            # (the eager kernels become part of the outer graph anyway), and an error here is the capture's
-            # to report, not a reason to stop compiling this target
-            return self.eager(*args, **kwargs) if self.records_cuda_graphs else self.compiled(*args, **kwargs)
+            # (the eager kernels become part of the outer graph anyway)
+            if self.records_cuda_graphs:
+                return self.eager(*args, **kwargs)
+            if torch.cuda.is_current_stream_capturing():
+                # an error here is the capture's to report, not a reason to stop compiling this target
+                return self.compiled(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as error:
