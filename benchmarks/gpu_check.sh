@@ -58,10 +58,30 @@ if ! "$PYTHON" -c "import noprop_bench_plugins.methods.backprop" 2>/dev/null; th
     done
 fi
 
-# one noprop-bench command, stopped after PHASE_TIMEOUT seconds
+# limited COMMAND...: COMMAND with its child processes, stopped after PHASE_TIMEOUT seconds (killed 30 s
+# later if it lingers). timeout gives it a process group of its own, so an interrupt of this script would
+# not reach it: the trap below passes it on.
+running=
+limited() {
+    local status=0
+    timeout -k 30 "$PHASE_TIMEOUT" "$@" &
+    running=$!
+    wait "$running" || status=$?
+    running=
+    return "$status"
+}
+stop_running() {
+    if [ -n "$running" ]; then
+        kill -TERM "$running" 2>/dev/null || true
+        wait "$running" || true
+    fi
+}
+trap 'stop_running; exit 130' INT
+trap 'stop_running; exit 143' TERM
+
+# one noprop-bench command
 bench() {
-    timeout "$PHASE_TIMEOUT" "$PYTHON" -c "from noprop_bench.cli import main; main()" "$@" \
-        ${PLUGINS[@]+"${PLUGINS[@]}"}
+    limited "$PYTHON" -c "from noprop_bench.cli import main; main()" "$@" ${PLUGINS[@]+"${PLUGINS[@]}"}
 }
 
 mkdir -p "$OUT"
@@ -104,8 +124,8 @@ cuda_graph_tests() {
         return 0
     fi
     local status=0
-    timeout "$PHASE_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
-        > "$OUT/cuda_graph_tests.txt" 2>&1 || status=$?
+    limited "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/cuda_graph_tests.txt" 2>&1 \
+        || status=$?
     tail -n 15 "$OUT/cuda_graph_tests.txt"
     return "$status"
 }
