@@ -108,8 +108,10 @@ class CudaGraphRecorder:
 
     def __call__(self, function: Callable, args: tuple, kwargs: dict) -> Recording:
         global _recording
-        device = next(v.device for v in list(args) + list(kwargs.values())
-                      if isinstance(v, torch.Tensor) and v.device.type == "cuda")
+        device = next((v.device for v in list(args) + list(kwargs.values())
+                       if isinstance(v, torch.Tensor) and v.device.type == "cuda"), None)
+        if device is None:
+            raise ValueError("a CUDA graph records calls with at least one CUDA tensor argument")
         _recording += 1
         try:
             with torch.cuda.device(device):
@@ -130,27 +132,30 @@ class CudaGraphRecorder:
             rng_state = torch.cuda.get_rng_state()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                function(*static_args, **static_kwargs)
-                _rehearse_without_host_syncs(function, static_args, static_kwargs)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.set_rng_state(rng_state)
+            try:
+                with torch.cuda.stream(side):
+                    function(*static_args, **static_kwargs)
+                    _rehearse_without_host_syncs(function, static_args, static_kwargs)
+            finally:  # also when the rehearsal fails: the eager call that follows draws what it would have
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.set_rng_state(rng_state)
             graph = torch.cuda.CUDAGraph()
             # a cyclic garbage collection during the capture could free an older graph, which is not allowed
             # while a stream captures
             collecting = gc.isenabled()
-            gc.disable()
-            # entering the stream outside the graph's context puts the current stream back even when
-            # ending the capture raises
-            with torch.cuda.stream(self.stream):
-                try:
-                    with torch.cuda.graph(graph, stream=self.stream):
-                        output = function(*static_args, **static_kwargs)
-                except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
-                    _after_a_broken_capture(error)
-                finally:
-                    if collecting:
-                        gc.enable()
+            try:
+                gc.disable()
+                # entering the stream outside the graph's context puts the current stream back even when
+                # ending the capture raises
+                with torch.cuda.stream(self.stream):
+                    try:
+                        with torch.cuda.graph(graph, stream=self.stream):
+                            output = function(*static_args, **static_kwargs)
+                    except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
+                        _after_a_broken_capture(error)
+            finally:
+                if collecting:
+                    gc.enable()
         finally:
             torch.set_autocast_cache_enabled(cache_enabled)
         return Recording(graph.replay, static_args, static_kwargs, output)
@@ -162,9 +167,9 @@ def _rehearse_without_host_syncs(function: Callable, args: tuple, kwargs: dict) 
     torch.cuda.set_sync_debug_mode("error")
     try:
         function(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except RuntimeError as error:  # the function ran cleanly a moment ago: the check is what raised
+    except RuntimeError as error:
+        if "synchroniz" not in str(error):  # not the check's error: out of memory, or the device failed
+            raise
         raise CaptureFailed(f"it synchronises with the host: {first_line(error)}") from error
     finally:
         torch.cuda.set_sync_debug_mode(mode)
