@@ -8,6 +8,7 @@ checkpoint setting, and the peak memory of the train steps. Writes ``speed.md`` 
 """
 
 import argparse
+import gc
 import itertools
 import json
 import statistics
@@ -204,6 +205,19 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
     return f"{header}\n\n{frame.to_markdown(index=False)}\n"
 
 
+def _release_earlier_rows(device: torch.device) -> None:
+    """On CUDA, free what earlier rows left (a method in a reference cycle with its captured calls, a
+    failed row's tensors), so this row's peak memory is its own; a device left broken by an earlier
+    failure is this row's to report."""
+    if device.type != "cuda":
+        return
+    gc.collect()
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError:
+        pass
+
+
 def speed_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -228,6 +242,7 @@ def speed_main(argv: Sequence[str]) -> int:
     rows = []
     for settings, (cls, params) in itertools.product(grid, methods):
         say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
+        _release_earlier_rows(device)
         try:
             rows.append(measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images))
         except (UsageError, KeyboardInterrupt):
@@ -235,8 +250,6 @@ def speed_main(argv: Sequence[str]) -> int:
         except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
             say(f"{cls.row_label(params)}, {settings.describe()}: not measured: {first_line(error)}")
             rows.append(failed_row(cls, params, settings, error))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     add_ratios(rows)
     shape = "x".join(map(str, dataset.image_shape))
     header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
