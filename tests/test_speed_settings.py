@@ -133,7 +133,8 @@ def test_warm_up_restores_optimisers_without_zero_fresh_state_through_load_state
     model(torch.ones(4, 3)).sum().backward()
     sgd.step()
     adam.step()
-    # a zero momentum buffer is not SGD's fresh state when dampening is on: no in-place restore there
+    # only optimisers whose fresh state is all zeros are restored in place (SGD's is not: with dampening,
+    # a zero momentum buffer would not give its first step)
     assert not _restore_optimizer_in_place(sgd, fresh_sgd) and sgd.state[model.weight]
     moments = adam.state[model.weight]["exp_avg"]
     assert _restore_optimizer_in_place(adam, fresh_adam)

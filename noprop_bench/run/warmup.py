@@ -60,6 +60,7 @@ def _restore_optimizer_in_place(optimizer: torch.optim.Optimizer, saved: Dict[st
     would compile again, on the clock. State the warm-up created is zeroed, which is exact only where a
     fresh state is all zeros (``_ZERO_STATE``); returns False, touching nothing, where it cannot be exact.
     ``capturable``, which torch.compile turns on for CUDA parameters when it traces a step, is left as is.
+    The state keeps zeroed entries where ``load_state_dict`` would leave none: the same numbers follow.
     """
     groups = optimizer.param_groups
     if len(groups) != len(saved["param_groups"]):
