@@ -7,8 +7,8 @@
 #      Table 2 and the evaluation/training wall-time ratio;
 #   5. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
 #      methods its targets name), eager fp32 and then the best settings.
-# A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT, is noted in OUT/failures.md
-# and the next phase still runs; the script then exits 1.
+# A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT (the short run: that plus its
+# five budgets), is noted in OUT/failures.md and the next phase still runs; the script then exits 1.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]          (default results/gpu-check-<timestamp>)
 # Environment: PYTHON (default python), NOPROP_CHECK_DEVICE (default cuda; cpu only to try the script),
@@ -58,13 +58,14 @@ if ! "$PYTHON" -c "import noprop_bench_plugins.methods.backprop" 2>/dev/null; th
     done
 fi
 
-# limited COMMAND...: COMMAND with its child processes, stopped after PHASE_TIMEOUT seconds (killed 30 s
-# later if it lingers). timeout gives it a process group of its own, so an interrupt of this script would
+# limited SECONDS COMMAND...: COMMAND with its child processes, stopped after SECONDS (killed 30 s later if
+# it lingers). timeout gives it a process group of its own, so an interrupt of this script would
 # not reach it: the trap below passes it on.
 running=
 limited() {
-    local status=0
-    timeout -k 30 "$PHASE_TIMEOUT" "$@" &
+    local status=0 seconds=$1
+    shift
+    timeout -k 30 "$seconds" "$@" &
     running=$!
     wait "$running" || status=$?
     running=
@@ -79,9 +80,10 @@ stop_running() {
 trap 'stop_running; exit 130' INT
 trap 'stop_running; exit 143' TERM
 
-# one noprop-bench command
+# one noprop-bench command, stopped after PHASE_TIMEOUT seconds (more, where BENCH_TIMEOUT says so)
 bench() {
-    limited "$PYTHON" -c "from noprop_bench.cli import main; main()" "$@" ${PLUGINS[@]+"${PLUGINS[@]}"}
+    limited "${BENCH_TIMEOUT:-$PHASE_TIMEOUT}" "$PYTHON" -c "from noprop_bench.cli import main; main()" "$@" \
+        ${PLUGINS[@]+"${PLUGINS[@]}"}
 }
 
 mkdir -p "$OUT"
@@ -95,7 +97,7 @@ phase() {
     if [ "$status" -ne 0 ]; then
         failed=1
         local why="exit status $status"
-        [ "$status" -eq 124 ] && why="stopped after ${PHASE_TIMEOUT} s"
+        [ "$status" -eq 124 ] && why="stopped at its time limit"
         echo "gpu_check: phase '$name' failed ($why)" | tee -a "$OUT/failures.md" >&2
     fi
 }
@@ -124,8 +126,8 @@ cuda_graph_tests() {
         return 0
     fi
     local status=0
-    limited "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/cuda_graph_tests.txt" 2>&1 \
-        || status=$?
+    limited "$PHASE_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+        > "$OUT/cuda_graph_tests.txt" 2>&1 || status=$?
     tail -n 15 "$OUT/cuda_graph_tests.txt"
     return "$status"
 }
@@ -139,7 +141,9 @@ speed() {
 }
 
 short_run() {
-    bench --methods "$METHODS" --dataset mnist5k --budget "$BUDGET" --device "$DEVICE" "${BEST_FLAGS[@]}" \
+    # five training budgets on top of the usual limit for warm-up, compilation and evaluation
+    BENCH_TIMEOUT=$(( PHASE_TIMEOUT + 5 * BUDGET )) bench --methods "$METHODS" --dataset mnist5k \
+        --budget "$BUDGET" --device "$DEVICE" "${BEST_FLAGS[@]}" \
         --out "$OUT/run" > /dev/null || return
     cat "$OUT/run/table1.md" "$OUT/run/table2.md"
     "$PYTHON" - "$OUT/run/trials.jsonl" <<'EOF' | tee "$OUT/run/eval_ratio.md"
