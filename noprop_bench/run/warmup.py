@@ -49,8 +49,8 @@ def _restore_object(value: Any, saved: Any) -> None:
 
 
 # optimisers whose fresh per-parameter state is these tensors, all zero: zeroing them in place is exact
-_ZERO_STATE = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
-               torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}
+_ADAM_STATE = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+_ZERO_STATE = {torch.optim.Adam: _ADAM_STATE, torch.optim.AdamW: _ADAM_STATE}
 
 
 def _restore_optimizer_in_place(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> bool:
