@@ -30,7 +30,12 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     assert rows[2]["checkpoint_setting"] == {"solver": "heun", "steps": 2}
     table = (out / "speed.md").read_text()
     assert "Tiny shape (1x16x16, 4 classes, random images)" in table and "eager bf16" in table
-    assert table in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert table in printed.out
+    # each row's figures are printed as soon as it is measured, so a run cut short keeps them
+    first = rows[0]
+    assert f"eager fp32: {first['ms_per_step']:.2f} ms/step" in printed.err
+    assert printed.err.count(" ms/step (") == len(rows)
 
 
 def test_a_method_that_fails_is_a_row_saying_why_and_the_others_are_still_measured(tmp_path, one_thread,

@@ -166,6 +166,14 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     }
 
 
+def row_summary(row: Dict[str, Any]) -> str:
+    """One measured row in a line, printed as soon as it is measured (a run cut short keeps its figures)."""
+    return (f"{row['ms_per_step']:.2f} ms/step ({1000 / row['ms_per_step']:.0f} steps/s), inference "
+            f"{row['inference_images_per_second_final']:.0f} img/s final, "
+            f"{row['inference_images_per_second_checkpoint']:.0f} img/s checkpoint; "
+            f"warm-up {row['warmup_seconds']:.1f} s")
+
+
 def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
     """The row of a method that could not be measured under ``settings``: what went wrong, no figures."""
     return {"method": cls.name, "row_label": cls.row_label(params), "params": params,
@@ -245,6 +253,7 @@ def speed_main(argv: Sequence[str]) -> int:
         _release_earlier_rows(device)
         try:
             rows.append(measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images))
+            say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(rows[-1])}")
         except (UsageError, KeyboardInterrupt):
             raise
         except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
