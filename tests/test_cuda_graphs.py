@@ -94,7 +94,7 @@ def test_a_recording_is_made_once_per_signature_and_replayed_into_fresh_tensors(
     assert fallbacks == []
 
 
-def test_a_replaced_parameter_makes_a_new_recording_and_all_are_dropped_together_beyond_the_limit():
+def test_a_replaced_parameter_makes_a_new_recording_and_stale_ones_are_dropped_beyond_the_limit():
     method, x, _ = _method(NoPropCT)
     record = StandIn()
     call, _ = _captured(method, record, max_recordings=2)
@@ -107,10 +107,28 @@ def test_a_replaced_parameter_makes_a_new_recording_and_all_are_dropped_together
         assert record.recordings == 2
         call(features, "heun", 3)  # held
         assert record.recordings == 2
-        call(features, "euler", 3)  # a third: the two are dropped (graphs of one stream share workspaces)
+        # a third while one is stale (its classifier is gone): all are dropped together (graphs of one
+        # stream share workspaces) and the new one is recorded
+        call(features, "euler", 3)
         assert len(call.recordings) == 1 and record.recordings == 3
         call(features, "heun", 3)
-        assert record.recordings == 4
+        assert record.recordings == 4 and call.eager_calls == 0
+
+
+def test_past_the_limit_a_cycle_of_settings_keeps_replaying_what_it_holds_and_runs_the_rest_eagerly():
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, _ = _captured(method, record, max_recordings=2)
+    settings = [("heun", 3), ("euler", 3), ("heun", 4)]
+    with torch.inference_mode():
+        features = method.features(x)
+        for _ in range(3):  # e.g. an inference sweep repeated over inference runs
+            for solver, steps in settings:
+                torch.manual_seed(7)
+                eager = method.integrate(features, solver, steps)
+                torch.manual_seed(7)
+                torch.testing.assert_close(call(features, solver, steps), eager, rtol=0, atol=0)
+    assert record.recordings == 2 and call.eager_calls == 3 and call.replays == 6
 
 
 def test_calls_with_gradients_on_other_devices_or_odd_arguments_run_as_they_are():
@@ -431,3 +449,33 @@ def test_on_cuda_the_stochastic_process_draws_fresh_noise_per_replay_and_follows
         again = call(features, "stochastic", 50)
     assert not torch.equal(first, second)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_with_new_recordings_paused_a_held_signature_replays_and_a_new_one_runs_eagerly():
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, _ = _captured(method, record)
+    with torch.inference_mode():
+        features = method.features(x)
+        call(features, "heun", 3)
+        with cuda_graphs.no_new_recordings():
+            call(features, "heun", 3)
+            torch.manual_seed(5)
+            eager = method.integrate(features[:8], "euler", 3)
+            torch.manual_seed(5)
+            torch.testing.assert_close(call(features[:8], "euler", 3), eager, rtol=0, atol=0)
+        assert record.recordings == 1 and call.replays == 2
+        call(features[:8], "euler", 3)  # recorded once the pause is over
+        assert record.recordings == 2
+
+
+def test_the_warm_up_inference_records_no_cuda_graph():
+    from noprop_bench.run.runner import _inference_at_two_sizes
+
+    method, x, _ = _method(NoPropCT)
+    record = StandIn()
+    call, _ = _captured(method, record)
+    method.integrate = call  # as apply_speed_settings wraps a capture target
+    with torch.inference_mode():
+        _inference_at_two_sizes(method, x)()
+    assert record.recordings == 0 and call.replays == 0

@@ -22,6 +22,7 @@ while recording is not a failure of the capture: the recordings are dropped and 
 harness can retry with smaller batches.
 """
 
+import contextlib
 import gc
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
@@ -53,12 +54,26 @@ def first_line(error: BaseException) -> str:
 
 _captures_off: Optional[str] = None  # why captures are off in this process; None while they are on
 _recording = 0  # how many CudaGraphRecorder calls are under way (warm-up, rehearsal and capture)
+_paused = 0  # how many no_new_recordings blocks are open
 
 
 def recording_a_whole_call() -> bool:
     """Whether a whole-call recording (its warm-up, rehearsal or capture) is under way: compiled targets
     with CUDA graphs of their own run eagerly then, as those cannot nest in it."""
     return _recording > 0
+
+
+@contextlib.contextmanager
+def no_new_recordings():
+    """Inside, a :class:`CapturedCall` replays what it holds but records nothing new: a signature it has
+    not seen runs eagerly. For calls whose shapes will not come again (the harness's warm-up on a
+    training batch), so they take no recording, device memory or capture time."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 def captures_off_reason() -> Optional[str]:
@@ -208,8 +223,11 @@ class CapturedCall:
 
     ``owner`` is the module whose parameters and buffers the function reads. ``record`` makes a
     :class:`Recording` (by default a :class:`CudaGraphRecorder`; tests pass a stand-in). ``on_fallback(name,
-    reason)`` hears once when recording fails and the call turns eager for good. Past ``max_recordings``
-    signatures, all recordings are dropped together and made again as calls come.
+    reason)`` hears once when recording fails and the call turns eager for good. With ``max_recordings``
+    held, a new signature drops them all (they are made again as calls come) only where some are stale, made
+    for parameters the method no longer has; otherwise it runs eagerly (counted in ``eager_calls``). Dropping
+    them all would make a cycle of more signatures than the limit (an ``--inference-sweep`` repeated over
+    inference runs) record every call again and replay none.
     """
 
     def __init__(self, name: str, function: Callable, owner: torch.nn.Module,
@@ -219,7 +237,7 @@ class CapturedCall:
         self.record: Optional[Callable[..., Recording]] = record or CudaGraphRecorder()
         self.device_type, self.max_recordings = device_type, max_recordings
         self.recordings: Dict[Hashable, Recording] = {}
-        self.replays = 0
+        self.replays = self.eager_calls = 0
 
     def _signature(self, args: tuple, kwargs: dict) -> Optional[Hashable]:
         parts = []
@@ -248,7 +266,13 @@ class CapturedCall:
             return self.function(*args, **kwargs)
         recording = self.recordings.get(signature)
         if recording is None:
+            if _paused:
+                return self.function(*args, **kwargs)
             if len(self.recordings) >= self.max_recordings:
+                storages = signature[-1]
+                if all(held[-1] == storages for held in self.recordings):
+                    self.eager_calls += 1
+                    return self.function(*args, **kwargs)
                 self.recordings.clear()
             recording = self._recorded(args, kwargs)
             if recording is None:

@@ -16,6 +16,7 @@ from ..backbones import create_backbone, feature_dim
 from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method, describe_class,
                            loss_fixes, step_metrics_fixes, violation)
 from .budget import Budget, ClockReads, TrainingClock
+from .cuda_graphs import no_new_recordings
 from ..datasets import BatchStream, Dataset, Normalizer, Split
 from ..errors import UsageError
 from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, inference_layout,
@@ -173,17 +174,19 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
 def _inference_at_two_sizes(method: Method, x: torch.Tensor) -> Callable[[], None]:
     """The inference path at the checkpoint setting on two batch sizes of ``x``: torch.compile then makes
     the batch dimension dynamic, and every evaluation batch size reuses that graph. Call it under
-    ``inference_mode``: the clones are then inference tensors, as evaluation batches are."""
+    ``inference_mode``: the clones are then inference tensors, as evaluation batches are. Whole calls
+    are not recorded as CUDA graphs here: evaluations run on other batch shapes."""
     setting = method.checkpoint_setting()
     sizes = sorted({max(2, len(x) // 2), len(x)})
 
     def inference():
-        for size in sizes:
-            images = x[:size].clone()
-            if method.reuses_features():
-                method.predict_from_features(method.features(images), **setting)
-            else:
-                method.predict(images, **setting)
+        with no_new_recordings():
+            for size in sizes:
+                images = x[:size].clone()
+                if method.reuses_features():
+                    method.predict_from_features(method.features(images), **setting)
+                else:
+                    method.predict(images, **setting)
 
     return inference
 
