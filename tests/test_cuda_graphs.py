@@ -66,10 +66,16 @@ def _captured(method, record, **kwargs):
     return call, fallbacks
 
 
-def test_a_recording_is_made_once_per_signature_and_replayed_into_fresh_tensors():
+def _ct_with_stand_in(**kwargs):
+    """NoProp-CT's integration loop wrapped with a stand-in recorder: (method, x, record, call, fallbacks)."""
     method, x, _ = _method(NoPropCT)
     record = StandIn()
-    call, fallbacks = _captured(method, record)
+    call, fallbacks = _captured(method, record, **kwargs)
+    return method, x, record, call, fallbacks
+
+
+def test_a_recording_is_made_once_per_signature_and_replayed_into_fresh_tensors():
+    method, x, record, call, fallbacks = _ct_with_stand_in()
     with torch.inference_mode():
         features = method.features(x)
         call(features, "heun", 5)  # records
@@ -95,9 +101,7 @@ def test_a_recording_is_made_once_per_signature_and_replayed_into_fresh_tensors(
 
 
 def test_a_replaced_parameter_makes_a_new_recording_and_stale_ones_are_dropped_beyond_the_limit():
-    method, x, _ = _method(NoPropCT)
-    record = StandIn()
-    call, _ = _captured(method, record, max_recordings=2)
+    method, x, record, call, _ = _ct_with_stand_in(max_recordings=2)
     with torch.inference_mode():
         features = method.features(x)
         call(features, "heun", 3)
@@ -116,9 +120,7 @@ def test_a_replaced_parameter_makes_a_new_recording_and_stale_ones_are_dropped_b
 
 
 def test_past_the_limit_a_cycle_of_settings_keeps_replaying_what_it_holds_and_runs_the_rest_eagerly():
-    method, x, _ = _method(NoPropCT)
-    record = StandIn()
-    call, _ = _captured(method, record, max_recordings=2)
+    method, x, record, call, _ = _ct_with_stand_in(max_recordings=2)
     settings = [("heun", 3), ("euler", 3), ("heun", 4)]
     with torch.inference_mode():
         features = method.features(x)
@@ -132,9 +134,7 @@ def test_past_the_limit_a_cycle_of_settings_keeps_replaying_what_it_holds_and_ru
 
 
 def test_calls_with_gradients_on_other_devices_or_odd_arguments_run_as_they_are():
-    method, x, _ = _method(NoPropCT)
-    record = StandIn()
-    call, _ = _captured(method, record)
+    method, x, record, call, _ = _ct_with_stand_in()
     features = method.features(x).detach()
     call(features, "heun", 3)  # gradients enabled
     with torch.inference_mode():
@@ -287,9 +287,7 @@ def test_a_compiled_target_traced_into_another_joins_its_graph_whole():
 def test_a_capture_that_broke_half_way_turns_every_captured_call_eager(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "_captures_off", None)
     monkeypatch.setattr(cuda_graphs, "_generator_usable_after_a_failed_capture", lambda: None)
-    method, x, _ = _method(NoPropCT)
-    record = StandIn()
-    call, fallbacks = _captured(method, record)
+    method, x, record, call, fallbacks = _ct_with_stand_in()
     with torch.inference_mode():
         features = method.features(x)
         call(features, "heun", 3)
@@ -452,9 +450,7 @@ def test_on_cuda_the_stochastic_process_draws_fresh_noise_per_replay_and_follows
 
 
 def test_with_new_recordings_paused_a_held_signature_replays_and_a_new_one_runs_eagerly():
-    method, x, _ = _method(NoPropCT)
-    record = StandIn()
-    call, _ = _captured(method, record)
+    method, x, record, call, _ = _ct_with_stand_in()
     with torch.inference_mode():
         features = method.features(x)
         call(features, "heun", 3)
@@ -472,9 +468,7 @@ def test_with_new_recordings_paused_a_held_signature_replays_and_a_new_one_runs_
 def test_the_warm_up_inference_records_no_cuda_graph():
     from noprop_bench.run.runner import _inference_at_two_sizes
 
-    method, x, _ = _method(NoPropCT)
-    record = StandIn()
-    call, _ = _captured(method, record)
+    method, x, record, call, _ = _ct_with_stand_in()
     method.integrate = call  # as apply_speed_settings wraps a capture target
     with torch.inference_mode():
         _inference_at_two_sizes(method, x)()
