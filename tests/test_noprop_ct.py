@@ -76,6 +76,44 @@ def test_schedule_increasing_at_init_after_training_and_under_adversarial_pressu
     assert schedule.gamma1.item() > schedule.gamma0.item()
 
 
+def two_pass_schedule(schedule, t):
+    """The schedule's definition: gamma(t) = gamma0 + (gamma1 - gamma0) (1 - gbar(t)), gbar the network
+    normalised by its own values at 0 and 1, each evaluated on its own."""
+    value, slope = schedule._tilde(t)
+    start, _ = schedule._tilde(torch.zeros(1))
+    end, _ = schedule._tilde(torch.ones(1))
+    width = schedule.gamma1 - schedule.gamma0
+    span = end[0] - start[0]
+    return schedule.gamma0 + width * (1 - (value - start[0]) / span), -width * slope / span
+
+
+def test_one_pass_of_the_schedule_network_gives_the_definition_and_its_gradients():
+    torch.manual_seed(3)
+    schedule = MonotoneSchedule(-3.0, 3.0, 64)
+    with torch.no_grad():
+        for param in schedule.parameters():
+            param.add_(0.3 * torch.randn_like(param))  # away from initialisation
+    t = torch.rand(257)
+    weights = torch.randn(2, 257)
+    results = []
+    for compute in (schedule, lambda times: two_pass_schedule(schedule, times)):
+        schedule.zero_grad()
+        gamma, dgamma = compute(t)
+        ((weights[0] * gamma).sum() + (weights[1] * dgamma).sum()).backward()
+        results.append((gamma.detach(), dgamma.detach(), [p.grad.clone() for p in schedule.parameters()]))
+    (gamma, dgamma, grads), (gamma_ref, dgamma_ref, grads_ref) = results
+    # float32 rounding alone: the network's sums over its 64 units run over one batch instead of three
+    torch.testing.assert_close(gamma, gamma_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dgamma, dgamma_ref, rtol=1e-6, atol=1e-6)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    # the ends without the network are exactly what a pass of the network gives at 0 and 1
+    with torch.no_grad():
+        at_ends, _ = schedule(torch.tensor([0.0, 1.0]))
+        assert torch.equal(torch.stack(schedule.endpoints()), at_ends)
+        assert schedule.endpoints()[1] == schedule.gamma0
+
+
 def test_noised_latent_has_mean_sqrt_abar_u_y(monkeypatch):
     task = make_task()
     method = make_method(task, embedding="learned")

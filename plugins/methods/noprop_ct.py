@@ -129,7 +129,7 @@ class NoPropCT(IntegrationHooks, Method):
         u_hat = self.model.head(features, z_t, t, W)
         diffusion = 0.5 * self.params["eta"] * (snr_prime * (u_hat - u_y).pow(2).sum(dim=1)).mean()
 
-        gamma_ends, _ = self.schedule(torch.arange(2.0, device=x.device))  # [0, 1], made on the device
+        gamma_ends = self.schedule.endpoints()
         abar_0, abar_1 = torch.sigmoid(-gamma_ends[0]), torch.sigmoid(-gamma_ends[1])
         z_1 = abar_1.sqrt() * u_y + (1 - abar_1).sqrt() * torch.randn_like(u_y)
         ce = F.cross_entropy(self.classifier(z_1), y)

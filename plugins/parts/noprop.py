@@ -135,12 +135,19 @@ class MonotoneSchedule(nn.Module):
 
     def forward(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``gamma(t)`` and ``dgamma/dt`` (negative), elementwise for a 1-D ``t``."""
-        value, slope = self._tilde(t)
-        ends, _ = self._tilde(torch.arange(2.0, dtype=t.dtype, device=t.device))  # [0, 1] without a host copy
-        span = ends[1] - ends[0]
-        gbar = (value - ends[0]) / span
+        n = t.shape[0]
+        # one pass of the network over t and the ends [0, 1] (made on the device: no host copy)
+        value, slope = self._tilde(torch.cat([t, torch.arange(2.0, dtype=t.dtype, device=t.device)]))
+        start, end = value[n], value[n + 1]
+        span = end - start
+        gbar = (value[:n] - start) / span
         width = self.gamma1 - self.gamma0
-        return self.gamma0 + width * (1 - gbar), -width * slope / span
+        return self.gamma0 + width * (1 - gbar), -width * slope[:n] / span
+
+    def endpoints(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``gamma(0)`` and ``gamma(1)`` as ``forward`` gives them (``gbar`` is 0 and 1 there), without
+        running the network."""
+        return self.gamma0 + (self.gamma1 - self.gamma0), self.gamma0
 
     def abar(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(-self(t)[0])
