@@ -92,10 +92,12 @@ def graphs(monkeypatch):
     return compiled
 
 
-@pytest.mark.parametrize("cls", [Backprop, NoPropCT])
+@pytest.mark.parametrize("cls", [Backprop, NoPropDT, NoPropCT, NoPropFM, Adjoint])
+@torch._dynamo.config.patch(recompile_limit=64)  # high: at the usual 8, code compiled again and again goes eager
 def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up(cls, graphs, one_thread):
     """The warm-up restores the optimiser into its own tensors: replacing them would void the compiled
-    step's guards, and the first timed step would compile again."""
+    step's guards, and the first timed step would compile again. Nor may a step's Python state that
+    changes every step (the adjoint's evaluation counts) be traced into guards."""
     torch.manual_seed(0)
     task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
     method = cls(task)
@@ -104,9 +106,27 @@ def test_a_compiled_train_step_does_not_compile_again_on_the_clock_after_warm_up
     warm_up(method, x, y, steps=3)
     assert graphs, "nothing was compiled in the warm-up"
     compiled = len(graphs)
-    for _ in range(3):
+    for _ in range(5):  # more steps than the warm-up took (it restores Python state such as counters)
         method.train_step(x, y)
     assert len(graphs) == compiled
+
+
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_the_adjoint_compiles_the_same_graphs_whatever_its_number_of_solver_steps(graphs, one_thread):
+    """The evaluation counts are Python ints that change within a solve: traced, each solver step would
+    guard on its own values and compile the solver's step function again (past the recompile limit, it
+    would run eagerly)."""
+    task = mnist_shaped_task(make_backbone=_small_backbone, features=4)
+    x, y = first_batch(task, 16)
+    per_setting = []
+    for steps in (2, 5):
+        torch._dynamo.reset()
+        method = Adjoint(task, **Adjoint.resolve_params({"steps": steps}))
+        apply_speed_settings(method, SpeedSettings(compile="default"), "cpu")
+        before = len(graphs)
+        warm_up(method, x, y, steps=2)
+        per_setting.append(len(graphs) - before)
+    assert per_setting[0] > 0 and per_setting[0] == per_setting[1], per_setting
 
 
 @torch._dynamo.config.patch(recompile_limit=2)

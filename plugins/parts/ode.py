@@ -112,8 +112,10 @@ class LatentDynamics:
         modules = (m.label_path, m.fuse_label, m.time_path, m.fuse_time, m.rest)
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
-    def __call__(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        backward = self.adjoint and torch.is_grad_enabled()
+    @torch.compiler.disable
+    def _count_evaluation(self, backward: bool) -> None:
+        """Count one evaluation and hold it to the limit. Outside torch.compile: traced, the counts would
+        become guarded constants, and every solver step would compile its caller once more."""
         if backward:
             self.nfe_backward += 1
         else:
@@ -122,6 +124,9 @@ class LatentDynamics:
             raise SolverError(f"more than max_nfe={self._max_nfe} function evaluations in one "
                               f"{'adjoint' if backward else 'forward'} solve (stiff dynamics for this solver: "
                               f"raise max_nfe or loosen rtol/atol)")
+
+    def __call__(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        self._count_evaluation(self.adjoint and torch.is_grad_enabled())
         m = self.model
         time = m.fuse_time(m.time_path(sinusoidal_embedding(t.reshape(1), m.time_dim, self.time_scale)))
         return m.logits(self.features, z, time)
