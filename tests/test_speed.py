@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import fake_plugins
 
@@ -68,3 +69,28 @@ def test_speed_rejects_bad_input(flag, value, tmp_path):
     with pytest.raises(UsageError):
         run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", flag, value,
              "--out", str(tmp_path)])
+
+
+def test_compiled_rows_warm_up_as_many_steps_as_a_compiled_trial(tmp_path, one_thread, monkeypatch):
+    from noprop_bench.run import speed_settings
+    from noprop_bench.run.warmup import WARMUP_STEPS
+
+    calls = []
+    compile_ = torch.compile
+
+    def counting_compile(function, mode=None):
+        compiled = compile_(function, backend="eager")
+
+        def call(*args, **kwargs):
+            calls.append(getattr(function, "__name__", "?"))
+            return compiled(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(speed_settings.torch, "compile", counting_compile)
+    out = tmp_path / "speed"
+    assert run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "backprop", "--batch-size", "8",
+                "--steps", "2", "--compile", "none,default", "--out", str(out)]) == 0
+    eager, compiled = json.loads((out / "speed.json").read_text())["rows"]
+    assert eager["warmup_steps"] == 1 and compiled["warmup_steps"] == WARMUP_STEPS > 1
+    assert calls.count("train_step") == WARMUP_STEPS + 2
+    assert f"({WARMUP_STEPS} for rows under --compile, as trials warm up)" in (out / "speed.md").read_text()

@@ -34,6 +34,7 @@ from .memory import PeakMemory
 from .runner import backbone_width
 from .speed_settings import COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, default_settings, precision_flags
 from .store import device_name
+from .warmup import WARMUP_STEPS
 
 DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
 # steps timed and warm-up steps before them; the CPU gets fewer so the five built-ins take under a minute
@@ -129,6 +130,18 @@ def _inference_images_per_second(method, task: Task, images: int, setting: Dict[
     return images / max(seconds, 1e-9)
 
 
+def warmup_steps(plain: int, settings: SpeedSettings) -> int:
+    """Untimed steps before a row's timed ones: under --compile at least as many as a trial's warm-up
+    (inductor's reduce-overhead mode records its CUDA graphs on the third call)."""
+    return max(plain, WARMUP_STEPS) if settings.compile != "none" else plain
+
+
+def compiled_warmup_note(grid: Sequence[SpeedSettings], plain: int) -> str:
+    """The header's word on compiled rows that warm up longer than the others, if any do."""
+    compiled = warmup_steps(plain, next((s for s in grid if s.compile != "none"), SpeedSettings()))
+    return f" ({compiled} for rows under --compile, as trials warm up)" if compiled != plain else ""
+
+
 def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, batch_size: int, steps: int,
             warmup: int, inference_images: int) -> Dict[str, Any]:
     """One row: a fresh method under ``settings``, warmed up, then ``steps`` timed train steps and one
@@ -162,7 +175,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
         "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
-        "warmup_seconds": warmup_seconds, "steps_timed": steps,
+        "warmup_seconds": warmup_seconds, "warmup_steps": warmup, "steps_timed": steps,
     }
 
 
@@ -243,12 +256,13 @@ def speed_main(argv: Sequence[str]) -> int:
     backbone = args.backbone or dataset.default_backbone
     check_backbone_name(backbone)
     grid = settings_grid(args, device.type)
-    steps, warmup = STEPS[device.type]
+    steps, plain_warmup = STEPS[device.type]
     steps = args.steps or steps
     inference_images = INFERENCE_IMAGES.get(device.type) or evaluation_batch_size(device, dataset.image_shape)
     task = random_task(dataset, backbone, device, max(args.batch_size, inference_images))
     rows = []
     for settings, (cls, params) in itertools.product(grid, methods):
+        warmup = warmup_steps(plain_warmup, settings)
         say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
         _release_earlier_rows(device)
         try:
@@ -263,7 +277,8 @@ def speed_main(argv: Sequence[str]) -> int:
     shape = "x".join(map(str, dataset.image_shape))
     header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
               f"backbone {backbone}, batch {args.batch_size}, {device_name(device)}\n\n"
-              f"Median of {steps} train steps after {warmup} untimed warm-up step(s), the device synchronised "
+              f"Median of {steps} train steps after {plain_warmup} untimed warm-up step(s)"
+              f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
               f"checkpoint settings; peak memory of the train steps ({next((r['memory_kind'] for r in rows if 'memory_kind' in r), '')}).")
     text = render(rows, header)
