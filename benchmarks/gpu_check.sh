@@ -11,6 +11,8 @@
 # A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT (the short run: that plus its
 # five budgets), is noted in OUT/failures.md and the next phase still runs; the script then exits 1.
 #
+# Every table also lands in OUT/summary.md, written however the script ends.
+#
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]          (default results/gpu-check-<timestamp>)
 # Environment: PYTHON (default python), NOPROP_CHECK_DEVICE (default cuda; cpu only to try the script),
 #   NOPROP_CHECK_BEST (default "--precision bf16 --channels-last --compile default"),
@@ -47,10 +49,28 @@ if ! "$PYTHON" -c "import mlxtend" 2>/dev/null; then
     fi
 fi
 
+# OUT/summary.md: every table the check wrote, in the order of its phases, in one file; written on every
+# exit, so a check that was stopped keeps what it measured
+write_summary() {
+    [ -d "$OUT" ] || return 0
+    {
+        echo "# GPU check summary ($(( $(date +%s) - started )) s)"
+        for file in device.md failures.md speed-mnist5k-eager/speed.md speed-mnist5k-best/speed.md \
+                    speed-cifar10-eager/speed.md speed-cifar10-best/speed.md run/table1.md run/table2.md \
+                    run/eval_ratio.md; do
+            [ -f "$OUT/$file" ] && { echo; echo "<!-- $file -->"; cat "$OUT/$file"; }
+        done
+        if [ -f "$OUT/cuda_graph_tests.txt" ]; then
+            echo; echo "<!-- cuda_graph_tests.txt (last lines) -->"; tail -n 15 "$OUT/cuda_graph_tests.txt"
+        fi
+    } > "$OUT/summary.md"
+}
+shim=
+trap '[ -z "$shim" ] || rm -rf "$shim"; write_summary' EXIT
+
 PLUGINS=()
 if ! "$PYTHON" -c "import noprop_bench_plugins.methods.backprop" 2>/dev/null; then
     shim=$(mktemp -d)
-    trap 'rm -rf "$shim"' EXIT
     ln -s "$PWD/plugins" "$shim/noprop_bench_plugins"
     export PYTHONPATH="$PWD:$shim${PYTHONPATH:+:$PYTHONPATH}"
     for module in methods.backprop methods.noprop_dt methods.noprop_ct methods.noprop_fm methods.adjoint \
