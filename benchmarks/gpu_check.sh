@@ -58,7 +58,7 @@ write_summary() {
         for file in device.md failures.md speed-mnist5k-eager/speed.md speed-mnist5k-best/speed.md \
                     speed-cifar10-eager/speed.md speed-cifar10-best/speed.md run/table1.md run/table2.md \
                     run/eval_ratio.md; do
-            [ -f "$OUT/$file" ] && { echo; echo "<!-- $file -->"; cat "$OUT/$file"; }
+            if [ -f "$OUT/$file" ]; then echo; echo "<!-- $file -->"; cat "$OUT/$file"; fi
         done
         if [ -f "$OUT/cuda_graph_tests.txt" ]; then
             echo; echo "<!-- cuda_graph_tests.txt (last lines) -->"; tail -n 15 "$OUT/cuda_graph_tests.txt"
@@ -66,7 +66,7 @@ write_summary() {
     } > "$OUT/summary.md"
 }
 shim=
-trap '[ -z "$shim" ] || rm -rf "$shim"; write_summary' EXIT
+trap 'status=$?; [ -z "$shim" ] || rm -rf "$shim"; write_summary || true; exit "$status"' EXIT
 
 PLUGINS=()
 if ! "$PYTHON" -c "import noprop_bench_plugins.methods.backprop" 2>/dev/null; then

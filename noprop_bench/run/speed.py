@@ -266,13 +266,15 @@ def speed_main(argv: Sequence[str]) -> int:
         say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
         _release_earlier_rows(device)
         try:
-            rows.append(measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images))
-            say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(rows[-1])}")
+            row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images)
         except (UsageError, KeyboardInterrupt):
             raise
         except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
             say(f"{cls.row_label(params)}, {settings.describe()}: not measured: {first_line(error)}")
             rows.append(failed_row(cls, params, settings, error))
+        else:
+            rows.append(row)
+            say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(row)}")
     add_ratios(rows)
     shape = "x".join(map(str, dataset.image_shape))
     header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
