@@ -277,6 +277,26 @@ def test_a_method_error_inside_a_compiled_call_is_not_swallowed():
         call(torch.zeros(1))
 
 
+@pytest.mark.parametrize("mode, copied", [("reduce-overhead", True), ("max-autotune", True), ("default", False)])
+def test_outputs_of_modes_with_cuda_graphs_are_copied_out_before_the_next_call_overwrites_them(mode, copied):
+    """Inductor's CUDA graphs (reduce-overhead, max-autotune) reuse their output memory on every replay: an
+    evaluation holding the logits of earlier batches read overwritten values (seen on an H200)."""
+    replayed = {"logits": torch.zeros(2, 3), "loss": torch.zeros(())}
+
+    def replay(x):  # a stand-in for a replay: the same output tensors, rewritten
+        replayed["logits"].copy_(x.expand(2, 3))
+        replayed["loss"].fill_(x.sum())
+        return {"logits": replayed["logits"], "loss": replayed["loss"]}
+
+    call = CompiledCall("predict", replay, mode, lambda name, reason: None)
+    call.compiled = replay
+    first, second = call(torch.ones(1)), call(torch.full((1,), 2.0))
+    assert (first["logits"].data_ptr() != second["logits"].data_ptr()) == copied
+    if copied:
+        assert torch.equal(first["logits"], torch.ones(2, 3)) and first["loss"] == 1
+    assert torch.equal(second["logits"], torch.full((2, 3), 2.0)) and second["loss"] == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_channels_last_on_cuda(one_thread):
     task = mnist_shaped_task(make_backbone=_small_backbone, features=4)

@@ -208,13 +208,14 @@ def _tensor_signature(tensor: torch.Tensor) -> Hashable:
     return ("tensor", tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, str(tensor.device))
 
 
-def _clone_output(output):
+def clone_output(output):
+    """``output`` with every tensor in it (also inside tuples, lists and dicts) copied to fresh memory."""
     if isinstance(output, torch.Tensor):
         return output.clone()
     if isinstance(output, (tuple, list)):
-        return type(output)(_clone_output(item) for item in output)
+        return type(output)(clone_output(item) for item in output)
     if isinstance(output, dict):
-        return {key: _clone_output(value) for key, value in output.items()}
+        return {key: clone_output(value) for key, value in output.items()}
     return output
 
 
@@ -286,7 +287,7 @@ class CapturedCall:
                 recording.kwargs[key].copy_(value)
         recording.replay()
         self.replays += 1
-        return _clone_output(recording.output)
+        return clone_output(recording.output)
 
     def _recorded(self, args: tuple, kwargs: dict) -> Optional[Recording]:
         try:

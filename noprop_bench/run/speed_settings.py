@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from ..errors import UsageError
-from .cuda_graphs import CapturedCall, first_line, recording_a_whole_call
+from .cuda_graphs import CapturedCall, clone_output, first_line, recording_a_whole_call
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -135,13 +135,16 @@ class CompiledCall:
                 # an error here is the capture's to report, not a reason to stop compiling this target
                 return self.compiled(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            output = self.compiled(*args, **kwargs)
         except Exception as error:
             if not _is_compiler_error(error):
                 raise
             self.compiled = None
             self.on_fallback(self.name, first_line(error))
             return self.eager(*args, **kwargs)
+        # inductor's CUDA graphs hand out outputs that the next replay overwrites; a caller that keeps them
+        # across calls (an evaluation's batches) would read another call's values, so they are copied out
+        return clone_output(output) if self.records_cuda_graphs else output
 
 
 def _resolve(method: torch.nn.Module, path: str, kind: str):
