@@ -101,6 +101,14 @@ class Method(nn.Module):
         the random generator, and must not synchronise with the host. Default: none."""
         return []
 
+    def capture_step_targets(self) -> List[str]:
+        """Attribute paths of functions that each make one whole training update (forward, backward and
+        optimiser step, e.g. ``train_step``), recorded once per call signature as a CUDA graph and replayed,
+        under ``--compile`` on CUDA. Besides what ``capture_targets`` asks, they must change no Python state
+        (counters, learning rates held as numbers) that a later update reads, since a replay runs none of
+        the Python: leave such work in ``train_step`` around the captured call. Default: none."""
+        return []
+
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
         return {}

@@ -5,6 +5,8 @@ results and follow parameter updates and the random generator.
 On the CPU the recorder is a stand-in that replays by calling the function again into the recorded output,
 so the bookkeeping of :class:`CapturedCall` is tested without a device."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,9 @@ from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
 from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
 from noprop_bench.testing.host_sync import record_host_syncs
 from noprop_bench_plugins.methods.backprop import Backprop
+from noprop_bench_plugins.methods.backprop_dt import BackpropDT
 from noprop_bench_plugins.methods.noprop_ct import NoPropCT
+from noprop_bench_plugins.methods.noprop_dt import NoPropDT
 from noprop_bench_plugins.methods.noprop_fm import NoPropFM
 from noprop_helpers import mnist_shaped_task
 
@@ -43,20 +47,40 @@ def _method(cls, device="cpu", **params):
 
 class StandIn:
     """Records by calling once, with the random generator put back afterwards as the CUDA recorder does;
-    replays by calling again and writing into the recorded output."""
+    replays by calling again and writing into the recorded output.
+
+    For an update (``after_warmup`` given) it runs the function twice first, as the CUDA recorder's warm-up
+    and rehearsal do, then ``after_warmup``; its stand-in for the capture (which runs nothing on a device)
+    is one more call undone by ``after_warmup``."""
 
     def __init__(self, fail_with=None):
         self.recordings, self.fail_with = 0, fail_with
 
-    def __call__(self, function, args, kwargs):
+    def __call__(self, function, args, kwargs, after_warmup=None):
         if self.fail_with is not None:
             raise self.fail_with
         self.recordings += 1
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        state = torch.get_rng_state()
-        output = function(*static_args, **kwargs)
-        torch.set_rng_state(state)
-        return Recording(lambda: output.copy_(function(*static_args, **kwargs)), static_args, dict(kwargs), output)
+        if after_warmup is not None:
+            function(*static_args, **kwargs)
+            function(*static_args, **kwargs)
+            after_warmup()
+            output = function(*static_args, **kwargs)
+            after_warmup()
+        else:
+            state = torch.get_rng_state()
+            output = function(*static_args, **kwargs)
+            torch.set_rng_state(state)
+        return Recording(lambda: _copy_into(output, function(*static_args, **kwargs)), static_args, dict(kwargs),
+                         output)
+
+
+def _copy_into(output, values):
+    if isinstance(output, dict):
+        for key in output:
+            output[key].copy_(values[key])
+    else:
+        output.copy_(values)
 
 
 def _captured(method, record, **kwargs):
@@ -172,44 +196,133 @@ def test_the_functions_own_errors_and_running_out_of_memory_go_up_without_turnin
 def test_compile_on_cuda_captures_the_integration_loop_and_the_trial_records_it(monkeypatch):
     method, _, _ = _method(NoPropFM)
     applied = apply_speed_settings(method, SpeedSettings(compile="default"), "cuda")
-    assert isinstance(method.integrate, CapturedCall)
+    assert isinstance(method.integrate, CapturedCall) and not method.integrate.update
+    assert isinstance(method.train_step, CapturedCall) and method.train_step.update
+    assert isinstance(method.train_step.function, CompiledCall)  # compiled, and the compiled step captured
     record = applied.record()
-    assert record["captured"] == ["integrate"] and record["capture_fallbacks"] == {}
+    assert record["captured"] == ["integrate", "train_step"] and record["capture_fallbacks"] == {}
     applied.capture_fallback("integrate", "RuntimeError: no")
-    assert applied.record()["captured"] == [] and applied.record()["capture_fallbacks"] == {"integrate": "RuntimeError: no"}
+    assert applied.record()["captured"] == ["train_step"]
+    assert applied.record()["capture_fallbacks"] == {"integrate": "RuntimeError: no"}
 
     on_cpu, _, _ = _method(NoPropCT)
     assert apply_speed_settings(on_cpu, SpeedSettings(compile="default"), "cpu").record()["captured"] == []
     assert not isinstance(on_cpu.integrate, CapturedCall)
     eager, _, _ = _method(NoPropCT)
     assert apply_speed_settings(eager, SpeedSettings(), "cuda").record()["captured"] == []
-    backprop, _, _ = _method(Backprop)  # nothing to capture
-    assert apply_speed_settings(backprop, SpeedSettings(compile="default"), "cuda").record()["captured"] == []
+    backprop, _, _ = _method(Backprop)  # no inference loop: only its update
+    assert apply_speed_settings(backprop, SpeedSettings(compile="default"), "cuda").record()["captured"] == [
+        "train_step"]
 
 
-@pytest.mark.parametrize("method", [NoPropCT, NoPropFM])
-def test_a_trial_whose_integration_loop_is_replayed_gives_the_eager_trial_results(method, monkeypatch):
-    """The harness's path end to end (warm-up, checkpoints, final runs, sweep, diagnostics) with the loop
-    wrapped as on CUDA, recorded by the stand-in: every accuracy is the eager trial's."""
+def _backprop_pair():
+    """Two equal Backprop methods (the small backbone) and four batches of the task."""
+    pair = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        task = mnist_shaped_task(make_backbone=_small_backbone, features=32)
+        pair.append(Backprop(task, **Backprop.resolve_params({})))
+    images, labels = task.normalize(task.train_images), task.train_labels
+    return pair, [(images[i:i + 10], labels[i:i + 10]) for i in range(0, 40, 10)]
+
+
+def test_a_captured_update_undoes_its_recordings_runs_and_then_trains_as_the_eager_steps():
+    (eager, captured), batches = _backprop_pair()
+    record = StandIn()
+    call = CapturedCall("train_step", captured.train_step, captured, lambda *reason: pytest.fail(str(reason)),
+                        record=record, device_type="cpu", update=True)
+    for x, y in batches:
+        torch.manual_seed(3)
+        expected = eager.train_step(x, y)
+        torch.manual_seed(3)
+        got = call(x, y)
+        torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=0)
+    assert record.recordings == 1 and call.replays == 4
+    for (name, a), b in zip(eager.named_parameters(), captured.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    steps = [state["step"] for state in captured.optimizer.state.values()]
+    assert steps and all(float(step) == 4 for step in steps)
+
+
+def test_an_update_records_only_with_gradients_on_and_again_when_its_optimiser_state_is_replaced():
+    (_, method), batches = _backprop_pair()
+    record = StandIn()
+    call = CapturedCall("train_step", method.train_step, method, lambda *reason: pytest.fail(str(reason)),
+                        record=record, device_type="cpu", update=True)
+    x, y = batches[0]
+    call(x, y)
+    call(x, y)  # the optimiser's state made by the first call is part of the signature it was kept under
+    assert record.recordings == 1 and call.replays == 2
+    with torch.no_grad():
+        call.function = lambda x, y: {"loss": x.sum()}
+        call(x, y)  # not an update: runs as it is
+    call.function = method.train_step
+    assert record.recordings == 1 and call.replays == 2
+    method.optimizer.load_state_dict(copy.deepcopy(method.optimizer.state_dict()))  # new state tensors
+    call(x, y)
+    assert record.recordings == 2
+    method.eval()  # another mode of the network's layers
+    call(x, y)
+    assert record.recordings == 3
+
+
+def test_an_update_whose_optimiser_state_would_be_made_inside_the_capture_runs_eagerly():
+    """SGD's momentum, put back by ``load_state_dict``, would be made afresh by every replay: refused."""
+    (eager, captured), batches = _backprop_pair()
+    for method in (eager, captured):
+        method.optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
+    reasons = []
+    call = CapturedCall("train_step", captured.train_step, captured, lambda *reason: reasons.append(reason),
+                        record=StandIn(), device_type="cpu", update=True)
+    for x, y in batches:
+        torch.testing.assert_close(call(x, y)["loss"], eager.train_step(x, y)["loss"], rtol=0, atol=0)
+    assert reasons == [("train_step", "its optimiser's state cannot be kept in place across the recording's runs")]
+    assert call.record is None and call.replays == 0
+    for a, b in zip(eager.parameters(), captured.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+REPLAYED_TRIALS = [
+    (NoPropCT, {"steps": "4", "eval_steps": "2", "sweep_steps": "2,3"}, ["integrate", "update"]),
+    (NoPropFM, {"steps": "4", "eval_steps": "2", "sweep_steps": "2,3"}, ["integrate", "train_step"]),
+    (Backprop, {}, ["train_step"]),
+    (BackpropDT, {"blocks": "3"}, ["train_step"]),
+    (NoPropDT, {"blocks": "3", "schedule": "random"}, ["block_update"]),
+    (NoPropDT, {"blocks": "3", "schedule": "sequential", "block_samples": "32"}, ["block_update"]),
+    (NoPropDT, {"blocks": "3", "schedule": "parallel"}, ["parallel_update"]),
+]
+
+
+@pytest.mark.parametrize("method, params, captured", REPLAYED_TRIALS,
+                         ids=lambda value: value.name if isinstance(value, type) else None)
+def test_a_trial_whose_updates_and_integration_loop_are_replayed_gives_the_eager_trial_results(
+        method, params, captured, monkeypatch):
+    """The harness's path end to end (warm-up, training, checkpoints, final runs, sweep, diagnostics) with the
+    capture targets wrapped as on CUDA, recorded by the stand-in: every loss and accuracy is the eager
+    trial's, so the recordings' own updates were undone and every timed step was replayed."""
     data = RunData.load(fake_plugins.Tiny(), torch.device("cpu"))
-    spec = TrialSpec(method=method, params=method.resolve_params({"steps": "4", "eval_steps": "2",
-                                                                  "sweep_steps": "2,3"}),
-                     dataset="tiny", backbone="noprop_cnn", budget=Budget.parse("64samples"), seed=0,
+    spec = TrialSpec(method=method, params=method.resolve_params(params),
+                     dataset="tiny", backbone="noprop_cnn", budget=Budget.parse("96samples"), seed=0,
                      batch_size=32, device=torch.device("cpu"), augment="none", inference_runs=2, checkpoints=2,
                      train_accuracy=True, inference_sweep=True)
     eager = run_trial(spec, data)
-    recorders = []
+    calls = []
 
     def captured_on_cpu(*args, **kwargs):
-        recorders.append(StandIn())
-        return CapturedCall(*args, record=recorders[-1], device_type="cpu", **kwargs)
+        calls.append(CapturedCall(*args, record=StandIn(), device_type="cpu", **kwargs))
+        return calls[-1]
 
     monkeypatch.setattr(speed_settings, "captures_whole_calls", lambda settings, device_type: True)
     monkeypatch.setattr(speed_settings, "CapturedCall", captured_on_cpu)
     replayed = run_trial(spec, data)
     assert eager["status"] == replayed["status"] == "ok"
-    assert replayed["speed_settings"]["captured"] == ["integrate"] and recorders[0].recordings >= 2
-    for key in ("test_acc_runs", "train_acc", "diagnostics", "inference_sweep", "curve"):
+    assert replayed["speed_settings"]["captured"] == captured
+    updates = [call for call in calls if call.update]
+    assert len(updates) == 1 and updates[0].record.recordings >= 1
+    # warm-up (3 steps) and the trial's 3 steps all replayed; the recordings' own runs were undone
+    assert updates[0].replays == 6 and updates[0].eager_calls == 0
+    assert replayed["steps"] == eager["steps"] == 3
+    for key in ("test_acc_runs", "train_acc", "diagnostics", "inference_sweep", "curve", "method_metrics"):
         assert _without_times(replayed[key]) == _without_times(eager[key]), key
 
 
@@ -364,6 +477,51 @@ def test_on_cuda_replays_of_an_ode_solve_match_eager_and_follow_training(cls, so
                 parameter.mul_(1.5)
         method.eval()
     assert len(call.recordings) == 1 and call.replays == 3
+
+
+CAPTURED_UPDATES = [(Backprop, {}), (BackpropDT, {"blocks": "3"}), (NoPropCT, {}), (NoPropFM, {}),
+                    (NoPropDT, {"blocks": "3", "schedule": "random"}),
+                    (NoPropDT, {"blocks": "3", "schedule": "parallel"})]
+
+
+@cuda_only
+@pytest.mark.parametrize("cls, params", CAPTURED_UPDATES,
+                         ids=lambda value: value.name if isinstance(value, type) else None)
+def test_on_cuda_replayed_updates_train_as_the_eager_steps(cls, params):
+    """Each built-in's ``capture_step_targets`` recorded as CUDA graphs: the same losses and, after six steps on
+    different batches, the same parameters as six eager steps from the same seeds."""
+    eager, x, y = _method(cls, "cuda", **params)
+    captured, _, _ = _method(cls, "cuda", **params)
+    reasons = []
+    paths = speed_settings._wrap_targets(captured, "capture_step_targets", "capture step target", lambda path, f: (
+        CapturedCall(path, f, captured, lambda name, reason: reasons.append(reason), update=True)))
+    calls = [getattr(captured, path) for path in paths]
+    eager.train(), captured.train()
+    for step in range(6):
+        batch = torch.roll(x, step, dims=0), torch.roll(y, step, dims=0)
+        torch.manual_seed(step)
+        expected = eager.train_step(*batch)
+        torch.manual_seed(step)
+        got = captured.train_step(*batch)
+        torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
+    assert reasons == [] and sum(call.replays for call in calls) == 6
+    for (name, a), b in zip(eager.named_parameters(), captured.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(eager.named_buffers(), captured.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@cuda_only
+def test_on_cuda_a_replayed_update_under_bf16_autocast_keeps_training():
+    method, x, y = _method(NoPropCT, "cuda")
+    method.train()
+    apply_speed_settings(method, SpeedSettings(precision="bf16", compile="default"), "cuda")
+    assert isinstance(method.update, CapturedCall)
+    before = [p.detach().clone() for p in method.parameters()]
+    losses = [method.train_step(x, y)["loss"] for _ in range(4)]
+    assert method.update.replays == 4 and method.update.record is not None
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters()))
 
 
 @cuda_only

@@ -12,6 +12,13 @@ the generator's seed, as CUDA graphs handle the default generator; a replay draw
 the same generator state would. Calls with gradients enabled, on the CPU,
 or with arguments that cannot be part of a signature run as they are.
 
+A whole training update (forward, backward and optimiser step, what a method names in
+``capture_step_targets()``) is recorded the same way with ``update=True``: then it is the calls with gradients
+enabled that are recorded, the method's optimisers are made ``capturable``, their state tensors join the
+signature, and the two runs before the capture, which train, are undone (:class:`~.warmup.MethodState`) before
+it is captured. A training step of a small network is a few hundred short kernels, so its replay costs a
+fraction of launching them one by one.
+
 A call that cannot be captured runs eagerly from then on and the reason is reported, like a compile fallback;
 errors of the function itself go up as they are. What synchronises with the host is found by a rehearsal run
 under ``torch.cuda.set_sync_debug_mode("error")`` before any capture begins, because a capture that breaks
@@ -28,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
+
+from .warmup import MethodState, method_optimizers
 
 MAX_RECORDINGS = 16  # per wrapped attribute; each holds a private memory pool on the device
 PLAIN_TYPES = (int, float, str, bool, type(None))
@@ -121,7 +130,10 @@ class CudaGraphRecorder:
     def __init__(self):
         self.stream: Optional[torch.cuda.Stream] = None
 
-    def __call__(self, function: Callable, args: tuple, kwargs: dict) -> Recording:
+    def __call__(self, function: Callable, args: tuple, kwargs: dict,
+                 after_warmup: Optional[Callable[[], None]] = None) -> Recording:
+        """Record ``function(*args, **kwargs)``; ``after_warmup`` runs once the two runs before the capture
+        are done, whether they succeeded or not (a training update puts the method's state back there)."""
         global _recording
         device = next((v.device for v in list(args) + list(kwargs.values())
                        if isinstance(v, torch.Tensor) and v.device.type == "cuda"), None)
@@ -130,11 +142,12 @@ class CudaGraphRecorder:
         _recording += 1
         try:
             with torch.cuda.device(device):
-                return self._record(function, args, kwargs)
+                return self._record(function, args, kwargs, after_warmup)
         finally:
             _recording -= 1
 
-    def _record(self, function: Callable, args: tuple, kwargs: dict) -> Recording:
+    def _record(self, function: Callable, args: tuple, kwargs: dict,
+                after_warmup: Optional[Callable[[], None]]) -> Recording:
         if self.stream is None:
             self.stream = torch.cuda.Stream()
         static_args = tuple(_static_copy(a) for a in args)
@@ -154,6 +167,8 @@ class CudaGraphRecorder:
             finally:  # also when the rehearsal fails: the eager call that follows draws what it would have
                 torch.cuda.current_stream().wait_stream(side)
                 torch.cuda.set_rng_state(rng_state)
+                if after_warmup is not None:
+                    after_warmup()
             graph = torch.cuda.CUDAGraph()
             # a cyclic garbage collection during the capture could free an older graph, which is not allowed
             # while a stream captures
@@ -208,6 +223,98 @@ def _tensor_signature(tensor: torch.Tensor) -> Hashable:
     return ("tensor", tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, str(tensor.device))
 
 
+_module_generation = 0  # counts parameters, buffers and submodules registered or replaced anywhere
+
+
+def _module_changed(*args) -> None:
+    global _module_generation
+    _module_generation += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_module_changed)
+torch.nn.modules.module.register_module_buffer_registration_hook(_module_changed)
+torch.nn.modules.module.register_module_module_registration_hook(_module_changed)
+
+
+class OwnedTensors:
+    """The tensors a recording of ``owner`` reads and writes in place: its parameters and buffers and, for an
+    update, the state of its optimisers. Walking a network's modules costs far more than replaying a small
+    step, so the lists are kept and made again only when a module somewhere registered a parameter, buffer or
+    submodule, or an optimiser's state was replaced or grew; their storages are read on every call."""
+
+    def __init__(self, owner: torch.nn.Module, optimizers: bool):
+        self.owner, self.with_optimizers = owner, optimizers
+        self.generation = -1
+        self.module_tensors: list = []
+        self.optimizers: list = []
+        self.states: list = []  # (state dict, its length) per optimiser, when state_tensors was made
+        self.state_tensors: list = []
+
+    def storages(self) -> Tuple[int, ...]:
+        if self.generation != _module_generation:
+            self.generation = _module_generation
+            self.module_tensors = list(self.owner.parameters()) + list(self.owner.buffers())
+            self.optimizers = method_optimizers(self.owner) if self.with_optimizers else []
+            self.states = []
+        if any(held is not optimizer.state or size != len(held)
+               for (held, size), optimizer in zip(self.states, self.optimizers)) or len(self.states) != len(
+                self.optimizers):
+            self.states = [(optimizer.state, len(optimizer.state)) for optimizer in self.optimizers]
+            self.state_tensors = optimizer_state_tensors(self.optimizers)
+        return tuple(map(torch.Tensor.data_ptr, self.module_tensors + self.state_tensors))
+
+
+def optimizer_state_tensors(optimizers) -> list:
+    """The tensors of ``optimizers``: per-parameter state (moments, step counts) and tensor hyperparameters. A
+    recorded update writes to them, so one that was replaced needs a new recording."""
+    tensors = []
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            tensors.extend(value for value in state.values() if isinstance(value, torch.Tensor))
+        for group in optimizer.param_groups:
+            tensors.extend(value for key, value in group.items() if key != "params" and isinstance(value, torch.Tensor))
+    return tensors
+
+
+def make_optimizers_capturable(owner: torch.nn.Module) -> None:
+    """Let each optimiser of ``owner`` whose parameters are all on CUDA step inside a capture: torch refuses to
+    capture a step while ``capturable`` is off. It keeps the step count on the device, where the fused
+    kernels keep it anyway; the update is the same up to rounding. :class:`CaptureFailed` where an existing
+    step count lives on the host."""
+    for optimizer in method_optimizers(owner):
+        for group in optimizer.param_groups:
+            if group.get("capturable", True) or not all(p.is_cuda for p in group["params"]):
+                continue
+            for parameter in group["params"]:
+                step = optimizer.state.get(parameter, {}).get("step")
+                if isinstance(step, torch.Tensor) and not step.is_cuda:
+                    raise CaptureFailed(f"{type(optimizer).__name__} keeps its step count on the host")
+            group["capturable"] = True
+
+
+def _optimizer_states(owner: torch.nn.Module) -> set:
+    return {(id(optimizer), id(p)) for optimizer in method_optimizers(owner) for p, state in optimizer.state.items()
+            if state}
+
+
+def _undoing(owner: torch.nn.Module) -> Callable[[], None]:
+    """What puts ``owner`` back as it is now once a recording's runs before the capture have trained it.
+
+    The optimisers' state those runs made must stay, zeroed, in the same tensors: state made during the
+    capture would be made afresh by every replay (a momentum that never accumulates). Where it cannot stay
+    (optimisers that :class:`~.warmup.MethodState` restores by ``load_state_dict``) this raises
+    :class:`CaptureFailed`."""
+    saved = MethodState(owner)
+
+    def undo() -> None:
+        made = _optimizer_states(owner)
+        saved.restore()
+        if made - _optimizer_states(owner):
+            raise CaptureFailed("its optimiser's state cannot be kept in place across the recording's runs")
+
+    return undo
+
+
 def clone_output(output):
     """``output`` with every tensor in it (also inside tuples, lists and dicts) copied to fresh memory."""
     if isinstance(output, torch.Tensor):
@@ -233,8 +340,10 @@ class CapturedCall:
 
     def __init__(self, name: str, function: Callable, owner: torch.nn.Module,
                  on_fallback: Callable[[str, str], None], record: Optional[Callable[..., Recording]] = None,
-                 device_type: str = "cuda", max_recordings: int = MAX_RECORDINGS):
+                 device_type: str = "cuda", max_recordings: int = MAX_RECORDINGS, update: bool = False):
         self.name, self.function, self.owner, self.on_fallback = name, function, owner, on_fallback
+        self.update = update
+        self.owned = OwnedTensors(owner, optimizers=update)
         self.record: Optional[Callable[..., Recording]] = record or CudaGraphRecorder()
         self.device_type, self.max_recordings = device_type, max_recordings
         self.recordings: Dict[Hashable, Recording] = {}
@@ -254,13 +363,14 @@ class CapturedCall:
         if not on_device:
             return None
         autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
-        storages = tuple(t.data_ptr() for t in list(self.owner.parameters()) + list(self.owner.buffers()))
-        return tuple(parts), tuple(sorted(kwargs)), autocast, torch.is_inference_mode_enabled(), storages
+        mode: Hashable = (torch.is_inference_mode_enabled(), self.owner.training) if self.update else (
+            torch.is_inference_mode_enabled())
+        return tuple(parts), tuple(sorted(kwargs)), autocast, mode, self.owned.storages()
 
     def __call__(self, *args, **kwargs):
         if self.record is not None and captures_off_reason() is not None:
             self._turn_eager(f"captures are off in this process: {captures_off_reason()}")
-        if self.record is None or torch.is_grad_enabled():
+        if self.record is None or torch.is_grad_enabled() != self.update:
             return self.function(*args, **kwargs)
         signature = self._signature(args, kwargs)
         if signature is None:
@@ -278,6 +388,8 @@ class CapturedCall:
             recording = self._recorded(args, kwargs)
             if recording is None:
                 return self.function(*args, **kwargs)
+            if self.update:  # the optimiser's state may be new since the call came: key it as later calls see it
+                signature = self._signature(args, kwargs)
             self.recordings[signature] = recording
         for static, value in zip(recording.args, args):
             if isinstance(static, torch.Tensor):
@@ -291,6 +403,9 @@ class CapturedCall:
 
     def _recorded(self, args: tuple, kwargs: dict) -> Optional[Recording]:
         try:
+            if self.update:
+                make_optimizers_capturable(self.owner)
+                return self.record(self.function, args, kwargs, after_warmup=_undoing(self.owner))
             return self.record(self.function, args, kwargs)
         except torch.cuda.OutOfMemoryError:
             self.recordings.clear()

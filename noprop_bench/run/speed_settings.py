@@ -5,7 +5,8 @@ method's entry points (``train_step``, ``predict``, ``features``, ``predict_from
 same way for every method, so a comparison stays fair. ``torch.compile`` wraps what the method's
 optional ``compile_targets()`` hook names (by default the train step and the inference path); a target
 that cannot be compiled falls back to eager, and the reason is recorded with the trial. On CUDA,
-``--compile`` also records what ``capture_targets()`` names as whole CUDA graphs (see :mod:`.cuda_graphs`).
+``--compile`` also records what ``capture_targets()`` (inference loops) and ``capture_step_targets()`` (whole
+training updates) name as whole CUDA graphs (see :mod:`.cuda_graphs`).
 """
 
 import contextlib
@@ -213,7 +214,8 @@ def _wrap_targets(method: torch.nn.Module, hook: str, kind: str, wrap: Callable[
 
 
 def captures_whole_calls(settings: SpeedSettings, device_type: str) -> bool:
-    """Whether ``capture_targets()`` are recorded as CUDA graphs: under ``--compile``, on CUDA."""
+    """Whether ``capture_targets()`` and ``capture_step_targets()`` are recorded as CUDA graphs: under
+    ``--compile``, on CUDA."""
     return settings.compile != "none" and device_type == "cuda"
 
 
@@ -238,6 +240,9 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
     if captures_whole_calls(settings, device_type):
         applied.captured = _wrap_targets(method, "capture_targets", "capture target", lambda path, function: (
             CapturedCall(path, function, method, applied.capture_fallback)))
+        applied.captured += _wrap_targets(method, "capture_step_targets", "capture step target",
+                                          lambda path, function: CapturedCall(
+                                              path, function, method, applied.capture_fallback, update=True))
     if settings.channels_last or settings.precision == "bf16":
         for name in ENTRY_POINTS:
             if name in ("features", "predict_from_features") and not method.reuses_features():

@@ -35,6 +35,25 @@ def _stateful(value: Any) -> bool:
     return isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.Generator))
 
 
+def _stateful_objects(module: nn.Module):
+    """``(module, attribute, objects)`` for each attribute of ``module`` holding an optimiser, an LR
+    scheduler or a generator, or a non-empty list or tuple of them."""
+    for key, value in vars(module).items():
+        if _stateful(value):
+            yield key, [value]
+        elif isinstance(value, (list, tuple)) and value and all(_stateful(v) for v in value):
+            yield key, list(value)
+
+
+def method_optimizers(method: nn.Module) -> List[torch.optim.Optimizer]:
+    """Every optimiser held by ``method`` or its submodules, alone or in a list (one per block), once each."""
+    found: Dict[int, torch.optim.Optimizer] = {}
+    for module in method.modules():
+        for _, objects in _stateful_objects(module):
+            found.update((id(v), v) for v in objects if isinstance(v, torch.optim.Optimizer))
+    return list(found.values())
+
+
 def _save_object(value: Any) -> Any:
     if isinstance(value, torch.Generator):
         return value.get_state()
@@ -127,13 +146,12 @@ class MethodState:
         self.plain: List[Tuple[nn.Module, str, Any]] = []
         self.plain_objects: List[Tuple[Any, Dict[str, Any]]] = []
         for module in method.modules():
+            stateful = dict(_stateful_objects(module))
             for key, value in vars(module).items():
                 if key in _MODULE_INTERNALS and key != "training":
                     continue
-                if _stateful(value):
-                    self.objects.append((value, _save_object(value)))
-                elif isinstance(value, (list, tuple)) and value and all(_stateful(v) for v in value):
-                    self.objects.extend((v, _save_object(v)) for v in value)
+                if key in stateful:
+                    self.objects.extend((v, _save_object(v)) for v in stateful[key])
                 elif _is_plain(value):
                     self.plain.append((module, key, copy.deepcopy(value)))
                 elif _is_plain_object(value):  # restored in place: others may hold a reference

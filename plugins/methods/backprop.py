@@ -43,6 +43,9 @@ class Backprop(Method):
     def predict(self, x):
         return self(x)
 
+    def capture_step_targets(self):
+        return ["train_step"]
+
     @classmethod
     def row_label(cls, params):
         return cls.label

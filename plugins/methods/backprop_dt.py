@@ -83,6 +83,9 @@ class BackpropDT(Method):
         self.optimizer.step()
         return {"loss": loss.detach()}
 
+    def capture_step_targets(self):
+        return ["train_step"]
+
     def trial_metrics(self):
         return {
             "blocks": self.T, "mix": [float(v) for v in torch.tanh(self.mix_weights.detach())],

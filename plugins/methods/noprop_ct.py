@@ -138,12 +138,25 @@ class NoPropCT(IntegrationHooks, Method):
         return {"loss": ce + kl + diffusion, "ce": ce, "kl": kl, "diffusion": diffusion}
 
     def train_step(self, x, y):
+        terms = self.update(x, y)
+        self.lr_schedule.step()
+        return terms
+
+    def update(self, x, y):
+        """A train step but for the learning-rate schedule's step, which sets a Python number."""
         terms = self.losses(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()
-        self.lr_schedule.step()
         return {key: value.detach() for key, value in terms.items()}
+
+    def compile_targets(self):
+        """Under ``--compile``: the update (the schedule's step stays eager) and the per-step head."""
+        return ["update", "model.logits"]
+
+    def capture_step_targets(self):
+        """The update, unless a learning-rate warm-up changes the rate a captured step would keep."""
+        return [] if self.params["warmup_steps"] else ["update"]
 
     # -- inference --------------------------------------------------------------------------------
     def integrate(self, features: torch.Tensor, solver: str, steps: int) -> torch.Tensor:

@@ -160,12 +160,18 @@ class NoPropDT(Method):
 
     def train_step(self, x, y):
         if self.parallel is not None:  # schedule=parallel: every block on this batch, vectorised
-            terms = parallel_step(self, self.parallel, x, y)
+            terms = self.parallel_update(x, y)
             for t in range(1, self.T + 1):
                 self._count(t, len(y))
             return terms
         t = self.next_block()
         self._bring_in(t)
+        terms = self.block_update(t, x, y)
+        self._count(t, len(y))
+        return terms
+
+    def block_update(self, t: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Block t's update and the shared parameters' (the schedule's bookkeeping is ``train_step``'s)."""
         terms = self.block_losses(t, x, y)
         optimizers = (self.block_optimizers[t - 1], self.shared_optimizer)
         for optimizer in optimizers:
@@ -173,8 +179,11 @@ class NoPropDT(Method):
         terms["loss"].backward()
         for optimizer in optimizers:
             optimizer.step()
-        self._count(t, len(y))
         return {key: value.detach() for key, value in terms.items()}
+
+    def parallel_update(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``schedule=parallel``: every block's update on this batch at once."""
+        return parallel_step(self, self.parallel, x, y)
 
     def _bring_in(self, t: int):
         """With ``offload``, block t on the device and the others on the host."""
@@ -234,10 +243,18 @@ class NoPropDT(Method):
         """Under ``--compile``: the per-block loss and the inference chain. Compiling ``train_step`` would
         specialise on the block index and recompile for every block, on the training clock, until torch's
         recompile limit silently left the last blocks eager; ``schedule=parallel`` updates every block in
-        one step, so its train step is compiled whole."""
+        one step, so its update is compiled whole."""
         if self.parallel is not None:
-            return ["train_step", "predict_from_features"]
+            return ["parallel_update", "predict_from_features"]
         return ["losses_of_block", "predict_from_features"]
+
+    def capture_step_targets(self) -> List[str]:
+        """Under ``--compile`` on CUDA: the update without the schedule's bookkeeping, one recording per block
+        (a block's index is part of the call), or all blocks' at once with ``schedule=parallel``; nothing
+        with ``offload``, which moves the blocks' parameters between steps."""
+        if self.offload is not None:
+            return []
+        return ["parallel_update"] if self.parallel is not None else ["block_update"]
 
     def sweep_settings(self) -> List[dict]:
         """``--inference-sweep``: with and without the noise term."""

@@ -108,6 +108,9 @@ class NoPropFM(IntegrationHooks, Method):
         self.optimizer.step()
         return {key: value.detach() for key, value in terms.items()}
 
+    def capture_step_targets(self):
+        return ["train_step"]
+
     # -- inference --------------------------------------------------------------------------------
     def integrate(self, features: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
         """``z_1`` from ``z_0 ~ N(0, I)`` on ``steps`` uniform intervals of [0, 1]."""
