@@ -260,10 +260,31 @@ def test_an_update_records_only_with_gradients_on_and_again_when_its_optimiser_s
     assert record.recordings == 1 and call.replays == 2
     method.optimizer.load_state_dict(copy.deepcopy(method.optimizer.state_dict()))  # new state tensors
     call(x, y)
-    assert record.recordings == 2
-    method.eval()  # another mode of the network's layers
+    assert record.recordings == 2 and len(call.recordings) == 1
+    method.optimizer.param_groups[0]["lr"] = 5e-4  # a rate a captured step would keep
     call(x, y)
     assert record.recordings == 3
+    method.backbone[1].eval()  # another mode of one layer
+    call(x, y)
+    assert record.recordings == 4
+    method.backbone[1].weight.requires_grad_(False)
+    call(x, y)
+    assert record.recordings == 5
+    replays = call.replays
+    call(x, y)
+    assert record.recordings == 5 and call.replays == replays + 1
+
+
+def test_noprop_dt_records_each_blocks_update_once_however_the_others_optimisers_grow():
+    method, x, y = _method(NoPropDT, blocks="3", schedule="random")
+    record = StandIn()
+    method.block_update = CapturedCall("block_update", method.block_update, method,
+                                       lambda *reason: pytest.fail(str(reason)), record=record, device_type="cpu",
+                                       update=True)
+    method.train()
+    for _ in range(30):
+        method.train_step(x, y)
+    assert record.recordings == 3 and method.block_update.replays == 30 and method.block_update.eager_calls == 0
 
 
 def test_an_update_whose_optimiser_state_would_be_made_inside_the_capture_runs_eagerly():

@@ -50,6 +50,13 @@ class Recording:
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any]
     output: Any
+    # an update's: (optimiser, parameter, key, tensor) for each optimiser state tensor the capture wrote to
+    optimizer_state: Tuple[Tuple[Any, Any, str, torch.Tensor], ...] = ()
+
+    def optimizer_state_in_place(self) -> bool:
+        """Whether every optimiser state tensor the recording writes to is still the one the optimiser holds."""
+        return all(optimizer.state.get(parameter, {}).get(key) is tensor
+                   for optimizer, parameter, key, tensor in self.optimizer_state)
 
 
 class CaptureFailed(RuntimeError):
@@ -155,7 +162,9 @@ class CudaGraphRecorder:
         # autocast caches weight casts across calls; a cast cached before the capture would be left out of
         # the graph, and replays would read stale weights
         cache_enabled = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
+        # (only under autocast: torch.compile guards on the flag, and code compiled in a recording would
+        # otherwise be compiled again for the eager calls)
+        torch.set_autocast_cache_enabled(cache_enabled and not torch.is_autocast_enabled("cuda"))
         try:
             rng_state = torch.cuda.get_rng_state()
             side = torch.cuda.Stream()
@@ -237,58 +246,65 @@ torch.nn.modules.module.register_module_module_registration_hook(_module_changed
 
 
 class OwnedTensors:
-    """The tensors a recording of ``owner`` reads and writes in place: its parameters and buffers and, for an
-    update, the state of its optimisers. Walking a network's modules costs far more than replaying a small
-    step, so the lists are kept and made again only when a module somewhere registered a parameter, buffer or
-    submodule, or an optimiser's state was replaced or grew; their storages are read on every call."""
+    """What a recording of ``owner`` depends on besides its arguments: the storages of its parameters and
+    buffers and, for an update, each module's training mode, which parameters take gradients, and every
+    optimiser's hyperparameters (a float learning rate is part of the captured kernels). Walking a network's
+    modules costs far more than replaying a small step, so the lists are kept and made again only when a
+    module somewhere registered a parameter, buffer or submodule; the values are read on every call."""
 
-    def __init__(self, owner: torch.nn.Module, optimizers: bool):
-        self.owner, self.with_optimizers = owner, optimizers
+    def __init__(self, owner: torch.nn.Module, update: bool):
+        self.owner, self.update = owner, update
         self.generation = -1
-        self.module_tensors: list = []
+        self.tensors: list = []
+        self.parameters: list = []
+        self.modules: list = []
         self.optimizers: list = []
-        self.states: list = []  # (state dict, its length) per optimiser, when state_tensors was made
-        self.state_tensors: list = []
 
-    def storages(self) -> Tuple[int, ...]:
+    def _refresh(self) -> None:
         if self.generation != _module_generation:
             self.generation = _module_generation
-            self.module_tensors = list(self.owner.parameters()) + list(self.owner.buffers())
-            self.optimizers = method_optimizers(self.owner) if self.with_optimizers else []
-            self.states = []
-        if any(held is not optimizer.state or size != len(held)
-               for (held, size), optimizer in zip(self.states, self.optimizers)) or len(self.states) != len(
-                self.optimizers):
-            self.states = [(optimizer.state, len(optimizer.state)) for optimizer in self.optimizers]
-            self.state_tensors = optimizer_state_tensors(self.optimizers)
-        return tuple(map(torch.Tensor.data_ptr, self.module_tensors + self.state_tensors))
+            self.parameters = list(self.owner.parameters())
+            self.tensors = self.parameters + list(self.owner.buffers())
+            self.modules = list(self.owner.modules())
+            self.optimizers = method_optimizers(self.owner) if self.update else []
+
+    def key(self) -> Hashable:
+        self._refresh()
+        storages = tuple(map(torch.Tensor.data_ptr, self.tensors))
+        if not self.update:
+            return storages
+        return (storages, tuple(m.training for m in self.modules), tuple(p.requires_grad for p in self.parameters),
+                tuple(_hyperparameters(optimizer) for optimizer in self.optimizers))
+
+    def optimizer_state(self) -> Tuple[Tuple[Any, Any, str, torch.Tensor], ...]:
+        """(optimiser, parameter, key, tensor) for every tensor in the optimisers' per-parameter state."""
+        self._refresh()
+        return tuple((optimizer, parameter, key, value) for optimizer in self.optimizers
+                     for parameter, state in optimizer.state.items() for key, value in state.items()
+                     if isinstance(value, torch.Tensor))
 
 
-def optimizer_state_tensors(optimizers) -> list:
-    """The tensors of ``optimizers``: per-parameter state (moments, step counts) and tensor hyperparameters. A
-    recorded update writes to them, so one that was replaced needs a new recording."""
-    tensors = []
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            tensors.extend(value for value in state.values() if isinstance(value, torch.Tensor))
-        for group in optimizer.param_groups:
-            tensors.extend(value for key, value in group.items() if key != "params" and isinstance(value, torch.Tensor))
-    return tensors
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> Hashable:
+    """An optimiser's group settings as a key: plain values as they are, tensors by storage."""
+    return (id(optimizer),) + tuple(
+        tuple((key, value.data_ptr() if isinstance(value, torch.Tensor) else repr(value))
+              for key, value in group.items() if key != "params")
+        for group in optimizer.param_groups)
 
 
 def make_optimizers_capturable(owner: torch.nn.Module) -> None:
     """Let each optimiser of ``owner`` whose parameters are all on CUDA step inside a capture: torch refuses to
-    capture a step while ``capturable`` is off. It keeps the step count on the device, where the fused
-    kernels keep it anyway; the update is the same up to rounding. :class:`CaptureFailed` where an existing
-    step count lives on the host."""
+    capture a step while ``capturable`` is off. Its step counts then live on the device (where the fused
+    kernels keep them anyway; a count kept on the host is moved there, exactly, being a whole number); the
+    update is the same up to rounding."""
     for optimizer in method_optimizers(owner):
         for group in optimizer.param_groups:
             if group.get("capturable", True) or not all(p.is_cuda for p in group["params"]):
                 continue
             for parameter in group["params"]:
-                step = optimizer.state.get(parameter, {}).get("step")
-                if isinstance(step, torch.Tensor) and not step.is_cuda:
-                    raise CaptureFailed(f"{type(optimizer).__name__} keeps its step count on the host")
+                state = optimizer.state.get(parameter, {})
+                if isinstance(state.get("step"), torch.Tensor) and not state["step"].is_cuda:
+                    state["step"] = state["step"].to(parameter.device)
             group["capturable"] = True
 
 
@@ -309,6 +325,8 @@ def _undoing(owner: torch.nn.Module) -> Callable[[], None]:
     def undo() -> None:
         made = _optimizer_states(owner)
         saved.restore()
+        for parameter in owner.parameters():  # gradients start from nothing in the capture, as in any step
+            parameter.grad = None
         if made - _optimizer_states(owner):
             raise CaptureFailed("its optimiser's state cannot be kept in place across the recording's runs")
 
@@ -343,7 +361,7 @@ class CapturedCall:
                  device_type: str = "cuda", max_recordings: int = MAX_RECORDINGS, update: bool = False):
         self.name, self.function, self.owner, self.on_fallback = name, function, owner, on_fallback
         self.update = update
-        self.owned = OwnedTensors(owner, optimizers=update)
+        self.owned = OwnedTensors(owner, update)
         self.record: Optional[Callable[..., Recording]] = record or CudaGraphRecorder()
         self.device_type, self.max_recordings = device_type, max_recordings
         self.recordings: Dict[Hashable, Recording] = {}
@@ -363,9 +381,7 @@ class CapturedCall:
         if not on_device:
             return None
         autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
-        mode: Hashable = (torch.is_inference_mode_enabled(), self.owner.training) if self.update else (
-            torch.is_inference_mode_enabled())
-        return tuple(parts), tuple(sorted(kwargs)), autocast, mode, self.owned.storages()
+        return tuple(parts), tuple(sorted(kwargs)), autocast, torch.is_inference_mode_enabled(), self.owned.key()
 
     def __call__(self, *args, **kwargs):
         if self.record is not None and captures_off_reason() is not None:
@@ -376,6 +392,9 @@ class CapturedCall:
         if signature is None:
             return self.function(*args, **kwargs)
         recording = self.recordings.get(signature)
+        if recording is not None and not recording.optimizer_state_in_place():
+            self.recordings.clear()  # an optimiser's state was replaced (graphs of one stream go together)
+            recording = None
         if recording is None:
             if _paused:
                 return self.function(*args, **kwargs)
@@ -388,7 +407,7 @@ class CapturedCall:
             recording = self._recorded(args, kwargs)
             if recording is None:
                 return self.function(*args, **kwargs)
-            if self.update:  # the optimiser's state may be new since the call came: key it as later calls see it
+            if self.update:  # recording made the optimisers capturable: key it as later calls will see them
                 signature = self._signature(args, kwargs)
             self.recordings[signature] = recording
         for static, value in zip(recording.args, args):
@@ -403,10 +422,12 @@ class CapturedCall:
 
     def _recorded(self, args: tuple, kwargs: dict) -> Optional[Recording]:
         try:
-            if self.update:
-                make_optimizers_capturable(self.owner)
-                return self.record(self.function, args, kwargs, after_warmup=_undoing(self.owner))
-            return self.record(self.function, args, kwargs)
+            if not self.update:
+                return self.record(self.function, args, kwargs)
+            make_optimizers_capturable(self.owner)
+            recording = self.record(self.function, args, kwargs, after_warmup=_undoing(self.owner))
+            recording.optimizer_state = self.owned.optimizer_state()
+            return recording
         except torch.cuda.OutOfMemoryError:
             self.recordings.clear()
             raise

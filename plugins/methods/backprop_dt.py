@@ -10,6 +10,7 @@ from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.noprop import EMBEDDINGS
 from noprop_bench_plugins.parts.noprop_dt_block import dt_chain
 from noprop_bench_plugins.parts.noprop_dt_fm import require_non_negative, require_whole
+from noprop_bench_plugins.parts.optim import optimizer_options
 
 
 class BackpropDT(Method):
@@ -58,7 +59,8 @@ class BackpropDT(Method):
         self.mix_weights = nn.Parameter(torch.full((self.T,), math.atanh(p["mix_init"])))
         self.classifier = nn.Linear(self.embedding.dim, task.num_classes)
         self.to(task.device)
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=p["lr"], weight_decay=p["weight_decay"],
+                                           **optimizer_options(task.device))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Every block's image path ``[B, T, width]``: independent of ``z``."""
