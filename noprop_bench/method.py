@@ -105,8 +105,10 @@ class Method(nn.Module):
         """Attribute paths of functions that each make one whole training update (forward, backward and
         optimiser step, e.g. ``train_step``), recorded once per call signature as a CUDA graph and replayed,
         under ``--compile`` on CUDA. Besides what ``capture_targets`` asks, they must change no Python state
-        (counters, learning rates held as numbers) that a later update reads, since a replay runs none of
-        the Python: leave such work in ``train_step`` around the captured call. Default: none."""
+        (counters, a block chosen in Python) that a later update reads, since a replay runs none of the
+        Python: leave such work in ``train_step`` around the captured call. Keep the same optimiser objects
+        for the whole trial. A learning rate changed between steps is seen and costs a new recording, so
+        leave a method with a schedule that changes it every step out. Default: none."""
         return []
 
     def trial_metrics(self) -> Dict[str, Any]:

@@ -355,7 +355,8 @@ def _without_times(value):
     return value
 
 
-@pytest.mark.parametrize("hook, kind", [("compile_targets", "compile target"), ("capture_targets", "capture target")])
+@pytest.mark.parametrize("hook, kind", [("compile_targets", "compile target"), ("capture_targets", "capture target"),
+                                        ("capture_step_targets", "capture step target")])
 def test_a_target_that_is_not_callable_is_refused_with_its_name(hook, kind, monkeypatch):
     method, _, _ = _method(Backprop)
     monkeypatch.setattr(method, hook, lambda: ["params"])  # a dict, not a function
