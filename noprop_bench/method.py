@@ -111,6 +111,12 @@ class Method(nn.Module):
         leave a method with a schedule that changes it every step out. Default: none."""
         return []
 
+    def warm_up_calls(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Untimed calls the harness makes after its warm-up train steps on ``(x, y)``, before the clock
+        starts, for code paths those steps do not reach (NoProp-DT's other blocks), so that compiling and
+        recording them is not charged to the budget. The harness puts the method back afterwards, as after
+        every warm-up step. Default: none."""
+
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
         return {}

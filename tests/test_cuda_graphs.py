@@ -19,6 +19,7 @@ from noprop_bench.run.runner import RunData, TrialSpec, run_trial
 from noprop_bench.run import cuda_graphs, speed_settings
 from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
 from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
+from noprop_bench.run.warmup import warm_up
 from noprop_bench.testing.host_sync import record_host_syncs
 from noprop_bench_plugins.methods.backprop import Backprop
 from noprop_bench_plugins.methods.backprop_dt import BackpropDT
@@ -275,6 +276,22 @@ def test_an_update_records_only_with_gradients_on_and_again_when_its_optimiser_s
     assert record.recordings == 5 and call.replays == replays + 1
 
 
+@pytest.mark.parametrize("schedule", ["random", "sequential"])
+def test_noprop_dt_records_every_blocks_update_in_the_untimed_warm_up_and_is_put_back(schedule):
+    method, x, y = _method(NoPropDT, blocks="4", schedule=schedule, block_samples="1000")
+    record = StandIn()
+    method.block_update = CapturedCall("block_update", method.block_update, method,
+                                       lambda *reason: pytest.fail(str(reason)), record=record, device_type="cpu",
+                                       update=True)
+    before = [t.detach().clone() for t in list(method.parameters()) + list(method.buffers())]
+    counts = (list(method.block_steps), method.current)
+    warm_up(method, x, y)
+    assert record.recordings == 4  # the train steps reached one block or two; the hook reached the rest
+    for a, b in zip(before, list(method.parameters()) + list(method.buffers())):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)  # (schedule buffers hold NaN at index 0, unused)
+    assert (list(method.block_steps), method.current) == counts
+
+
 def test_noprop_dt_records_each_blocks_update_once_however_the_others_optimisers_grow():
     method, x, y = _method(NoPropDT, blocks="3", schedule="random")
     record = StandIn()
@@ -340,8 +357,10 @@ def test_a_trial_whose_updates_and_integration_loop_are_replayed_gives_the_eager
     assert replayed["speed_settings"]["captured"] == captured
     updates = [call for call in calls if call.update]
     assert len(updates) == 1 and updates[0].record.recordings >= 1
-    # warm-up (3 steps) and the trial's 3 steps all replayed; the recordings' own runs were undone
-    assert updates[0].replays == 6 and updates[0].eager_calls == 0
+    # warm-up (3 steps, and NoProp-DT's update of each of its 3 blocks) and the trial's 3 steps all replayed;
+    # the recordings' own runs were undone
+    warm_up_calls = 3 if captured == ["block_update"] else 0
+    assert updates[0].replays == 6 + warm_up_calls and updates[0].eager_calls == 0
     assert replayed["steps"] == eager["steps"] == 3
     for key in ("test_acc_runs", "train_acc", "diagnostics", "inference_sweep", "curve", "method_metrics"):
         assert _without_times(replayed[key]) == _without_times(eager[key]), key

@@ -203,6 +203,9 @@ def warm_up(method: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = WA
             if step == 0:
                 synchronize()
                 first = time.perf_counter() - started
+        if hasattr(method, "warm_up_calls"):
+            method.train()
+            method.warm_up_calls(x, y)
         if inference is not None:
             method.eval()
             with torch.inference_mode():

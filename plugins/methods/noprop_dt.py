@@ -181,6 +181,13 @@ class NoPropDT(Method):
             optimizer.step()
         return {key: value.detach() for key, value in terms.items()}
 
+    def warm_up_calls(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Every block's update once (the warm-up's train steps reach one block or a few), so under
+        ``--compile`` on CUDA each block's recording is made before the clock starts."""
+        if self.parallel is None and self.offload is None:
+            for t in range(1, self.T + 1):
+                self.block_update(t, x, y)
+
     def parallel_update(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``schedule=parallel``: every block's update on this batch at once."""
         return parallel_step(self, self.parallel, x, y)
