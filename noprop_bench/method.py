@@ -113,9 +113,10 @@ class Method(nn.Module):
 
     def warm_up_calls(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Untimed calls the harness makes after its warm-up train steps on ``(x, y)``, before the clock
-        starts, for code paths those steps do not reach (NoProp-DT's other blocks), so that compiling and
-        recording them is not charged to the budget. The harness puts the method back afterwards, as after
-        every warm-up step. Default: none."""
+        starts, when it records some of the method's calls as CUDA graphs (under ``--compile`` on CUDA): for
+        code paths those steps do not reach (NoProp-DT's other blocks), so that recording them is not
+        charged to the budget. The harness puts the method back afterwards, as after every warm-up step.
+        Default: none."""
 
     def trial_metrics(self) -> Dict[str, Any]:
         """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""

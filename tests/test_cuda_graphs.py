@@ -285,11 +285,25 @@ def test_noprop_dt_records_every_blocks_update_in_the_untimed_warm_up_and_is_put
                                        update=True)
     before = [t.detach().clone() for t in list(method.parameters()) + list(method.buffers())]
     counts = (list(method.block_steps), method.current)
-    warm_up(method, x, y)
+    warm_up(method, x, y, method_calls=True)
     assert record.recordings == 4  # the train steps reached one block or two; the hook reached the rest
     for a, b in zip(before, list(method.parameters()) + list(method.buffers())):
         torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)  # (schedule buffers hold NaN at index 0, unused)
     assert (list(method.block_steps), method.current) == counts
+
+
+def test_an_update_whose_learning_rate_changes_every_step_turns_eager_after_twice_the_recordings_held():
+    (eager, captured), batches = _backprop_pair()
+    reasons = []
+    call = CapturedCall("train_step", captured.train_step, captured, lambda *reason: reasons.append(reason),
+                        record=StandIn(), device_type="cpu", update=True, max_recordings=2)
+    x, y = batches[0]
+    for step in range(8):
+        for method in (eager, captured):
+            method.optimizer.param_groups[0]["lr"] = 1e-3 / (step + 1)
+        torch.testing.assert_close(call(x, y)["loss"], eager.train_step(x, y)["loss"], rtol=0, atol=0)
+    assert call.recorded == 4 and call.record is None and len(reasons) == 1
+    assert "change between steps" in reasons[0][1]
 
 
 def test_noprop_dt_records_each_blocks_update_once_however_the_others_optimisers_grow():

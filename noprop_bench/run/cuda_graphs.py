@@ -14,10 +14,12 @@ or with arguments that cannot be part of a signature run as they are.
 
 A whole training update (forward, backward and optimiser step, what a method names in
 ``capture_step_targets()``) is recorded the same way with ``update=True``: then it is the calls with gradients
-enabled that are recorded, the method's optimisers are made ``capturable``, their state tensors join the
-signature, and the two runs before the capture, which train, are undone (:class:`~.warmup.MethodState`) before
-it is captured. A training step of a small network is a few hundred short kernels, so its replay costs a
-fraction of launching them one by one.
+enabled that are recorded, the method's optimisers are made ``capturable``, their hyperparameters and each
+module's mode join the signature, each replay first checks that the optimisers still hold the state tensors
+the graph writes to, and the two runs before the capture, which train, are undone
+(:class:`~.warmup.MethodState`) before it is captured. An update whose signature keeps changing (a learning
+rate set every step) turns eager after ``2 * max_recordings`` recordings. A training step of a small network
+is a few hundred short kernels, so its replay costs a fraction of launching them one by one.
 
 A call that cannot be captured runs eagerly from then on and the reason is reported, like a compile fallback;
 errors of the function itself go up as they are. What synchronises with the host is found by a rehearsal run
@@ -31,6 +33,7 @@ harness can retry with smaller batches.
 
 import contextlib
 import gc
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
@@ -50,13 +53,28 @@ class Recording:
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any]
     output: Any
-    # an update's: (optimiser, parameter, key, tensor) for each optimiser state tensor the capture wrote to
-    optimizer_state: Tuple[Tuple[Any, Any, str, torch.Tensor], ...] = ()
+    # an update's: the optimiser state the graph writes to (see OwnedTensors.optimizer_state)
+    optimizer_state: Optional["OptimizerState"] = None
 
     def optimizer_state_in_place(self) -> bool:
-        """Whether every optimiser state tensor the recording writes to is still the one the optimiser holds."""
-        return all(optimizer.state.get(parameter, {}).get(key) is tensor
-                   for optimizer, parameter, key, tensor in self.optimizer_state)
+        return self.optimizer_state is None or self.optimizer_state.in_place()
+
+
+@dataclass
+class OptimizerState:
+    """Which state tensors some optimisers hold: each optimiser's ``state`` mapping (``load_state_dict``
+    replaces it) and, per parameter, its state dict, keys and tensors."""
+
+    optimizers: Tuple[Any, ...]
+    mappings: Tuple[Any, ...]
+    dicts: Tuple[dict, ...]
+    keys: Tuple[str, ...]
+    tensors: Tuple[torch.Tensor, ...]
+
+    def in_place(self) -> bool:
+        """Whether the optimisers still hold these very tensors."""
+        return all(map(operator.is_, (o.state for o in self.optimizers), self.mappings)) and all(
+            map(operator.is_, map(dict.get, self.dicts, self.keys), self.tensors))
 
 
 class CaptureFailed(RuntimeError):
@@ -276,20 +294,28 @@ class OwnedTensors:
         return (storages, tuple(m.training for m in self.modules), tuple(p.requires_grad for p in self.parameters),
                 tuple(_hyperparameters(optimizer) for optimizer in self.optimizers))
 
-    def optimizer_state(self) -> Tuple[Tuple[Any, Any, str, torch.Tensor], ...]:
-        """(optimiser, parameter, key, tensor) for every tensor in the optimisers' per-parameter state."""
+    def optimizer_state(self) -> OptimizerState:
+        """Every tensor in the optimisers' per-parameter state, as they hold it now."""
         self._refresh()
-        return tuple((optimizer, parameter, key, value) for optimizer in self.optimizers
-                     for parameter, state in optimizer.state.items() for key, value in state.items()
-                     if isinstance(value, torch.Tensor))
+        entries = [(state, key, value) for optimizer in self.optimizers for state in optimizer.state.values()
+                   for key, value in state.items() if isinstance(value, torch.Tensor)]
+        return OptimizerState(tuple(self.optimizers), tuple(o.state for o in self.optimizers),
+                              *(tuple(column) for column in zip(*entries)) if entries else ((), (), ()))
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> Hashable:
-    """An optimiser's group settings as a key: plain values as they are, tensors by storage."""
-    return (id(optimizer),) + tuple(
-        tuple((key, value.data_ptr() if isinstance(value, torch.Tensor) else repr(value))
-              for key, value in group.items() if key != "params")
+    """An optimiser's group settings as a key: tensors by storage, other values as they are (by ``repr``
+    where one cannot be hashed)."""
+    key = (id(optimizer),) + tuple(
+        tuple(value.data_ptr() if isinstance(value, torch.Tensor) else value for name, value in group.items()
+              if name != "params")
         for group in optimizer.param_groups)
+    try:
+        hash(key)
+    except TypeError:
+        return (id(optimizer),) + tuple(repr(value) for group in optimizer.param_groups
+                                        for name, value in group.items() if name != "params")
+    return key
 
 
 def make_optimizers_capturable(owner: torch.nn.Module) -> None:
@@ -365,7 +391,7 @@ class CapturedCall:
         self.record: Optional[Callable[..., Recording]] = record or CudaGraphRecorder()
         self.device_type, self.max_recordings = device_type, max_recordings
         self.recordings: Dict[Hashable, Recording] = {}
-        self.replays = self.eager_calls = 0
+        self.replays = self.eager_calls = self.recorded = 0
 
     def _signature(self, args: tuple, kwargs: dict) -> Optional[Hashable]:
         parts = []
@@ -404,9 +430,14 @@ class CapturedCall:
                     self.eager_calls += 1
                     return self.function(*args, **kwargs)
                 self.recordings.clear()
+            if self.update and self.recorded >= 2 * self.max_recordings:
+                self._turn_eager(f"recorded {self.recorded} times: the optimisers' settings or state, or the modules' "
+                                 "modes, change between steps, and a replay would keep old ones")
+                return self.function(*args, **kwargs)
             recording = self._recorded(args, kwargs)
             if recording is None:
                 return self.function(*args, **kwargs)
+            self.recorded += 1
             if self.update:  # recording made the optimisers capturable: key it as later calls will see them
                 signature = self._signature(args, kwargs)
             self.recordings[signature] = recording

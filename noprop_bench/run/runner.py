@@ -367,7 +367,8 @@ class _TrialRun:
         x, y = data.normalize(data.train.images[:batch_size]), data.train.labels[:batch_size]
         # under --compile the inference path is compiled now too, not during the evaluations
         inference = _inference_at_two_sizes(method, x) if spec.speed.compile != "none" else None
-        timing = warm_up(method, x, y, inference=inference, synchronize=self.clock.synchronize)
+        timing = warm_up(method, x, y, inference=inference, synchronize=self.clock.synchronize,
+                         method_calls=bool(self.speed.captured))
         record["warmup_seconds"] = timing["warmup_seconds"]
         record["compile_seconds"] = timing["first_step_seconds"] if spec.speed.compile != "none" else 0.0
 

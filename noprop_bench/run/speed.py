@@ -158,7 +158,8 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         started = time.perf_counter()
         for _ in range(warmup):
             method.train_step(x, y)
-        method.warm_up_calls(x, y)
+        if applied.captured:
+            method.warm_up_calls(x, y)
         synchronize()
         warmup_seconds = time.perf_counter() - started
         memory = PeakMemory(device)

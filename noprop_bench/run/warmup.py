@@ -185,9 +185,10 @@ def _is_plain_object(value: Any) -> bool:
 
 
 def warm_up(method: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = WARMUP_STEPS,
-            inference: Optional[Callable[[], Any]] = None, synchronize: Callable[[], None] = lambda: None
-            ) -> Dict[str, float]:
-    """Run ``steps`` train steps on ``(x, y)`` (and ``inference()`` once, if given), then restore the method.
+            inference: Optional[Callable[[], Any]] = None, synchronize: Callable[[], None] = lambda: None,
+            method_calls: bool = False) -> Dict[str, float]:
+    """Run ``steps`` train steps on ``(x, y)`` (with ``method_calls``, then the method's ``warm_up_calls``;
+    and ``inference()`` once, if given), then restore the method.
 
     Returns ``warmup_seconds`` (all of it) and ``first_step_seconds`` (the first call, where compilation
     happens), both wall time with the device synchronised.
@@ -203,7 +204,7 @@ def warm_up(method: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = WA
             if step == 0:
                 synchronize()
                 first = time.perf_counter() - started
-        if hasattr(method, "warm_up_calls"):
+        if method_calls and hasattr(method, "warm_up_calls"):
             method.train()
             method.warm_up_calls(x, y)
         if inference is not None:
