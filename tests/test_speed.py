@@ -9,7 +9,7 @@ import fake_plugins
 
 from noprop_bench.cli import run
 from noprop_bench.errors import UsageError
-from noprop_bench.run.speed import build_parser, settings_grid
+from noprop_bench.run.speed import build_parser, row_summary, settings_grid
 
 
 def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
@@ -94,3 +94,10 @@ def test_compiled_rows_warm_up_as_many_steps_as_a_compiled_trial(tmp_path, one_t
     assert eager["warmup_steps"] == 1 and compiled["warmup_steps"] == WARMUP_STEPS > 1
     assert calls.count("train_step") == WARMUP_STEPS + 2
     assert f"({WARMUP_STEPS} for rows under --compile, as trials warm up)" in (out / "speed.md").read_text()
+
+
+def test_a_row_line_names_the_calls_replayed_as_cuda_graphs():
+    row = {"ms_per_step": 2.0, "inference_images_per_second_final": 10.0,
+           "inference_images_per_second_checkpoint": 20.0, "warmup_seconds": 1.0}
+    assert "CUDA graphs" not in row_summary({**row, "captured": []})
+    assert row_summary({**row, "captured": ["integrate", "update"]}).endswith("; CUDA graphs: integrate, update")

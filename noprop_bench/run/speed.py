@@ -186,7 +186,8 @@ def row_summary(row: Dict[str, Any]) -> str:
     return (f"{row['ms_per_step']:.2f} ms/step ({1000 / row['ms_per_step']:.0f} steps/s), inference "
             f"{row['inference_images_per_second_final']:.0f} img/s final, "
             f"{row['inference_images_per_second_checkpoint']:.0f} img/s checkpoint; "
-            f"warm-up {row['warmup_seconds']:.1f} s")
+            f"warm-up {row['warmup_seconds']:.1f} s"
+            + (f"; CUDA graphs: {', '.join(row['captured'])}" if row.get("captured") else ""))
 
 
 def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
