@@ -179,7 +179,11 @@ print("\n| method | training s | evaluation s | evaluation / training | warm-up 
       "\n|---|---|---|---|---|---|---|")
 for r in records:
     speed = r.get("speed_settings") or {}
-    graphs = ", ".join(speed.get("captured", [])) + "".join(
+    counts = speed.get("capture_counts") or {}
+    graphs = ", ".join(
+        f"{name} ({counts[name]['recordings']} recorded, {counts[name]['replays']} replays, "
+        f"{counts[name]['eager_calls']} eager)" if name in counts else name
+        for name in speed.get("captured", [])) + "".join(
         f" fell back: {name}: {why}" for name, why in (speed.get("capture_fallbacks") or {}).items())
     print(f"| {r['row_label']} | {r['train_seconds']:.1f} | {r['eval_seconds']:.1f} | "
           f"{r['eval_seconds'] / max(r['train_seconds'], 1e-9):.2f} | {r.get('warmup_seconds', 0):.1f} | "

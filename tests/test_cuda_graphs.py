@@ -375,6 +375,8 @@ def test_a_trial_whose_updates_and_integration_loop_are_replayed_gives_the_eager
     # the recordings' own runs were undone
     warm_up_calls = 3 if captured == ["block_update"] else 0
     assert updates[0].replays == 6 + warm_up_calls and updates[0].eager_calls == 0
+    counts = replayed["speed_settings"]["capture_counts"][captured[-1]]  # the trial says so too
+    assert counts == {"recordings": updates[0].recorded, "replays": 6 + warm_up_calls, "eager_calls": 0}
     assert replayed["steps"] == eager["steps"] == 3
     for key in ("test_acc_runs", "train_acc", "diagnostics", "inference_sweep", "curve", "method_metrics"):
         assert _without_times(replayed[key]) == _without_times(eager[key]), key

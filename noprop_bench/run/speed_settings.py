@@ -169,6 +169,13 @@ class AppliedSpeed:
         self.fallbacks: Dict[str, str] = {}
         self.captured: List[str] = []
         self.capture_fallbacks: Dict[str, str] = {}
+        self.captured_calls: Dict[str, CapturedCall] = {}
+
+    def capturing(self, method: torch.nn.Module, path: str, function: Callable, update: bool) -> CapturedCall:
+        """``function`` (the attribute ``path`` of ``method``) wrapped to be recorded as CUDA graphs."""
+        call = CapturedCall(path, function, method, self.capture_fallback, update=update)
+        self.captured_calls[path] = call
+        return call
 
     def fallback(self, name: str, reason: str) -> None:
         self._ran_eagerly(self.compiled, self.fallbacks, "torch.compile", name, reason)
@@ -183,8 +190,16 @@ class AppliedSpeed:
         self.say(f"{what} failed for {name}; it runs eagerly: {reason}")
 
     def record(self) -> Dict[str, Any]:
-        return {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks),
-                "captured": list(self.captured), "capture_fallbacks": dict(self.capture_fallbacks)}
+        """What the trial stores as ``speed_settings``; with CUDA graphs, ``capture_counts`` says per wrapped
+        call how many graphs were recorded and how many calls replayed one or ran eagerly (a new signature
+        past the recordings held)."""
+        record = {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks),
+                  "captured": list(self.captured), "capture_fallbacks": dict(self.capture_fallbacks)}
+        if self.captured_calls:
+            record["capture_counts"] = {path: {"recordings": call.recorded, "replays": call.replays,
+                                               "eager_calls": call.eager_calls}
+                                        for path, call in self.captured_calls.items()}
+        return record
 
 
 def _wrap_entry(function: Callable, settings: SpeedSettings, device_type: str) -> Callable:
@@ -239,10 +254,9 @@ def apply_speed_settings(method: torch.nn.Module, settings: SpeedSettings, devic
             CompiledCall(path, function, settings.compile, applied.fallback)))
     if captures_whole_calls(settings, device_type):
         applied.captured = _wrap_targets(method, "capture_targets", "capture target", lambda path, function: (
-            CapturedCall(path, function, method, applied.capture_fallback)))
+            applied.capturing(method, path, function, update=False)))
         applied.captured += _wrap_targets(method, "capture_step_targets", "capture step target",
-                                          lambda path, function: CapturedCall(
-                                              path, function, method, applied.capture_fallback, update=True))
+                                          lambda path, function: applied.capturing(method, path, function, update=True))
     if settings.channels_last or settings.precision == "bf16":
         for name in ENTRY_POINTS:
             if name in ("features", "predict_from_features") and not method.reuses_features():
