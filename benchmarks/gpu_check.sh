@@ -3,7 +3,8 @@
 #   1. the device, and whether torch.compile works on it;
 #   2. where pytest is installed, the CUDA-only tests (replays of the integration loops against eager,
 #      fused optimisers, block offload, the CUDA clock, a worker on its own GPU);
-#   3. `noprop-bench speed` for the mnist5k shape with noprop_cnn, eager fp32 and then the best settings;
+#   3. `noprop-bench speed` for the mnist5k shape with noprop_cnn, eager fp32 and then the best settings
+#      (the methods the targets name: the adjoint, whose steps take 30 times as long, trains in phase 5);
 #   4. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
 #      methods its targets name), eager fp32 and then the best settings;
 #   5. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
@@ -17,6 +18,7 @@
 # Environment: PYTHON (default python), NOPROP_CHECK_DEVICE (default cuda; cpu only to try the script),
 #   NOPROP_CHECK_BEST (default "--precision bf16 --channels-last --compile default"),
 #   NOPROP_CHECK_BUDGET (seconds per method, default 20), NOPROP_CHECK_STEPS (timed speed steps, default 50),
+#   NOPROP_CHECK_SPEED_METHODS (default backprop,noprop_dt,noprop_ct,noprop_fm),
 #   NOPROP_CHECK_RESNET_METHODS (default backprop,noprop_ct),
 #   NOPROP_CHECK_PHASE_TIMEOUT (seconds per command, default 300).
 #
@@ -32,6 +34,7 @@ DEVICE=${NOPROP_CHECK_DEVICE:-cuda}
 BEST=${NOPROP_CHECK_BEST:---precision bf16 --channels-last --compile default}
 BUDGET=${NOPROP_CHECK_BUDGET:-20}
 STEPS=${NOPROP_CHECK_STEPS:-50}
+SPEED_METHODS=${NOPROP_CHECK_SPEED_METHODS:-backprop,noprop_dt,noprop_ct,noprop_fm}
 RESNET_METHODS=${NOPROP_CHECK_RESNET_METHODS:-backprop,noprop_ct}
 PHASE_TIMEOUT=${NOPROP_CHECK_PHASE_TIMEOUT:-300}
 OUT=${1:-results/gpu-check-$(date +%Y%m%d-%H%M%S)}
@@ -195,8 +198,8 @@ EOF
 }
 
 phase "CUDA-only tests (whole-call CUDA graphs against eager and the rest)" cuda_graph_tests
-phase "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$METHODS" noprop_cnn eager "${EAGER_FLAGS[@]}"
-phase "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$METHODS" noprop_cnn best "${BEST_FLAGS[@]}"
+phase "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$SPEED_METHODS" noprop_cnn eager "${EAGER_FLAGS[@]}"
+phase "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}"
 phase "speed: cifar10 shape, resnet18, eager fp32" speed cifar10 "$RESNET_METHODS" resnet18 eager "${EAGER_FLAGS[@]}"
 phase "speed: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 best "${BEST_FLAGS[@]}"
 phase "$BUDGET s per method on mnist5k, best settings" short_run
