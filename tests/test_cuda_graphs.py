@@ -18,7 +18,9 @@ from noprop_bench.run.budget import Budget
 from noprop_bench.run.runner import RunData, TrialSpec, run_trial
 from noprop_bench.run import cuda_graphs, speed_settings
 from noprop_bench.run.cuda_graphs import CapturedCall, CaptureFailed, Recording
-from noprop_bench.run.speed_settings import CompiledCall, SpeedSettings, apply_speed_settings
+from noprop_bench.report.tables import MEMORY_KINDS
+from noprop_bench.run.memory import WITH_GRAPH_POOLS, with_graph_pools
+from noprop_bench.run.speed_settings import AppliedSpeed, CompiledCall, SpeedSettings, apply_speed_settings
 from noprop_bench.run.warmup import warm_up
 from noprop_bench.testing.host_sync import record_host_syncs
 from noprop_bench_plugins.methods.backprop import Backprop
@@ -288,7 +290,8 @@ def test_noprop_dt_records_every_blocks_update_in_the_untimed_warm_up_and_is_put
     warm_up(method, x, y, method_calls=True)
     assert record.recordings == 4  # the train steps reached one block or two; the hook reached the rest
     for a, b in zip(before, list(method.parameters()) + list(method.buffers())):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)  # (schedule buffers hold NaN at index 0, unused)
+        # (the schedule's buffers hold NaN at index 0, which is unused)
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
     assert (list(method.block_steps), method.current) == counts
 
 
@@ -334,6 +337,27 @@ def test_an_update_whose_optimiser_state_would_be_made_inside_the_capture_runs_e
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+def test_a_trials_peak_memory_adds_the_pools_of_its_update_graphs_and_says_so():
+    assert with_graph_pools("cuda_max_allocated", 1000, 0) == (1000, "cuda_max_allocated")
+    assert with_graph_pools("cuda_max_allocated", 1000, 300) == (1300, WITH_GRAPH_POOLS)
+    assert with_graph_pools("cpu_peak_rss", 1000, 300) == (1000, "cpu_peak_rss")  # the process's resident set
+    assert "memory reserved for the CUDA graphs of the recorded training updates" in MEMORY_KINDS[WITH_GRAPH_POOLS]
+
+    method, x, y = _method(Backprop)
+    applied = AppliedSpeed(SpeedSettings(compile="default"))
+    applied.captured_calls = {
+        path: CapturedCall(path, method.train_step, method, applied.capture_fallback, update=update,
+                           device_type="cpu", record=lambda f, args, kwargs, after_warmup=None: Recording(
+                               lambda: None, args, kwargs, {"loss": torch.zeros(())}, pool_bytes=1 << 20))
+        for path, update in (("train_step", True), ("integrate", False))}
+    method.train()
+    applied.captured_calls["train_step"](x, y)
+    with torch.inference_mode():
+        applied.captured_calls["integrate"](x, y)
+    assert applied.update_pool_bytes() == 1 << 20  # the inference loop's graph serves evaluations only
+    assert applied.record()["capture_counts"]["integrate"]["pool_bytes"] == 1 << 20
+
+
 REPLAYED_TRIALS = [
     (NoPropCT, {"steps": "4", "eval_steps": "2", "sweep_steps": "2,3"}, ["integrate", "update"]),
     (NoPropFM, {"steps": "4", "eval_steps": "2", "sweep_steps": "2,3"}, ["integrate", "train_step"]),
@@ -376,7 +400,8 @@ def test_a_trial_whose_updates_and_integration_loop_are_replayed_gives_the_eager
     warm_up_calls = 3 if captured == ["block_update"] else 0
     assert updates[0].replays == 6 + warm_up_calls and updates[0].eager_calls == 0
     counts = replayed["speed_settings"]["capture_counts"][captured[-1]]  # the trial says so too
-    assert counts == {"recordings": updates[0].recorded, "replays": 6 + warm_up_calls, "eager_calls": 0}
+    assert counts == {"recordings": updates[0].recorded, "replays": 6 + warm_up_calls, "eager_calls": 0,
+                      "pool_bytes": 0}
     assert replayed["steps"] == eager["steps"] == 3
     for key in ("test_acc_runs", "train_acc", "diagnostics", "inference_sweep", "curve", "method_metrics"):
         assert _without_times(replayed[key]) == _without_times(eager[key]), key
@@ -566,6 +591,23 @@ def test_on_cuda_replayed_updates_train_as_the_eager_steps(cls, params):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), b in zip(eager.named_buffers(), captured.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@cuda_only
+def test_on_cuda_a_compiled_trial_replays_its_updates_and_counts_their_graphs_memory():
+    data = RunData.load(fake_plugins.Tiny(), torch.device("cuda"))
+    spec = TrialSpec(method=Backprop, params=Backprop.resolve_params({}), dataset="tiny", backbone="noprop_cnn",
+                     budget=Budget.parse("640samples"), seed=0, batch_size=32, device=torch.device("cuda"),
+                     augment="none", checkpoints=2, speed_settings={"compile": "default"})
+    record = run_trial(spec, data)
+    assert record["status"] == "ok", record.get("error")
+    speed = record["speed_settings"]
+    assert speed["captured"] == ["train_step"] and speed["capture_fallbacks"] == {}
+    counts = speed["capture_counts"]["train_step"]
+    assert counts["recordings"] == 1 and counts["eager_calls"] == 0
+    assert counts["replays"] == record["steps"] + 3  # the warm-up's steps replayed too
+    assert counts["pool_bytes"] > 0 and record["memory_kind"] == WITH_GRAPH_POOLS
+    assert record["peak_memory_bytes"] > counts["pool_bytes"]
 
 
 @cuda_only

@@ -59,7 +59,7 @@ TRIAL_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("samples_per_second", ("float64", "training samples / training seconds")),
     ("seconds_per_epoch", ("float64", "train-split size / throughput (s)")),
     ("peak_memory_bytes", ("Int64", "peak memory during training (bytes), of kind memory_kind")),
-    ("memory_kind", ("string", "cuda_max_allocated or cpu_peak_rss")),
+    ("memory_kind", ("string", "cuda_max_allocated, cuda_max_allocated_and_graph_pools or cpu_peak_rss")),
     ("params_total", ("Int64", "parameter count")),
     ("params_trainable", ("Int64", "trainable parameter count")),
     ("started_at", ("datetime64[ns, UTC]", "when the trial started")),

@@ -19,6 +19,12 @@ MEMORY_KINDS = {
                            "their AdamW moments there unless run with offload=true (then one block at a time); "
                            "Backprop (backprop_dt) is the end-to-end model, all blocks' activations kept for one "
                            "backward pass"),
+    "cuda_max_allocated_and_graph_pools": (
+        "CUDA max allocated over training, plus the device memory reserved for the CUDA graphs of the "
+        "recorded training updates (--compile on CUDA): the updates' activations and gradients live in those "
+        "graphs' pools between replays, where max allocated does not see them. Pools are reserved in whole "
+        "allocator segments, so this is a little above what the same steps allocate eagerly; NoProp-DT "
+        "holds one graph per block"),
     "cpu_peak_rss": ("peak resident set size of the whole process on the CPU (sampled during training); it "
                      "includes the interpreter, the libraries and the dataset held in memory, so it is not "
                      "comparable with the paper's GPU numbers"),

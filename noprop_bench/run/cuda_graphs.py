@@ -53,6 +53,9 @@ class Recording:
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any]
     output: Any
+    # device memory reserved for the graph's private pool: what its calls allocate (activations, gradients)
+    # lives there between replays, where torch.cuda.max_memory_allocated no longer counts it
+    pool_bytes: int = 0
     # an update's: the optimiser state the graph writes to (see OwnedTensors.optimizer_state)
     optimizer_state: Optional["OptimizerState"] = None
 
@@ -207,6 +210,8 @@ class CudaGraphRecorder:
                 with torch.cuda.stream(self.stream):
                     try:
                         with torch.cuda.graph(graph, stream=self.stream):
+                            # the graph's private pool is reserved from here on (a host-side count)
+                            reserved = torch.cuda.memory_reserved()
                             output = function(*static_args, **static_kwargs)
                     except Exception as error:  # noqa: BLE001 - whatever stopped the capture, the reason is kept
                         _after_a_broken_capture(error)
@@ -215,7 +220,8 @@ class CudaGraphRecorder:
                     gc.enable()
         finally:
             torch.set_autocast_cache_enabled(cache_enabled)
-        return Recording(graph.replay, static_args, static_kwargs, output)
+        return Recording(graph.replay, static_args, static_kwargs, output,
+                         pool_bytes=max(0, torch.cuda.memory_reserved() - reserved))
 
 
 def _rehearse_without_host_syncs(function: Callable, args: tuple, kwargs: dict) -> None:
@@ -392,6 +398,11 @@ class CapturedCall:
         self.device_type, self.max_recordings = device_type, max_recordings
         self.recordings: Dict[Hashable, Recording] = {}
         self.replays = self.eager_calls = self.recorded = 0
+
+    @property
+    def pool_bytes(self) -> int:
+        """Device memory the recordings held now reserve for their graphs' private pools."""
+        return sum(recording.pool_bytes for recording in self.recordings.values())
 
     def _signature(self, args: tuple, kwargs: dict) -> Optional[Hashable]:
         parts = []

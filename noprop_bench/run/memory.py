@@ -64,3 +64,16 @@ class PeakMemory:
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
         return False
+
+
+WITH_GRAPH_POOLS = "cuda_max_allocated_and_graph_pools"
+
+
+def with_graph_pools(kind: str, peak_bytes: int, pool_bytes: int):
+    """``(peak bytes, kind)`` of a trial whose training updates replayed CUDA graphs holding ``pool_bytes``
+    in their private pools: their activations and gradients live there between replays, where max
+    allocated does not see them, so the pools are added (kind ``cuda_max_allocated_and_graph_pools``).
+    Unchanged for other kinds or without pools."""
+    if kind != "cuda_max_allocated" or pool_bytes <= 0:
+        return peak_bytes, kind
+    return peak_bytes + pool_bytes, WITH_GRAPH_POOLS

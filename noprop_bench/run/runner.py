@@ -23,7 +23,7 @@ from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, 
                          split_features)
 from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, stratified_indices, stratified_subset,
                               train_accuracy_split)
-from .memory import PeakMemory
+from .memory import PeakMemory, with_graph_pools
 from .speed_settings import SpeedSettings, apply_speed_settings, precision_flags
 from .warmup import warm_up
 from ..method import Method
@@ -483,8 +483,9 @@ class _TrialRun:
             self._update_counts()
         if self.speed is not None:
             record["speed_settings"] = self.speed.record()
-        record["peak_memory_bytes"] = self.memory.peak_bytes
-        record["memory_kind"] = self.memory.kind
+        pools = self.speed.update_pool_bytes() if self.speed is not None else 0
+        record["peak_memory_bytes"], record["memory_kind"] = with_graph_pools(self.memory.kind,
+                                                                              self.memory.peak_bytes, pools)
         if self.method is not None:
             try:
                 record["method_metrics"] = self.method.trial_metrics()

@@ -30,7 +30,7 @@ from ..task import Task
 from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
-from .memory import PeakMemory
+from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .runner import backbone_width
 from .speed_settings import COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, default_settings, precision_flags
 from .store import device_name
@@ -176,7 +176,8 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         "ms_per_step": 1000 * median, "samples_per_second": batch_size / median,
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
-        "peak_memory_bytes": memory.peak_bytes, "memory_kind": memory.kind,
+        **dict(zip(("peak_memory_bytes", "memory_kind"),
+                   with_graph_pools(memory.kind, memory.peak_bytes, applied.update_pool_bytes()))),
         "warmup_seconds": warmup_seconds, "warmup_steps": warmup, "steps_timed": steps,
     }
 
@@ -280,12 +281,16 @@ def speed_main(argv: Sequence[str]) -> int:
             say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(row)}")
     add_ratios(rows)
     shape = "x".join(map(str, dataset.image_shape))
+    kinds = list(dict.fromkeys(row["memory_kind"] for row in rows if "memory_kind" in row))
+    pools_note = (f"; {WITH_GRAPH_POOLS}: max allocated plus the memory reserved for the CUDA graphs of the "
+                  "recorded training updates, where their activations live between replays"
+                  if WITH_GRAPH_POOLS in kinds else "")
     header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
               f"backbone {backbone}, batch {args.batch_size}, {device_name(device)}\n\n"
               f"Median of {steps} train steps after {plain_warmup} untimed warm-up step(s)"
               f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
-              f"checkpoint settings; peak memory of the train steps ({next((r['memory_kind'] for r in rows if 'memory_kind' in r), '')}).")
+              f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}).")
     text = render(rows, header)
     out = Path(args.out or Path("results") / f"speed-{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)

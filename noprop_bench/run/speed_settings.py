@@ -191,15 +191,19 @@ class AppliedSpeed:
 
     def record(self) -> Dict[str, Any]:
         """What the trial stores as ``speed_settings``; with CUDA graphs, ``capture_counts`` says per wrapped
-        call how many graphs were recorded and how many calls replayed one or ran eagerly (a new signature
-        past the recordings held)."""
+        call how many graphs were recorded, how many calls replayed one or ran eagerly (a new signature
+        past the recordings held) and the device memory the graphs held at the end reserve."""
         record = {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks),
                   "captured": list(self.captured), "capture_fallbacks": dict(self.capture_fallbacks)}
         if self.captured_calls:
             record["capture_counts"] = {path: {"recordings": call.recorded, "replays": call.replays,
-                                               "eager_calls": call.eager_calls}
+                                               "eager_calls": call.eager_calls, "pool_bytes": call.pool_bytes}
                                         for path, call in self.captured_calls.items()}
         return record
+
+    def update_pool_bytes(self) -> int:
+        """Device memory reserved for the graphs of the recorded training updates (see ``Recording``)."""
+        return sum(call.pool_bytes for call in self.captured_calls.values() if call.update)
 
 
 def _wrap_entry(function: Callable, settings: SpeedSettings, device_type: str) -> Callable:
