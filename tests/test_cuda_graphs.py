@@ -611,6 +611,43 @@ def test_on_cuda_a_compiled_trial_replays_its_updates_and_counts_their_graphs_me
 
 
 @cuda_only
+def test_on_cuda_an_optimiser_counting_steps_on_the_host_is_made_capturable_and_trains_as_eagerly():
+    """A foreach AdamW that already stepped keeps its step counts on the host: they move to the device."""
+    models = []
+    for _ in range(2):
+        method, x, y = _method(Backprop, "cuda")
+        method.optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3, foreach=True)
+        method.train()
+        method.train_step(x, y)
+        models.append(method)
+    eager, captured = models
+    assert all(not state["step"].is_cuda for state in captured.optimizer.state.values())
+    call = CapturedCall("train_step", captured.train_step, captured, lambda name, reason: pytest.fail(reason),
+                        update=True)
+    for step in range(4):
+        batch = torch.roll(x, step, dims=0), torch.roll(y, step, dims=0)
+        torch.testing.assert_close(call(*batch)["loss"], eager.train_step(*batch)["loss"], rtol=1e-5, atol=1e-6)
+    assert call.replays == 4 and all(state["step"].is_cuda for state in captured.optimizer.state.values())
+    for a, b in zip(eager.parameters(), captured.parameters()):  # capturable's device arithmetic: rounding apart
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@cuda_only
+@pytest.mark.parametrize("autocast", [False, True])
+def test_on_cuda_a_recording_turns_autocasts_weight_cache_off_only_under_autocast(autocast):
+    seen = []
+
+    def doubled(value):
+        seen.append(torch.is_autocast_cache_enabled())
+        return value * 2
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        cuda_graphs.CudaGraphRecorder()(doubled, (torch.ones(4, device="cuda"),), {})
+    assert seen == [not autocast] * 3  # warm-up, rehearsal and capture
+    assert torch.is_autocast_cache_enabled()
+
+
+@cuda_only
 def test_on_cuda_a_replayed_update_under_bf16_autocast_keeps_training():
     method, x, y = _method(NoPropCT, "cuda")
     method.train()
