@@ -170,14 +170,14 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         checkpoint = _inference_images_per_second(method, task, inference_images, method.checkpoint_setting(),
                                                   settings, synchronize, warm)
     median = statistics.median(times)
+    peak_bytes, memory_kind = with_graph_pools(memory.kind, memory.peak_bytes, applied.update_pool_bytes())
     return {
         "method": cls.name, "row_label": cls.row_label(params), "params": params,
         "settings": settings.describe(), **applied.record(),
         "ms_per_step": 1000 * median, "samples_per_second": batch_size / median,
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
-        **dict(zip(("peak_memory_bytes", "memory_kind"),
-                   with_graph_pools(memory.kind, memory.peak_bytes, applied.update_pool_bytes()))),
+        "peak_memory_bytes": peak_bytes, "memory_kind": memory_kind,
         "warmup_seconds": warmup_seconds, "warmup_steps": warmup, "steps_timed": steps,
     }
 

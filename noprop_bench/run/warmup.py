@@ -36,8 +36,8 @@ def _stateful(value: Any) -> bool:
 
 
 def _stateful_objects(module: nn.Module):
-    """``(module, attribute, objects)`` for each attribute of ``module`` holding an optimiser, an LR
-    scheduler or a generator, or a non-empty list or tuple of them."""
+    """``(attribute name, objects)`` for each attribute of ``module`` holding an optimiser, an LR scheduler or
+    a generator (one object), or a non-empty list or tuple of them."""
     for key, value in vars(module).items():
         if _stateful(value):
             yield key, [value]
