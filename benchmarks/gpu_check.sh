@@ -6,11 +6,13 @@
 #   3. `noprop-bench speed` for the mnist5k shape with noprop_cnn, eager fp32 and then the best settings
 #      (the methods the targets name: the adjoint, whose steps take 30 times as long, trains in phase 5);
 #   4. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
-#      methods its targets name), eager fp32 and then the best settings;
+#      methods its targets name), eager fp32 and then the best settings with cuDNN's autotuning off and on;
 #   5. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
 #      Table 2 and the evaluation/training wall-time ratio.
 # A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT (the short run: that plus its
 # five budgets), is noted in OUT/failures.md and the next phase still runs; the script then exits 1.
+# The best-settings speed tables also profile each row (`--profile`): its costliest kernels and how much
+# of a step the device is busy. Each phase prints how long it took.
 #
 # Every table also lands in OUT/summary.md, written however the script ends.
 #
@@ -37,6 +39,9 @@ STEPS=${NOPROP_CHECK_STEPS:-50}
 SPEED_METHODS=${NOPROP_CHECK_SPEED_METHODS:-backprop,noprop_dt,noprop_ct,noprop_fm}
 RESNET_METHODS=${NOPROP_CHECK_RESNET_METHODS:-backprop,noprop_ct}
 PHASE_TIMEOUT=${NOPROP_CHECK_PHASE_TIMEOUT:-300}
+PROFILE_TOP=12  # operators listed per profiled speed row
+AUTOTUNING=
+[ "$DEVICE" != cuda ] || AUTOTUNING="--cudnn-benchmark off,on"  # cuDNN exists on CUDA only
 OUT=${1:-results/gpu-check-$(date +%Y%m%d-%H%M%S)}
 METHODS=backprop,noprop_dt,noprop_ct,noprop_fm,adjoint
 read -r -a BEST_FLAGS <<< "$BEST"
@@ -114,10 +119,12 @@ mkdir -p "$OUT"
 failed=0
 # phase NAME FUNCTION ARGS...: run one phase; a failure is noted and the check goes on
 phase() {
-    local name=$1 status=0
+    local name=$1 status=0 began
     shift
     echo; echo "## $name"
+    began=$(date +%s)
     "$@" || status=$?
+    echo "($name: $(( $(date +%s) - began )) s)"
     if [ "$status" -ne 0 ]; then
         failed=1
         local why="exit status $status"
@@ -199,9 +206,11 @@ EOF
 
 phase "CUDA-only tests (whole-call CUDA graphs against eager and the rest)" cuda_graph_tests
 phase "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$SPEED_METHODS" noprop_cnn eager "${EAGER_FLAGS[@]}"
-phase "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}"
+phase "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}" \
+    --profile "$PROFILE_TOP"
 phase "speed: cifar10 shape, resnet18, eager fp32" speed cifar10 "$RESNET_METHODS" resnet18 eager "${EAGER_FLAGS[@]}"
-phase "speed: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 best "${BEST_FLAGS[@]}"
+phase "speed: cifar10 shape, resnet18, best settings, cuDNN autotuning off and on" speed cifar10 "$RESNET_METHODS" \
+    resnet18 best "${BEST_FLAGS[@]}" $AUTOTUNING --profile "$PROFILE_TOP"
 phase "$BUDGET s per method on mnist5k, best settings" short_run
 
 echo; echo "gpu_check: $(( $(date +%s) - started )) s in all; outputs in $OUT/"

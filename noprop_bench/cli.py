@@ -200,7 +200,8 @@ def _plan(args, registry, device, command) -> tuple:
     check_backbone_name(backbone)
     backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
     augment = args.augment or dataset.augment
-    speed = chosen_settings(device.type, args.precision, args.channels_last, args.compile).identity()
+    speed = chosen_settings(device.type, args.precision, args.channels_last, args.compile,
+                            args.cudnn_benchmark).identity()
     specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone,
                        budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,

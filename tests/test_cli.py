@@ -34,6 +34,8 @@ def _exit(args, capsys):
     (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto (SLURM), slurm or local"),
     (["--methods", "linear", "--executor", "ray[cpus=0]"], "cpus must be at least 1"),
     (["--methods", "linear", "--threads", "0"], "--threads 0: must be a whole number of at least 1"),
+    (["--methods", "linear", "--device", "cpu", "--cudnn-benchmark"],
+     "--cudnn-benchmark: cuDNN runs on CUDA devices only, not on cpu"),
 ])
 def test_bad_input_exits_2_with_one_line(args, expected, capsys):
     code, err = _exit(args, capsys)

@@ -39,6 +39,26 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     assert printed.err.count(" ms/step (") == len(rows)
 
 
+def test_profile_ranks_each_rows_costliest_operators_after_the_timed_steps(tmp_path, one_thread, capsys):
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "backprop",
+                "--backbone", "noprop_cnn", "--batch-size", "8", "--steps", "2", "--profile", "4",
+                "--out", str(out)])
+    assert code == 0
+    row = json.loads((out / "speed.json").read_text())["rows"][0]
+    profile = row["profile"]
+    assert profile["device_type"] == "cpu" and profile["steps"] == 2 and row["steps_timed"] == 2
+    assert len(profile["top"]) == 4 and profile["busy_ms_per_step"] > 0
+    own = [entry["ms_per_step"] for entry in profile["top"]]
+    assert own == sorted(own, reverse=True) and sum(own) <= profile["busy_ms_per_step"] + 1e-9
+    # a convolution network's step: its convolutions' backward is among the costliest operators
+    assert any("convolution" in entry["operator"] for entry in profile["top"])
+    assert all(0 < entry["share"] <= 1 and entry["calls_per_step"] > 0 for entry in profile["top"])
+    table = (out / "speed.md").read_text()
+    assert "## Profile: Backprop" in table and "own ms/step" in table and "% of busy" in table
+    assert "operators busy" in capsys.readouterr().err
+
+
 def test_a_method_that_fails_is_a_row_saying_why_and_the_others_are_still_measured(tmp_path, one_thread,
                                                                                      monkeypatch):
     def broken_train_step(self, x, y):
@@ -63,8 +83,19 @@ def test_speed_channels_last_flags_match_the_main_command(tmp_path):
         assert [s.channels_last for s in grid] == expected
 
 
+def test_speed_crosses_cudnn_autotuning_on_cuda_and_refuses_it_on_the_cpu():
+    grid = settings_grid(build_parser().parse_args(["--cudnn-benchmark", "off,on", "--compile", "none,default"]),
+                         "cuda")
+    assert [(s.compile, s.cudnn_benchmark) for s in grid] == [("none", False), ("none", True),
+                                                              ("default", False), ("default", True)]
+    assert [s.cudnn_benchmark for s in settings_grid(build_parser().parse_args(["--cudnn-benchmark"]), "cuda")] == [True]
+    assert [s.cudnn_benchmark for s in settings_grid(build_parser().parse_args([]), "cpu")] == [False]
+    with pytest.raises(UsageError, match="--cudnn-benchmark: cuDNN runs on CUDA devices only"):
+        settings_grid(build_parser().parse_args(["--cudnn-benchmark", "off,on"]), "cpu")
+
+
 @pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),
-                                         ("--steps", "0")])
+                                         ("--cudnn-benchmark", "maybe"), ("--steps", "0"), ("--profile", "-1")])
 def test_speed_rejects_bad_input(flag, value, tmp_path):
     with pytest.raises(UsageError):
         run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", flag, value,

@@ -12,7 +12,7 @@ from noprop_bench.errors import UsageError
 from noprop_bench.run.runner import TrialSpec
 from noprop_bench.run.budget import Budget
 from noprop_bench.run.speed_settings import (CompiledCall, SpeedSettings, apply_speed_settings, chosen_settings,
-                                             precision_flags)
+                                             backend_flags)
 from noprop_bench.run import speed_settings
 from noprop_bench.run.warmup import _restore_optimizer_in_place, warm_up
 from noprop_bench_plugins.methods.adjoint import Adjoint
@@ -188,6 +188,35 @@ def test_reference_settings_keep_old_trial_ids_and_others_change_them():
     assert len(ids) == 5
 
 
+def test_cudnn_autotuning_enters_the_trial_id_only_when_on():
+    spec = TrialSpec(method=fake_plugins.Linear, params={"lr": 0.05, "embedding": "one-hot"}, dataset="tiny",
+                     backbone="noprop_cnn", budget=Budget.parse("3steps"), seed=0, batch_size=128,
+                     device=torch.device("cpu"), augment="none")
+    before = SpeedSettings(precision="bf16", channels_last=True)
+    assert "cudnn_benchmark" not in before.identity()  # ids of trials from before the setting stay valid
+    spec.speed_settings = {"precision": "bf16", "channels_last": True, "compile": "none"}
+    old = spec.trial_id
+    spec.speed_settings = before.identity()
+    assert spec.trial_id == old
+    tuned = SpeedSettings(precision="bf16", channels_last=True, cudnn_benchmark=True)
+    spec.speed_settings = tuned.identity()
+    assert spec.trial_id != old
+    assert SpeedSettings(cudnn_benchmark=True).identity() == {"precision": "fp32", "channels_last": False,
+                                                               "compile": "none", "cudnn_benchmark": True}
+    assert tuned.describe() == "eager bf16, channels-last, cuDNN autotuning"
+    assert SpeedSettings.from_dict(tuned.as_dict()) == tuned
+    from noprop_bench.report.records import speed_text
+    assert speed_text({"speed_settings": {**tuned.as_dict(), "compiled": []}}) == tuned.describe()  # captions
+
+
+def test_cudnn_autotuning_is_refused_off_cuda():
+    assert chosen_settings("cuda", cudnn_benchmark=True).cudnn_benchmark
+    assert not chosen_settings("cuda").cudnn_benchmark
+    with pytest.raises(UsageError, match="--cudnn-benchmark: cuDNN runs on CUDA devices only, not on cpu"):
+        chosen_settings("cpu", cudnn_benchmark=True)
+
+
+
 def test_defaults_per_device_and_bad_values():
     assert chosen_settings("cpu").is_reference
     assert chosen_settings("cuda") == SpeedSettings(precision="tf32", channels_last=True)
@@ -198,12 +227,17 @@ def test_defaults_per_device_and_bad_values():
         SpeedSettings(compile="fast")
 
 
-def test_precision_flags_are_set_for_the_trial_and_restored():
+def test_backend_flags_are_set_for_the_trial_and_restored():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with precision_flags(SpeedSettings(precision="tf32")):
+    with backend_flags(SpeedSettings(precision="tf32")):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    with precision_flags(SpeedSettings(precision="fp32")):
+    with backend_flags(SpeedSettings(precision="fp32")):
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark
+    autotuning = torch.backends.cudnn.benchmark
+    with backend_flags(SpeedSettings(cudnn_benchmark=True)):
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == autotuning
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
@@ -222,7 +256,7 @@ def test_bf16_and_channels_last_run_and_are_recorded(fake_run):
     record = _records(out)[0]
     assert code == 0 and record["status"] == "ok"
     assert record["speed_settings"] == {"precision": "bf16", "channels_last": True, "compile": "none",
-                                        "compiled": [], "compile_fallbacks": {}, "captured": [],
+                                        "cudnn_benchmark": False, "compiled": [], "compile_fallbacks": {}, "captured": [],
                                         "capture_fallbacks": {}}
     assert "eager bf16, channels-last" in (out / "table1.md").read_text()
 

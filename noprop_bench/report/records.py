@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..method import FAMILIES
-from ..run.speed_settings import SpeedSettings
+from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial
 
 PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
@@ -159,7 +159,7 @@ def budget_unit(record: Dict[str, Any]) -> str:
 def speed_text(record: Dict[str, Any]) -> str:
     """The trial's speed settings as caption text; records from before speed settings ran eager fp32."""
     fields = {key: value for key, value in (record.get("speed_settings") or {}).items()
-              if key in ("precision", "channels_last", "compile")}
+              if key in SETTING_FIELDS}
     return SpeedSettings.from_dict(fields).describe()
 
 

@@ -24,7 +24,7 @@ from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, 
 from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, stratified_indices, stratified_subset,
                               train_accuracy_split)
 from .memory import PeakMemory, with_graph_pools
-from .speed_settings import SpeedSettings, apply_speed_settings, precision_flags
+from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
 from .warmup import warm_up
 from ..method import Method
 from ..provenance import code_identity
@@ -234,7 +234,7 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
         return record
     trial = _TrialRun(spec, data, record, say)
     try:
-        with precision_flags(spec.speed):
+        with backend_flags(spec.speed):
             trial.run()
         record["status"] = "ok"
     except Diverged as error:

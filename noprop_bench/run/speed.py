@@ -5,6 +5,8 @@ shape (the dataset is never loaded or downloaded): the median milliseconds of a 
 warm-up (the device synchronised around each step), samples per second, the ratio to backprop (or to
 the first method), inference images per second at the method's final-evaluation setting and at its
 checkpoint setting, and the peak memory of the train steps. Writes ``speed.md`` and ``speed.json``.
+With ``--profile N``, each row also profiles a few more train steps and ranks their N costliest operators
+(see :mod:`.profile`).
 """
 
 import argparse
@@ -31,8 +33,10 @@ from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
 from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
+from .profile import StepProfile, profile_steps
 from .runner import backbone_width
-from .speed_settings import COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, default_settings, precision_flags
+from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, backend_flags,
+                             default_settings)
 from .store import device_name
 from .warmup import WARMUP_STEPS
 
@@ -40,6 +44,7 @@ DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
 # steps timed and warm-up steps before them; the CPU gets fewer so the five built-ins take under a minute
 STEPS = {"cuda": (50, 5), "cpu": (3, 1)}
 INFERENCE_IMAGES = {"cpu": 256}  # CUDA: the evaluation batch the trial would use
+PROFILED_STEPS = 10  # at most; never more than the steps timed
 FIGURES = ("ms_per_step", "samples_per_second", "inference_images_per_second_final",
            "inference_images_per_second_checkpoint", "peak_memory_bytes")
 
@@ -64,9 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same as --channels-last off")
     parser.add_argument("--compile", default=None,
                         help=f"comma-separated, from {', '.join(COMPILE_MODES)}; default: none")
+    parser.add_argument("--cudnn-benchmark", nargs="?", const="on", default=None, metavar="off,on",
+                        help="CUDA: comma-separated off/on (alone: on) for cuDNN's timing of convolution "
+                             "algorithms; default: off")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"timed train steps per row (default: {STEPS['cuda'][0]} on CUDA, {STEPS['cpu'][0]} "
                              f"on the CPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile a few more train steps of each row (torch.profiler) and list "
+                             "its N operators with the most own time (device time on CUDA), with the device's "
+                             "busy time per step; 0: no profile")
     parser.add_argument("--out", default=None, help="directory for speed.md and speed.json "
                                                     "(default results/speed-<dataset>-<timestamp>)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE as a plugin")
@@ -90,7 +102,12 @@ def settings_grid(args, device_type: str) -> List[SpeedSettings]:
     layouts = [v == "on" for v in _choices(args.channels_last, ("off", "on"), "--channels-last",
                                             "on" if base.channels_last else "off")]
     modes = _choices(args.compile, COMPILE_MODES, "--compile", base.compile)
-    return [SpeedSettings(p, c, m) for p, c, m in itertools.product(precisions, layouts, modes)]
+    autotuning = [v == "on" for v in _choices(args.cudnn_benchmark, ("off", "on"), "--cudnn-benchmark",
+                                               "on" if base.cudnn_benchmark else "off")]
+    grid = [SpeedSettings(*values) for values in itertools.product(precisions, layouts, modes, autotuning)]
+    for settings in grid:
+        settings.check_device(device_type)
+    return grid
 
 
 def random_task(dataset, backbone: str, device: torch.device, images: int) -> Task:
@@ -143,12 +160,13 @@ def compiled_warmup_note(grid: Sequence[SpeedSettings], plain: int) -> str:
 
 
 def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, batch_size: int, steps: int,
-            warmup: int, inference_images: int) -> Dict[str, Any]:
-    """One row: a fresh method under ``settings``, warmed up, then ``steps`` timed train steps and one
-    timed inference pass at each of its final and checkpoint settings."""
+            warmup: int, inference_images: int, profile_top: int = 0) -> Dict[str, Any]:
+    """One row: a fresh method under ``settings``, warmed up, then ``steps`` timed train steps, with
+    ``profile_top`` a profile of a few more, and one timed inference pass at each of its final and
+    checkpoint settings."""
     device = task.device
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with precision_flags(settings):
+    with backend_flags(settings):
         torch.manual_seed(0)
         method = cls(task, **params).to(device)
         method.train()
@@ -165,6 +183,8 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         memory = PeakMemory(device)
         with memory:
             times = [_timed(lambda: method.train_step(x, y), synchronize) for _ in range(steps)]
+        profile = (profile_steps(lambda: method.train_step(x, y), min(steps, PROFILED_STEPS), device, profile_top)
+                   if profile_top > 0 else None)
         warm = settings.compile != "none" or device.type == "cuda"
         final = _inference_images_per_second(method, task, inference_images, {}, settings, synchronize, warm)
         checkpoint = _inference_images_per_second(method, task, inference_images, method.checkpoint_setting(),
@@ -179,6 +199,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
         "peak_memory_bytes": peak_bytes, "memory_kind": memory_kind,
         "warmup_seconds": warmup_seconds, "warmup_steps": warmup, "steps_timed": steps,
+        **({"profile": profile.as_dict()} if profile else {}),
     }
 
 
@@ -188,7 +209,23 @@ def row_summary(row: Dict[str, Any]) -> str:
             f"{row['inference_images_per_second_final']:.0f} img/s final, "
             f"{row['inference_images_per_second_checkpoint']:.0f} img/s checkpoint; "
             f"warm-up {row['warmup_seconds']:.1f} s"
-            + (f"; CUDA graphs: {', '.join(row['captured'])}" if row.get("captured") else ""))
+            + (f"; CUDA graphs: {', '.join(row['captured'])}" if row.get("captured") else "")
+            + (f"; {_busy_text(row['profile'])}" if row.get("profile") else ""))
+
+
+def _busy_text(profile: Dict[str, Any]) -> str:
+    who = "device" if profile["device_type"] == "cuda" else "operators"
+    return f"{who} busy {profile['busy_ms_per_step']:.2f} ms per profiled step"
+
+
+def render_profiles(rows: List[Dict[str, Any]]) -> str:
+    """A section per profiled row: its costliest operators (empty when nothing was profiled)."""
+    sections = [f"## Profile: {row['row_label']}, {row['settings']}\n\n"
+                f"{row['profile']['steps']} train steps under torch.profiler after the timed ones; "
+                f"{_busy_text(row['profile'])} (the timed median was {row['ms_per_step']:.2f} ms).\n\n"
+                f"{StepProfile(**row['profile']).markdown()}\n"
+                for row in rows if row.get("profile")]
+    return "".join(f"\n{section}" for section in sections)
 
 
 def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
@@ -248,6 +285,8 @@ def speed_main(argv: Sequence[str]) -> int:
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--batch-size and --steps must be whole numbers of at least 1")
+    if args.profile < 0:
+        raise UsageError(f"--profile {args.profile}: must be 0 (no profile) or a number of operators to list")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device here")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -270,7 +309,8 @@ def speed_main(argv: Sequence[str]) -> int:
         say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
         _release_earlier_rows(device)
         try:
-            row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images)
+            row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images,
+                          args.profile)
         except (UsageError, KeyboardInterrupt):
             raise
         except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
@@ -291,7 +331,7 @@ def speed_main(argv: Sequence[str]) -> int:
               f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
               f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}).")
-    text = render(rows, header)
+    text = render(rows, header) + render_profiles(rows)
     out = Path(args.out or Path("results") / f"speed-{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text)

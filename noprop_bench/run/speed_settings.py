@@ -1,4 +1,5 @@
-"""Speed settings the harness owns (precision, memory format, torch.compile), applied alike to every method.
+"""Speed settings the harness owns (precision, memory format, torch.compile, cuDNN autotuning), applied
+alike to every method.
 
 A method never chooses its own precision or compilation: the run's :class:`SpeedSettings` wrap the
 method's entry points (``train_step``, ``predict``, ``features``, ``predict_from_features``) in the
@@ -11,7 +12,7 @@ training updates) name as whole CUDA graphs (see :mod:`.cuda_graphs`).
 
 import contextlib
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -28,11 +29,14 @@ ENTRY_POINTS = ("train_step", "predict", "features", "predict_from_features")
 @dataclass(frozen=True)
 class SpeedSettings:
     """How a trial's arithmetic runs: ``precision`` (fp32, tf32 matmuls/convolutions, bf16 autocast),
-    ``channels_last`` memory format for 4-D weights and inputs, and the ``compile`` mode."""
+    ``channels_last`` memory format for 4-D weights and inputs, the ``compile`` mode, and
+    ``cudnn_benchmark`` (cuDNN times its convolution algorithms for each new shape and keeps the fastest,
+    instead of choosing by heuristics; CUDA only)."""
 
     precision: str = "fp32"
     channels_last: bool = False
     compile: str = "none"
+    cudnn_benchmark: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -46,8 +50,14 @@ class SpeedSettings:
         return self == SpeedSettings()
 
     def identity(self) -> Optional[Dict[str, Any]]:
-        """What enters the trial id: nothing for the reference settings (old trial ids stay valid)."""
-        return None if self.is_reference else asdict(self)
+        """What enters the trial id: nothing for the reference settings, and ``cudnn_benchmark`` only when
+        on (trial ids from before either existed stay valid)."""
+        if self.is_reference:
+            return None
+        fields = asdict(self)
+        if not self.cudnn_benchmark:
+            del fields["cudnn_benchmark"]
+        return fields
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -55,12 +65,21 @@ class SpeedSettings:
     def describe(self) -> str:
         """Short caption text, e.g. ``eager fp32`` or ``bf16, channels-last, compile max-autotune``."""
         parts = [self.precision] + (["channels-last"] if self.channels_last else [])
-        return ", ".join(parts + [f"compile {self.compile}"]) if self.compile != "none" else " ".join(
+        text = ", ".join(parts + [f"compile {self.compile}"]) if self.compile != "none" else " ".join(
             ["eager", ", ".join(parts)])
+        return text + (", cuDNN autotuning" if self.cudnn_benchmark else "")
+
+    def check_device(self, device_type: str) -> None:
+        """Refuse settings that mean nothing on ``device_type``: cuDNN autotuning off CUDA."""
+        if self.cudnn_benchmark and device_type != "cuda":
+            raise UsageError(f"--cudnn-benchmark: cuDNN runs on CUDA devices only, not on {device_type}")
 
     @classmethod
     def from_dict(cls, fields: Optional[Dict[str, Any]]) -> "SpeedSettings":
         return cls(**(fields or {}))
+
+
+SETTING_FIELDS = tuple(field.name for field in fields(SpeedSettings))
 
 
 def default_settings(device_type: str) -> SpeedSettings:
@@ -73,12 +92,15 @@ def default_settings(device_type: str) -> SpeedSettings:
 
 
 def chosen_settings(device_type: str, precision: Optional[str] = None, channels_last: Optional[bool] = None,
-                    compile: Optional[str] = None) -> SpeedSettings:
+                    compile: Optional[str] = None, cudnn_benchmark: Optional[bool] = None) -> SpeedSettings:
     """The device's :func:`default_settings` with what the command line gave put over them."""
     base = default_settings(device_type)
-    return SpeedSettings(precision=precision or base.precision,
-                         channels_last=base.channels_last if channels_last is None else channels_last,
-                         compile=compile or base.compile)
+    settings = SpeedSettings(precision=precision or base.precision,
+                             channels_last=base.channels_last if channels_last is None else channels_last,
+                             compile=compile or base.compile,
+                             cudnn_benchmark=base.cudnn_benchmark if cudnn_benchmark is None else cudnn_benchmark)
+    settings.check_device(device_type)
+    return settings
 
 
 def add_speed_arguments(parser) -> None:
@@ -94,19 +116,27 @@ def add_speed_arguments(parser) -> None:
                         help="torch.compile mode for each method's train step and inference path (reduce-overhead "
                              "uses CUDA graphs); a method that cannot be compiled runs eagerly and its trial says "
                              "why; compilation happens in untimed warm-up. Default: none")
+    parser.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
+                        help="CUDA: cuDNN times its convolution algorithms for each new input shape (in the "
+                             "untimed warm-up for the training batch) and keeps the fastest. Default: off")
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        help="cuDNN chooses convolution algorithms by heuristics (the default)")
 
 
 @contextlib.contextmanager
-def precision_flags(settings: SpeedSettings) -> Iterator[None]:
-    """TF32 on or off for CUDA matmuls and cuDNN convolutions while the trial runs; restored afterwards."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+def backend_flags(settings: SpeedSettings) -> Iterator[None]:
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions, and cuDNN's autotuning, while the trial
+    runs; restored afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     tf32 = settings.precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
 
 
 def _is_compiler_error(error: BaseException) -> bool:
