@@ -8,7 +8,9 @@
 #   4. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
 #      methods its targets name), eager fp32 and then the best settings with cuDNN's autotuning off and on;
 #   5. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
-#      Table 2 and the evaluation/training wall-time ratio.
+#      Table 2 and the evaluation/training wall-time ratio;
+#   6. a default trial: 60 s of NoProp-CT on mnist5k with the device's default settings and the default 8
+#      checkpoints, and the share of its budget that evaluation took (issue 13's "at most 25 %").
 # A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT (the short run: that plus its
 # five budgets), is noted in OUT/failures.md and the next phase still runs; the script then exits 1.
 # The best-settings speed tables also profile each row (`--profile`): its costliest kernels and how much
@@ -22,6 +24,8 @@
 #   NOPROP_CHECK_BUDGET (seconds per method, default 20), NOPROP_CHECK_STEPS (timed speed steps, default 50),
 #   NOPROP_CHECK_SPEED_METHODS (default backprop,noprop_dt,noprop_ct,noprop_fm),
 #   NOPROP_CHECK_RESNET_METHODS (default backprop,noprop_ct),
+#   NOPROP_CHECK_DEFAULT_METHODS (the default trial's methods, default noprop_ct),
+#   NOPROP_CHECK_DEFAULT_BUDGET (the default trial's seconds, default 60),
 #   NOPROP_CHECK_PHASE_TIMEOUT (seconds per command, default 300).
 #
 # It installs nothing. Where the package is not installed, the checkout's own modules are imported
@@ -38,6 +42,8 @@ BUDGET=${NOPROP_CHECK_BUDGET:-20}
 STEPS=${NOPROP_CHECK_STEPS:-50}
 SPEED_METHODS=${NOPROP_CHECK_SPEED_METHODS:-backprop,noprop_dt,noprop_ct,noprop_fm}
 RESNET_METHODS=${NOPROP_CHECK_RESNET_METHODS:-backprop,noprop_ct}
+DEFAULT_METHODS=${NOPROP_CHECK_DEFAULT_METHODS:-noprop_ct}
+DEFAULT_BUDGET=${NOPROP_CHECK_DEFAULT_BUDGET:-60}
 PHASE_TIMEOUT=${NOPROP_CHECK_PHASE_TIMEOUT:-300}
 PROFILE_TOP=12  # operators listed per profiled speed row
 AUTOTUNING=
@@ -65,7 +71,7 @@ write_summary() {
         echo "# GPU check summary ($(( $(date +%s) - started )) s)"
         for file in device.md failures.md speed-mnist5k-eager/speed.md speed-mnist5k-best/speed.md \
                     speed-cifar10-eager/speed.md speed-cifar10-best/speed.md run/table1.md run/table2.md \
-                    run/eval_ratio.md; do
+                    run/eval_ratio.md run-default/eval_share.md; do
             if [ -f "$OUT/$file" ]; then echo; echo "<!-- $file -->"; cat "$OUT/$file"; fi
         done
         if [ -f "$OUT/cuda_graph_tests.txt" ]; then
@@ -204,6 +210,25 @@ print(f"\nAll methods: evaluation/training wall ratio {evaluation / max(train, 1
 EOF
 }
 
+default_trial() {
+    local methods=$DEFAULT_METHODS
+    BENCH_TIMEOUT=$(( PHASE_TIMEOUT + DEFAULT_BUDGET * $(tr ',' '\n' <<< "$methods" | wc -l) )) bench \
+        --methods "$methods" --dataset mnist5k --budget "$DEFAULT_BUDGET" --device "$DEVICE" \
+        --out "$OUT/run-default" > /dev/null || return
+    "$PYTHON" - "$OUT/run-default/trials.jsonl" <<'EOF' | tee "$OUT/run-default/eval_share.md"
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+print("\n| method | settings | budget s | evaluations (final included) | evaluation s | evaluation / budget |\n|---|---|---|---|---|---|")
+for r in records:
+    budget = float(str(r["budget"]).rstrip("s"))
+    speed = r.get("speed_settings") or {}
+    settings = ", ".join(f"{key} {speed[key]}" for key in ("precision", "channels_last", "compile", "cudnn_benchmark")
+                         if key in speed) or "eager fp32"
+    print(f"| {r['row_label']} | {settings} | {budget:g} | {len(r['curve'])} | {r['eval_seconds']:.1f} | "
+          f"{100 * r['eval_seconds'] / budget:.1f} % |")
+EOF
+}
+
 phase "CUDA-only tests (whole-call CUDA graphs against eager and the rest)" cuda_graph_tests
 phase "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$SPEED_METHODS" noprop_cnn eager "${EAGER_FLAGS[@]}"
 phase "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}" \
@@ -212,6 +237,7 @@ phase "speed: cifar10 shape, resnet18, eager fp32" speed cifar10 "$RESNET_METHOD
 phase "speed: cifar10 shape, resnet18, best settings, cuDNN autotuning off and on" speed cifar10 "$RESNET_METHODS" \
     resnet18 best "${BEST_FLAGS[@]}" $AUTOTUNING --profile "$PROFILE_TOP"
 phase "$BUDGET s per method on mnist5k, best settings" short_run
+phase "a default $DEFAULT_BUDGET s trial on mnist5k: evaluation's share of the budget" default_trial
 
 echo; echo "gpu_check: $(( $(date +%s) - started )) s in all; outputs in $OUT/"
 [ ! -f "$OUT/failures.md" ] || cat "$OUT/failures.md"
