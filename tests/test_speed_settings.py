@@ -209,6 +209,35 @@ def test_cudnn_autotuning_enters_the_trial_id_only_when_on():
     assert speed_text({"speed_settings": {**tuned.as_dict(), "compiled": []}}) == tuned.describe()  # captions
 
 
+class SeesCudnnAutotuning(fake_plugins.Linear):
+    """Notes whether cuDNN autotuning was on in each train step."""
+
+    name = "sees_cudnn_autotuning"
+    seen = []
+
+    def train_step(self, x, y):
+        self.seen.append(torch.backends.cudnn.benchmark)
+        return super().train_step(x, y)
+
+
+def test_a_trial_trains_under_its_cudnn_setting_and_gives_the_flag_back(one_thread):
+    from noprop_bench.run.runner import RunData, run_trial
+
+    data = RunData.load(fake_plugins.Tiny(), torch.device("cpu"))
+    before = torch.backends.cudnn.benchmark
+    for autotuning in (True, False):
+        SeesCudnnAutotuning.seen = []
+        # the command line refuses the flag off CUDA; a spec built directly still carries it to the trial
+        spec = TrialSpec(method=SeesCudnnAutotuning, params=SeesCudnnAutotuning.resolve_params({}), dataset="tiny",
+                         backbone="noprop_cnn", budget=Budget.parse("3steps"), seed=0, batch_size=8,
+                         device=torch.device("cpu"), augment="none", checkpoints=0,
+                         speed_settings=SpeedSettings(cudnn_benchmark=autotuning).identity())
+        record = run_trial(spec, data)
+        assert record["status"] == "ok" and record["speed_settings"]["cudnn_benchmark"] is autotuning
+        assert SeesCudnnAutotuning.seen and set(SeesCudnnAutotuning.seen) == {autotuning}
+        assert torch.backends.cudnn.benchmark == before
+
+
 def test_cudnn_autotuning_is_refused_off_cuda():
     assert chosen_settings("cuda", cudnn_benchmark=True).cudnn_benchmark
     assert not chosen_settings("cuda").cudnn_benchmark
