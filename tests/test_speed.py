@@ -39,6 +39,17 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     assert printed.err.count(" ms/step (") == len(rows)
 
 
+def test_large_rates_are_printed_in_plain_digits():
+    from noprop_bench.run.speed import render
+
+    row = {"row_label": "Backprop", "settings": "eager fp32", "ms_per_step": 0.2874, "samples_per_second": 445372.3,
+           "ratio_to": "backprop", "ratio": 1.0, "inference_images_per_second_final": 3479550.2,
+           "inference_images_per_second_checkpoint": 4196560.0, "peak_memory_bytes": 108e6, "compile_fallbacks": {}}
+    table = render([row], "header")
+    assert " 0.29 |" in table and " 103.0 |" in table
+    assert "3479550" in table and "4196560" in table and "445372" in table and "e+" not in table
+
+
 def test_profile_ranks_each_rows_costliest_operators_after_the_timed_steps(tmp_path, one_thread, capsys):
     out = tmp_path / "speed"
     code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "backprop",

@@ -264,7 +264,9 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
             + [f"{k} (CUDA graph): {v}" for k, v in row.get("capture_fallbacks", {}).items()]
             + ([f"not measured: {row['error']}"] if row.get("error") else [])),
     } for row in rows])
-    return f"{header}\n\n{frame.to_markdown(index=False)}\n"
+    # plain digits: large rates in tabulate's general format read as 3.47955e+06
+    formats = ("", "", ".2f", ".0f", ".2f", ".0f", ".0f", ".1f", "")
+    return f"{header}\n\n{frame.to_markdown(index=False, floatfmt=formats)}\n"
 
 
 def _release_earlier_rows(device: torch.device) -> None:
