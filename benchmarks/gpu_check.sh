@@ -6,15 +6,18 @@
 #   3. `noprop-bench speed` for the mnist5k shape with noprop_cnn, eager fp32 and then the best settings
 #      (the methods the targets name: the adjoint, whose steps take 30 times as long, trains in phase 5);
 #   4. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
-#      methods its targets name), eager fp32 and then the best settings with cuDNN's autotuning off and on;
+#      methods its targets name), eager fp32, the best settings, and (on CUDA) the best settings with cuDNN's
+#      autotuning, in a process of its own (cuDNN keeps the algorithms it chose for the whole process);
 #   5. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
 #      Table 2 and the evaluation/training wall-time ratio;
 #   6. a default trial: 60 s of NoProp-CT on mnist5k with the device's default settings and the default 8
-#      checkpoints, and the share of its budget that evaluation took (issue 13's "at most 25 %").
+#      checkpoints, and the share of its budget that evaluation took (issue 13's "at most 25 %");
+#   7. profiles, in processes of their own so no timing above runs with the profiler attached: `speed
+#      --profile` with the best settings for both shapes, each row's costliest kernels and how much of a
+#      step the device is busy.
 # A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT (the short run: that plus its
 # five budgets), is noted in OUT/failures.md and the next phase still runs; the script then exits 1.
-# The best-settings speed tables also profile each row (`--profile`): its costliest kernels and how much
-# of a step the device is busy. Each phase prints how long it took.
+# Each phase prints how long it took.
 #
 # Every table also lands in OUT/summary.md, written however the script ends.
 #
@@ -27,7 +30,7 @@
 #   NOPROP_CHECK_DEFAULT_METHODS (the default trial's methods, default noprop_ct),
 #   NOPROP_CHECK_DEFAULT_BUDGET (the default trial's seconds, default 60),
 #   NOPROP_CHECK_PHASE_TIMEOUT (seconds per command, default 300),
-#   NOPROP_CHECK_PHASES (which of phases 2-6 to run, comma-separated, default all: a check cut short by a
+#   NOPROP_CHECK_PHASES (which of phases 2-7 to run, comma-separated, default all: a check cut short by a
 #   time limit can be finished by a second call that runs only the phases it did not reach).
 #
 # It installs nothing. Where the package is not installed, the checkout's own modules are imported
@@ -46,16 +49,17 @@ SPEED_METHODS=${NOPROP_CHECK_SPEED_METHODS:-backprop,noprop_dt,noprop_ct,noprop_
 RESNET_METHODS=${NOPROP_CHECK_RESNET_METHODS:-backprop,noprop_ct}
 DEFAULT_METHODS=${NOPROP_CHECK_DEFAULT_METHODS:-noprop_ct}
 DEFAULT_BUDGET=${NOPROP_CHECK_DEFAULT_BUDGET:-60}
-PHASES=${NOPROP_CHECK_PHASES:-2,3,4,5,6}
+PHASES=${NOPROP_CHECK_PHASES:-2,3,4,5,6,7}
+PHASES=${PHASES// /}
 PHASE_TIMEOUT=${NOPROP_CHECK_PHASE_TIMEOUT:-300}
 PROFILE_TOP=12  # operators listed per profiled speed row
-AUTOTUNING=
-[ "$DEVICE" != cuda ] || AUTOTUNING="--cudnn-benchmark off,on"  # cuDNN exists on CUDA only
+PROFILE_STEPS=10
 OUT=${1:-results/gpu-check-$(date +%Y%m%d-%H%M%S)}
 METHODS=backprop,noprop_dt,noprop_ct,noprop_fm,adjoint
 read -r -a BEST_FLAGS <<< "$BEST"
 EAGER_FLAGS=(--precision fp32 --no-channels-last --compile none)
 started=$(date +%s)
+call="call of $(date -u +%Y-%m-%dT%H:%M:%SZ)"  # names this call's lines in OUT/failures.md, which later calls extend
 
 if ! "$PYTHON" -c "import mlxtend" 2>/dev/null; then
     if [ -d .offline-kit ]; then
@@ -73,8 +77,9 @@ write_summary() {
     {
         echo "# GPU check summary ($(( $(date +%s) - started )) s)"
         for file in device.md failures.md speed-mnist5k-eager/speed.md speed-mnist5k-best/speed.md \
-                    speed-cifar10-eager/speed.md speed-cifar10-best/speed.md run/table1.md run/table2.md \
-                    run/eval_ratio.md run-default/eval_share.md; do
+                    speed-cifar10-eager/speed.md speed-cifar10-best/speed.md speed-cifar10-autotuned/speed.md \
+                    run/table1.md run/table2.md run/eval_ratio.md run-default/eval_share.md \
+                    speed-cifar10-profile/speed.md speed-mnist5k-profile/speed.md; do
             if [ -f "$OUT/$file" ]; then echo; echo "<!-- $file -->"; cat "$OUT/$file"; fi
         done
         if [ -f "$OUT/cuda_graph_tests.txt" ]; then
@@ -143,7 +148,7 @@ phase() {
         failed=1
         local why="exit status $status"
         [ "$status" -eq 124 ] && why="stopped at its time limit"
-        echo "gpu_check: phase '$name' failed ($why)" | tee -a "$OUT/failures.md" >&2
+        echo "gpu_check ($call): phase '$name' failed ($why)" | tee -a "$OUT/failures.md" >&2
     fi
 }
 
@@ -239,13 +244,19 @@ EOF
 
 phase 2 "CUDA-only tests (whole-call CUDA graphs against eager and the rest)" cuda_graph_tests
 phase 3 "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$SPEED_METHODS" noprop_cnn eager "${EAGER_FLAGS[@]}"
-phase 3 "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}" \
-    --profile "$PROFILE_TOP"
+phase 3 "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}"
 phase 4 "speed: cifar10 shape, resnet18, eager fp32" speed cifar10 "$RESNET_METHODS" resnet18 eager "${EAGER_FLAGS[@]}"
-phase 4 "speed: cifar10 shape, resnet18, best settings, cuDNN autotuning off and on" speed cifar10 "$RESNET_METHODS" \
-    resnet18 best "${BEST_FLAGS[@]}" $AUTOTUNING --profile "$PROFILE_TOP"
+phase 4 "speed: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 best "${BEST_FLAGS[@]}"
+if [ "$DEVICE" = cuda ]; then  # cuDNN exists on CUDA only
+    phase 4 "speed: cifar10 shape, resnet18, best settings with cuDNN autotuning" speed cifar10 "$RESNET_METHODS" \
+        resnet18 autotuned "${BEST_FLAGS[@]}" --cudnn-benchmark
+fi
 phase 5 "$BUDGET s per method on mnist5k, best settings" short_run
 phase 6 "a default $DEFAULT_BUDGET s trial on mnist5k: evaluation's share of the budget" default_trial
+phase 7 "profile: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 profile \
+    "${BEST_FLAGS[@]}" --profile "$PROFILE_TOP" --steps "$PROFILE_STEPS"
+phase 7 "profile: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn profile \
+    "${BEST_FLAGS[@]}" --profile "$PROFILE_TOP" --steps "$PROFILE_STEPS"
 
 echo; echo "gpu_check: $(( $(date +%s) - started )) s in all; outputs in $OUT/"
 [ ! -f "$OUT/failures.md" ] || cat "$OUT/failures.md"

@@ -53,21 +53,57 @@ def test_large_rates_are_printed_in_plain_digits():
 def test_profile_ranks_each_rows_costliest_operators_after_the_timed_steps(tmp_path, one_thread, capsys):
     out = tmp_path / "speed"
     code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "backprop",
-                "--backbone", "noprop_cnn", "--batch-size", "8", "--steps", "2", "--profile", "4",
+                "--backbone", "noprop_cnn", "--batch-size", "8", "--steps", "2", "--profile", "500",
                 "--out", str(out)])
     assert code == 0
     row = json.loads((out / "speed.json").read_text())["rows"][0]
     profile = row["profile"]
     assert profile["device_type"] == "cpu" and profile["steps"] == 2 and row["steps_timed"] == 2
-    assert len(profile["top"]) == 4 and profile["busy_ms_per_step"] > 0
-    own = [entry["ms_per_step"] for entry in profile["top"]]
-    assert own == sorted(own, reverse=True) and sum(own) <= profile["busy_ms_per_step"] + 1e-9
-    # a convolution network's step: its convolutions' backward is among the costliest operators
-    assert any("convolution" in entry["operator"] for entry in profile["top"])
-    assert all(0 < entry["share"] <= 1 and entry["calls_per_step"] > 0 for entry in profile["top"])
+    top = profile["top"]
+    own = [entry["ms_per_step"] for entry in top]
+    assert own == sorted(own, reverse=True) and all(entry["share"] > 0 for entry in top)
+    # every operator listed (500 is more than a step has): their own times make up the busy time
+    assert sum(own) == pytest.approx(profile["busy_ms_per_step"]) and sum(e["share"] for e in top) == pytest.approx(1)
+    # the paper's CNN has three convolutions, each differentiated once per step
+    calls = {entry["operator"]: entry["calls_per_step"] for entry in top}
+    assert calls["aten::convolution_backward"] == 3
     table = (out / "speed.md").read_text()
     assert "## Profile: Backprop" in table and "own ms/step" in table and "% of busy" in table
     assert "operators busy" in capsys.readouterr().err
+
+
+def test_only_device_work_counts_on_cuda_and_each_kernel_once():
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+    from noprop_bench.run.profile import own_microseconds
+
+    def event(device, own_device, own_cpu, annotation=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=own_device, self_cpu_time_total=own_cpu,
+                               is_user_annotation=annotation, is_async=False)
+
+    kernel = event(DeviceType.CUDA, 40.0, 0.0)
+    operator = event(DeviceType.CPU, 40.0, 12.0)  # carries the device time of the kernel it launched
+    region = event(DeviceType.CUDA, 95.0, 0.0, annotation=True)  # Optimizer.step, spanning its kernels
+    assert [own_microseconds(e, "cuda") for e in (kernel, operator, region)] == [40.0, 0.0, 0.0]
+    assert own_microseconds(operator, "cpu") == 12.0
+    assert own_microseconds(SimpleNamespace(**{**vars(operator), "is_async": True}), "cpu") == 0.0
+
+
+def test_a_profiler_failure_keeps_the_rows_timings(tmp_path, one_thread, monkeypatch):
+    from noprop_bench.run import speed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")
+
+    monkeypatch.setattr(speed, "profile_steps", broken)
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--batch-size", "8",
+                "--steps", "2", "--profile", "5", "--out", str(out)])
+    assert code == 0
+    row = json.loads((out / "speed.json").read_text())["rows"][0]
+    assert row["ms_per_step"] > 0 and "profile" not in row
+    assert row["profile_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
+    assert "Not profiled: the profiler failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in (out / "speed.md").read_text()
 
 
 def test_a_method_that_fails_is_a_row_saying_why_and_the_others_are_still_measured(tmp_path, one_thread,
@@ -94,19 +130,20 @@ def test_speed_channels_last_flags_match_the_main_command(tmp_path):
         assert [s.channels_last for s in grid] == expected
 
 
-def test_speed_crosses_cudnn_autotuning_on_cuda_and_refuses_it_on_the_cpu():
-    grid = settings_grid(build_parser().parse_args(["--cudnn-benchmark", "off,on", "--compile", "none,default"]),
-                         "cuda")
-    assert [(s.compile, s.cudnn_benchmark) for s in grid] == [("none", False), ("none", True),
-                                                              ("default", False), ("default", True)]
-    assert [s.cudnn_benchmark for s in settings_grid(build_parser().parse_args(["--cudnn-benchmark"]), "cuda")] == [True]
-    assert [s.cudnn_benchmark for s in settings_grid(build_parser().parse_args([]), "cpu")] == [False]
+def test_speed_takes_one_cudnn_autotuning_value_per_run_and_refuses_it_on_the_cpu():
+    # cuDNN keeps the algorithms it chose for the whole process: "off" rows would hand theirs to "on" rows
+    grid = settings_grid(build_parser().parse_args(["--cudnn-benchmark", "--compile", "none,default"]), "cuda")
+    assert [(s.compile, s.cudnn_benchmark) for s in grid] == [("none", True), ("default", True)]
+    assert [s.cudnn_benchmark for s in settings_grid(build_parser().parse_args(["--no-cudnn-benchmark"]), "cuda")] == [False]
+    assert [s.cudnn_benchmark for s in settings_grid(build_parser().parse_args([]), "cuda")] == [False]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--cudnn-benchmark", "off,on"])
     with pytest.raises(UsageError, match="--cudnn-benchmark: cuDNN runs on CUDA devices only"):
-        settings_grid(build_parser().parse_args(["--cudnn-benchmark", "off,on"]), "cpu")
+        settings_grid(build_parser().parse_args(["--cudnn-benchmark"]), "cpu")
 
 
 @pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),
-                                         ("--cudnn-benchmark", "maybe"), ("--steps", "0"), ("--profile", "-1")])
+                                         ("--steps", "0"), ("--profile", "-1")])
 def test_speed_rejects_bad_input(flag, value, tmp_path):
     with pytest.raises(UsageError):
         run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", flag, value,

@@ -36,10 +36,16 @@ class StepProfile:
                                      "share": "% of busy"}).to_markdown(index=False, floatfmt=("", "g", ".3f", ".1f"))
 
 
-def _own_microseconds(event, device_type: str) -> float:
+def own_microseconds(event, device_type: str) -> float:
+    """An event's own time, counted once: on CUDA only kernels and copies count (CPU operators also carry
+    the device time of the kernels they launched, and ``record_function`` regions such as
+    ``Optimizer.step`` show up on the device spanning their kernels); on the CPU, the time an operator or
+    region spent outside its children."""
+    if getattr(event, "is_async", False):
+        return 0.0
     if device_type == "cuda":
-        # CPU operators also carry the device time of the kernels they launched; count each kernel once
-        return event.self_device_time_total if event.device_type != DeviceType.CPU else 0.0
+        on_device = event.device_type != DeviceType.CPU and not getattr(event, "is_user_annotation", False)
+        return event.self_device_time_total if on_device else 0.0
     return event.self_cpu_time_total
 
 
@@ -54,7 +60,7 @@ def profile_steps(step: Callable[[], Any], steps: int, device: torch.device, top
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    own = [(event.key, event.count, _own_microseconds(event, device.type)) for event in profiler.key_averages()]
+    own = [(event.key, event.count, own_microseconds(event, device.type)) for event in profiler.key_averages()]
     own = [entry for entry in own if entry[2] > 0]
     busy = sum(microseconds for _, _, microseconds in own)
     ranked = sorted(own, key=lambda entry: entry[2], reverse=True)[:top]

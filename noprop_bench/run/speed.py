@@ -5,8 +5,8 @@ shape (the dataset is never loaded or downloaded): the median milliseconds of a 
 warm-up (the device synchronised around each step), samples per second, the ratio to backprop (or to
 the first method), inference images per second at the method's final-evaluation setting and at its
 checkpoint setting, and the peak memory of the train steps. Writes ``speed.md`` and ``speed.json``.
-With ``--profile N``, each row also profiles a few more train steps and ranks their N costliest operators
-(see :mod:`.profile`).
+With ``--profile N``, each row then profiles a few more train steps, after all it times, and ranks their N
+costliest operators (see :mod:`.profile`).
 """
 
 import argparse
@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same as --channels-last off")
     parser.add_argument("--compile", default=None,
                         help=f"comma-separated, from {', '.join(COMPILE_MODES)}; default: none")
-    parser.add_argument("--cudnn-benchmark", nargs="?", const="on", default=None, metavar="off,on",
-                        help="CUDA: comma-separated off/on (alone: on) for cuDNN's timing of convolution "
-                             "algorithms; default: off")
+    parser.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
+                        help="CUDA: cuDNN times its convolution algorithms and keeps the fastest (one value per "
+                             "run: cuDNN keeps the algorithms it chose for the whole process, so rows with it off "
+                             "and on in one process would share them); default: off")
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        help="cuDNN chooses convolution algorithms by heuristics (the default)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"timed train steps per row (default: {STEPS['cuda'][0]} on CUDA, {STEPS['cpu'][0]} "
                              f"on the CPU)")
@@ -102,8 +105,7 @@ def settings_grid(args, device_type: str) -> List[SpeedSettings]:
     layouts = [v == "on" for v in _choices(args.channels_last, ("off", "on"), "--channels-last",
                                             "on" if base.channels_last else "off")]
     modes = _choices(args.compile, COMPILE_MODES, "--compile", base.compile)
-    autotuning = [v == "on" for v in _choices(args.cudnn_benchmark, ("off", "on"), "--cudnn-benchmark",
-                                               "on" if base.cudnn_benchmark else "off")]
+    autotuning = [base.cudnn_benchmark if args.cudnn_benchmark is None else args.cudnn_benchmark]
     grid = [SpeedSettings(*values) for values in itertools.product(precisions, layouts, modes, autotuning)]
     for settings in grid:
         settings.check_device(device_type)
@@ -183,12 +185,12 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         memory = PeakMemory(device)
         with memory:
             times = [_timed(lambda: method.train_step(x, y), synchronize) for _ in range(steps)]
-        profile = (profile_steps(lambda: method.train_step(x, y), min(steps, PROFILED_STEPS), device, profile_top)
-                   if profile_top > 0 else None)
         warm = settings.compile != "none" or device.type == "cuda"
         final = _inference_images_per_second(method, task, inference_images, {}, settings, synchronize, warm)
         checkpoint = _inference_images_per_second(method, task, inference_images, method.checkpoint_setting(),
                                                   settings, synchronize, warm)
+        # last, so that nothing this row times runs with the profiler attached
+        profiled = _profiled(lambda: method.train_step(x, y), min(steps, PROFILED_STEPS), device, profile_top)
     median = statistics.median(times)
     peak_bytes, memory_kind = with_graph_pools(memory.kind, memory.peak_bytes, applied.update_pool_bytes())
     return {
@@ -199,8 +201,21 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
         "peak_memory_bytes": peak_bytes, "memory_kind": memory_kind,
         "warmup_seconds": warmup_seconds, "warmup_steps": warmup, "steps_timed": steps,
-        **({"profile": profile.as_dict()} if profile else {}),
+        **profiled,
     }
+
+
+def _profiled(step: Callable[[], Any], steps: int, device: torch.device, top: int) -> Dict[str, Any]:
+    """``{"profile": ...}`` for a row asked to be profiled, ``{"profile_error": ...}`` if the profiler failed
+    (the row's timings stand), nothing when ``top`` is 0."""
+    if top <= 0:
+        return {}
+    try:
+        return {"profile": profile_steps(step, steps, device, top).as_dict()}
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - a profiler failure must not discard the row's timings
+        return {"profile_error": first_line(error)}
 
 
 def row_summary(row: Dict[str, Any]) -> str:
@@ -210,7 +225,8 @@ def row_summary(row: Dict[str, Any]) -> str:
             f"{row['inference_images_per_second_checkpoint']:.0f} img/s checkpoint; "
             f"warm-up {row['warmup_seconds']:.1f} s"
             + (f"; CUDA graphs: {', '.join(row['captured'])}" if row.get("captured") else "")
-            + (f"; {_busy_text(row['profile'])}" if row.get("profile") else ""))
+            + (f"; {_busy_text(row['profile'])}" if row.get("profile") else "")
+            + (f"; the profiler failed: {row['profile_error']}" if row.get("profile_error") else ""))
 
 
 def _busy_text(profile: Dict[str, Any]) -> str:
@@ -221,10 +237,11 @@ def _busy_text(profile: Dict[str, Any]) -> str:
 def render_profiles(rows: List[Dict[str, Any]]) -> str:
     """A section per profiled row: its costliest operators (empty when nothing was profiled)."""
     sections = [f"## Profile: {row['row_label']}, {row['settings']}\n\n"
-                f"{row['profile']['steps']} train steps under torch.profiler after the timed ones; "
-                f"{_busy_text(row['profile'])} (the timed median was {row['ms_per_step']:.2f} ms).\n\n"
-                f"{StepProfile(**row['profile']).markdown()}\n"
-                for row in rows if row.get("profile")]
+                + (f"{row['profile']['steps']} train steps under torch.profiler after the timed steps and the "
+                   f"inference passes; {_busy_text(row['profile'])} (the timed median was "
+                   f"{row['ms_per_step']:.2f} ms).\n\n{StepProfile(**row['profile']).markdown()}\n"
+                   if row.get("profile") else f"Not profiled: the profiler failed: {row['profile_error']}\n")
+                for row in rows if row.get("profile") or row.get("profile_error")]
     return "".join(f"\n{section}" for section in sections)
 
 
