@@ -130,9 +130,22 @@ class OutOfMemory(Linear):
         return super().predict(x)
 
 
+class OutOfMemoryNotesModes(OutOfMemory):
+    """:class:`OutOfMemory` that notes whether each train step ran in training mode."""
+
+    name = "out_of_memory_notes_modes"
+    label = "OutOfMemoryNotesModes"
+    modes = []
+
+    def train_step(self, x, y):
+        self.modes.append(self.training)
+        return super().train_step(x, y)
+
+
 @hookimpl
 def register_methods(register):
-    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart, OutOfMemory):
+    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart, OutOfMemory,
+                OutOfMemoryNotesModes):
         register(cls)
 
 

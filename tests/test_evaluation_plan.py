@@ -100,3 +100,15 @@ def test_evaluation_that_runs_out_of_memory_retries_with_halved_batches(fake_run
     assert [w for w in record["warnings"] if "ran out of device memory" in w] != []
     assert record["test_acc"] == reference["test_acc"]
     assert [p["test_acc"] for p in record["curve"]] == [p["test_acc"] for p in reference["curve"]]
+
+
+def test_training_goes_on_in_training_mode_after_an_evaluation_ran_out_of_memory(fake_run):
+    import fake_plugins
+
+    fake_plugins.OutOfMemoryNotesModes.modes = []
+    code, out = fake_run("--methods", "out_of_memory_notes_modes", "--budget", "12steps", "--checkpoints", "3")
+    record = _records(out)[0]
+    assert code == 0 and record["status"] == "ok"
+    assert [w for w in record["warnings"] if "ran out of device memory" in w] != []  # a checkpoint was retried
+    modes = fake_plugins.OutOfMemoryNotesModes.modes
+    assert len(modes) >= 12 and all(modes)  # no step after the retried checkpoint ran in eval mode

@@ -25,6 +25,18 @@ class Diverged(RuntimeError):
     """A training metric or the predictions became NaN or infinite."""
 
 
+@contextlib.contextmanager
+def evaluation_mode(method: Method) -> Iterator[None]:
+    """``method`` in eval mode, given back its mode however the block ends: an evaluation that runs out of
+    memory is retried, and training must not go on with dropout off and BatchNorm frozen."""
+    was_training = method.training
+    method.eval()
+    try:
+        yield
+    finally:
+        method.train(was_training)
+
+
 def split_features(method: Method, split: Split, normalize: Normalizer,
                    batches: Union[int, EvaluationBatches]) -> Optional[FeatureBatches]:
     """``method.features`` of the whole split, computed in deterministic batches and handed out in
@@ -32,13 +44,10 @@ def split_features(method: Method, split: Split, normalize: Normalizer,
     if not method.reuses_features():
         return None
     batches = EvaluationBatches.of(batches)
-    was_training = method.training
-    method.eval()
     devices = [split.images.device] if split.images.device.type == "cuda" else []
     # forked: a plugin whose features draw random numbers (against the contract) still leaves training's RNG alone
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+    with evaluation_mode(method), torch.random.fork_rng(devices=devices), torch.inference_mode():
         features = torch.cat([method.features(x) for x, _ in eval_batches(split, normalize, batches.deterministic)])
-    method.train(was_training)
     size = batches.stochastic
     return [(features[start:start + size], split.labels[start:start + size]) for start in range(0, len(split), size)]
 
@@ -56,11 +65,9 @@ def predictions(method: Method, split: Split, normalize: Normalizer, batches: Un
     batches = EvaluationBatches.of(batches)
     if features is None:
         features = split_features(method, split, normalize, batches)
-    was_training = method.training
-    method.eval()
     devices = [split.images.device] if split.images.device.type == "cuda" else []
     outputs = []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+    with evaluation_mode(method), torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         if features is not None:
             pairs = ((method.predict_from_features(f, **setting), y) for f, y in features)
@@ -73,7 +80,6 @@ def predictions(method: Method, split: Split, normalize: Normalizer, batches: Un
                 if fixes:
                     raise violation(type(method), fixes)
             outputs.append(logits)
-    method.train(was_training)
     return torch.cat(outputs)
 
 
