@@ -172,6 +172,27 @@ def test_warm_up_restores_the_global_random_generator(one_thread):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_warm_up_restores_buffers_that_a_move_replaced():
+    """``Module.to`` across devices (NoProp-DT's ``offload``) puts new buffer tensors in place; the warm-up
+    must restore what the module holds at the end, not the tensors it held at the start."""
+    from noprop_bench.run.warmup import MethodState
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    x = torch.randn(8, 4)
+    module.train()
+    module(x)
+    before = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    state = MethodState(module)
+    module._apply(lambda t: t.clone())  # what a move to another device and back does to the buffers
+    module(x + 1)  # trains BatchNorm's running statistics off the clock
+    with torch.no_grad():
+        module[0].weight.add_(1.0)
+    state.restore()
+    after = module.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
 def test_reference_settings_keep_old_trial_ids_and_others_change_them():
     spec = TrialSpec(method=fake_plugins.Linear, params={"lr": 0.05, "embedding": "one-hot"}, dataset="tiny",
                      backbone="noprop_cnn", budget=Budget.parse("3steps"), seed=0, batch_size=128,

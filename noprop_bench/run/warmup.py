@@ -140,7 +140,10 @@ class MethodState:
     def __init__(self, method: nn.Module):
         self.method = method
         with torch.no_grad():
-            self.tensors = [(t, t.detach().clone()) for t in self._tensors()]
+            # by owner and name, not by tensor object: Module.to (a block moved between host and device)
+            # puts new buffer tensors in place, and it is the tensors there at the end that must be restored
+            self.tensors = [(module, table, name, tensor.detach().clone()) for module, table, name, tensor
+                            in self._tensors()]
             self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in method.parameters()]
         self.objects: List[Tuple[Any, Any]] = []
         self.plain: List[Tuple[nn.Module, str, Any]] = []
@@ -158,13 +161,21 @@ class MethodState:
                     self.plain_objects.append((value, copy.deepcopy(vars(value))))
         self.random = _random_states()
 
-    def _tensors(self) -> List[torch.Tensor]:
-        return [*self.method.parameters(), *self.method.buffers()]
+    def _tensors(self) -> List[Tuple[nn.Module, str, str, torch.Tensor]]:
+        """(module, ``_parameters`` or ``_buffers``, name, tensor) for every parameter and buffer, each once."""
+        seen, found = set(), []
+        for module in self.method.modules():
+            for table in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, table).items():
+                    if tensor is not None and id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        found.append((module, table, name, tensor))
+        return found
 
     def restore(self) -> None:
         with torch.no_grad():
-            for tensor, saved in self.tensors:
-                tensor.copy_(saved)
+            for module, table, name, saved in self.tensors:
+                getattr(module, table)[name].copy_(saved)
             for parameter, grad in self.grads:
                 parameter.grad = grad
         for value, saved in self.objects:
