@@ -54,8 +54,12 @@ def test_table1_merges_datasets_in_paper_order():
     assert "mean ± standard error" in text and "2 seed(s)" in text
     # NoProp-CT (one-hot): seeds 0 and 1 average 93.0 and 94.0 over 3 inference runs each; pooled s.e. of the
     # 6 values 0.25, s.e. of the 2 seed means 0.50; a single seed (dim=20) has no seed-level s.e.
-    assert "| NoProp-CT (one-hot)       |               – | 93.50 ± 0.25 [± 0.50] |" in text
-    assert "| NoProp-CT (dim=20)        |               – |          91.00 ± 0.29 |" in text
+    cells = _cells(text)
+    assert cells["NoProp-CT (one-hot)"][:2] == ["–", "93.50 ± 0.25 [± 0.50]"]
+    assert cells["NoProp-CT (dim=20)"][:2] == ["–", "91.00 ± 0.29 (1 of 2 seeds)"]
+    # the prototype row's seed 1 diverged: its cell holds one of the table's two seeds and says so
+    assert cells["NoProp-CT (prototype)"][:2] == ["–", "88.00 ± 0.29 (1 of 2 seeds)"]
+    assert '"(k of n seeds)" marks a cell with fewer trained models' in text
     assert "pooled as the paper pools" in text and "[± s.e.] is the standard error over the per-seed means" in text
     assert "NoProp-CT (prototype) seed 1 on MNIST5k: diverged" in text
     assert "out of memory" not in text  # the failed attempt was superseded by its rerun
@@ -94,7 +98,7 @@ def test_difference_to_the_paper_only_under_the_papers_protocol():
     text = render_table1(clean + [r for r in records if r["row_label"] != "NoProp-CT (one-hot)"], paper=True)
     cells = _cells(text)
     assert cells["NoProp-CT (one-hot)"] == ["93.50 ± 0.25 [± 0.50]", "97.84 ± 0.71", "-4.34"]
-    assert cells["NoProp-CT (dim=20)"] == ["91.00 ± 0.29", "97.70 ± 0.51", "–"]  # not a preset trial
+    assert cells["NoProp-CT (dim=20)"] == ["91.00 ± 0.29 (1 of 2 seeds)", "97.70 ± 0.51", "–"]  # not a preset trial
     assert "shown only for rows run under --preset paper" in text and "No Δ for trials run otherwise" in text
     overridden = [{**r, "preset": {"name": "paper", "overrides": ["--budget 60"]}} for r in ct]
     text = render_table1(overridden, paper=True)
@@ -158,6 +162,25 @@ def test_mixed_settings_never_share_a_cell():
     assert with_paper.count("paper (GB, one-hot)") == 1  # only next to CUDA numbers
     # the linear-head backprop is not the paper's Backprop: no paper memory beside it
     assert "0.87" not in with_paper and "| Backprop with linear head |                      0.900 |                             – |" in with_paper
+
+
+def test_trials_trained_on_differently_set_up_data_never_share_a_cell():
+    records, _ = load("mixed")
+    base = [r for r in records if r["budget"] == "20000samples" and r.get("status") == "ok"]
+    plain = render_table1(base)
+    assert "augment=" not in plain and "val_split=" not in plain
+    changed = []
+    for record in base:
+        for field, value in (("augment", "crop_flip"), ("val_split", 0.1)):
+            trial = copy.deepcopy(record)
+            trial.update({field: value, "seed": record["seed"] + 10, "trial_id": f"{record['trial_id']}-{field}"})
+            changed.append(trial)
+    text = render_table1(base + changed)
+    assert text.count("| Method") == 1  # one table: only the cells split
+    label = base[0]["row_label"]
+    for row in (f"{label} [augment={base[0].get('augment')}, val_split=0.0]",
+                f"{label} [augment=crop_flip, val_split=0.0]", f"{label} [augment={base[0].get('augment')}, val_split=0.1]"):
+        assert f"| {row} " in text, row
 
 
 A100, H100 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"

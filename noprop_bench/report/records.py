@@ -277,25 +277,32 @@ def row_sort_key(record: Dict[str, Any]) -> Tuple:
             _order(embedding, EMBEDDING_ORDER), str(record["row_label"]))
 
 
+def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The method's parameters and how its training data were set up (``--augment``, ``--val-split``; records
+    from before ``--val-split`` held out nothing): what tells two trials of one row apart."""
+    return {**_params(record), "augment": record.get("augment"), "val_split": float(record.get("val_split") or 0.0)}
+
+
 def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
-    """A row label per record: ``row_label``, plus the differing parameters when two parameter sets of one
-    method would otherwise share a cell (same row label and dataset), so they never do."""
-    params_in_cell: Dict[Tuple[str, str], set] = {}
+    """A row label per record: ``row_label``, plus what differs when two trials of one method would
+    otherwise share a cell (same row label and dataset) with different parameters or training data
+    (``--augment``, ``--val-split``), so they never do."""
+    variants_in_cell: Dict[Tuple[str, str], set] = {}
     for record in records:
-        params_in_cell.setdefault((record["row_label"], record["dataset"]), set()).add(
-            json.dumps(_params(record), sort_keys=True, default=str))
-    clashing = {label for (label, _), variants in params_in_cell.items() if len(variants) > 1}
+        variants_in_cell.setdefault((record["row_label"], record["dataset"]), set()).add(
+            json.dumps(_variant(record), sort_keys=True, default=str))
+    clashing = {label for (label, _), variants in variants_in_cell.items() if len(variants) > 1}
     differing: Dict[str, List[str]] = {}
     for label in clashing:
-        variants = [_params(r) for r in records if r["row_label"] == label]
-        keys = sorted({k for p in variants for k in p})
-        differing[label] = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in variants}) > 1]
+        variants = [_variant(r) for r in records if r["row_label"] == label]
+        keys = sorted({k for v in variants for k in v})
+        differing[label] = [k for k in keys if len({json.dumps(v.get(k), default=str) for v in variants}) > 1]
     rows = []
     for record in records:
         label = record["row_label"]
         if label in clashing:
-            params = _params(record)
-            label += " [" + ", ".join(f"{k}={params.get(k)}" for k in differing[label]) + "]"
+            variant = _variant(record)
+            label += " [" + ", ".join(f"{k}={variant.get(k)}" for k in differing[label]) + "]"
         rows.append(label)
     return rows
 

@@ -23,6 +23,17 @@ def format_cell(values: List[float], seed_means: Sequence[float] = ()) -> str:
     return text
 
 
+def seeds_per_cell(ok: List[Dict[str, Any]]) -> Tuple[Dict[Tuple[str, str], int], int]:
+    """Seeds in each ``(row, dataset)`` cell of a comparable group of ``ok`` records, and the seeds of the
+    whole group (what the caption counts)."""
+    rows = assign_rows(ok)
+    ok, rows, _ = drop_duplicate_seeds(ok, rows)
+    cells: Dict[Tuple[str, str], set] = {}
+    for record, row in zip(ok, rows):
+        cells.setdefault((row, record["dataset"]), set()).add(record["seed"])
+    return {cell: len(seeds) for cell, seeds in cells.items()}, len({r["seed"] for r in ok})
+
+
 def under_paper_protocol(record: Dict[str, Any]) -> bool:
     """Whether a trial ran under ``--preset paper`` with nothing overridden: only then is a difference to the
     paper's number a measurement of the method rather than of our shorter or different setting."""
@@ -77,6 +88,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
                 headers.append((f"{label} {split} (paper)", "paper", spec, split))
                 if protocol_rows:
                     headers.append((f"{label} {split} Δ", "delta", spec, split))
+    cell_seeds, group_seeds = seeds_per_cell(ok)
     older = older_code_trials(ok)
     marked = {row for record, row in zip(ok, rows) if str(record.get("trial_id")) in older}
     table = []
@@ -92,7 +104,9 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
             published = (paper_data.paper_accuracy(paper_row, spec, split)
                          if kind != "ours" and paper_row else None)
             if kind == "ours":
-                line.append(format_cell(values, seed_means.get((row, spec, split), [])))
+                text = format_cell(values, seed_means.get((row, spec, split), []))
+                seeds = cell_seeds.get((row, spec), 0)
+                line.append(f"{text} ({seeds} of {group_seeds} seeds)" if values and seeds < group_seeds else text)
             elif published is None:
                 line.append("–")
             elif kind == "paper":
@@ -133,13 +147,22 @@ def _has_seed_se(records: List[Dict[str, Any]]) -> bool:
     return any(len(found) > 1 for found in seeds.values())
 
 
+def _fewer_seeds_text(ok: List[Dict[str, Any]]) -> str:
+    cell_seeds, group_seeds = seeds_per_cell(ok)
+    if all(seeds == group_seeds for seeds in cell_seeds.values()):
+        return ""
+    return (" \"(k of n seeds)\" marks a cell with fewer trained models than the table's seeds (the others did "
+            "not finish ok, or did not run); its ± says less about the spread between training runs.")
+
+
 def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False) -> str:
     """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
-               f"single value.{SEED_SE_TEXT if _has_seed_se(ok) else ''} {settings_text(ok)}{older_code_note(ok)}")
+               f"single value.{SEED_SE_TEXT if _has_seed_se(ok) else ''}{_fewer_seeds_text(ok)} "
+               f"{settings_text(ok)}{older_code_note(ok)}")
     caption += preset_text(ok)
     if paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
