@@ -122,6 +122,22 @@ def test_time_to_accuracy():
     check_golden("time_to_accuracy_targets.md", render_time_to_accuracy(records, parse_targets("50,90")))
 
 
+def test_time_to_accuracy_says_when_a_seed_that_reached_a_target_ended_below_it():
+    from noprop_bench.report.time_to_accuracy import time_to_accuracy_frame
+
+    records, _ = load("mnist")
+    base = next(r for r in records if r.get("status") == "ok")
+    trials = []
+    for seed, (peak, final) in enumerate(((91.0, 88.0), (92.0, 93.0))):
+        trial = copy.deepcopy(base)
+        trial.update(seed=seed, trial_id=f"t{seed}", test_acc=final,
+                     curve=[{"train_seconds": 10.0 * (seed + 1), "test_acc": peak},
+                            {"train_seconds": 30.0, "test_acc": final}])
+        trials.append(trial)
+    frame = time_to_accuracy_frame(trials, (90.0, 92.5))
+    assert list(frame.iloc[0][1:]) == ["15.0 s (1 ended below)", "30.0 s (1/2 seeds)"]
+
+
 def test_inference_sweep():
     records, _ = load("mnist")
     check_golden("inference_sweep.md", render_inference_sweep(records))
