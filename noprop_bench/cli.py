@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from .backbones import check_backbone_name
-from .report.baseline import check_compatible, compare, load_baseline, regressions, save_baseline
+from .report.baseline import check_compatible, compare, load_baseline, regressions, save_baseline, spec_settings
 from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
@@ -253,7 +253,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     dataset, specs = _plan(args, registry, device, command)
     baseline = load_baseline(args.baseline) if args.baseline else None  # bad file: fail before training
     if baseline:
-        check_compatible(baseline, str(specs[0].budget), specs[0].backbone, specs[0].batch_size)
+        check_compatible(baseline, spec_settings(specs))
 
     out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     store = TrialStore(out)

@@ -37,6 +37,8 @@ def test_saved_baseline_states_its_tolerances_and_command(baseline):
     assert "--save-baseline" in saved["command"]
     assert set(saved["rows"]) == {"tiny / Steady (one-hot)", "tiny / Sleepy (one-hot)"}
     assert all(row["accuracy_seeds"] == 2 and row["accuracy_seed_se"] >= 0 for row in saved["rows"].values())
+    assert (saved["seeds"], saved["inference_runs"], saved["device_type"], saved["speed"], saved["augment"]) == (
+        [0, 1], 1, "cpu", "eager fp32", {"tiny": "none"})
 
 
 def test_tolerance_comes_from_the_seed_level_spread_with_a_floor():
@@ -80,6 +82,30 @@ def test_baseline_with_other_settings_is_refused_before_training(fake_run, basel
         fake_run("--methods", "linear", "--budget", "6steps", "--seeds", "2", "--baseline", str(baseline),
                  out=tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--seeds", "1"), "seeds [0] differs from the baseline's [0, 1]"),
+    (("--seeds", "2", "--augment", "crop_flip"), "augment {'tiny': 'crop_flip'} differs from the baseline's"),
+    (("--seeds", "2", "--precision", "bf16"), "speed 'eager bf16' differs from the baseline's 'eager fp32'"),
+])
+def test_a_run_with_other_seeds_augmentation_or_speed_settings_is_refused_before_training(
+        fake_run, baseline, tmp_path, flags, message):
+    # one seed of a run is not comparable with the baseline's mean over two
+    with pytest.raises(UsageError, match=re.escape(message)):
+        fake_run("--methods", SAME, "--budget", "15steps", "--checkpoints", "0", *flags, "--baseline", str(baseline),
+                 out=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_baseline_saved_before_a_setting_was_stored_is_not_checked_on_it(fake_run, baseline, tmp_path):
+    old = json.loads(baseline.read_text())
+    for key in ("seeds", "inference_runs", "device_type", "speed", "augment"):
+        del old[key]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    code, _ = fake_run("--methods", SAME, *RUN, "--baseline", str(path), out=tmp_path / "run")
+    assert code == 0
 
 
 def test_unreadable_baseline_is_bad_input(tmp_path, capsys):

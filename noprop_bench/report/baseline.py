@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
+from .records import speed_text
 
 FORMAT_VERSION = 1
 DEFAULT_TOLERANCE = {
@@ -30,6 +31,31 @@ DEFAULT_TOLERANCE = {
     "accuracy_cap_points": 4.0,
     "throughput_ratio": 0.6,  # relative throughput may fall to this fraction of the baseline's
 }
+
+
+# what a run must share with the baseline to be compared with it; a baseline saved before a setting was
+# stored is not checked on it
+SETTINGS = ("budget", "backbone", "batch_size", "seeds", "inference_runs", "device_type", "speed", "augment")
+
+
+def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The :data:`SETTINGS` of a run's trials (all of them, finished ok or not)."""
+    first = records[0]
+    return {"budget": first["budget"], "backbone": first["backbone"], "batch_size": first["batch_size"],
+            "seeds": sorted({r["seed"] for r in records}),
+            "inference_runs": max(int(r.get("inference_runs") or 1) for r in records),
+            "device_type": str((first.get("environment") or {}).get("device", "cpu")).split(":")[0],
+            "speed": speed_text(first), "augment": {r["dataset"]: r.get("augment") for r in records}}
+
+
+def spec_settings(specs: List[Any]) -> Dict[str, Any]:
+    """The :data:`SETTINGS` of a run about to start, from its trial specs (as its records will hold them)."""
+    first = specs[0]
+    return {"budget": str(first.budget), "backbone": first.backbone, "batch_size": first.batch_size,
+            "seeds": sorted({spec.seed for spec in specs}),
+            "inference_runs": max(spec.inference_runs if spec.method.stochastic else 1 for spec in specs),
+            "device_type": first.device.type, "speed": first.speed.describe(),
+            "augment": {spec.dataset: spec.augment for spec in specs}}
 
 
 def _key(record: Dict[str, Any]) -> str:
@@ -65,9 +91,7 @@ def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) ->
     for row in rows.values():
         base = speeds.get((row["dataset"], reference))
         row["relative_throughput"] = row["samples_per_second"] / base if base else None
-    first = ok[0]
-    return {"format": FORMAT_VERSION, "reference_method": reference, "budget": first["budget"],
-            "backbone": first["backbone"], "batch_size": first["batch_size"], "rows": rows}
+    return {"format": FORMAT_VERSION, "reference_method": reference, **record_settings(records), "rows": rows}
 
 
 def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str, Any]:
@@ -92,12 +116,14 @@ def load_baseline(path) -> Dict[str, Any]:
     return baseline
 
 
-def check_compatible(baseline: Dict[str, Any], budget: str, backbone: str, batch_size: int) -> None:
-    """Refuse to compare runs made with another budget, backbone or batch size than the baseline's."""
-    for key, value in (("budget", budget), ("backbone", backbone), ("batch_size", batch_size)):
-        if value != baseline[key]:
-            raise UsageError(f"the run's {key} {value!r} differs from the baseline's {baseline[key]!r}; "
-                             f"rerun with the baseline's settings ({baseline.get('command', '')})")
+def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None:
+    """Refuse to compare a run whose :data:`SETTINGS` differ from the baseline's: another budget, backbone,
+    batch size, set of seeds (a baseline's mean over seeds 0 and 1 says nothing of seed 0 alone), number of
+    inference runs, device type, speed settings or augmentation."""
+    for key in SETTINGS:
+        if key in baseline and settings[key] != baseline[key]:
+            raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
+                             f"{baseline[key]!r}; rerun with the baseline's settings ({baseline.get('command', '')})")
 
 
 def accuracy_allowance(then: Dict[str, Any], tolerance: Dict[str, Any]) -> float:
@@ -117,7 +143,7 @@ def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataF
     """One row per baseline row: the figures then and now, and a verdict (``ok`` / what regressed)."""
     current = summarise(records, reference=baseline["reference_method"])
     tolerance = {**DEFAULT_TOLERANCE, **baseline.get("tolerance", {})}
-    check_compatible(baseline, current["budget"], current["backbone"], current["batch_size"])
+    check_compatible(baseline, record_settings(records))
     table = []
     for key, then in baseline["rows"].items():
         now = current["rows"].get(key)
