@@ -8,7 +8,8 @@ import pandas as pd
 from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, field_mean, format_mean_se, memory_kind, ordered_rows, settings_text)
+                          family_heading, field_mean, memory_kind, ordered_rows, settings_text)
+from .table1 import SEED_SE_TEXT, format_cell
 
 GB = 1e9
 MEMORY_KINDS = {
@@ -141,6 +142,7 @@ def inference_sweep_document(records: List[Dict[str, Any]]) -> Document:
         group, rows, _ = drop_duplicate_seeds(group, rows)
         for spec, label in dataset_columns(group).items():
             cells: Dict[Tuple[str, str], List[float]] = {}
+            seed_means: Dict[Tuple[str, str], List[float]] = {}
             settings: List[str] = []
             chosen = [(r, row) for r, row in zip(group, rows) if r["dataset"] == spec]
             for record, row in chosen:
@@ -148,12 +150,17 @@ def inference_sweep_document(records: List[Dict[str, Any]]) -> Document:
                     if setting not in settings:
                         settings.append(setting)
                     cells.setdefault((row, setting), []).extend(runs)
+                    if runs:
+                        seed_means.setdefault((row, setting), []).append(sum(runs) / len(runs))
             order = ordered_rows([r for r, _ in chosen], [row for _, row in chosen])
-            frame = pd.DataFrame([[row] + [format_mean_se(cells.get((row, s), [])) for s in settings]
+            frame = pd.DataFrame([[row] + [format_cell(cells.get((row, s), []), seed_means.get((row, s), []))
+                                           for s in settings]
                                   for _, row in order], columns=["Method"] + settings)
+            shows_seed_se = any(len(means) > 1 and len(cells[key]) > len(means) for key, means in seed_means.items())
             sections.append(Section(label, frame, "Test accuracy (%) of the model at the end of its budget, "
                                     "evaluated with each inference setting: mean ± standard error over seeds × "
-                                    "inference runs. " + settings_text(group)))
+                                    "inference runs." + (SEED_SE_TEXT if shows_seed_se else "") + " "
+                                    + settings_text(group)))
     return Document("Inference settings: test accuracy (%) by solver and steps", sections,
                     "No trial has an inference sweep.", [("Skipped:", list(dict.fromkeys(notes)))])
 
