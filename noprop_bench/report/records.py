@@ -23,7 +23,6 @@ PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop
 EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
 FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continuous-time"}
 DATASET_ORDER = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
-COMPARABILITY_KEYS = ("budget", "backbone", "device_name", "batch_size")
 REQUIRED_FIELDS = ("status", "method", "row_label", "family", "dataset", "budget", "backbone", "seed")
 SOURCE_FIELD = "_source_dir"  # set by load_records: the directory a record was read from
 # labels a method has since changed: (method, old row label) -> (method label, row label) now. The linear-head

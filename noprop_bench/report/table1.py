@@ -141,9 +141,9 @@ SEED_SE_TEXT = (" [± s.e.] is the standard error over the per-seed means (n = s
 def _has_seed_se(records: List[Dict[str, Any]]) -> bool:
     """Whether some cell shows the seed-level s.e. (two or more seeds with more than one inference run)."""
     seeds: Dict[Tuple[str, str], set] = {}
-    for record in records:
+    for record, row in zip(records, assign_rows(records)):
         if len(record.get("test_acc_runs") or []) > 1:
-            seeds.setdefault((record["row_label"], record["dataset"]), set()).add(record["seed"])
+            seeds.setdefault((row, record["dataset"]), set()).add(record["seed"])
     return any(len(found) > 1 for found in seeds.values())
 
 
