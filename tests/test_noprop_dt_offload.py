@@ -59,3 +59,21 @@ def test_a_block_already_on_the_device_named_without_an_index_is_not_moved_again
     offload.activate(0)  # block 1 goes to the host
     offload.activate(0)  # nothing left to move
     assert offload.moves == 1 and next(blocks[0].parameters()).is_cuda
+
+
+def test_warm_up_puts_the_block_move_count_back(one_thread):
+    from noprop_bench.run.warmup import warm_up
+
+    task = mnist_shaped_task(make_backbone=lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU()),
+                             features=8)
+    method = NoPropDT(task, **NoPropDT.resolve_params({"blocks": 3, "offload": True}))
+    method.offload.count.moves = 5  # as if blocks had moved before the warm-up
+    x, y = first_batch(task, 8)
+
+    def train_step_that_moves(x, y, step=method.train_step):
+        method.offload.count.moves += 1  # on the CPU nothing moves: stand in for a transfer
+        return step(x, y)
+
+    method.train_step = train_step_that_moves
+    warm_up(method, x, y, steps=2)
+    assert method.trial_metrics()["block_moves"] == 5

@@ -107,6 +107,8 @@ class NoPropDT(Method):
         self.block_optimizers = [adamw(block.parameters()) for block in self.blocks]
         self.shared_optimizer = adamw(list(self.classifier.parameters()) + list(self.embedding.parameters()))
         self.offload = BlockOffload(self.blocks, self.block_optimizers, task.device) if p["offload"] else None
+        # held here too, so the harness's warm-up puts the count back with the method's other counters
+        self.block_move_count = self.offload.count if self.offload else None
         self.parallel = parallel_runner(self.blocks) if p["schedule"] == "parallel" else None
 
         self.train_size = len(task.train_images) if task.train_images is not None else 0

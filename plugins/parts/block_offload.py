@@ -33,20 +33,33 @@ def move_block(block: nn.Module, optimizer: Optional[torch.optim.Optimizer], dev
                 state[key] = value.to(device, non_blocking=True)
 
 
+class MoveCount:
+    """The block transfers an offload has made: a plain object, so a method holding it as an attribute has
+    it put back by the harness's warm-up like its other counters."""
+
+    def __init__(self):
+        self.moves = 0
+
+
 class BlockOffload:
     """One block on the training device at a time; the others and their optimiser state on the host.
 
     :meth:`activate` is called before a block is used: every other block goes to the host and block
     ``index`` comes in (moves happen only when a block is not already where it belongs, so a model moved
     as a whole afterwards, e.g. by ``Module.to``, is put right on the next call). ``moves`` counts the
-    block transfers. On a CPU device the host is the device and nothing moves.
+    block transfers (kept in ``count``, a :class:`MoveCount`). On a CPU device the host is the device and
+    nothing moves.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  device: torch.device, host: torch.device = torch.device("cpu")):
         self.blocks, self.optimizers = list(blocks), list(optimizers)
         self.device, self.host = _with_index(torch.device(device)), _with_index(torch.device(host))
-        self.moves = 0
+        self.count = MoveCount()
+
+    @property
+    def moves(self) -> int:
+        return self.count.moves
 
     def activate(self, index: int) -> None:
         for i, (block, optimizer) in enumerate(zip(self.blocks, self.optimizers)):
@@ -54,4 +67,4 @@ class BlockOffload:
             current = _device_of(block)
             if current is not None and current != target:
                 move_block(block, optimizer, target)
-                self.moves += 1
+                self.count.moves += 1
