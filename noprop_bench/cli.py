@@ -19,8 +19,9 @@ from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
 from .plugins import load_plugins
 from .report.cli import report_main, write_run_outputs
+from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
-from .run.store import FINISHED_STATUSES, TrialStore, latest_per_trial
+from .run.store import FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial
 from .run.evaluation_plan import DEFAULT_CHECKPOINT_SIZE
 from .run.probe import estimate_text
 from .run.speed import speed_main
@@ -254,8 +255,13 @@ def run(argv: Optional[List[str]] = None) -> int:
     baseline = load_baseline(args.baseline) if args.baseline else None  # bad file: fail before training
     if baseline:
         check_compatible(baseline, spec_settings(specs))
+    if args.targets is not None:
+        parse_targets(args.targets)  # bad input: fail before training, not when the tables are written
+    if args.save_baseline:
+        _check_baseline_target(args)
 
     out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    check_output_directory(out, "--out")
     store = TrialStore(out)
     for record in store.merge_record_files():
         say(f"recorded {record.get('row_label')} seed {record.get('seed')}: it finished after the last run's "
@@ -311,6 +317,17 @@ def _job(spec: TrialSpec, args, executor) -> TrialJob:
                     download=not args.no_download, plugins=tuple(args.plugin),
                     plugin_paths=tuple(filter(None, (import_root(module) for module in args.plugin))),
                     threads=executor.threads_per_trial(args.threads), executor=executor.spec_text)
+
+
+def _check_baseline_target(args) -> None:
+    """Refuse, before training, a ``--save-baseline`` path that cannot be written or is ``--baseline``."""
+    target = Path(args.save_baseline)
+    if target.is_dir():
+        raise UsageError(f"--save-baseline {target}: is a directory; give a file name, e.g. {target / 'baseline.json'}")
+    if args.baseline and target.resolve() == Path(args.baseline).resolve():
+        raise UsageError(f"--save-baseline {target} is also --baseline: the run would be compared with the file "
+                         f"and then overwrite it; save to another file")
+    check_output_directory(target.parent, "--save-baseline")
 
 
 def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say) -> int:

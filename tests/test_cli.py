@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,34 @@ def test_nan_loss_is_recorded_as_diverged(fake_run):
     assert record["status"] == "diverged"
     assert "non-finite loss" in record["error"]
     assert record["steps"] <= 25  # detected at the first check, not after the whole budget
+
+
+def test_unusable_outputs_and_bad_targets_are_refused_before_anything_runs(tmp_path, capsys):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    (tmp_path / "bare.json").write_text('{"format": 1, "rows": {}}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "future.json").write_text('{"format": 99, "rows": {}}')
+    cases = [
+        (["--out", str(in_the_way / "sub")], "is a file, not a directory"),
+        (["--targets", "90,abc"], "--targets '90,abc': expected accuracies"),
+        (["--save-baseline", str(in_the_way / "b.json")], f"--save-baseline {in_the_way}: {in_the_way} is a file"),
+        (["--save-baseline", str(tmp_path)], "is a directory; give a file name"),
+        (["--baseline", str(tmp_path / "bare.json"), "--save-baseline", str(tmp_path / "bare.json")],
+         "is also --baseline"),
+        (["--baseline", str(tmp_path / "list.json")], "not a noprop-bench baseline (a JSON object with rows"),
+        (["--baseline", str(tmp_path / "future.json")], "baseline format 99, but this version"),
+    ]
+    for number, (args, expected) in enumerate(cases):
+        out = tmp_path / f"run{number}"
+        arguments = ["--methods", "linear", "--budget", "3steps", *args]
+        code, err = _exit(arguments if "--out" in args else [*arguments, "--out", str(out)], capsys)
+        assert code == 2 and expected in err and "Traceback" not in err, (args, err)
+        assert not (out / "trials.jsonl").exists()  # nothing trained
+    fixture = Path(__file__).parent / "fixtures" / "report" / "mnist"
+    for command in (["speed", "--methods", "linear", "--steps", "1"], ["report", str(fixture)]):
+        with pytest.raises(SystemExit) as stopped:
+            main([command[0], "--plugin", "fake_plugins", "--dataset", "tiny", *command[1:],
+                  "--out", str(in_the_way)] if command[0] == "speed" else [*command, "--out", str(in_the_way)])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "is a file, not a directory" in err and "Traceback" not in err

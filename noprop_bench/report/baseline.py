@@ -111,8 +111,12 @@ def load_baseline(path) -> Dict[str, Any]:
         raise UsageError(f"--baseline {path}: no such file (write one with --save-baseline)") from None
     except json.JSONDecodeError as error:
         raise UsageError(f"--baseline {path}: not valid JSON ({error})") from None
-    if baseline.get("format") != FORMAT_VERSION or "rows" not in baseline:
-        raise UsageError(f"--baseline {path}: not a noprop-bench baseline (format {FORMAT_VERSION})")
+    if not isinstance(baseline, dict) or "rows" not in baseline:
+        raise UsageError(f"--baseline {path}: not a noprop-bench baseline (a JSON object with rows, written by "
+                         f"--save-baseline)")
+    if baseline.get("format") != FORMAT_VERSION:
+        raise UsageError(f"--baseline {path}: baseline format {baseline.get('format')!r}, but this version of "
+                         f"noprop-bench reads format {FORMAT_VERSION}; write it again with --save-baseline")
     return baseline
 
 

@@ -37,7 +37,7 @@ from .profile import StepProfile, profile_steps
 from .runner import backbone_width
 from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, backend_flags,
                              default_settings)
-from .store import device_name
+from .store import check_output_directory, device_name
 from .warmup import WARMUP_STEPS
 
 DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
@@ -318,6 +318,8 @@ def speed_main(argv: Sequence[str]) -> int:
     backbone = args.backbone or dataset.default_backbone
     check_backbone_name(backbone)
     grid = settings_grid(args, device.type)
+    out = Path(args.out or Path("results") / f"speed-{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    check_output_directory(out, "--out")  # before any timing
     steps, plain_warmup = STEPS[device.type]
     steps = args.steps or steps
     inference_images = INFERENCE_IMAGES.get(device.type) or evaluation_batch_size(device, dataset.image_shape)
@@ -351,7 +353,6 @@ def speed_main(argv: Sequence[str]) -> int:
               f"around each; inference: one pass over {inference_images} images at the method's final and "
               f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}).")
     text = render(rows, header) + render_profiles(rows)
-    out = Path(args.out or Path("results") / f"speed-{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text)
     (out / "speed.json").write_text(json.dumps({"device": device_name(device), "backbone": backbone,

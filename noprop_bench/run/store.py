@@ -11,6 +11,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
+from ..errors import UsageError
+
 TRIALS_FILE = "trials.jsonl"
 RECORD_FILES_DIR = "unmerged-records"  # records written by remote workers, waiting to be merged by the host
 FINISHED_STATUSES = ("ok", "diverged")  # a failed trial is tried again when the command is rerun
@@ -68,6 +70,19 @@ def write_fully(fd: int, data: bytes) -> None:
         view = view[written:]
         if pause and view:
             time.sleep(pause)  # the chaos test kills the process here, leaving a torn line
+
+
+def check_output_directory(path, flag: str) -> None:
+    """Refuse, before any work, an output directory that cannot be made or written to (a file in the way,
+    no permission), with a :class:`UsageError` naming ``flag``."""
+    wanted = Path(path)
+    existing = wanted
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {wanted}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {wanted}: {existing} cannot be written to")
 
 
 class TrialStore:
