@@ -15,6 +15,7 @@ from .report.baseline import check_compatible, compare, load_baseline, regressio
 from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import UsageError
+from .help_format import HelpFormatter
 from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
 from .plugins import load_plugins
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 3 regression against "
             "--baseline, 130 interrupted."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma-separated methods to compare, each NAME or NAME[key=value,...]")
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-accuracy", action="store_true",
                         help="also measure accuracy on the training split at the end (Table 1's train columns), on "
                              "a fixed, stratified subset of at most twice the test split's size")
-    parser.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false",
+    parser.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false", default=argparse.SUPPRESS,
                         help="do not measure train accuracy (overrides --preset paper, which measures it)")
     parser.add_argument("--inference-sweep", action="store_true",
                         help="after training, evaluate every inference setting a method offers (e.g. NoProp-CT: "

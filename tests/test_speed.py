@@ -130,6 +130,11 @@ def test_speed_channels_last_flags_match_the_main_command(tmp_path):
         assert [s.channels_last for s in grid] == expected
 
 
+def test_a_setting_given_twice_is_one_row():
+    grid = settings_grid(build_parser().parse_args(["--precision", "fp32,bf16,fp32", "--compile", "none,none"]), "cpu")
+    assert [(s.precision, s.compile) for s in grid] == [("fp32", "none"), ("bf16", "none")]
+
+
 def test_speed_takes_one_cudnn_autotuning_value_per_run_and_refuses_it_on_the_cpu():
     # cuDNN keeps the algorithms it chose for the whole process: "off" rows would hand theirs to "on" rows
     grid = settings_grid(build_parser().parse_args(["--cudnn-benchmark", "--compile", "none,default"]), "cuda")

@@ -26,6 +26,7 @@ import torch
 from ..backbones import check_backbone_name, create_backbone
 from ..datasets import Normalizer, Split
 from ..errors import UsageError
+from ..help_format import HelpFormatter
 from ..plugins import load_plugins
 from ..specs import parse_dataset_spec, parse_method_list
 from ..task import Task
@@ -55,17 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time each method's train step and inference on random images of the dataset's shape "
                     "(no dataset is loaded), for every combination of the speed settings given; prints a "
                     "markdown table and writes speed.md and speed.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods, NAME[key=value,...]")
     parser.add_argument("--dataset", default="mnist5k", help="whose image shape and class count to use")
     parser.add_argument("--backbone", default=None, help="timm model name or noprop_cnn; default: the dataset's")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to time the methods; auto: CUDA when there is a GPU, else the CPU")
     parser.add_argument("--precision", default=None,
                         help=f"comma-separated, from {', '.join(PRECISIONS)}; default: the device's default")
     parser.add_argument("--channels-last", nargs="?", const="on", default=None, metavar="off,on",
                         help="comma-separated off/on (alone: on); default: the device's default")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_const", const="off",
+                        default=argparse.SUPPRESS,
                         help="same as --channels-last off")
     parser.add_argument("--compile", default=None,
                         help=f"comma-separated, from {', '.join(COMPILE_MODES)}; default: none")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CUDA: cuDNN times its convolution algorithms and keeps the fastest (one value per "
                              "run: cuDNN keeps the algorithms it chose for the whole process, so rows with it off "
                              "and on in one process would share them); default: off")
-    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
                         help="cuDNN chooses convolution algorithms by heuristics (the default)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"timed train steps per row (default: {STEPS['cuda'][0]} on CUDA, {STEPS['cpu'][0]} "
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _choices(text: Optional[str], allowed: Sequence[str], flag: str, default: Any) -> List[Any]:
     if text is None:
         return [default]
-    values = [v.strip() for v in text.split(",") if v.strip()]
+    values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))  # a value given twice: one row
     for value in values:
         if value not in allowed:
             raise UsageError(f"{flag} {value!r}: accepted: {', '.join(allowed)}")

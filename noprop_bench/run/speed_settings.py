@@ -10,6 +10,7 @@ that cannot be compiled falls back to eager, and the reason is recorded with the
 training updates) name as whole CUDA graphs (see :mod:`.cuda_graphs`).
 """
 
+import argparse
 import contextlib
 import functools
 from dataclasses import asdict, dataclass, fields
@@ -110,7 +111,7 @@ def add_speed_arguments(parser) -> None:
                              "on CUDA) or bf16 (autocast); default: fp32 on the CPU, tf32 on CUDA")
     parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="channels-last memory format for weights and images (default on CUDA, off on the CPU)")
-    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=argparse.SUPPRESS,
                         help="keep the default (contiguous) memory format")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
                         help="torch.compile mode for each method's train step and inference path (reduce-overhead "
@@ -119,7 +120,7 @@ def add_speed_arguments(parser) -> None:
     parser.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
                         help="CUDA: cuDNN times its convolution algorithms for each new input shape (in the "
                              "untimed warm-up for the training batch) and keeps the fastest. Default: off")
-    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
                         help="cuDNN chooses convolution algorithms by heuristics (the default)")
 
 
