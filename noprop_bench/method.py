@@ -161,7 +161,10 @@ class Method(nn.Module):
 
     @classmethod
     def row_label(cls, params: Mapping[str, Any]) -> str:
-        """The Table 1 row label, ``Label (embedding)`` as the paper writes it."""
+        """The Table 1 row label, ``Label (embedding)`` as the paper writes it; just ``Label`` for a method
+        without an ``embedding`` parameter."""
+        if "embedding" not in params and "embedding" not in cls.defaults:
+            return cls.label or cls.name
         embedding = params.get("embedding", "one-hot")
         if embedding == "learned":
             embedding = f"dim={params.get('dim', 20)}"

@@ -98,7 +98,7 @@ def test_installed_plugin_is_listed_and_runs(site, tmp_path):
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert {r["method"]: r["status"] for r in records} == {"thirdparty_linear": "ok", "backprop": "ok"}
     table = (out / "table1.md").read_text()
-    assert "Third-party (one-hot)" in table and "Backprop with linear head" in table
+    assert "| Third-party " in table and "Third-party (" not in table and "Backprop with linear head" in table
 
 
 def test_asking_for_a_broken_plugin_names_it(site, tmp_path):
@@ -107,3 +107,17 @@ def test_asking_for_a_broken_plugin_names_it(site, tmp_path):
     assert "method 'broken' comes from plugin 'broken', which failed to load: ImportError: missing dependency xyz" \
         in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_method_without_an_embedding_parameter_gets_no_embedding_in_its_row_label():
+    from noprop_bench import Method
+
+    class Plain(Method):
+        name, label, defaults = "plain", "Plain", {"lr": 1e-3}
+
+    class Embedded(Plain):
+        name, label, defaults = "embedded", "Embedded", {"lr": 1e-3, "embedding": "one-hot", "dim": 20}
+
+    assert Plain.row_label(Plain.resolve_params({})) == "Plain"
+    assert Embedded.row_label(Embedded.resolve_params({})) == "Embedded (one-hot)"
+    assert Embedded.row_label(Embedded.resolve_params({"embedding": "learned"})) == "Embedded (dim=20)"
