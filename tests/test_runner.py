@@ -119,3 +119,14 @@ def test_final_evaluations_share_one_backbone_pass_with_the_same_results(fake_ru
     assert sweep_points >= 4 and set(shared["diagnostics"]) == {"z_ablation"}
     assert shared_calls == 1  # the 64 test images are one evaluation batch
     assert whole_calls == 3 + 3 * sweep_points + 1  # every run, sweep run and diagnostic recomputed them
+
+
+def test_long_stretches_without_checkpoints_still_print_progress(fake_run, capsys, monkeypatch):
+    from noprop_bench.run import runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.0)  # every clock read is "long enough"
+    code, _ = fake_run("--methods", "linear", "--budget", "5steps", "--checkpoints", "0")
+    err = capsys.readouterr().err
+    assert code == 0
+    assert err.count("steps) training") == 4  # after steps 1 to 4; the fifth ends the budget
+    assert "training done (5 steps); final evaluation on 64 test images ..." in err

@@ -33,6 +33,7 @@ from ..task import Task
 
 DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
 CUDA_CLOCK_READ_EVERY = 8  # most steps between clock reads on CUDA (each read synchronises); see ClockReads
+HEARTBEAT_SECONDS = 30.0  # longest wall time between progress lines while training
 
 
 VAL_SPLIT_SEED = 12345  # fixed, so every method and seed of a run holds out the same images
@@ -311,6 +312,7 @@ class _TrialRun:
         finite = torch.ones((), dtype=torch.bool, device=spec.device)
         reads = ClockReads(CUDA_CLOCK_READ_EVERY if torch.device(spec.device).type == "cuda" else 1)
         spent = 0.0
+        heartbeat = time.monotonic()
         with self.memory:
             self.clock.start()
             while True:
@@ -328,8 +330,14 @@ class _TrialRun:
                     loss_count += 1
                     finite = finite & _finite(loss)
                 if spec.budget.unit != "seconds" or reads.due(steps):
-                    spent = spec.budget.progress(self.clock.elapsed(), samples, steps, len(data.train))
+                    elapsed = self.clock.elapsed()
+                    spent = spec.budget.progress(elapsed, samples, steps, len(data.train))
                     reads.read(steps, spent)
+                    if time.monotonic() - heartbeat >= HEARTBEAT_SECONDS and spent < 1.0:
+                        # a long stretch without checkpoints still says it is alive
+                        heartbeat = time.monotonic()
+                        self.say(f"{spec.describe()}: {spent * 100:5.1f}% of {spec.budget} "
+                                 f"({elapsed:.1f}s, {steps} steps) training")
                 if steps % DIVERGENCE_CHECK_EVERY == 0 and not bool(finite):
                     raise Diverged(f"non-finite loss by step {steps}")
                 done = spent >= 1.0
@@ -341,6 +349,7 @@ class _TrialRun:
                         raise Diverged(f"non-finite loss by step {steps}")
                     self._checkpoint(steps, samples, loss_sum, loss_count, spent)
                     loss_sum, loss_count = torch.zeros((), device=spec.device), 0
+                    heartbeat = time.monotonic()
                     self.clock.start()
                 if done:
                     break
@@ -422,6 +431,8 @@ class _TrialRun:
                 self.say(f"warning: {self.spec.describe()}: {warning}")
 
     def _final_evaluation(self, loss_sum, loss_count):
+        self.say(f"{self.spec.describe()}: training done ({self.steps} steps); final evaluation on "
+                 f"{len(self.data.test)} test images ...")
         started = time.perf_counter()
         self._fitting_memory(self._final_accuracies)
         self.test_features = None
