@@ -35,7 +35,7 @@ def test_saved_baseline_states_its_tolerances_and_command(baseline):
     assert saved["tolerance"]["throughput_ratio"] == 0.6
     assert saved["reference_method"] == "steady" and saved["budget"] == "15steps"
     assert "--save-baseline" in saved["command"]
-    assert set(saved["rows"]) == {"tiny / Steady (one-hot)", "tiny / Sleepy (one-hot)"}
+    assert set(saved["rows"]) == {"tiny / Steady", "tiny / Sleepy"}
     assert all(row["accuracy_seeds"] == 2 and row["accuracy_seed_se"] >= 0 for row in saved["rows"].values())
     assert (saved["seeds"], saved["inference_runs"], saved["device_type"], saved["speed"], saved["augment"]) == (
         [0, 1], 1, "cpu", "eager fp32", {"tiny": "none"})
@@ -65,7 +65,7 @@ def test_a_method_twice_as_slow_fails(fake_run, baseline, tmp_path, capsys):
                          "--baseline", str(baseline), out=tmp_path / "slow")
     assert code == 3
     err = capsys.readouterr().err
-    assert "tiny / Sleepy (one-hot): throughput relative to steady fell to" in err
+    assert "tiny / Sleepy: throughput relative to steady fell to" in err
     assert "Steady" not in err.split("got worse:")[1]
 
 
@@ -73,7 +73,7 @@ def test_a_method_that_stops_learning_fails(fake_run, baseline, tmp_path, capsys
     code, out = fake_run("--methods", NOT_LEARNING, *RUN,
                          "--baseline", str(baseline), out=tmp_path / "broken")
     assert code == 3
-    assert "tiny / Sleepy (one-hot): accuracy fell" in capsys.readouterr().err
+    assert "tiny / Sleepy: accuracy fell" in capsys.readouterr().err
     assert "accuracy fell" in (out / "regression.md").read_text()
 
 
