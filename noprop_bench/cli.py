@@ -1,8 +1,12 @@
 """The ``noprop-bench`` command line."""
 
 import argparse
+import contextlib
+import os
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -224,6 +228,29 @@ def _preset_record(args, cls, params) -> Optional[dict]:
     return {"name": args.preset, "overrides": args.preset_overrides + ([method] if method else [])}
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While the trials run, a SIGTERM (how CI systems and schedulers cancel a job) stops the run as Ctrl-C
+    does: unfinished trials are recorded as interrupted and the tables written. It is passed on as a SIGINT,
+    so the executors' handling of Ctrl-C applies; where SIGINT is ignored, SIGTERM keeps its usual effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def as_ctrl_c(signum, frame):
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
@@ -294,11 +321,15 @@ def run(argv: Optional[List[str]] = None) -> int:
     executor.out_dir = str(out)
     try:
         if jobs:
-            executor.run(jobs, deliver, say)
+            with sigterm_as_ctrl_c():
+                executor.run(jobs, deliver, say)
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
         if store.path.exists():
-            print(write_run_outputs(store.directory, targets=args.targets))
+            try:
+                print(write_run_outputs(store.directory, targets=args.targets))
+            except KeyboardInterrupt:
+                say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED
     print(write_run_outputs(store.directory, targets=args.targets))
     say(f"results in {out}/ (trials.jsonl, table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png)")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +370,25 @@ def test_workers_get_the_data_root_as_an_absolute_path(tmp_path, monkeypatch):
     assert job.data_root == str(tmp_path / "data") and job.threads == 1 and job.executor == "local[workers=2]"
     assert cli_job(_spec(load_plugins()), build_parser().parse_args([]), LocalExecutor()).data_root is None
 
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_finished_trials_and_writing_the_tables(tmp_path):
+    """CI systems and schedulers cancel a job with SIGTERM: the finished trials and the tables must survive."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    host = subprocess.Popen(
+        [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
+         "steady[predict_sleep=0,step_sleep=0.02],sleepy[predict_sleep=0,step_sleep=0.02]", "--budget", "4",
+         "--checkpoints", "3", "--threads", "1", "--out", str(out)],
+        stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_reaches_it)
+    lines = []
+    while not any(line.startswith("Sleepy") and "% of 4s" in line for line in lines):  # the second trial trains
+        line = host.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    host.send_signal(signal.SIGTERM)
+    err = host.communicate(timeout=60)[1]
+    assert host.returncode == 130, "".join(lines) + err
+    assert "Rerun with --out" in err
+    assert sorted(r["status"] for r in _records(out)) == ["interrupted", "ok"]
+    assert (out / "table1.md").exists()
