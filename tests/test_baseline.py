@@ -37,8 +37,8 @@ def test_saved_baseline_states_its_tolerances_and_command(baseline):
     assert "--save-baseline" in saved["command"]
     assert set(saved["rows"]) == {"tiny / Steady", "tiny / Sleepy"}
     assert all(row["accuracy_seeds"] == 2 and row["accuracy_seed_se"] >= 0 for row in saved["rows"].values())
-    assert (saved["seeds"], saved["inference_runs"], saved["device_type"], saved["speed"], saved["augment"]) == (
-        [0, 1], 1, "cpu", "eager fp32", {"tiny": "none"})
+    assert (saved["seeds"], saved["inference_runs"], saved["device_type"], saved["speed"], saved["augment"],
+            saved["threads"]) == ([0, 1], 1, "cpu", "eager fp32", {"tiny": "none"}, 1)
 
 
 def test_tolerance_comes_from_the_seed_level_spread_with_a_floor():
@@ -98,9 +98,16 @@ def test_a_run_with_other_seeds_augmentation_or_speed_settings_is_refused_before
     assert not (tmp_path / "other").exists()
 
 
+def test_a_cpu_run_with_another_thread_count_is_not_compared(fake_run, baseline, tmp_path):
+    # CPU results are deterministic for a seed and a thread count, not across thread counts
+    with pytest.raises(UsageError, match=re.escape("threads 2 differs from the baseline's 1")):
+        fake_run("--methods", SAME, *RUN, "--threads", "2", "--baseline", str(baseline), out=tmp_path / "two")
+    assert (tmp_path / "two" / "trials.jsonl").exists()  # the trials it ran are kept
+
+
 def test_a_baseline_saved_before_a_setting_was_stored_is_not_checked_on_it(fake_run, baseline, tmp_path):
     old = json.loads(baseline.read_text())
-    for key in ("seeds", "inference_runs", "device_type", "speed", "augment"):
+    for key in ("seeds", "inference_runs", "device_type", "speed", "augment", "threads"):
         del old[key]
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))

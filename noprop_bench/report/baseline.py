@@ -35,7 +35,8 @@ DEFAULT_TOLERANCE = {
 
 # what a run must share with the baseline to be compared with it; a baseline saved before a setting was
 # stored is not checked on it
-SETTINGS = ("budget", "backbone", "batch_size", "seeds", "inference_runs", "device_type", "speed", "augment")
+SETTINGS = ("budget", "backbone", "batch_size", "seeds", "inference_runs", "device_type", "speed", "augment",
+            "threads")
 
 
 def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -45,7 +46,15 @@ def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
             "seeds": sorted({r["seed"] for r in records}),
             "inference_runs": max(int(r.get("inference_runs") or 1) for r in records),
             "device_type": str((first.get("environment") or {}).get("device", "cpu")).split(":")[0],
-            "speed": speed_text(first), "augment": {r["dataset"]: r.get("augment") for r in records}}
+            "speed": speed_text(first), "augment": {r["dataset"]: r.get("augment") for r in records},
+            "threads": _threads(first)}
+
+
+def _threads(record: Dict[str, Any]) -> Any:
+    """torch's CPU threads in a CPU trial (results on the CPU are deterministic only for a thread count);
+    None on a GPU, or in records from before the count was stored."""
+    environment = record.get("environment") or {}
+    return environment.get("threads") if str(environment.get("device", "cpu")).startswith("cpu") else None
 
 
 def spec_settings(specs: List[Any]) -> Dict[str, Any]:
@@ -55,7 +64,8 @@ def spec_settings(specs: List[Any]) -> Dict[str, Any]:
             "seeds": sorted({spec.seed for spec in specs}),
             "inference_runs": max(spec.inference_runs if spec.method.stochastic else 1 for spec in specs),
             "device_type": first.device.type, "speed": first.speed.describe(),
-            "augment": {spec.dataset: spec.augment for spec in specs}}
+            "augment": {spec.dataset: spec.augment for spec in specs},
+            "threads": None}  # known only where the trials run (a worker may set its own); checked after them
 
 
 def _key(record: Dict[str, Any]) -> str:
@@ -123,9 +133,10 @@ def load_baseline(path) -> Dict[str, Any]:
 def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None:
     """Refuse to compare a run whose :data:`SETTINGS` differ from the baseline's: another budget, backbone,
     batch size, set of seeds (a baseline's mean over seeds 0 and 1 says nothing of seed 0 alone), number of
-    inference runs, device type, speed settings or augmentation."""
+    inference runs, device type, speed settings, augmentation or, on the CPU, torch threads. A setting the
+    run does not know yet (None: the threads, before the trials) is not checked."""
     for key in SETTINGS:
-        if key in baseline and settings[key] != baseline[key]:
+        if key in baseline and settings[key] is not None and settings[key] != baseline[key]:
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
                              f"{baseline[key]!r}; rerun with the baseline's settings ({baseline.get('command', '')})")
 

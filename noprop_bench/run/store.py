@@ -47,6 +47,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "host": platform.node(),
         "device": str(device),
         "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
     }
 
 
