@@ -42,19 +42,15 @@ SETTINGS = ("budget", "backbone", "batch_size", "seeds", "inference_runs", "devi
 def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     """The :data:`SETTINGS` of a run's trials (all of them, finished ok or not)."""
     first = records[0]
+    environment = first.get("environment") or {}
+    device_type = str(environment.get("device", "cpu")).split(":")[0]
     return {"budget": first["budget"], "backbone": first["backbone"], "batch_size": first["batch_size"],
             "seeds": sorted({r["seed"] for r in records}),
             "inference_runs": max(int(r.get("inference_runs") or 1) for r in records),
-            "device_type": str((first.get("environment") or {}).get("device", "cpu")).split(":")[0],
-            "speed": speed_text(first), "augment": {r["dataset"]: r.get("augment") for r in records},
-            "threads": _threads(first)}
-
-
-def _threads(record: Dict[str, Any]) -> Any:
-    """torch's CPU threads in a CPU trial (results on the CPU are deterministic only for a thread count);
-    None on a GPU, or in records from before the count was stored."""
-    environment = record.get("environment") or {}
-    return environment.get("threads") if str(environment.get("device", "cpu")).startswith("cpu") else None
+            "device_type": device_type, "speed": speed_text(first),
+            "augment": {r["dataset"]: r.get("augment") for r in records},
+            # CPU results are deterministic only for a thread count; None on a GPU and in older records
+            "threads": environment.get("threads") if device_type == "cpu" else None}
 
 
 def spec_settings(specs: List[Any]) -> Dict[str, Any]:

@@ -7,8 +7,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import UsageError
 from .exports import FORMATS, parse_formats, require_parquet, write_frames, write_html, write_json, write_text
-from .table1 import render_table1
 from ..run.store import check_output_directory
+from .table1 import render_table1
 from .records import check_records, load_records
 from .tables import render_inference_sweep, render_table2
 from .time_to_accuracy import parse_targets, render_time_to_accuracy
@@ -98,6 +98,8 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         formats = parse_formats(args.format)
         if "parquet" in formats:
             require_parquet()
+        out = Path(args.out) if args.out else (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("report"))
+        check_output_directory(out, "--out")
     except UsageError as error:
         print(f"noprop-bench report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -111,12 +113,6 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         _warn(note)
     if args.train_accuracy and not any(r.get("train_acc_runs") for r in records):
         _warn("--train-accuracy: no trial measured train accuracy (rerun with --train-accuracy); test only")
-    out = Path(args.out) if args.out else (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("report"))
-    try:
-        check_output_directory(out, "--out")
-    except UsageError as error:
-        print(f"noprop-bench report: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     written = []
     if "md" in formats:
         table1 = write_run_outputs(out, records, targets, train_columns=args.train_accuracy, paper=args.paper,

@@ -14,20 +14,24 @@ from .records import (assign_rows, check_records, comparable_groups, dataset_col
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
 
+def shows_seed_se(values: Sequence[float], seed_means: Sequence[float]) -> bool:
+    """Whether a cell's s.e. over per-seed means differs from its pooled one: two or more seeds and more than
+    one inference run per seed."""
+    return len(seed_means) > 1 and len(values) > len(seed_means)
+
+
 def format_cell(values: List[float], seed_means: Sequence[float] = ()) -> str:
-    """``mean ± pooled s.e.``, then ``[± s.e. over per-seed means]`` when that differs (a cell with two or more
-    seeds and more than one inference run per seed); see :func:`table1_caption`."""
+    """``mean ± pooled s.e.``, then ``[± s.e. over per-seed means]`` where :func:`shows_seed_se`; see
+    :func:`table1_caption`."""
     text = format_mean_se(values)
-    if len(seed_means) > 1 and len(values) > len(seed_means):
+    if shows_seed_se(values, seed_means):
         text += f" [± {mean_and_standard_error(seed_means)[1]:.2f}]"
     return text
 
 
-def seeds_per_cell(ok: List[Dict[str, Any]]) -> Tuple[Dict[Tuple[str, str], int], int]:
-    """Seeds in each ``(row, dataset)`` cell of a comparable group of ``ok`` records, and the seeds of the
-    whole group (what the caption counts)."""
-    rows = assign_rows(ok)
-    ok, rows, _ = drop_duplicate_seeds(ok, rows)
+def seeds_per_cell(ok: List[Dict[str, Any]], rows: Sequence[str]) -> Tuple[Dict[Tuple[str, str], int], int]:
+    """Seeds in each ``(row, dataset)`` cell of a comparable group of ``ok`` records with their assigned
+    ``rows`` (duplicate seeds dropped), and the seeds of the whole group (what the caption counts)."""
     cells: Dict[Tuple[str, str], set] = {}
     for record, row in zip(ok, rows):
         cells.setdefault((row, record["dataset"]), set()).add(record["seed"])
@@ -88,7 +92,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
                 headers.append((f"{label} {split} (paper)", "paper", spec, split))
                 if protocol_rows:
                     headers.append((f"{label} {split} Δ", "delta", spec, split))
-    cell_seeds, group_seeds = seeds_per_cell(ok)
+    cell_seeds, group_seeds = seeds_per_cell(ok, rows)
     older = older_code_trials(ok)
     marked = {row for record, row in zip(ok, rows) if str(record.get("trial_id")) in older}
     table = []
@@ -138,17 +142,17 @@ SEED_SE_TEXT = (" [± s.e.] is the standard error over the per-seed means (n = s
                 "it is shown where the two differ (more than one seed and inference run).")
 
 
-def _has_seed_se(records: List[Dict[str, Any]]) -> bool:
+def _has_seed_se(records: List[Dict[str, Any]], rows: Sequence[str]) -> bool:
     """Whether some cell shows the seed-level s.e. (two or more seeds with more than one inference run)."""
     seeds: Dict[Tuple[str, str], set] = {}
-    for record, row in zip(records, assign_rows(records)):
+    for record, row in zip(records, rows):
         if len(record.get("test_acc_runs") or []) > 1:
             seeds.setdefault((row, record["dataset"]), set()).add(record["seed"])
     return any(len(found) > 1 for found in seeds.values())
 
 
-def _fewer_seeds_text(ok: List[Dict[str, Any]]) -> str:
-    cell_seeds, group_seeds = seeds_per_cell(ok)
+def _fewer_seeds_text(ok: List[Dict[str, Any]], rows: Sequence[str]) -> str:
+    cell_seeds, group_seeds = seeds_per_cell(ok, rows)
     if all(seeds == group_seeds for seeds in cell_seeds.values()):
         return ""
     return (" \"(k of n seeds)\" marks a cell with fewer trained models than the table's seeds (the others did "
@@ -158,10 +162,11 @@ def _fewer_seeds_text(ok: List[Dict[str, Any]]) -> str:
 def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False) -> str:
     """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
+    kept, rows, _ = drop_duplicate_seeds(ok, assign_rows(ok))  # the records and rows the cells are made of
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
-               f"single value.{SEED_SE_TEXT if _has_seed_se(ok) else ''}{_fewer_seeds_text(ok)} "
+               f"single value.{SEED_SE_TEXT if _has_seed_se(kept, rows) else ''}{_fewer_seeds_text(kept, rows)} "
                f"{settings_text(ok)}{older_code_note(ok)}")
     caption += preset_text(ok)
     if paper:

@@ -9,7 +9,7 @@ from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                           family_heading, field_mean, memory_kind, ordered_rows, settings_text)
-from .table1 import SEED_SE_TEXT, format_cell
+from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se
 
 GB = 1e9
 MEMORY_KINDS = {
@@ -156,10 +156,10 @@ def inference_sweep_document(records: List[Dict[str, Any]]) -> Document:
             frame = pd.DataFrame([[row] + [format_cell(cells.get((row, s), []), seed_means.get((row, s), []))
                                            for s in settings]
                                   for _, row in order], columns=["Method"] + settings)
-            shows_seed_se = any(len(means) > 1 and len(cells[key]) > len(means) for key, means in seed_means.items())
+            seed_se = any(shows_seed_se(cells[key], means) for key, means in seed_means.items())
             sections.append(Section(label, frame, "Test accuracy (%) of the model at the end of its budget, "
                                     "evaluated with each inference setting: mean ± standard error over seeds × "
-                                    "inference runs." + (SEED_SE_TEXT if shows_seed_se else "") + " "
+                                    "inference runs." + (SEED_SE_TEXT if seed_se else "") + " "
                                     + settings_text(group)))
     return Document("Inference settings: test accuracy (%) by solver and steps", sections,
                     "No trial has an inference sweep.", [("Skipped:", list(dict.fromkeys(notes)))])

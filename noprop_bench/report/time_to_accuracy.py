@@ -104,9 +104,9 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
                 "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
                 "its budget. One evaluation at or above the target counts, even if later ones fall below "
                 "it: \"m ended below\" says how many of the seeds that reached it finished their budget "
-                "below it (Table 1 has the final accuracies). Resolution is the spacing of the test evaluations (--checkpoints), and the "
-                "curve is observed only, never used to stop training. " + checkpoint_text(group) + " "
-                + settings_text(group))))
+                "below it (Table 1 has the final accuracies). Resolution is the spacing of the test "
+                "evaluations (--checkpoints), and the curve is observed only, never used to stop training. "
+                + checkpoint_text(group) + " " + settings_text(group))))
     return Document("Time to accuracy", sections, "No trial finished successfully.")
 
 
