@@ -224,20 +224,17 @@ EOF
 }
 
 default_trial() {
-    local methods=$DEFAULT_METHODS
-    BENCH_TIMEOUT=$(( PHASE_TIMEOUT + DEFAULT_BUDGET * $(tr ',' '\n' <<< "$methods" | wc -l) )) bench \
-        --methods "$methods" --dataset mnist5k --budget "$DEFAULT_BUDGET" --device "$DEVICE" \
+    BENCH_TIMEOUT=$(( PHASE_TIMEOUT + DEFAULT_BUDGET * $(tr ',' '\n' <<< "$DEFAULT_METHODS" | wc -l) )) bench \
+        --methods "$DEFAULT_METHODS" --dataset mnist5k --budget "$DEFAULT_BUDGET" --device "$DEVICE" \
         --out "$OUT/run-default" > /dev/null || return
     "$PYTHON" - "$OUT/run-default/trials.jsonl" <<'EOF' | tee "$OUT/run-default/eval_share.md"
 import json, sys
+from noprop_bench.report.records import speed_text
 records = [json.loads(line) for line in open(sys.argv[1])]
 print("\n| method | settings | budget s | evaluations (final included) | evaluation s | evaluation / budget |\n|---|---|---|---|---|---|")
 for r in records:
     budget = float(str(r["budget"]).rstrip("s"))
-    speed = r.get("speed_settings") or {}
-    settings = ", ".join(f"{key} {speed[key]}" for key in ("precision", "channels_last", "compile", "cudnn_benchmark")
-                         if key in speed) or "eager fp32"
-    print(f"| {r['row_label']} | {settings} | {budget:g} | {len(r['curve'])} | {r['eval_seconds']:.1f} | "
+    print(f"| {r['row_label']} | {speed_text(r)} | {budget:g} | {len(r['curve'])} | {r['eval_seconds']:.1f} | "
           f"{100 * r['eval_seconds'] / budget:.1f} % |")
 EOF
 }

@@ -36,8 +36,8 @@ from .evaluation_plan import evaluation_batch_size, evaluation_batches
 from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .profile import StepProfile, profile_steps
 from .runner import backbone_width
-from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, apply_speed_settings, backend_flags,
-                             default_settings)
+from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, add_cudnn_benchmark_arguments,
+                             apply_speed_settings, backend_flags, default_settings)
 from .store import check_output_directory, device_name
 from .warmup import WARMUP_STEPS
 
@@ -72,12 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same as --channels-last off")
     parser.add_argument("--compile", default=None,
                         help=f"comma-separated, from {', '.join(COMPILE_MODES)}; default: none")
-    parser.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
-                        help="CUDA: cuDNN times its convolution algorithms and keeps the fastest (one value per "
-                             "run: cuDNN keeps the algorithms it chose for the whole process, so rows with it off "
-                             "and on in one process would share them); default: off")
-    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
-                        help="cuDNN chooses convolution algorithms by heuristics (the default)")
+    add_cudnn_benchmark_arguments(parser, "(in the untimed warm-up; one value per run, as cuDNN keeps what it "
+                                          "chose for the whole process)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"timed train steps per row (default: {STEPS['cuda'][0]} on CUDA, {STEPS['cpu'][0]} "
                              f"on the CPU)")

@@ -55,10 +55,10 @@ class SpeedSettings:
         on (trial ids from before either existed stay valid)."""
         if self.is_reference:
             return None
-        fields = asdict(self)
+        identity = asdict(self)
         if not self.cudnn_benchmark:
-            del fields["cudnn_benchmark"]
-        return fields
+            del identity["cudnn_benchmark"]
+        return identity
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -117,9 +117,15 @@ def add_speed_arguments(parser) -> None:
                         help="torch.compile mode for each method's train step and inference path (reduce-overhead "
                              "uses CUDA graphs); a method that cannot be compiled runs eagerly and its trial says "
                              "why; compilation happens in untimed warm-up. Default: none")
+    add_cudnn_benchmark_arguments(parser, "(in the untimed warm-up for the training batch)")
+
+
+def add_cudnn_benchmark_arguments(parser, when: str) -> None:
+    """``--cudnn-benchmark`` / ``--no-cudnn-benchmark`` (one value, None when neither is given); ``when``
+    says in the help when the timing happens."""
     parser.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
-                        help="CUDA: cuDNN times its convolution algorithms for each new input shape (in the "
-                             "untimed warm-up for the training batch) and keeps the fastest. Default: off")
+                        help=f"CUDA: cuDNN times its convolution algorithms for each new input shape {when} and "
+                             f"keeps the fastest. Default: off")
     parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
                         help="cuDNN chooses convolution algorithms by heuristics (the default)")
 
