@@ -118,3 +118,14 @@ def test_unusable_outputs_and_bad_targets_are_refused_before_anything_runs(tmp_p
                   "--out", str(in_the_way)] if command[0] == "speed" else [*command, "--out", str(in_the_way)])
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and "is a file, not a directory" in err and "Traceback" not in err
+
+
+def test_help_shows_no_misleading_defaults():
+    from noprop_bench.run.speed import build_parser as speed_parser
+    from noprop_bench.cli import build_parser
+
+    for parser in (build_parser(), speed_parser()):
+        text = parser.format_help()
+        # --no-* flags and options decided later (by the device, a preset, the dataset) printed these
+        assert "(default: True)" not in text and "(default: None)" not in text
+        assert "(default: 128)" in text  # real defaults are still shown
