@@ -23,6 +23,7 @@ from .help_format import HelpFormatter
 from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
 from .plugins import load_plugins
+from .provenance import code_identity
 from .report.cli import report_main, write_run_outputs
 from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
@@ -305,6 +306,7 @@ def run(argv: Optional[List[str]] = None) -> int:
             f"device {device}, {specs[0].speed.describe()}, executor {executor.spec_text}")
 
     progress = Progress(len(jobs))
+    current_code = {spec.method.name: code_identity(spec.method) for spec in specs}
 
     def deliver(job: TrialJob, record) -> None:
         store.append(record)
@@ -327,11 +329,11 @@ def run(argv: Optional[List[str]] = None) -> int:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
         if store.path.exists():
             try:
-                print(write_run_outputs(store.directory, targets=args.targets))
+                print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code))
             except KeyboardInterrupt:
                 say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED
-    print(write_run_outputs(store.directory, targets=args.targets))
+    print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code))
     say(f"results in {out}/ (trials.jsonl, table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png)")
     if problems:
         say(f"{len(problems)} trial(s) did not finish ok:")

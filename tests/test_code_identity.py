@@ -63,6 +63,28 @@ def test_a_rerun_retrains_trials_finished_by_other_code_and_keeps_them_when_aske
     assert "†" not in (out / "table1.md").read_text()  # the latest record of each trial ran the current code
 
 
+def test_keep_stale_marks_trials_of_other_code_even_when_every_trial_of_the_method_is_stale(fake_run, capsys):
+    """The usual case after an upgrade: no trial of the method ran the current code, so the newest trial
+    in the records is itself stale; the run compares with its own code."""
+    args = ("--methods", "linear", "--budget", "128samples", "--seeds", "2", "--checkpoints", "0")
+    code, out = fake_run(*args)
+    assert code == 0
+    _rewrite(out, lambda record: record.update(code={**record["code"], "version": "0.0.9"}))
+    capsys.readouterr()
+    assert fake_run(*args, "--keep-stale")[0] == 0
+    assert len(_records(out)) == 2  # nothing retrained
+    table = (out / "table1.md").read_text()
+    assert "Linear (one-hot) †" in table
+    assert "than the code of this run" in table
+    assert "Linear (one-hot) seed 0 (" in table and "Linear (one-hot) seed 1 (" in table
+
+    report_out = out / "rerendered"
+    from noprop_bench.report.cli import report_main
+    assert report_main([str(out), "--out", str(report_out)]) == 0
+    # re-rendered without a run, the trials are compared with each other: they all ran one code
+    assert "†" not in (report_out / "table1.md").read_text()
+
+
 def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
     args = ("--methods", "linear", "--budget", "128samples", "--seeds", "1", "--checkpoints", "0")
     code, out = fake_run(*args)

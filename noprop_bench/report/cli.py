@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from ..errors import UsageError
 from .exports import FORMATS, parse_formats, require_parquet, write_frames, write_html, write_json, write_text
 from ..run.store import check_output_directory
+from .code_versions import CodeByMethod
 from .table1 import render_table1
 from .records import check_records, load_records
 from .tables import render_inference_sweep, render_table2
@@ -22,13 +23,15 @@ def _warn(message: str) -> None:
 
 def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
                       targets: Union[None, str, Sequence[float]] = None, *, train_columns: Optional[bool] = None,
-                      paper: bool = False, notes: Sequence[str] = ()) -> str:
+                      paper: bool = False, notes: Sequence[str] = (),
+                      current_code: Optional[CodeByMethod] = None) -> str:
     """Write table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg (and inference_sweep.md
     when a trial has a sweep) into ``out_dir``; return the Table 1 markdown.
 
     ``records`` default to ``out_dir/trials.jsonl`` (latest record per trial). ``targets`` are accuracies in
     percent (``"90,95,97"`` or numbers); None uses each dataset's defaults. ``train_columns`` None shows train
     accuracy wherever it was measured. ``notes`` (what a loader skipped) are listed under Table 1.
+    ``current_code`` (method name → code identity), given by a run, marks the trials it kept that ran other code.
     """
     from .figures import write_curves_csv, write_figure3
 
@@ -44,7 +47,7 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
         targets = parse_targets(targets)
     if train_columns is None:
         train_columns = any(r.get("train_acc_runs") for r in records)
-    table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes)
+    table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes, current_code=current_code)
     write_text(out / "table1.md", table1)
     write_text(out / "table2.md", render_table2(records, paper=paper))
     write_text(out / "time_to_accuracy.md", render_time_to_accuracy(records, targets))

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import paper as paper_data
-from .code_versions import OLDER_CODE_MARK, older_code_note, older_code_trials
+from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                           family_heading, format_mean_se, mean_and_standard_error, ordered_rows,
@@ -62,11 +62,12 @@ def _signed(value: float) -> str:
 
 
 def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
-                 notes: Optional[List[str]] = None) -> pd.DataFrame:
+                 notes: Optional[List[str]] = None, current_code: Optional[CodeByMethod] = None) -> pd.DataFrame:
     """One comparable group of ``ok`` records as a frame of formatted cells (family heading rows included).
 
     With ``paper``, each of our columns whose dataset the paper has is followed by the paper's number and
     the difference (ours − paper) of the means. Duplicate seeds of a cell are dropped, noted in ``notes``.
+    Rows with trials that ran other code than ``current_code`` (see :func:`older_code_trials`) are marked.
     """
     ok = [r for r in records if r.get("status") == "ok"]
     rows = assign_rows(ok)
@@ -93,7 +94,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
                 if protocol_rows:
                     headers.append((f"{label} {split} Δ", "delta", spec, split))
     cell_seeds, group_seeds = seeds_per_cell(ok, rows)
-    older = older_code_trials(ok)
+    older = older_code_trials(ok, current_code)
     marked = {row for record, row in zip(ok, rows) if str(record.get("trial_id")) in older}
     table = []
     current_family = None
@@ -159,7 +160,8 @@ def _fewer_seeds_text(ok: List[Dict[str, Any]], rows: Sequence[str]) -> str:
             "not finish ok, or did not run); its ± says less about the spread between training runs.")
 
 
-def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False) -> str:
+def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
+                   current_code: Optional[CodeByMethod] = None) -> str:
     """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
     kept, rows, _ = drop_duplicate_seeds(ok, assign_rows(ok))  # the records and rows the cells are made of
@@ -167,7 +169,7 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
                f"single value.{SEED_SE_TEXT if _has_seed_se(kept, rows) else ''}{_fewer_seeds_text(kept, rows)} "
-               f"{settings_text(ok)}{older_code_note(ok)}")
+               f"{settings_text(ok)}{older_code_note(ok, current_code)}")
     caption += preset_text(ok)
     if paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
@@ -199,12 +201,13 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
 
 
 def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
-                    notes: Sequence[str] = ()) -> Document:
+                    notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None) -> Document:
     """Table 1 as structure; trials that differ in budget, backbone or batch size get separate tables, and so
     do devices when the budget is in seconds (a sample or step budget is the same training on any device).
 
     Train columns appear (with ``train_columns``) only in tables whose trials measured train accuracy.
-    ``notes`` (what the loader skipped) are listed under the tables.
+    ``notes`` (what the loader skipped) are listed under the tables. ``current_code`` (method name → code
+    identity) is the code of the run writing the tables: trials that ran other code are marked.
     """
     records, bad = check_records(records)
     notes = list(notes) + bad
@@ -212,13 +215,13 @@ def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, 
     sections = []
     for group in comparable_groups(ok):
         has_train = train_columns and any(r.get("train_acc_runs") for r in group)
-        frame = table1_frame(group, train_columns=has_train, paper=paper, notes=notes)
-        sections.append(Section(None, frame, table1_caption(group, has_train, paper)))
+        frame = table1_frame(group, train_columns=has_train, paper=paper, notes=notes, current_code=current_code)
+        sections.append(Section(None, frame, table1_caption(group, has_train, paper, current_code)))
     return Document("Table 1: classification accuracy", sections, "No trial finished successfully.",
                     [("Not in the table:", not_ok_lines(records)), ("Skipped:", notes)])
 
 
 def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
-                  notes: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None) -> str:
     """Markdown Table 1 (see :func:`table1_document`)."""
-    return to_markdown(table1_document(records, train_columns, paper, notes))
+    return to_markdown(table1_document(records, train_columns, paper, notes, current_code))
