@@ -87,7 +87,8 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def reuses_features(self) -> bool:
-        return type(self).features is not Method.features and type(self).predict_from_features is not Method.predict_from_features
+        """Whether the method splits out :meth:`features` (see there)."""
+        return splits_features(type(self))
 
     def compile_targets(self) -> List[str]:
         """Attribute paths ``torch.compile`` wraps under ``--compile`` (dotted for submodules' methods, e.g.
@@ -169,3 +170,9 @@ class Method(nn.Module):
         if embedding == "learned":
             embedding = f"dim={params.get('dim', 20)}"
         return f"{cls.label or cls.name} ({embedding})"
+
+
+def splits_features(cls: type) -> bool:
+    """Whether the :class:`Method` subclass ``cls`` overrides both :meth:`Method.features` and
+    :meth:`Method.predict_from_features`, so the harness can cache its features."""
+    return cls.features is not Method.features and cls.predict_from_features is not Method.predict_from_features

@@ -9,8 +9,9 @@ from noprop_bench.datasets import Split
 from noprop_bench.report.frames import load_curves
 from noprop_bench.report.records import checkpoint_text
 from noprop_bench.run import evaluation_plan
-from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, stratified_subset,
-                                              train_accuracy_split)
+from noprop_bench.method import Method
+from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, evaluation_batches,
+                                              stratified_subset, train_accuracy_split)
 from noprop_bench.run.runner import evaluate
 from noprop_bench_plugins.methods.backprop import Backprop
 from noprop_helpers import mnist_shaped_task
@@ -112,3 +113,32 @@ def test_training_goes_on_in_training_mode_after_an_evaluation_ran_out_of_memory
     assert [w for w in record["warnings"] if "ran out of device memory" in w] != []  # a checkpoint was retried
     modes = fake_plugins.OutOfMemoryNotesModes.modes
     assert len(modes) >= 12 and all(modes)  # no step after the retried checkpoint ran in eval mode
+
+
+def test_cuda_sampling_from_cached_features_takes_a_fixed_batch_whatever_memory_is_free(monkeypatch):
+    """A stochastic method's draws depend on its batch: a seed must give the same accuracy on every GPU."""
+    cuda = evaluation_plan.torch.cuda
+    image = evaluation_plan.image_bytes_estimate((3, 32, 32))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 0)
+    plans = []
+    for images_that_fit in (2000, 9000):
+        free = int(images_that_fit * image / evaluation_plan.CUDA_FREE_MEMORY_SHARE)
+        monkeypatch.setattr(cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
+        plans.append((evaluation_batches("cuda", (3, 32, 32), samples_features=True),
+                      evaluation_batches("cuda", (3, 32, 32))))
+    (small_gpu, small_whole), (large_gpu, large_whole) = plans
+    assert small_gpu.stochastic == large_gpu.stochastic == evaluation_plan.CUDA_FEATURE_SAMPLING_BATCH
+    assert (small_gpu.deterministic, large_gpu.deterministic) == (2000, 9000)  # backbone passes: memory-sized
+    assert (small_whole.stochastic, large_whole.stochastic) == (2000, 9000)  # a whole predict holds images
+    assert evaluation_batches("cpu", (3, 32, 32), samples_features=True).stochastic == CPU_EVAL_BATCH
+
+
+def test_every_built_in_stochastic_method_samples_from_cached_features():
+    from noprop_bench.method import splits_features
+    from noprop_bench.plugins import load_plugins
+
+    stochastic = {name: cls for name, cls in load_plugins().methods.items() if cls.stochastic}
+    assert {"noprop_ct", "noprop_dt", "noprop_fm", "adjoint", "backprop_dt"} <= set(stochastic)
+    assert all(splits_features(cls) for cls in stochastic.values())
+    assert not splits_features(Method)

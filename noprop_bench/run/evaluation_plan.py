@@ -3,9 +3,11 @@
 Checkpoint evaluations during training may look at a fixed, stratified subset of the test split
 (``--checkpoint-size``); the final evaluation always sees the whole split. ``--train-accuracy`` looks at
 a fixed, stratified subset of the training split of at most twice the test split's size, so it costs at
-most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA.
-On the CPU, passes that sample keep the fixed size every CPU evaluation has used, so their random draws
-(and results) do not move, and deterministic passes use small batches that stay in cache.
+most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA, except the passes that sample from a
+method's cached features: they take a fixed batch, :data:`CUDA_FEATURE_SAMPLING_BATCH`, as a method's draws
+depend on its batch, and a seed must give the same accuracy on every GPU. On the CPU, passes that sample
+keep the fixed size every CPU evaluation has used, so their random draws (and results) do not move, and
+deterministic passes use small batches that stay in cache.
 """
 
 from dataclasses import dataclass
@@ -19,6 +21,9 @@ DEFAULT_CHECKPOINT_SIZE = 2000
 CPU_EVAL_BATCH = 1000  # the batch every CPU evaluation has always used: stochastic predictions stay identical
 CPU_FEATURE_BATCH = 64  # deterministic passes on the CPU: small enough for the activations to stay in cache
 CUDA_EVAL_BATCH_MAX = 16384
+# sampling from cached features: a few floats per image (resnet18's 512, NoProp-DT's T paths), so a whole
+# test split fits one batch on any GPU, and the size cannot depend on the device's free memory
+CUDA_FEATURE_SAMPLING_BATCH = 16384
 CUDA_FREE_MEMORY_SHARE = 0.25  # evaluation may take this share of the memory free when the trial starts
 TRAIN_ACCURACY_FACTOR = 2
 SUBSET_SEED = 54321  # fixed, so every method and seed of a run looks at the same images
@@ -91,8 +96,12 @@ def evaluation_batch_size(device: torch.device, image_shape) -> int:
     return max(CPU_EVAL_BATCH, min(CUDA_EVAL_BATCH_MAX, fitting))
 
 
-def evaluation_batches(device: torch.device, image_shape) -> EvaluationBatches:
+def evaluation_batches(device: torch.device, image_shape, samples_features: bool = False) -> EvaluationBatches:
     """The batches of a trial's evaluations: on the CPU the fixed size for passes that sample and
-    :data:`CPU_FEATURE_BATCH` for deterministic ones; on CUDA the memory-sized batch for both."""
+    :data:`CPU_FEATURE_BATCH` for deterministic ones; on CUDA the memory-sized batch for both, except that a
+    method that samples from cached features (``samples_features``) samples in the fixed
+    :data:`CUDA_FEATURE_SAMPLING_BATCH`, so its draws are the same on every GPU."""
     size = evaluation_batch_size(device, image_shape)
-    return EvaluationBatches(size, CPU_FEATURE_BATCH if torch.device(device).type == "cpu" else size)
+    if torch.device(device).type == "cpu":
+        return EvaluationBatches(size, CPU_FEATURE_BATCH)
+    return EvaluationBatches(CUDA_FEATURE_SAMPLING_BATCH if samples_features else size, size)

@@ -26,7 +26,7 @@ from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, strat
 from .memory import PeakMemory, with_graph_pools
 from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
 from .warmup import warm_up
-from ..method import Method
+from ..method import Method, splits_features
 from ..provenance import code_identity
 from .store import environment, trial_id
 from ..task import Task
@@ -282,8 +282,8 @@ class _TrialRun:
             # an earlier trial's method may still sit in a reference cycle (it holds the wrappers of its
             # captured calls, which hold it), with its device memory and CUDA graphs: free it before sizing
             gc.collect()
-        self.eval_batch = EvaluationBatches.of(
-            spec.eval_batch_size or evaluation_batches(spec.device, tuple(data.test.images.shape[1:])))
+        self.eval_batch = EvaluationBatches.of(spec.eval_batch_size or evaluation_batches(
+            spec.device, tuple(data.test.images.shape[1:]), spec.method.stochastic and splits_features(spec.method)))
         record["checkpoint_size"] = len(self.checkpoint_test)
         record["eval_batch_size"] = self.eval_batch.stochastic
         record["eval_feature_batch_size"] = self.eval_batch.deterministic

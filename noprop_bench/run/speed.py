@@ -136,7 +136,7 @@ def _inference_images_per_second(method, task: Task, images: int, setting: Dict[
                                  synchronize, warm: bool) -> float:
     """Images/s of one evaluation pass as a trial's evaluations run it: the same batches and layout."""
     split = Split(task.train_images[:images], task.train_labels[:images])
-    batches = evaluation_batches(task.device, task.image_shape)
+    batches = evaluation_batches(task.device, task.image_shape, method.stochastic and method.reuses_features())
 
     def predict():
         with inference_layout(method, task.device.type, settings):
