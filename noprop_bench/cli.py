@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-size", type=int, default=DEFAULT_CHECKPOINT_SIZE, metavar="N",
                         help="test images per checkpoint evaluation: a fixed, stratified subset of the test split "
                              "(0: the whole split); the final evaluation always uses the whole test split")
-    parser.add_argument("--train-accuracy", action="store_true",
+    train_accuracy = parser.add_mutually_exclusive_group()
+    train_accuracy.add_argument("--train-accuracy", action="store_true",
                         help="also measure accuracy on the training split at the end (Table 1's train columns), on "
                              "a fixed, stratified subset of at most twice the test split's size")
-    parser.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false", default=argparse.SUPPRESS,
+    train_accuracy.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false", default=argparse.SUPPRESS,
                         help="do not measure train accuracy (overrides --preset paper, which measures it)")
     parser.add_argument("--inference-sweep", action="store_true",
                         help="after training, evaluate every inference setting a method offers (e.g. NoProp-CT: "
@@ -105,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-split", type=float, default=0.0, metavar="FRACTION",
                         help="hold out this fraction of each class of the training split as a validation set "
                              "(for methods that select something; the test split is never used to select)")
-    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+    augment = parser.add_mutually_exclusive_group()
+    augment.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                         help="training augmentation, on the device over whole batches; default: the dataset's "
                              "own choice (crop_flip for the CIFAR family, none for MNIST-like data)")
-    parser.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+    augment.add_argument("--no-augment", dest="augment", action="store_const", const="none",
                         help="no augmentation (the paper's v1 setting); same as --augment none")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto picks cuda when available")

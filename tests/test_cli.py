@@ -48,6 +48,26 @@ def test_bad_input_exits_2_with_one_line(args, expected, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags", [["--augment", "crop_flip", "--no-augment"],
+                                   ["--train-accuracy", "--no-train-accuracy"],
+                                   ["--no-channels-last", "--channels-last"],
+                                   ["--cudnn-benchmark", "--no-cudnn-benchmark"]])
+def test_a_flag_and_its_negation_together_are_refused(flags, capsys):
+    """argparse would let the last one win silently."""
+    code, err = _exit(["--methods", "linear", *flags], capsys)
+    assert code == 2
+    assert f"argument {flags[-1]}: not allowed with argument {flags[0]}" in err
+
+
+def test_speed_refuses_a_flag_and_its_negation_together(capsys):
+    from noprop_bench.run.speed import speed_main
+
+    with pytest.raises(SystemExit) as stopped:
+        speed_main(["--channels-last", "on", "--no-channels-last"])
+    assert stopped.value.code == 2
+    assert "argument --no-channels-last: not allowed with argument --channels-last" in capsys.readouterr().err
+
+
 def test_console_script_reports_unknown_method_without_traceback():
     done = subprocess.run([sys.executable, "-m", "noprop_bench", "--methods", "nope"],
                           capture_output=True, text=True, timeout=120)

@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to time the methods; auto: CUDA when there is a GPU, else the CPU")
     parser.add_argument("--precision", default=None,
                         help=f"comma-separated, from {', '.join(PRECISIONS)}; default: the device's default")
-    parser.add_argument("--channels-last", nargs="?", const="on", default=None, metavar="off,on",
+    channels_last = parser.add_mutually_exclusive_group()
+    channels_last.add_argument("--channels-last", nargs="?", const="on", default=None, metavar="off,on",
                         help="comma-separated off/on (alone: on); default: the device's default")
-    parser.add_argument("--no-channels-last", dest="channels_last", action="store_const", const="off",
+    channels_last.add_argument("--no-channels-last", dest="channels_last", action="store_const", const="off",
                         default=argparse.SUPPRESS,
                         help="same as --channels-last off")
     parser.add_argument("--compile", default=None,

@@ -109,9 +109,10 @@ def add_speed_arguments(parser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="arithmetic for every method of the run: fp32, tf32 (TF32 matmuls and convolutions "
                              "on CUDA) or bf16 (autocast); default: fp32 on the CPU, tf32 on CUDA")
-    parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+    channels_last = parser.add_mutually_exclusive_group()
+    channels_last.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="channels-last memory format for weights and images (default on CUDA, off on the CPU)")
-    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=argparse.SUPPRESS,
+    channels_last.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=argparse.SUPPRESS,
                         help="keep the default (contiguous) memory format")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
                         help="torch.compile mode for each method's train step and inference path (reduce-overhead "
@@ -123,10 +124,11 @@ def add_speed_arguments(parser) -> None:
 def add_cudnn_benchmark_arguments(parser, when: str) -> None:
     """``--cudnn-benchmark`` / ``--no-cudnn-benchmark`` (one value, None when neither is given); ``when``
     says in the help when the timing happens."""
-    parser.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
+    cudnn_benchmark = parser.add_mutually_exclusive_group()
+    cudnn_benchmark.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
                         help=f"CUDA: cuDNN times its convolution algorithms for each new input shape {when} and "
                              f"keeps the fastest. Default: off")
-    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
+    cudnn_benchmark.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
                         help="cuDNN chooses convolution algorithms by heuristics (the default)")
 
 
