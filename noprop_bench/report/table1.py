@@ -29,12 +29,15 @@ def format_cell(values: List[float], seed_means: Sequence[float] = ()) -> str:
     return text
 
 
-def seeds_per_cell(ok: List[Dict[str, Any]], rows: Sequence[str]) -> Tuple[Dict[Tuple[str, str], int], int]:
-    """Seeds in each ``(row, dataset)`` cell of a comparable group of ``ok`` records with their assigned
-    ``rows`` (duplicate seeds dropped), and the seeds of the whole group (what the caption counts)."""
-    cells: Dict[Tuple[str, str], set] = {}
+def seeds_per_cell(ok: List[Dict[str, Any]], rows: Sequence[str]) -> Tuple[Dict[Tuple[str, str, str], int], int]:
+    """Seeds with values in each ``(row, dataset, split)`` cell of a comparable group of ``ok`` records with
+    their assigned ``rows`` (duplicate seeds dropped), and the seeds of the whole group (what the caption
+    counts). A seed that did not measure train accuracy is missing from its train cell only."""
+    cells: Dict[Tuple[str, str, str], set] = {}
     for record, row in zip(ok, rows):
-        cells.setdefault((row, record["dataset"]), set()).add(record["seed"])
+        for split, field in SPLITS.items():
+            if record.get(field):
+                cells.setdefault((row, record["dataset"], split), set()).add(record["seed"])
     return {cell: len(seeds) for cell, seeds in cells.items()}, len({r["seed"] for r in ok})
 
 
@@ -110,7 +113,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
                          if kind != "ours" and paper_row else None)
             if kind == "ours":
                 text = format_cell(values, seed_means.get((row, spec, split), []))
-                seeds = cell_seeds.get((row, spec), 0)
+                seeds = cell_seeds.get((row, spec, split), 0)
                 line.append(f"{text} ({seeds} of {group_seeds} seeds)" if values and seeds < group_seeds else text)
             elif published is None:
                 line.append("–")
@@ -152,12 +155,14 @@ def _has_seed_se(records: List[Dict[str, Any]], rows: Sequence[str]) -> bool:
     return any(len(found) > 1 for found in seeds.values())
 
 
-def _fewer_seeds_text(ok: List[Dict[str, Any]], rows: Sequence[str]) -> str:
+def _fewer_seeds_text(ok: List[Dict[str, Any]], rows: Sequence[str], train_columns: bool) -> str:
     cell_seeds, group_seeds = seeds_per_cell(ok, rows)
-    if all(seeds == group_seeds for seeds in cell_seeds.values()):
+    shown = ("train", "test") if train_columns else ("test",)
+    if all(seeds == group_seeds for (_, _, split), seeds in cell_seeds.items() if split in shown):
         return ""
     return (" \"(k of n seeds)\" marks a cell with fewer trained models than the table's seeds (the others did "
-            "not finish ok, or did not run); its ± says less about the spread between training runs.")
+            "not finish ok, did not run, or did not measure that split); its ± says less about the spread "
+            "between training runs.")
 
 
 def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
@@ -167,9 +172,9 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     kept, rows, _ = drop_duplicate_seeds(ok, assign_rows(ok))  # the records and rows the cells are made of
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
-               f"{_runs_text(ok)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
-               f"single value.{SEED_SE_TEXT if _has_seed_se(kept, rows) else ''}{_fewer_seeds_text(kept, rows)} "
-               f"{settings_text(ok)}{older_code_note(ok, current_code)}")
+               f"{_runs_text(kept)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
+               f"single value.{SEED_SE_TEXT if _has_seed_se(kept, rows) else ''}{_fewer_seeds_text(kept, rows, train_columns)} "
+               f"{settings_text(kept)}{older_code_note(kept, current_code)}")
     caption += preset_text(ok)
     if paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."

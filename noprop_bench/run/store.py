@@ -164,8 +164,16 @@ class TrialStore:
 
 
 def latest_per_trial(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The last record of each trial id (a retried failure is superseded by its rerun)."""
-    latest = {}
-    for record in records:
-        latest[record.get("trial_id", id(record))] = record
-    return list(latest.values())
+    """The record that stands for each trial id, in the order they were written: its last finished record
+    (``ok`` or ``diverged``), else its last record. A retried failure is superseded by its rerun, but a
+    later attempt that failed or was interrupted (a stale trial's retraining stopped by Ctrl-C, a duplicate
+    job that failed) does not hide a finished result, which a rerun also keeps as finished."""
+    chosen: Dict[Any, int] = {}
+    for index, record in enumerate(records):
+        key = record.get("trial_id", id(record))
+        kept = chosen.get(key)
+        if (kept is not None and records[kept].get("status") in FINISHED_STATUSES
+                and record.get("status") not in FINISHED_STATUSES):
+            continue
+        chosen[key] = index
+    return [records[index] for index in sorted(chosen.values())]
