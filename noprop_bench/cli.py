@@ -18,7 +18,7 @@ from .backbones import check_backbone_name
 from .report.baseline import check_compatible, compare, load_baseline, regressions, save_baseline, spec_settings
 from .run.budget import Budget
 from .datasets import AUGMENTATIONS
-from .errors import UsageError
+from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter
 from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
@@ -44,7 +44,7 @@ DEFAULT_BUDGET = "45"
 DEFAULT_SEEDS = 1
 DEFAULT_EXECUTOR = "local"
 
-EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_REGRESSION = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,7 +335,12 @@ def run(argv: Optional[List[str]] = None) -> int:
             except KeyboardInterrupt:
                 say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED
-    print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code))
+    try:
+        print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code))
+    except KeyboardInterrupt:
+        say(f"interrupted while writing the tables; every trial is kept in {store.path}, and "
+            f"noprop-bench report {out} writes them")
+        return EXIT_INTERRUPTED
     say(f"results in {out}/ (trials.jsonl, table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png)")
     if problems:
         say(f"{len(problems)} trial(s) did not finish ok:")
@@ -393,4 +398,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except UsageError as error:
         print(f"noprop-bench: error: {error}", file=sys.stderr)
         code = EXIT_USAGE
+    except KeyboardInterrupt:  # before any trial ran (e.g. while plugins import): nothing to keep
+        print("noprop-bench: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)

@@ -149,3 +149,17 @@ def test_help_shows_no_misleading_defaults():
         # --no-* flags and options decided later (by the device, a preset, the dataset) printed these
         assert "(default: True)" not in text and "(default: None)" not in text
         assert "(default: 128)" in text  # real defaults are still shown
+
+
+def test_ctrl_c_while_the_tables_are_written_keeps_every_trial_and_says_how_to_write_them(fake_run, monkeypatch,
+                                                                                          capsys):
+    from noprop_bench import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_run_outputs", interrupted)
+    code, out = fake_run("--methods", "linear", "--budget", "64samples", "--checkpoints", "0")
+    assert code == 130
+    assert json.loads((out / "trials.jsonl").read_text().splitlines()[0])["status"] == "ok"
+    assert f"noprop-bench report {out} writes them" in capsys.readouterr().err

@@ -123,6 +123,41 @@ def test_a_method_that_fails_is_a_row_saying_why_and_the_others_are_still_measur
     assert "not measured: RuntimeError: CUDA error" in (out / "speed.md").read_text()
 
 
+def test_ctrl_c_keeps_the_rows_already_measured(tmp_path, one_thread, monkeypatch):
+    from noprop_bench.run import speed
+
+    measured = speed.measure
+    calls = []
+
+    def interrupted_on_the_second_row(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "measure", interrupted_on_the_second_row)
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear,backprop",
+                "--batch-size", "8", "--steps", "2", "--out", str(out)])
+    assert code == 130
+    rows = json.loads((out / "speed.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["ms_per_step"] > 0
+    assert "Interrupted: 1 of the 2 planned rows were measured." in (out / "speed.md").read_text()
+
+
+def test_ctrl_c_before_any_trial_exits_130_without_a_traceback(monkeypatch, capsys):
+    from noprop_bench import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_plugins", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--methods", "backprop"])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "noprop-bench: interrupted\n"
+
+
 def test_speed_channels_last_flags_match_the_main_command(tmp_path):
     for flags, expected in ((["--channels-last"], [True]), (["--no-channels-last"], [False]),
                             (["--channels-last", "off,on"], [False, True]), ([], [False])):

@@ -25,7 +25,7 @@ import torch
 
 from ..backbones import check_backbone_name, create_backbone
 from ..datasets import Normalizer, Split
-from ..errors import UsageError
+from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter
 from ..plugins import load_plugins
 from ..specs import parse_dataset_spec, parse_method_list
@@ -325,21 +325,29 @@ def speed_main(argv: Sequence[str]) -> int:
     inference_images = INFERENCE_IMAGES.get(device.type) or evaluation_batch_size(device, dataset.image_shape)
     task = random_task(dataset, backbone, device, max(args.batch_size, inference_images))
     rows = []
-    for settings, (cls, params) in itertools.product(grid, methods):
-        warmup = warmup_steps(plain_warmup, settings)
-        say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
-        _release_earlier_rows(device)
-        try:
-            row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images,
-                          args.profile)
-        except (UsageError, KeyboardInterrupt):
-            raise
-        except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
-            say(f"{cls.row_label(params)}, {settings.describe()}: not measured: {first_line(error)}")
-            rows.append(failed_row(cls, params, settings, error))
-        else:
-            rows.append(row)
-            say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(row)}")
+    planned = list(itertools.product(grid, methods))
+    interrupted = False
+    try:
+        for settings, (cls, params) in planned:
+            warmup = warmup_steps(plain_warmup, settings)
+            say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
+            _release_earlier_rows(device)
+            try:
+                row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images,
+                              args.profile)
+            except (UsageError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
+                say(f"{cls.row_label(params)}, {settings.describe()}: not measured: {first_line(error)}")
+                rows.append(failed_row(cls, params, settings, error))
+            else:
+                rows.append(row)
+                say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(row)}")
+    except KeyboardInterrupt:  # keep the rows already measured
+        interrupted = True
+        say(f"interrupted after {len(rows)} of {len(planned)} row(s)")
+        if not rows:
+            return EXIT_INTERRUPTED
     add_ratios(rows)
     shape = "x".join(map(str, dataset.image_shape))
     kinds = list(dict.fromkeys(row["memory_kind"] for row in rows if "memory_kind" in row))
@@ -352,6 +360,8 @@ def speed_main(argv: Sequence[str]) -> int:
               f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
               f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}).")
+    if interrupted:
+        header += f" Interrupted: {len(rows)} of the {len(planned)} planned rows were measured."
     text = render(rows, header) + render_profiles(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text)
@@ -360,4 +370,6 @@ def speed_main(argv: Sequence[str]) -> int:
                                                 "rows": rows}, indent=1, default=str))
     print(text)
     say(f"written to {out}/ (speed.md, speed.json)")
+    if interrupted:
+        return EXIT_INTERRUPTED
     return 1 if any(row.get("error") for row in rows) else 0
