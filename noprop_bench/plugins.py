@@ -15,6 +15,7 @@ from .run.executor_base import Executor
 from .method import FAMILIES, Method
 
 ENTRY_POINT_GROUP = "noprop_bench"
+BUILT_IN_DISTRIBUTION = "noprop-bench"
 
 
 class PluginWarning(UserWarning):
@@ -61,25 +62,34 @@ class Registry:
 
 
 def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_name: str):
+    def claim(kind: str, table: Dict[str, type], cls: type) -> None:
+        """The first plugin to register a name keeps it: a later one with another class is warned about
+        and left out, so no plugin silently replaces a built-in (or another plugin's) method."""
+        known = table.get(cls.name)
+        if known is not None and known is not cls:
+            warnings.warn(f"plugin {plugin_name!r} registers {kind} {cls.name!r}, which plugin "
+                          f"{registry.provider[f'{kind}:{cls.name}']!r} already provides; the one from "
+                          f"{plugin_name!r} is left out (rename it)", PluginWarning, stacklevel=2)
+            return
+        table[cls.name] = cls
+        registry.provider.setdefault(f"{kind}:{cls.name}", plugin_name)
+
     def register_method(cls):
         if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Method subclass")
         if cls.family not in FAMILIES:
             raise TypeError(f"method {cls.name!r}: family must be one of {FAMILIES}, not {cls.family!r}")
-        registry.methods[cls.name] = cls
-        registry.provider[f"method:{cls.name}"] = plugin_name
+        claim("method", registry.methods, cls)
 
     def register_dataset(cls):
         if not (isinstance(cls, type) and issubclass(cls, Dataset)) or not cls.name:
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Dataset subclass")
-        registry.datasets[cls.name] = cls
-        registry.provider[f"dataset:{cls.name}"] = plugin_name
+        claim("dataset", registry.datasets, cls)
 
     def register_executor(cls):
         if not (isinstance(cls, type) and issubclass(cls, Executor)) or not cls.name:
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Executor subclass")
-        registry.executors[cls.name] = cls
-        registry.provider[f"executor:{cls.name}"] = plugin_name
+        claim("executor", registry.executors, cls)
 
     hooks = pm.subset_hook_caller  # call each hook on this plugin alone, so provenance is exact
     others = [p for p in pm.get_plugins() if p is not plugin]
@@ -101,27 +111,40 @@ def _add_plugin(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_nam
     return True
 
 
+def _not_built_in(entry_point) -> bool:
+    """Sort key: this distribution's own plugins first, so their names are never taken by another's."""
+    distribution = getattr(entry_point, "dist", None)
+    return getattr(distribution, "name", None) != BUILT_IN_DISTRIBUTION
+
+
 def load_plugins(modules: Optional[List[str]] = None) -> Registry:
-    """Load every installed plugin of the ``noprop_bench`` entry-point group, then ``modules``.
+    """Load every installed plugin of the ``noprop_bench`` entry-point group (the built-ins first), then
+    ``modules``.
 
     A plugin that fails to import or to register is reported as a :class:`PluginWarning` and left
-    out; asking for one of its methods later names it and its error.
+    out; asking for one of its methods later names it and its error. A method, dataset or executor name
+    belongs to the first plugin that registers it; another plugin's class of that name is left out with a
+    :class:`PluginWarning`.
     """
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
-    seen = set()
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name in seen:  # the same distribution visible twice on sys.path
+    seen, names = set(), set()
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_not_built_in):
+        if (entry_point.name, entry_point.value) in seen:  # the same distribution visible twice on sys.path
             continue
-        seen.add(entry_point.name)
+        seen.add((entry_point.name, entry_point.value))
+        # two distributions may pick one entry-point name: both load, the second under a longer name
+        plugin_name = entry_point.name if entry_point.name not in names else f"{entry_point.name} ({entry_point.value})"
+        names.add(entry_point.name)
         try:
             plugin = entry_point.load()
         except Exception as error:
-            registry.broken[entry_point.name] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"plugin {entry_point.name!r} failed to import: {error}", PluginWarning, stacklevel=2)
+            registry.broken[plugin_name] = f"{type(error).__name__}: {error}"
+            warnings.warn(f"plugin {plugin_name!r} failed to import: {error}", PluginWarning, stacklevel=2)
             continue
-        _add_plugin(pm, registry, plugin, entry_point.name)
+        if not pm.is_registered(plugin):
+            _add_plugin(pm, registry, plugin, plugin_name)
     for module_name in modules or []:
         try:
             module = importlib.import_module(module_name)

@@ -92,6 +92,7 @@ def test_a_new_dataset_plugin_passes_the_dataset_check(tmp_path, monkeypatch):
     (["new-plugin", "json"], "a Python module of that name already exists"),
     (["new-plugin", "backprop"], "plugin 'backprop' already provides a method of that name"),
     (["new-plugin", "mnist5k", "--kind", "dataset"], "plugin 'mnist5k' already provides a dataset of that name"),
+    (["new-plugin", "backprop", "--kind", "dataset"], "an installed plugin already has that name"),
     (["new-plugin", "fine_name", "--dir", "."], "exists and is not an empty folder"),
 ])
 def test_bad_names_and_folders_are_usage_errors(args, message, capsys, tmp_path, monkeypatch):

@@ -43,6 +43,26 @@ def register_methods(register):
 '''
 
 
+CLASHING_SOURCE = '''
+from noprop_bench import hookimpl
+from noprop_bench_plugins.methods.backprop import Backprop
+
+
+class Imposter(Backprop):
+    """Registers a built-in's name."""
+
+
+class Renamed(Backprop):
+    name = "clash_renamed"
+
+
+@hookimpl
+def register_methods(register):
+    register(Imposter)
+    register(Renamed)
+'''
+
+
 def _write_distribution(root, name, module, source, entry_name):
     (root / module).mkdir(parents=True)
     (root / module / "__init__.py").write_text(source)
@@ -69,10 +89,12 @@ def site(tmp_path_factory):
     pytest.importorskip("setuptools")
     base = tmp_path_factory.mktemp("dists")
     target = base / "site"
-    good, bad = base / "good", base / "bad"
+    good, bad, clashing = base / "good", base / "bad", base / "clashing"
     _write_distribution(good, "nb-thirdparty", "nb_thirdparty", PLUGIN_SOURCE, "thirdparty")
     _write_distribution(bad, "nb-broken", "nb_broken", "raise ImportError('missing dependency xyz')\n", "broken")
-    for source in (good, bad):
+    # the built-in backprop's entry-point name, and a method registered under the built-in's method name
+    _write_distribution(clashing, "nb-clashing", "nb_clashing", CLASHING_SOURCE, "backprop")
+    for source in (good, bad, clashing):
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                         "--target", str(target), str(source)], check=True, timeout=300)
     return target
@@ -99,6 +121,17 @@ def test_installed_plugin_is_listed_and_runs(site, tmp_path):
     assert {r["method"]: r["status"] for r in records} == {"thirdparty_linear": "ok", "backprop": "ok"}
     table = (out / "table1.md").read_text()
     assert "| Third-party " in table and "Third-party (" not in table and "Backprop with linear head" in table
+
+
+def test_a_plugin_never_silently_replaces_another_plugins_name(site, tmp_path):
+    listed = _cli(site, "--list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    # both distributions named their entry point "backprop": both load
+    assert "clash_renamed" in listed.stdout and "from plugin backprop (nb_clashing)" in listed.stdout
+    backprop = next(line for line in listed.stdout.splitlines() if line.strip().startswith("backprop "))
+    assert "from plugin backprop" in backprop and "nb_clashing" not in backprop  # the built-in kept its name
+    assert ("plugin 'backprop (nb_clashing)' registers method 'backprop', which plugin 'backprop' already "
+            "provides") in listed.stderr
 
 
 def test_asking_for_a_broken_plugin_names_it(site, tmp_path):

@@ -2,13 +2,14 @@
 
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 
 from ..errors import UsageError
-from ..plugins import load_plugins
+from ..plugins import PluginWarning, load_plugins
 from ..specs import parse_dataset_spec
 from .budget import Budget
 from .jobs import Say, TrialJob, failed_record, worker_identity
@@ -30,7 +31,9 @@ class WorkerCache:
             if path not in sys.path:
                 sys.path.insert(0, path)
         if self.registry_key != job.plugins:
-            self.registry, self.registry_key = load_plugins(list(job.plugins)), job.plugins
+            with warnings.catch_warnings():  # the host has already reported what failed to load
+                warnings.simplefilter("ignore", PluginWarning)
+                self.registry, self.registry_key = load_plugins(list(job.plugins)), job.plugins
         return self.registry
 
     def data_for(self, job: TrialJob, registry, device: torch.device, say: Say):
