@@ -163,3 +163,31 @@ def test_ctrl_c_while_the_tables_are_written_keeps_every_trial_and_says_how_to_w
     assert code == 130
     assert json.loads((out / "trials.jsonl").read_text().splitlines()[0])["status"] == "ok"
     assert f"noprop-bench report {out} writes them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken_load, expected", [
+    ("missing", "dataset 'tiny' could not load its train split: FileNotFoundError: no train.bin here"),
+    ("float_images", "dataset 'tiny' could not load its train split: ValueError: images must be a uint8 tensor"),
+    ("label_out_of_range", "dataset 'tiny' breaks the dataset contract in its train split: labels must lie in "
+                           "0..3 (one per name in classes); found 0..4"),
+    ("not_a_split", "dataset 'tiny': load('train') returned tuple, not a noprop_bench.Split"),
+])
+def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load, expected, monkeypatch, capsys):
+    import torch
+    import fake_plugins
+    from noprop_bench.datasets import Split
+
+    def load(self, split):
+        images = torch.zeros(8, 1, 16, 16, dtype=torch.uint8)
+        if broken_load == "missing":
+            raise FileNotFoundError(f"no {split}.bin here")
+        if broken_load == "float_images":
+            return Split(images.float(), torch.zeros(8, dtype=torch.long))
+        if broken_load == "label_out_of_range":
+            return Split(images, torch.arange(8) % 5)
+        return images, torch.zeros(8, dtype=torch.long)
+
+    monkeypatch.setattr(fake_plugins.Tiny, "load", load)
+    code, err = _exit(["--methods", "linear", "--budget", "64samples"], capsys)
+    assert code == 2
+    assert expected in err and "Traceback" not in err

@@ -57,14 +57,42 @@ class RunData:
     @classmethod
     def load(cls, dataset: Dataset, device: torch.device, val_split: float = 0.0) -> "RunData":
         started = time.perf_counter()
-        train = dataset.load("train")
-        test = dataset.load("test")
+        train, test = load_split(dataset, "train"), load_split(dataset, "test")
         val = None
         if val_split > 0:
             train, val = hold_out(train, val_split, VAL_SPLIT_SEED)
             val = val.to(device)
         normalize = Normalizer(dataset.mean, dataset.std, device)
         return cls(dataset, train.to(device), test.to(device), normalize, time.perf_counter() - started, val)
+
+
+def load_split(dataset: Dataset, name: str) -> Split:
+    """``dataset.load(name)``, checked: a dataset that fails to load, or hands back a split that breaks the
+    contract (labels out of range, say, which would otherwise fail every method), is one line of error
+    naming the dataset, not a traceback blaming a method."""
+    try:
+        split = dataset.load(name)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a plugin's (or a download's) failure, said in one line
+        detail = str(error).strip().splitlines()
+        raise UsageError(f"dataset {dataset.name!r} could not load its {name} split: {type(error).__name__}"
+                         f"{': ' + detail[0] if detail else ''}") from error
+    if not isinstance(split, Split):
+        raise UsageError(f"dataset {dataset.name!r}: load({name!r}) returned {type(split).__name__}, not a "
+                         f"noprop_bench.Split")
+    labels = split.labels
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        problem = f"labels must be integers [N], not {labels.dtype} of shape {list(labels.shape)}"
+    elif len(labels) == 0:
+        problem = "the split is empty"
+    elif int(labels.min()) < 0 or int(labels.max()) >= dataset.num_classes:
+        problem = (f"labels must lie in 0..{dataset.num_classes - 1} (one per name in classes); found "
+                   f"{int(labels.min())}..{int(labels.max())}")
+    else:
+        return split
+    raise UsageError(f"dataset {dataset.name!r} breaks the dataset contract in its {name} split: {problem} "
+                     f"(noprop_bench.testing.check_dataset lists every fix)")
 
 
 def hold_out(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:
