@@ -24,7 +24,7 @@ from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
 from .plugins import load_plugins
 from .provenance import code_identity
-from .report.cli import report_main, write_run_outputs
+from .report.cli import report_main, run_output_names, write_run_outputs
 from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
 from .run.store import FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial
@@ -341,7 +341,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         say(f"interrupted while writing the tables; every trial is kept in {store.path}, and "
             f"noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED
-    say(f"results in {out}/ (trials.jsonl, table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png)")
+    say(f"results in {out}/ ({run_output_names(out)})")
     if problems:
         say(f"{len(problems)} trial(s) did not finish ok:")
         for record in problems:

@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the plugin's name: the method or dataset name on the command line and its Python "
                              "package (lower case letters, digits, underscores)")
     parser.add_argument("--dir", default=None, metavar="PATH",
-                        help="where to write the distribution (default: ./noprop-bench-NAME); must not exist or "
-                             "be empty")
-    parser.add_argument("--kind", choices=sorted(KINDS), default="method", help="what the plugin provides")
+                        help="where to write the distribution (default: ./noprop-bench-NAME, with NAME's "
+                             "underscores as hyphens); must not exist or be empty")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="method",
+                        help="what the plugin provides (default: method)")
     return parser
 
 
@@ -73,9 +74,13 @@ def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path
     written = []
     for source, target in layout.items():
         path = directory / target
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(Template(templates.joinpath(source).read_text(encoding="utf-8")).substitute(values),
-                        encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(Template(templates.joinpath(source).read_text(encoding="utf-8")).substitute(values),
+                            encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"--dir {directory}: cannot write {target} there ({type(error).__name__}: "
+                             f"{error.strerror or error})") from None
         written.append(path)
     return written
 

@@ -191,3 +191,11 @@ def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load
     code, err = _exit(["--methods", "linear", "--budget", "64samples"], capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
+
+
+def test_the_closing_line_names_only_the_files_written(fake_run, capsys):
+    code, out = fake_run("--methods", "explode", "--budget", "64samples", "--checkpoints", "0")
+    assert code == 1
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("results in"))
+    assert "table1.md" in line and "figure3" not in line  # no trial finished ok: nothing to draw
+    assert not (out / "figure3.png").exists()

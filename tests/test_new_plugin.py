@@ -94,6 +94,7 @@ def test_a_new_dataset_plugin_passes_the_dataset_check(tmp_path, monkeypatch):
     (["new-plugin", "mnist5k", "--kind", "dataset"], "plugin 'mnist5k' already provides a dataset of that name"),
     (["new-plugin", "backprop", "--kind", "dataset"], "an installed plugin already has that name"),
     (["new-plugin", "fine_name", "--dir", "."], "exists and is not an empty folder"),
+    (["new-plugin", "fine_name", "--dir", "something/sub"], "--dir something/sub: cannot write pyproject.toml there"),
 ])
 def test_bad_names_and_folders_are_usage_errors(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import UsageError
 from .exports import FORMATS, parse_formats, require_parquet, write_frames, write_html, write_json, write_text
-from ..run.store import check_output_directory
+from ..run.store import TRIALS_FILE, check_output_directory
 from .code_versions import CodeByMethod
 from .table1 import render_table1
 from .records import check_records, load_records
@@ -55,10 +55,22 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):
         write_text(out / "inference_sweep.md", render_inference_sweep(records))
     try:
-        write_figure3(records, out / "figure3")
+        drawn = write_figure3(records, out / "figure3")
     except Exception as error:  # a plotting problem must not cost a finished run its tables
+        drawn = []
         _warn(f"figure3 not written: {type(error).__name__}: {error}")
+    for suffix in (".png", ".svg"):  # an older figure would show trials these tables no longer hold
+        stale = out / f"figure3{suffix}"
+        if stale not in drawn and stale.exists():
+            stale.unlink()
     return table1
+
+
+def run_output_names(out_dir) -> str:
+    """The report files :func:`write_run_outputs` left in ``out_dir`` (figure3 only when it was drawn)."""
+    names = [TRIALS_FILE, "table1.md", "table2.md", "time_to_accuracy.md", "inference_sweep.md", "curves.csv",
+             "figure3.png", "figure3.svg"]
+    return ", ".join(name for name in names if (Path(out_dir) / name).exists())
 
 
 def build_report_parser() -> argparse.ArgumentParser:
@@ -121,7 +133,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         table1 = write_run_outputs(out, records, targets, train_columns=args.train_accuracy, paper=args.paper,
                                    notes=notes)
         print(table1)
-        written.append("table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg")
+        written.append(run_output_names(out).replace(f"{TRIALS_FILE}, ", ""))
     out.mkdir(parents=True, exist_ok=True)
     for kind in ("csv", "parquet"):
         if kind in formats:
