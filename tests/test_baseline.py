@@ -115,6 +115,39 @@ def test_a_baseline_saved_before_a_setting_was_stored_is_not_checked_on_it(fake_
     assert code == 0
 
 
+def _ct_record(seed, lr, accuracy, samples_per_second=1000.0, method="noprop_ct"):
+    return {"status": "ok", "trial_id": f"{method}-{lr}-{seed}", "method": method, "family": "continuous-time",
+            "row_label": "NoProp-CT (one-hot)" if method == "noprop_ct" else "Backprop with linear head",
+            "params": {"embedding": "one-hot", "lr": lr}, "dataset": "mnist5k", "seed": seed,
+            "test_acc_runs": [accuracy], "samples_per_second": samples_per_second, "budget": "60s",
+            "backbone": "noprop_cnn", "batch_size": 128, "inference_runs": 1, "environment": {}}
+
+
+def test_two_configurations_of_a_method_are_two_baseline_rows_as_in_table_1():
+    """Pooled, a 7-point fall of one configuration hid inside the other's spread."""
+    from noprop_bench.report.baseline import compare, regressions, summarise
+
+    then = [_ct_record(seed, lr, accuracy) for seed in (0, 1)
+            for lr, accuracy in ((1e-3, 97.0), (1e-4, 50.0))]
+    baseline = {**summarise(then), "tolerance": {"accuracy_floor_points": 1.0, "accuracy_standard_errors": 2.0}}
+    assert sorted(baseline["rows"]) == ["mnist5k / NoProp-CT (one-hot) [lr=0.0001]",
+                                        "mnist5k / NoProp-CT (one-hot) [lr=0.001]"]
+    now = [_ct_record(seed, lr, 90.0 if lr == 1e-3 else 50.0) for seed in (0, 1) for lr in (1e-3, 1e-4)]
+    failed = regressions(compare(now, baseline))
+    assert list(failed["row"]) == ["mnist5k / NoProp-CT (one-hot) [lr=0.001]"]
+    assert "accuracy fell 7.00 points" in failed["verdict"].iloc[0]
+
+
+def test_relative_speed_needs_one_reference_row():
+    from noprop_bench.report.baseline import summarise
+
+    one = summarise([_ct_record(0, 1e-3, 90.0, 500.0), _ct_record(0, 1e-3, 95.0, 1000.0, method="backprop")])
+    assert one["rows"]["mnist5k / NoProp-CT (one-hot)"]["relative_throughput"] == 0.5
+    two = summarise([_ct_record(0, 1e-3, 90.0, 500.0), _ct_record(0, 1e-3, 95.0, 1000.0, method="backprop"),
+                     _ct_record(0, 1e-4, 95.0, 2000.0, method="backprop")])
+    assert all(row["relative_throughput"] is None for row in two["rows"].values())
+
+
 def test_unreadable_baseline_is_bad_input(tmp_path, capsys):
     from noprop_bench.cli import main
     bad = tmp_path / "bad.json"

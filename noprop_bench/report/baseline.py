@@ -1,8 +1,8 @@
 """Regression checks: compare a finished run with a committed baseline of accuracy and relative speed.
 
-A baseline file is JSON with, per ``dataset / row label``, the test accuracy (mean; the pooled s.e. over
-seeds x inference runs; and the s.e. over the per-seed means) and the training throughput relative to a
-reference method measured in the same run (absolute seconds are never compared: shared machines are too
+A baseline file is JSON with, per ``dataset / row`` (Table 1's rows), the test accuracy (mean; the pooled
+s.e. over seeds x inference runs; and the s.e. over the per-seed means) and the training throughput
+relative to a reference method measured in the same run (absolute seconds are never compared: shared machines are too
 noisy). The tolerances are stored in the file.
 
 The accuracy tolerance is ``max(accuracy_standard_errors x seed-level s.e., accuracy_floor_points)``, at most
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
-from .records import speed_text
+from .records import assign_rows, speed_text
 
 FORMAT_VERSION = 1
 DEFAULT_TOLERANCE = {
@@ -64,10 +64,6 @@ def spec_settings(specs: List[Any]) -> Dict[str, Any]:
             "threads": None}  # known only where the trials run (a worker may set its own); checked after them
 
 
-def _key(record: Dict[str, Any]) -> str:
-    return f"{record['dataset']} / {record['row_label']}"
-
-
 def _mean_se_n(values: List[float]) -> Tuple[float, float, int]:
     """Mean, standard error of the mean (0 for a single value) and count."""
     values = np.asarray(values, dtype=float)
@@ -81,22 +77,27 @@ def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) ->
     if not ok:
         raise UsageError("no trial finished ok, so there is nothing to compare or save")
     rows: Dict[str, Dict[str, Any]] = {}
-    for record in ok:
-        row = rows.setdefault(_key(record), {"accuracies": [], "seed_means": [], "samples_per_second": [],
-                                             "method": record["method"], "dataset": record["dataset"]})
+    # Table 1's rows: trials of one method with other parameters or training data are never pooled
+    for record, label in zip(ok, assign_rows(ok)):
+        row = rows.setdefault(f"{record['dataset']} / {label}", {
+            "accuracies": [], "seed_means": [], "samples_per_second": [], "method": record["method"],
+            "dataset": record["dataset"]})
         row["accuracies"].extend(record["test_acc_runs"])
         row["seed_means"].append(float(np.mean(record["test_acc_runs"])))
         row["samples_per_second"].append(record["samples_per_second"])
     reference = reference or ("backprop" if any(r["method"] == "backprop" for r in ok) else ok[0]["method"])
-    speeds = {}
+    speeds: Dict[str, List[float]] = {}
     for key, row in rows.items():
         row["accuracy_mean"], row["accuracy_se"], row["accuracy_n"] = _mean_se_n(row.pop("accuracies"))
         _, row["accuracy_seed_se"], row["accuracy_seeds"] = _mean_se_n(row.pop("seed_means"))
         row["samples_per_second"] = float(np.median(row["samples_per_second"]))
-        speeds[(row["dataset"], row["method"])] = row["samples_per_second"]
+        if row["method"] == reference:
+            speeds.setdefault(row["dataset"], []).append(row["samples_per_second"])
     for row in rows.values():
-        base = speeds.get((row["dataset"], reference))
-        row["relative_throughput"] = row["samples_per_second"] / base if base else None
+        # one reference row per dataset, or no relative speed: with two configurations of the reference
+        # method, which one the others are relative to would be a guess
+        base = speeds.get(row["dataset"], [])
+        row["relative_throughput"] = row["samples_per_second"] / base[0] if len(base) == 1 else None
     return {"format": FORMAT_VERSION, "reference_method": reference, **record_settings(records), "rows": rows}
 
 
