@@ -142,3 +142,17 @@ def test_every_built_in_stochastic_method_samples_from_cached_features():
     assert {"noprop_ct", "noprop_dt", "noprop_fm", "adjoint", "backprop_dt"} <= set(stochastic)
     assert all(splits_features(cls) for cls in stochastic.values())
     assert not splits_features(Method)
+
+
+def test_time_to_accuracy_warns_when_trials_ran_with_different_checkpoints(fake_run, tmp_path):
+    """--checkpoints is an observation setting (not in the trial id): a run resumed with another value keeps
+    its finished trials, whose curves then have another resolution."""
+    out = tmp_path / "run"
+    fake_run("--methods", "linear", "--budget", "6steps", "--checkpoints", "0", out=out)
+    fake_run("--methods", "linear,noisy", "--budget", "6steps", "--checkpoints", "3", out=out)
+    records = _records(out)
+    assert [r["checkpoints"] for r in records] == [0, 3]
+    caption = (out / "time_to_accuracy.md").read_text()
+    assert "The trials here ran with different --checkpoints (0, 3)" in caption
+    fake_run("--methods", "linear", "--budget", "6steps", "--checkpoints", "0", out=tmp_path / "alone")
+    assert "different --checkpoints" not in (tmp_path / "alone" / "time_to_accuracy.md").read_text()

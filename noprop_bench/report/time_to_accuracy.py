@@ -89,6 +89,17 @@ def time_to_accuracy_frame(records: List[Dict[str, Any]], targets: Sequence[floa
     return pd.DataFrame(table, columns=["Method"] + [f"≥ {t:g}%" for t in targets])
 
 
+def resolution_text(records: List[Dict[str, Any]]) -> str:
+    """A warning for the caption when the trials ran with different ``--checkpoints`` (a run resumed with
+    another value reuses its finished trials): a method evaluated less often is seen to reach a target
+    later. Records from before the setting was stored are not judged."""
+    counts = sorted({r["checkpoints"] for r in records if isinstance(r.get("checkpoints"), int)})
+    if len(counts) < 2:
+        return ""
+    return (f"The trials here ran with different --checkpoints ({', '.join(map(str, counts))}), so their times "
+            f"have different resolution and do not compare directly. ")
+
+
 def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[Sequence[float]] = None) -> Document:
     """Per comparable group (one device each) and dataset, the time each method first reached each target."""
     records, _ = check_records(records)
@@ -98,7 +109,8 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
     for group, distinction in zip(groups, group_distinctions(groups, by_device=True)):
         for spec, label in dataset_columns(group).items():
             chosen = tuple(targets) if targets else default_targets(spec)
-            frame = time_to_accuracy_frame([r for r in group if r["dataset"] == spec], chosen)
+            trials = [r for r in group if r["dataset"] == spec]
+            frame = time_to_accuracy_frame(trials, chosen)
             sections.append(Section(f"{label} ({distinction})" if distinction else label, frame, (
                 "Training seconds (evaluation excluded) until the first test evaluation at or above each "
                 "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
@@ -106,7 +118,7 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
                 "it: \"m ended below\" says how many of the seeds that reached it finished their budget "
                 "below it (Table 1 has the final accuracies). Resolution is the spacing of the test "
                 "evaluations (--checkpoints), and the curve is observed only, never used to stop training. "
-                + checkpoint_text(group) + " " + settings_text(group))))
+                + resolution_text(trials) + checkpoint_text(group) + " " + settings_text(group))))
     return Document("Time to accuracy", sections, "No trial finished successfully.")
 
 

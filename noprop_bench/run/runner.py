@@ -234,7 +234,7 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
         "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment, "val_split": spec.val_split,
         "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
-        "preset": spec.preset,
+        "preset": spec.preset, "checkpoints": spec.checkpoints,
         "speed_settings": spec.speed.as_dict(),
     }
 
