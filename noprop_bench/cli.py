@@ -203,6 +203,9 @@ def _plan(args, registry, device, command) -> tuple:
         params = cls.resolve_params(preset_method_params(name, given) if args.preset else given)
         if (cls, params) not in methods:
             methods.append((cls, params))
+        else:
+            print(f"note: --methods names {cls.row_label(params)} ({name}) more than once with the same "
+                  f"parameters; it runs once", file=sys.stderr)
     dataset_name, argument = parse_dataset_spec(args.dataset)
     dataset = registry.dataset(dataset_name)(argument, root=args.data_root, download=not args.no_download)
     backbone = args.backbone or dataset.default_backbone
@@ -283,13 +286,13 @@ def run(argv: Optional[List[str]] = None) -> int:
     executor = _pick_executor(args, registry)
     device = torch.device(executor.device_type(args.device))
     dataset, specs = _plan(args, registry, device, command)
+    if args.save_baseline:
+        _check_baseline_target(args)
     baseline = load_baseline(args.baseline) if args.baseline else None  # bad file: fail before training
     if baseline:
         check_compatible(baseline, spec_settings(specs))
     if args.targets is not None:
         parse_targets(args.targets)  # bad input: fail before training, not when the tables are written
-    if args.save_baseline:
-        _check_baseline_target(args)
 
     out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     check_output_directory(out, "--out")

@@ -78,10 +78,12 @@ def test_a_method_that_stops_learning_fails(fake_run, baseline, tmp_path, capsys
 
 
 def test_baseline_with_other_settings_is_refused_before_training(fake_run, baseline, tmp_path):
-    with pytest.raises(UsageError, match="budget '6steps' differs from the baseline's '15steps'"):
+    with pytest.raises(UsageError, match="budget '6steps' differs from the baseline's '15steps'") as refused:
         fake_run("--methods", "linear", "--budget", "6steps", "--seeds", "2", "--baseline", str(baseline),
                  out=tmp_path / "other")
     assert not (tmp_path / "other").exists()
+    # the command it suggests is the baseline's own, less the --save-baseline that would overwrite it
+    assert "--budget 15steps" in str(refused.value) and "--save-baseline" not in str(refused.value)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from noprop_bench.cli import main
+from noprop_bench.cli import main, run
 
 
 def _exit(args, capsys):
@@ -199,3 +199,27 @@ def test_the_closing_line_names_only_the_files_written(fake_run, capsys):
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("results in"))
     assert "table1.md" in line and "figure3" not in line  # no trial finished ok: nothing to draw
     assert not (out / "figure3.png").exists()
+
+
+def test_save_baseline_equal_to_a_missing_baseline_says_what_is_wrong(tmp_path, capsys):
+    target = str(tmp_path / "b.json")
+    code, err = _exit(["--methods", "linear", "--baseline", target, "--save-baseline", target], capsys)
+    assert code == 2 and "is also --baseline" in err and "no such file" not in err
+
+
+def test_a_method_named_twice_with_the_same_parameters_runs_once_and_says_so(fake_run, capsys):
+    code, out = fake_run("--methods", "linear,linear[lr=0.05]", "--budget", "64samples", "--checkpoints", "0")
+    assert code == 0 and len((out / "trials.jsonl").read_text().splitlines()) == 1
+    assert "names Linear (one-hot) (linear) more than once with the same parameters; it runs once" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["run", "run/trials.jsonl"])
+def test_report_of_a_file_asks_for_its_run_directory(given, fake_run, tmp_path, capsys):
+    fake_run("--methods", "linear", "--budget", "64samples", "--checkpoints", "0", out=tmp_path / "run")
+    (tmp_path / "run.txt").write_text("")
+    capsys.readouterr()
+    path = tmp_path / ("run.txt" if given == "run" else given)
+    code = run(["report", str(path)])
+    assert code == 2
+    assert f"{path}: a file; give the run directory that holds trials.jsonl" in capsys.readouterr().err

@@ -13,6 +13,7 @@ fall back to the pooled one.
 """
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -135,7 +136,25 @@ def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None
     for key in SETTINGS:
         if key in baseline and settings[key] is not None and settings[key] != baseline[key]:
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
-                             f"{baseline[key]!r}; rerun with the baseline's settings ({baseline.get('command', '')})")
+                             f"{baseline[key]!r}; rerun with the baseline's settings "
+                             f"({_without_save_baseline(baseline.get('command', ''))})")
+
+
+def _without_save_baseline(command: str) -> str:
+    """The baseline's command without its ``--save-baseline FILE``, which would overwrite the baseline."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--save-baseline":
+            skip = True
+        elif not word.startswith("--save-baseline="):
+            kept.append(word)
+    return " ".join(shlex.quote(word) for word in kept)
 
 
 def accuracy_allowance(then: Dict[str, Any], tolerance: Dict[str, Any]) -> float:

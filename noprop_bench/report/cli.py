@@ -85,7 +85,8 @@ def build_report_parser() -> argparse.ArgumentParser:
                         help="where to write the reports (default: DIR itself when one DIR is given, "
                              "else ./report)")
     parser.add_argument("--paper", action="store_true",
-                        help="put the paper's Table 1 number and the difference next to ours")
+                        help="put the paper's Table 1 number next to ours, and the difference for rows run "
+                             "under --preset paper with nothing overridden (the paper's protocol)")
     parser.add_argument("--targets", default=None,
                         help="time-to-accuracy targets in percent, e.g. 90,95,97 (default: per dataset)")
     parser.add_argument("--train-accuracy", action="store_true",
@@ -113,6 +114,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         formats = parse_formats(args.format)
         if "parquet" in formats:
             require_parquet()
+        for directory in args.dirs:
+            if Path(directory).is_file():
+                raise UsageError(f"{directory}: a file; give the run directory that holds {TRIALS_FILE}"
+                                 + (f" ({Path(directory).parent})" if Path(directory).name == TRIALS_FILE else ""))
         out = Path(args.out) if args.out else (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("report"))
         check_output_directory(out, "--out")
     except UsageError as error:
