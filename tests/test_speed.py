@@ -48,6 +48,11 @@ def test_large_rates_are_printed_in_plain_digits():
     table = render([row], "header")
     assert " 0.29 |" in table and " 103.0 |" in table
     assert "3479550" in table and "4196560" in table and "445372" in table and "e+" not in table
+    unmeasured = {**row, "ms_per_step": None, "samples_per_second": None, "ratio": None, "error": "RuntimeError: x",
+                  "compile_fallbacks": {"update": "graph break"}}
+    table = render([unmeasured], "header")
+    assert "nan" not in table and " – |" in table
+    assert "update ran eagerly: graph break; not measured: RuntimeError: x" in table
 
 
 def test_profile_ranks_each_rows_costliest_operators_after_the_timed_steps(tmp_path, one_thread, capsys):
@@ -183,9 +188,10 @@ def test_speed_takes_one_cudnn_autotuning_value_per_run_and_refuses_it_on_the_cp
 
 
 @pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),
-                                         ("--steps", "0"), ("--profile", "-1")])
+                                         ("--precision", ""), ("--compile", ","), ("--steps", "0"),
+                                         ("--batch-size", "0"), ("--profile", "-1")])
 def test_speed_rejects_bad_input(flag, value, tmp_path):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=f"^{flag} "):
         run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", flag, value,
              "--out", str(tmp_path)])
 

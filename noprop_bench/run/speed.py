@@ -92,10 +92,12 @@ def _choices(text: Optional[str], allowed: Sequence[str], flag: str, default: An
     if text is None:
         return [default]
     values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))  # a value given twice: one row
+    if not values:
+        raise UsageError(f"{flag} {text!r}: give one or more of {', '.join(allowed)}, comma-separated")
     for value in values:
         if value not in allowed:
             raise UsageError(f"{flag} {value!r}: accepted: {', '.join(allowed)}")
-    return values or [default]
+    return values
 
 
 def settings_grid(args, device_type: str) -> List[SpeedSettings]:
@@ -264,26 +266,25 @@ def add_ratios(rows: List[Dict[str, Any]]) -> None:
         row["ratio"] = row["samples_per_second"] / base["samples_per_second"] if measured else None
 
 
-def _rounded(value: Optional[float], digits: int, scale: float = 1.0) -> Optional[float]:
-    return None if value is None else round(value / scale, digits)
+def _cell(value: Optional[float], spec: str, scale: float = 1.0) -> str:
+    """A figure in plain digits (large rates in a general format read as 3.47955e+06); "–" when not measured."""
+    return "–" if value is None else format(value / scale, spec)
 
 
 def render(rows: List[Dict[str, Any]], header: str) -> str:
     frame = pd.DataFrame([{
-        "Method": row["row_label"], "Settings": row["settings"], "ms/step": _rounded(row["ms_per_step"], 2),
-        "samples/s": _rounded(row["samples_per_second"], 1),
-        f"vs {row['ratio_to']}": _rounded(row["ratio"], 2),
-        "inference img/s (final)": _rounded(row["inference_images_per_second_final"], 1),
-        "inference img/s (checkpoint)": _rounded(row["inference_images_per_second_checkpoint"], 1),
-        "peak MiB": _rounded(row["peak_memory_bytes"], 1, 2**20),
-        "fell back to eager": "; ".join(
-            [f"{k}: {v}" for k, v in row["compile_fallbacks"].items()]
-            + [f"{k} (CUDA graph): {v}" for k, v in row.get("capture_fallbacks", {}).items()]
+        "Method": row["row_label"], "Settings": row["settings"], "ms/step": _cell(row["ms_per_step"], ".2f"),
+        "samples/s": _cell(row["samples_per_second"], ".0f"),
+        f"vs {row['ratio_to']}": _cell(row["ratio"], ".2f"),
+        "inference img/s (final)": _cell(row["inference_images_per_second_final"], ".0f"),
+        "inference img/s (checkpoint)": _cell(row["inference_images_per_second_checkpoint"], ".0f"),
+        "peak MiB": _cell(row["peak_memory_bytes"], ".1f", 2**20),
+        "notes": "; ".join(
+            [f"{k} ran eagerly: {v}" for k, v in row["compile_fallbacks"].items()]
+            + [f"{k} not a CUDA graph: {v}" for k, v in row.get("capture_fallbacks", {}).items()]
             + ([f"not measured: {row['error']}"] if row.get("error") else [])),
     } for row in rows])
-    # plain digits: large rates in tabulate's general format read as 3.47955e+06
-    formats = ("", "", ".2f", ".0f", ".2f", ".0f", ".0f", ".1f", "")
-    return f"{header}\n\n{frame.to_markdown(index=False, floatfmt=formats)}\n"
+    return f"{header}\n\n{frame.to_markdown(index=False, disable_numparse=True, colalign=['left', 'left'] + ['right'] * 6 + ['left'])}\n"
 
 
 def _release_earlier_rows(device: torch.device) -> None:
@@ -302,8 +303,9 @@ def _release_earlier_rows(device: torch.device) -> None:
 def speed_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise UsageError("--batch-size and --steps must be whole numbers of at least 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be a whole number of at least 1")
     if args.profile < 0:
         raise UsageError(f"--profile {args.profile}: must be 0 (no profile) or a number of operators to list")
     if args.device == "cuda" and not torch.cuda.is_available():
