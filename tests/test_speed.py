@@ -163,6 +163,22 @@ def test_ctrl_c_before_any_trial_exits_130_without_a_traceback(monkeypatch, caps
     assert capsys.readouterr().err == "noprop-bench: interrupted\n"
 
 
+def test_a_method_that_breaks_the_step_contract_is_not_timed(tmp_path, one_thread, monkeypatch):
+    """A trial fails a step that returns a Python float (a host sync each step): speed must not time it."""
+    measured_step = fake_plugins.Linear.train_step
+
+    def float_loss(self, x, y):
+        return {"loss": measured_step(self, x, y)["loss"].item()}
+
+    monkeypatch.setattr(fake_plugins.Linear, "train_step", float_loss)
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--batch-size", "8",
+                "--steps", "2", "--out", str(out)])
+    assert code == 1
+    row = json.loads((out / "speed.json").read_text())["rows"][0]
+    assert row["ms_per_step"] is None and row["error"].startswith("ContractViolation")
+
+
 def test_speed_channels_last_flags_match_the_main_command(tmp_path):
     for flags, expected in ((["--channels-last"], [True]), (["--no-channels-last"], [False]),
                             (["--channels-last", "off,on"], [False, True]), ([], [False])):

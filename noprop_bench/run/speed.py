@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from ..backbones import check_backbone_name, create_backbone
+from ..conformance import loss_fixes, step_metrics_fixes, violation
 from ..datasets import Normalizer, Split
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter
@@ -178,8 +179,11 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         x = task.normalize(task.train_images[:batch_size])
         y = task.train_labels[:batch_size]
         started = time.perf_counter()
-        for _ in range(warmup):
-            method.train_step(x, y)
+        for number in range(warmup):
+            metrics = method.train_step(x, y)
+            fixes = (step_metrics_fixes(metrics) or loss_fixes(metrics)) if number == 0 else []
+            if fixes:  # a trial fails such a method: a speed row must not time it as if it were fine
+                raise violation(cls, fixes)
         if applied.captured:
             method.warm_up_calls(x, y)
         synchronize()
