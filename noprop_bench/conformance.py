@@ -60,8 +60,9 @@ def step_metrics_fixes(metrics: Any) -> List[str]:
                 f"not {type(metrics).__name__}"]
     not_tensors = sorted(str(key) for key, value in metrics.items() if not isinstance(value, torch.Tensor))
     if not_tensors:
+        verb = "is not a tensor" if len(not_tensors) == 1 else "are not tensors"
         return [f"train_step must return tensors (e.g. loss.detach(), not loss.item()) in its dict; "
-                f"{', '.join(not_tensors)} {'is' if len(not_tensors) == 1 else 'are'} not"]
+                f"{', '.join(repr(key) for key in not_tensors)} {verb}"]
     return []
 
 

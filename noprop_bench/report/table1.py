@@ -171,9 +171,10 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     ok = [r for r in records if r.get("status") == "ok"]
     kept, rows, _ = drop_duplicate_seeds(ok, assign_rows(ok))  # the records and rows the cells are made of
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
+    seed_se = SEED_SE_TEXT if _has_seed_se(kept, rows) else ""
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(kept)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
-               f"single value.{SEED_SE_TEXT if _has_seed_se(kept, rows) else ''}{_fewer_seeds_text(kept, rows, train_columns)} "
+               f"single value.{seed_se}{_fewer_seeds_text(kept, rows, train_columns)} "
                f"{settings_text(kept)}{older_code_note(kept, current_code)}")
     caption += preset_text(ok)
     if paper:

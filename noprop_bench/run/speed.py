@@ -288,7 +288,8 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
             + [f"{k} not a CUDA graph: {v}" for k, v in row.get("capture_fallbacks", {}).items()]
             + ([f"not measured: {row['error']}"] if row.get("error") else [])),
     } for row in rows])
-    return f"{header}\n\n{frame.to_markdown(index=False, disable_numparse=True, colalign=['left', 'left'] + ['right'] * 6 + ['left'])}\n"
+    table = frame.to_markdown(index=False, disable_numparse=True, colalign=["left"] * 2 + ["right"] * 6 + ["left"])
+    return f"{header}\n\n{table}\n"
 
 
 def _release_earlier_rows(device: torch.device) -> None:
