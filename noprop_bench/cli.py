@@ -20,6 +20,7 @@ from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter
+from .run.interrupts import forget_sigterm, note_sigterm
 from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
 from .plugins import load_plugins
@@ -248,8 +249,10 @@ def sigterm_as_ctrl_c():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         else:
+            note_sigterm()  # the interrupted trials say what stopped them
             os.kill(os.getpid(), signal.SIGINT)
 
+    forget_sigterm()
     previous = signal.signal(signal.SIGTERM, as_ctrl_c)
     try:
         yield

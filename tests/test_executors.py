@@ -309,6 +309,49 @@ def test_ctrl_c_is_held_until_a_message_to_or_from_a_worker_is_whole():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_a_record_a_worker_sent_before_the_interrupt_killed_it_is_kept():
+    """A SIGTERM to the whole process group kills the workers too; what they had already sent is a finished
+    trial, and must not be recorded as interrupted."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    host_end, worker_end = context.Pipe()
+    worker_end.send(("progress", "training done"))
+    worker_end.send(("record", {"trial_id": "t", "status": "ok"}))
+    worker_end.close()
+    process = context.Process(target=int)  # a worker that has already exited
+    process.start()
+    process.join()
+    said = []
+    pool = local_executor._Pool.__new__(local_executor._Pool)
+    pool.say = said.append
+    worker = local_executor._Worker(0, process, host_end, job="a job")
+    assert pool._arrived(worker) == {"trial_id": "t", "status": "ok"}
+    assert said == ["  [worker 0] training done"]
+    assert pool._arrived(worker) is None  # taken once
+
+
+def test_ctrl_c_while_a_record_is_appended_leaves_it_whole(tmp_path, monkeypatch):
+    from noprop_bench.run import store as store_module
+
+    real_write = store_module.write_fully
+
+    def interrupted_write(fd, data):  # the signal arrives as the record is about to be written
+        os.kill(os.getpid(), signal.SIGINT)
+        real_write(fd, data)
+
+    monkeypatch.setattr(store_module, "write_fully", interrupted_write)
+    store = store_module.TrialStore(tmp_path)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # raised, once the record is whole on disk
+            store.append({"trial_id": "t", "status": "ok"})
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    records, skipped = store.read()
+    assert [r["trial_id"] for r in records] == ["t"] and not skipped
+
+
 def test_submitit_refuses_to_fall_back_to_this_machine_without_slurm(monkeypatch, tmp_path, capsys):
     from noprop_bench_plugins.executors import submitit as submitit_executor
 
@@ -391,4 +434,6 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_finished_trials_and_writing_
     assert host.returncode == 130, "".join(lines) + err
     assert "Rerun with --out" in err
     assert sorted(r["status"] for r in _records(out)) == ["interrupted", "ok"]
+    stopped = next(r for r in _records(out) if r["status"] == "interrupted")
+    assert stopped["error"] == "stopped by SIGTERM (the job was cancelled)"  # not "by the user"
     assert (out / "table1.md").exists()

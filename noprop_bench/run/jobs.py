@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .interrupts import stop_cause
+
 Deliver = Callable[["TrialJob", Dict[str, Any]], None]
 Say = Callable[[str], None]
 
@@ -84,7 +86,7 @@ def failed_record(job: TrialJob, cause: str, status: str = "failed") -> Dict[str
 
 
 def interrupted(job: TrialJob) -> Dict[str, Any]:
-    return failed_record(job, "interrupted by the user", status="interrupted")
+    return failed_record(job, stop_cause(), status="interrupted")
 
 
 def stop_if_interrupted(record: Dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
 from .warmup import warm_up
 from ..method import Method, splits_features
 from ..provenance import code_identity
+from .interrupts import stop_cause
 from .store import environment, trial_id
 from ..task import Task
 
@@ -277,7 +278,7 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
         record["error"] = f"bad input: {error}"
     except KeyboardInterrupt:  # the caller stores the record and stops the run
         record["status"] = "interrupted"
-        record["error"] = "interrupted by the user"
+        record["error"] = stop_cause()
     except UsageError:
         raise
     except Exception as error:

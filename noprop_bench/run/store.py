@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
+from .interrupts import ctrl_c_held
+
 import torch
 
 from ..errors import UsageError
@@ -97,14 +99,15 @@ class TrialStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
         # O_APPEND keeps lines whole even with concurrent writers; the host is the only one
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if _ends_without_newline(fd):  # a write killed mid-line: end that fragment, keep this record whole
-                line = b"\n" + line
-            write_fully(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with ctrl_c_held():  # a Ctrl-C meanwhile is raised once the record is whole on disk
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if _ends_without_newline(fd):  # a write killed mid-line: end that fragment, keep this record whole
+                    line = b"\n" + line
+                write_fully(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     @property
     def record_files_dir(self) -> Path:

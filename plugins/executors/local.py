@@ -7,12 +7,10 @@ not share. A worker that dies loses only the trial it held: that trial is record
 cause, and a fresh worker takes its place.
 """
 
-import contextlib
 import multiprocessing
 import os
 import platform
 import signal
-import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Dict, List, Optional
@@ -20,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
+from noprop_bench.run.interrupts import ctrl_c_held as whole_messages  # messages go whole
 from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
                                    interrupted, stop_if_interrupted)
 
@@ -39,28 +38,6 @@ def describe_exit(exitcode: Optional[int]) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exit status {exitcode}"
-
-
-@contextlib.contextmanager
-def whole_messages():
-    """Hold Ctrl-C back until a message to or from a worker is read or written whole.
-
-    Interrupted halfway through, a pipe is left mid-message and the next read takes the rest of the body
-    for a length header and blocks for good. Outside the main thread (where no handler can be set) this
-    does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and previous is signal.default_int_handler:
-            raise KeyboardInterrupt
-        if held and callable(previous):
-            previous(signal.SIGINT, None)
 
 
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
@@ -173,12 +150,12 @@ class _Pool:
                 for worker in busy:
                     record = self._collect(worker)
                     if record is not None:
-                        job, worker.job = worker.job, None
-                        deliver(job, record)
+                        deliver(worker.job, record)  # the job is let go once its record is stored
+                        worker.job = None
                         stop_if_interrupted(record)
         except KeyboardInterrupt:
-            for worker in workers:  # keep a record that arrived meanwhile
-                record = self._collect(worker) if worker.job and worker.process.is_alive() else None
+            for worker in workers:  # keep a record that arrived meanwhile, even from a worker the signal killed
+                record = self._arrived(worker) if worker.job else None
                 if record is not None:
                     deliver(worker.job, record)
                     worker.job = None
@@ -200,21 +177,28 @@ class _Pool:
                 if worker.process.is_alive():
                     worker.process.kill()
 
-    def _collect(self, worker: _Worker) -> Optional[Dict[str, Any]]:
-        """The worker's record if it finished its trial; a failed record if it died; else None."""
+    def _arrived(self, worker: _Worker) -> Optional[Dict[str, Any]]:
+        """The record the worker has sent, if it has (read already, or still in the pipe), alive or not;
+        its progress messages before it are printed."""
         try:
             while worker.received or worker.connection.poll():
                 if not worker.received:
                     with whole_messages():  # a Ctrl-C held here is raised with the message kept
                         worker.received.append(worker.connection.recv())
-                kind, payload = worker.received.pop(0)
+                kind, payload = worker.received[0]
                 if kind == "record":
-                    return payload
+                    return worker.received.pop(0)[1]
+                worker.received.pop(0)
                 self.say(f"  [worker {worker.number}] {payload}")
         except (EOFError, OSError):
             pass
-        if worker.process.is_alive():
-            return None
+        return None
+
+    def _collect(self, worker: _Worker) -> Optional[Dict[str, Any]]:
+        """The worker's record if it finished its trial; a failed record if it died; else None."""
+        record = self._arrived(worker)
+        if record is not None or worker.process.is_alive():
+            return record
         worker.process.join()
         cause = (f"worker process {worker.process.pid} died while running this trial: "
                  f"{describe_exit(worker.process.exitcode)}")
