@@ -213,26 +213,29 @@ def _plan(args, registry, device, command) -> tuple:
     check_backbone_name(backbone)
     backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
     augment = args.augment or dataset.augment
-    speed = chosen_settings(device.type, args.precision, args.channels_last, args.compile,
-                            args.cudnn_benchmark).identity()
+    settings = chosen_settings(device.type, args.precision, args.channels_last, args.compile, args.cudnn_benchmark)
+    speed = settings.identity()
     specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone,
                        budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
                        checkpoint_size=args.checkpoint_size,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
-                       val_split=args.val_split, command=command, preset=_preset_record(args, cls, params),
+                       val_split=args.val_split, command=command, preset=_preset_record(args, cls, params, settings),
                        speed_settings=speed)
              for cls, params in methods for seed in range(args.seeds)]
     return dataset, specs
 
 
-def _preset_record(args, cls, params) -> Optional[dict]:
-    """What a trial's record says of the preset: its name and every way the run departs from it."""
+def _preset_record(args, cls, params, speed) -> Optional[dict]:
+    """What a trial's record says of the preset: its name and every way the run departs from it. bf16
+    arithmetic departs from it too (the paper trained in full precision; bf16 changes what is computed,
+    while TF32, channels-last and compilation stay within the tested tolerance of fp32 eager)."""
     if not args.preset:
         return None
     method = method_override(cls, params)
-    return {"name": args.preset, "overrides": args.preset_overrides + ([method] if method else [])}
+    arithmetic = [f"--precision {speed.precision}"] if speed.precision == "bf16" else []
+    return {"name": args.preset, "overrides": args.preset_overrides + arithmetic + ([method] if method else [])}
 
 
 @contextlib.contextmanager

@@ -67,6 +67,18 @@ def test_a_preset_run_records_its_overrides_and_prints_an_estimate(fake_run, cap
         (out / "table1.md").read_text()
 
 
+def test_bf16_arithmetic_departs_from_the_papers_protocol_and_other_speed_settings_do_not(fake_run, tmp_path):
+    """A bf16 run must not get a Δ against the paper as if it were the paper's protocol."""
+    args = ("--preset", "paper", "--methods", "linear", "--budget", "2steps", "--seeds", "1", "--checkpoints", "0")
+    fake_run(*args, "--precision", "bf16", out=tmp_path / "bf16")
+    fake_run(*args, "--channels-last", out=tmp_path / "layout")
+    records = {name: json.loads((tmp_path / name / "trials.jsonl").read_text().splitlines()[-1])
+               for name in ("bf16", "layout")}
+    overrides = {name: record["preset"]["overrides"] for name, record in records.items()}
+    assert "--precision bf16" in overrides["bf16"]
+    assert not any(item.startswith(("--precision", "--channels-last")) for item in overrides["layout"])
+
+
 def test_preset_paper_on_data_the_paper_never_used_is_a_usage_error(fake_run):
     with pytest.raises(UsageError, match="--budget paper"):
         fake_run("--preset", "paper", "--methods", "linear")
