@@ -223,3 +223,11 @@ def test_report_of_a_file_asks_for_its_run_directory(given, fake_run, tmp_path, 
     code = run(["report", str(path)])
     assert code == 2
     assert f"{path}: a file; give the run directory that holds trials.jsonl" in capsys.readouterr().err
+
+
+def test_report_re_renders_a_run_with_its_train_columns(fake_run, tmp_path):
+    code, out = fake_run("--methods", "linear", "--budget", "64samples", "--checkpoints", "0", "--train-accuracy")
+    assert code == 0 and "tiny train" in (out / "table1.md").read_text().lower()
+    before = (out / "table1.md").read_text()
+    assert run(["report", str(out)]) == 0  # writes into the run's own folder
+    assert (out / "table1.md").read_text() == before

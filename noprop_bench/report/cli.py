@@ -90,7 +90,9 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets", default=None,
                         help="time-to-accuracy targets in percent, e.g. 90,95,97 (default: per dataset)")
     parser.add_argument("--train-accuracy", action="store_true",
-                        help="add train-accuracy columns where trials measured it (run with --train-accuracy)")
+                        help="insist on train-accuracy columns: a warning when no trial measured it (run with "
+                             "--train-accuracy); without this flag they appear wherever trials measured it, as "
+                             "in the run's own tables")
     parser.add_argument("--format", default="md", metavar="FORMATS",
                         help=f"what to write, comma-separated, from {','.join(FORMATS)} (default md): md the "
                              "markdown tables, curves.csv and figure3.png/.svg; csv or parquet the frames of "
@@ -131,11 +133,12 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     for note in notes:
         _warn(note)
-    if args.train_accuracy and not any(r.get("train_acc_runs") for r in records):
+    measured_train = any(r.get("train_acc_runs") for r in records)
+    if args.train_accuracy and not measured_train:
         _warn("--train-accuracy: no trial measured train accuracy (rerun with --train-accuracy); test only")
     written = []
     if "md" in formats:
-        table1 = write_run_outputs(out, records, targets, train_columns=args.train_accuracy, paper=args.paper,
+        table1 = write_run_outputs(out, records, targets, train_columns=measured_train, paper=args.paper,
                                    notes=notes)
         print(table1)
         written.append(run_output_names(out).replace(f"{TRIALS_FILE}, ", ""))
@@ -147,6 +150,6 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         written.append(write_json(records, out, notes).name)
     if "html" in formats:
         written.append(write_html(records, out, notes=notes, targets=targets, paper=args.paper,
-                                  train_columns=args.train_accuracy, sources=[str(d) for d in args.dirs]).name)
+                                  train_columns=measured_train, sources=[str(d) for d in args.dirs]).name)
     print(f"reports in {out}/ ({'; '.join(written)})", file=sys.stderr)
     return EXIT_OK
