@@ -161,6 +161,19 @@ def test_local_workers_split_the_cpu_fairly(monkeypatch):
     assert LocalExecutor().threads_per_trial(None) is None  # in-process: torch's own choice
 
 
+def test_more_cpu_workers_than_cores_are_warned_of(monkeypatch):
+    monkeypatch.setattr(local_executor, "cpu_count", lambda: 2)
+    executor = LocalExecutor("local[workers=4]", workers=4)
+    executor.device_type("cpu")
+    assert "4 workers × 1 thread(s) on 2 CPU core(s): the trials share cores" in \
+        executor.oversubscription(executor.threads_per_trial(None), 4)
+    assert executor.oversubscription(executor.threads_per_trial(None), 2) == ""  # only two trials to run
+    assert "2 workers × 2 thread(s)" in executor.oversubscription(2, 2)  # --threads 2 with two workers
+    fair = LocalExecutor("local[workers=2]", workers=2)
+    fair.device_type("cpu")
+    assert fair.oversubscription(fair.threads_per_trial(None), 2) == ""
+
+
 def test_local_workers_never_share_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")

@@ -96,7 +96,19 @@ class LocalExecutor(Executor):
         if self.workers == 0:
             self._run_in_process(jobs, deliver, say)
         else:
+            warning = self.oversubscription(jobs[0].threads, min(self.workers, len(jobs)))
+            if warning:
+                say(f"warning: {warning}")
             _Pool(self, jobs[0].threads, say).run(jobs, deliver)
+
+    def oversubscription(self, threads: Optional[int], running: int) -> str:
+        """What to warn of when ``running`` CPU workers of ``threads`` threads each want more cores than
+        there are: concurrent trials then slow each other down, and a seconds budget buys each less."""
+        if self.device == "cuda" or not threads or running * threads <= cpu_count():
+            return ""
+        return (f"{running} workers × {threads} thread(s) on {cpu_count()} CPU core(s): the trials share cores, "
+                f"so each runs slower than alone and its samples/s (and what a seconds budget buys) is lower; "
+                f"use fewer workers for figures that compare with runs of other executors")
 
     @staticmethod
     def _run_in_process(jobs: List[TrialJob], deliver, say) -> None:
