@@ -365,3 +365,14 @@ def test_coefficients_computed_before_the_loop_change_nothing(solver):
         torch.manual_seed(2)
         integrated = method.integrate(features, solver, 25)
     assert torch.equal(integrated, reference)
+
+
+@pytest.mark.parametrize("embedding, solver, steps, train, test", [
+    ("one-hot", "stochastic", 1000, 1, 1), ("learned", "heun", 20, 1, 1),
+    ("prototype", "stochastic", 1000, 2, 1001), ("prototype", "heun", 20, 2, 41)])
+def test_the_record_counts_the_label_paths_backbone_passes(embedding, solver, steps, train, test):
+    """With the prototype embedding z is an image and the label path is a backbone, run at every evaluation
+    of u: a test batch costs a backbone pass per step, which the record must say."""
+    method = make_method(make_task(), embedding=embedding, solver=solver, steps=steps)
+    metrics = method.trial_metrics()
+    assert (metrics["backbone_passes_per_train_step"], metrics["backbone_passes_per_test_batch"]) == (train, test)

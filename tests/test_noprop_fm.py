@@ -232,3 +232,9 @@ def test_prediction_from_shared_features_is_the_same_prediction(setting):
     method = make_method(task).eval()
     x, _ = first_batch(task)
     assert torch.equal(*predictions_whole_and_shared(method, x, **setting))
+
+
+def test_the_record_counts_the_label_paths_backbone_passes():
+    for embedding, passes in (("one-hot", (1, 1)), ("prototype", (2, 1 + 2 * 20))):
+        metrics = make_method(embedding=embedding, solver="heun", steps=20).trial_metrics()
+        assert (metrics["backbone_passes_per_train_step"], metrics["backbone_passes_per_test_batch"]) == passes

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, LabelEmbedding,
+from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, LabelEmbedding, backbone_passes,
                                                 MonotoneSchedule, class_medoids, parse_steps, solver_setting)
 from noprop_bench_plugins.parts.optim import optimizer_options
 
@@ -223,7 +223,7 @@ class NoPropCT(IntegrationHooks, Method):
             ends = self.schedule.abar(torch.tensor([0.0, 1.0], device=self.schedule.gamma0.device))
             return {"gamma0": float(self.schedule.gamma0), "gamma1": float(self.schedule.gamma1),
                     "abar_0": float(ends[0]), "abar_1": float(ends[1]),
-                    "backbone_passes_per_train_step": 1, "backbone_passes_per_test_batch": 1}
+                    **backbone_passes(self.model, self.params["solver"], self.params["steps"])}
 
 
 @hookimpl

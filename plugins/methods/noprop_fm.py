@@ -6,7 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.parts.noprop import EMBEDDINGS, CTModel, IntegrationHooks, parse_steps, solver_setting
+from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, backbone_passes, parse_steps,
+                                              solver_setting)
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 from noprop_bench_plugins.parts.optim import optimizer_options
 
@@ -151,7 +152,7 @@ class NoPropFM(IntegrationHooks, Method):
         evaluations = self.params["steps"] * (2 if self.params["solver"] == "heun" else 1)
         return {"anchor": self.anchor, "sigma": self.params["sigma"],
                 "velocity_evaluations_per_test_batch": evaluations,
-                "backbone_passes_per_train_step": 1, "backbone_passes_per_test_batch": 1}
+                **backbone_passes(self.model, self.params["solver"], self.params["steps"])}
 
 
 @hookimpl

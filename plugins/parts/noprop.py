@@ -211,6 +211,15 @@ class CTModel(nn.Module):
         return self.logits(features, z, self.time_features(t)).softmax(dim=1) @ embedding
 
 
+def backbone_passes(model: CTModel, solver: str, steps: int) -> Dict[str, int]:
+    """The backbone passes a trial's record reports for a model integrated with ``solver`` over ``steps``:
+    the image path once per train step and test batch; with the prototype embedding, ``z`` lives in image
+    space and the label path is a backbone too, run at every evaluation of the network (two per Heun step)."""
+    label = 1 if model.prototype else 0
+    evaluations = steps * (2 if solver == "heun" else 1)
+    return {"backbone_passes_per_train_step": 1 + label, "backbone_passes_per_test_batch": 1 + label * evaluations}
+
+
 # -- inference settings ----------------------------------------------------------------------------
 
 def parse_steps(text: str) -> List[int]:
