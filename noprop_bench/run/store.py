@@ -122,8 +122,12 @@ class TrialStore:
         os.replace(temporary, final)  # atomic: a reader sees the whole record or none of it
 
     def forget_record_file(self, record: Dict[str, Any]) -> None:
-        """The host appended ``record``: its worker's copy is no longer needed."""
+        """The host appended ``record``: its worker's copy is no longer needed (nor the folder, once empty)."""
         (self.record_files_dir / f"{record.get('trial_id')}.json").unlink(missing_ok=True)
+        try:
+            self.record_files_dir.rmdir()
+        except OSError:  # other copies are still there (or none ever was)
+            pass
 
     def merge_record_files(self) -> List[Dict[str, Any]]:
         """Append the finished records that workers left while no host was listening; returns them."""

@@ -7,12 +7,14 @@ not share. A worker that dies loses only the trial it held: that trial is record
 cause, and a fresh worker takes its place.
 """
 
+import dataclasses
 import multiprocessing
 import os
 import platform
 import signal
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -99,6 +101,10 @@ class LocalExecutor(Executor):
             warning = self.oversubscription(jobs[0].threads, min(self.workers, len(jobs)))
             if warning:
                 say(f"warning: {warning}")
+            # a worker also leaves its finished record in the run directory: if this host is killed (it
+            # cannot stop its workers then), a trial that still finishes is merged by the next run
+            out_dir = str(Path(self.out_dir).resolve())
+            jobs = [dataclasses.replace(job, record_copy_dir=out_dir) for job in jobs]
             _Pool(self, jobs[0].threads, say).run(jobs, deliver)
 
     def oversubscription(self, threads: Optional[int], running: int) -> str:
