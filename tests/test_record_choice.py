@@ -67,3 +67,14 @@ def test_a_train_cell_with_fewer_seeds_says_so():
     assert '"(k of n seeds)" marks a cell' in table
     without_train = render_table1(records)
     assert "(k of n seeds)" not in without_train  # the train cell is not shown, so nothing is marked
+
+
+def test_a_trial_that_never_reported_is_listed_with_its_datasets_label():
+    from noprop_bench.report.table1 import not_ok_lines
+
+    finished = _record("a")
+    never_reported = _record("b", seed=1, status="interrupted")
+    del never_reported["dataset_label"]  # written by the host from the trial's header: no dataset label
+    assert not_ok_lines([finished, never_reported]) == [
+        "NoProp-CT (one-hot) seed 1 on MNIST5k: interrupted (KeyboardInterrupt)"]
+    assert not_ok_lines([never_reported]) == ["NoProp-CT (one-hot) seed 1 on mnist5k: interrupted (KeyboardInterrupt)"]

@@ -196,13 +196,16 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
 
 
 def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
-    """A line per trial that did not finish ``ok`` (failed, diverged, interrupted)."""
+    """A line per trial that did not finish ``ok`` (failed, diverged, interrupted). A record the host wrote
+    for a trial that never reported (its worker died, or it was interrupted) has no dataset label of its
+    own: another record's label for the same dataset is used."""
+    labels = {r.get("dataset"): r["dataset_label"] for r in records if r.get("dataset_label")}
     lines = []
     for record in records:
         if record.get("status") != "ok":
+            dataset = record.get("dataset_label") or labels.get(record.get("dataset"), record.get("dataset"))
             lines.append(f"{record.get('row_label', record.get('method'))} seed {record.get('seed')} on "
-                         f"{record.get('dataset_label', record.get('dataset'))}: {record.get('status')}"
-                         f" ({record.get('error')})")
+                         f"{dataset}: {record.get('status')} ({record.get('error')})")
     return lines
 
 
