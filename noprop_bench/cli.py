@@ -336,6 +336,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         if jobs:
             with sigterm_as_ctrl_c():
                 executor.run(jobs, deliver, say)
+        store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
         if store.path.exists():

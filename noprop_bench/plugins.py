@@ -105,6 +105,12 @@ def _add_plugin(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_nam
     except Exception as error:  # a broken plugin must not take the host down
         if pm.is_registered(plugin):
             pm.unregister(plugin)
+        for key, provider in list(registry.provider.items()):  # nor keep names for the classes it did register
+            if provider == plugin_name:
+                kind, name = key.split(":", 1)
+                {"method": registry.methods, "dataset": registry.datasets, "executor": registry.executors}[kind].pop(
+                    name, None)
+                del registry.provider[key]
         registry.broken[plugin_name] = f"{type(error).__name__}: {error}"
         warnings.warn(f"plugin {plugin_name!r} failed to load: {error}", PluginWarning, stacklevel=3)
         return False

@@ -32,3 +32,14 @@ class Doomed(Backprop):
 @hookimpl
 def register_methods(register):
     register(Doomed)
+
+
+def worker_that_answers_at_once(connection, environment, threads):
+    """A stand-in pool worker: every job it is sent finishes ok at once."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        job = connection.recv()
+        if job is None:
+            return
+        connection.send(("record", {"trial_id": job.header["trial_id"], "status": "ok", "error": None}))

@@ -140,6 +140,19 @@ def test_two_configurations_of_a_method_are_two_baseline_rows_as_in_table_1():
     assert "accuracy fell 7.00 points" in failed["verdict"].iloc[0]
 
 
+def test_a_configuration_that_diverged_does_not_rename_the_others_row():
+    from noprop_bench.report.baseline import compare, regressions, summarise
+
+    then = [_ct_record(seed, lr, accuracy) for seed in (0, 1) for lr, accuracy in ((1e-3, 97.0), (1e-4, 50.0))]
+    baseline = {**summarise(then), "tolerance": {"accuracy_floor_points": 1.0, "accuracy_standard_errors": 2.0}}
+    now = [_ct_record(seed, 1e-3, 97.0) for seed in (0, 1)]
+    now += [{**_ct_record(seed, 1e-4, 0.0), "status": "diverged", "test_acc_runs": None} for seed in (0, 1)]
+    verdicts = dict(zip(compare(now, baseline)["row"], compare(now, baseline)["verdict"]))
+    assert verdicts["mnist5k / NoProp-CT (one-hot) [lr=0.001]"] == "ok"  # still found and compared
+    assert verdicts["mnist5k / NoProp-CT (one-hot) [lr=0.0001]"] == "missing from this run"
+    assert len(regressions(compare(now, baseline))) == 1
+
+
 def test_relative_speed_needs_one_reference_row():
     from noprop_bench.report.baseline import summarise
 

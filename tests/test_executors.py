@@ -357,6 +357,48 @@ def test_a_record_a_worker_sent_before_the_interrupt_killed_it_is_kept():
     assert pool._arrived(worker) is None  # taken once
 
 
+def test_a_record_being_stored_when_ctrl_c_came_is_stored_not_replaced_by_interrupted(monkeypatch, tmp_path):
+    """The held Ctrl-C is raised as the append ends: the trial finished, and must not also be 'interrupted'."""
+    import executor_plugins
+
+    monkeypatch.setattr(local_executor, "_worker_main", executor_plugins.worker_that_answers_at_once)
+    executor = LocalExecutor("local[workers=1]", workers=1)
+    executor.device_type("cpu")
+    pool = local_executor._Pool(executor, 1, lambda message: None)
+    job = TrialJob(spec={}, header={"trial_id": "T1", "row_label": "r", "seed": 0}, data_root=None, download=False,
+                   threads=1, executor="local[workers=1]")
+    store = TrialStore(tmp_path)
+
+    def deliver(job, record):
+        store.append(record)
+        if len(store.read()[0]) == 1 and record["status"] == "ok":
+            raise KeyboardInterrupt  # as ctrl_c_held raises it once the line is whole
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.run([job], deliver)
+    assert [r["status"] for r in store.read()[0]] == ["ok"]  # stored once, and never "interrupted"
+
+
+def test_an_identical_record_appended_twice_in_a_row_is_written_once(tmp_path):
+    store = TrialStore(tmp_path)
+    first, other = {"trial_id": "a", "status": "ok"}, {"trial_id": "b", "status": "ok"}
+    for record in (first, first, other, first):
+        store.append(record)
+    assert [r["trial_id"] for r in store.read()[0]] == ["a", "b", "a"]
+
+
+def test_ctrl_c_held_leaves_an_ignored_sigint_alone():
+    """Where SIGINT is ignored, a SIGTERM must keep its usual effect: nothing may catch and hold it."""
+    from noprop_bench.run.interrupts import ctrl_c_held
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_held():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 def test_ctrl_c_while_a_record_is_appended_leaves_it_whole(tmp_path, monkeypatch):
     from noprop_bench.run import store as store_module
 

@@ -154,3 +154,43 @@ def test_a_method_without_an_embedding_parameter_gets_no_embedding_in_its_row_la
     assert Plain.row_label(Plain.resolve_params({})) == "Plain"
     assert Embedded.row_label(Embedded.resolve_params({})) == "Embedded (one-hot)"
     assert Embedded.row_label(Embedded.resolve_params({"embedding": "learned"})) == "Embedded (dim=20)"
+
+
+def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(tmp_path, monkeypatch):
+    (tmp_path / "half_registered.py").write_text(textwrap.dedent("""
+        from noprop_bench import hookimpl
+        from noprop_bench_plugins.methods.backprop import Backprop
+
+        class Shared(Backprop):
+            name = "shared_name"
+
+        @hookimpl
+        def register_methods(register):
+            register(Shared)
+            raise RuntimeError("broken after registering one class")
+    """))
+    (tmp_path / "working.py").write_text(textwrap.dedent("""
+        from noprop_bench import hookimpl
+        from noprop_bench_plugins.methods.backprop import Backprop
+
+        class Shared(Backprop):
+            name = "shared_name"
+
+        @hookimpl
+        def register_methods(register):
+            register(Shared)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pluggy
+    import half_registered
+    import working
+    from noprop_bench import hookspecs
+    from noprop_bench.plugins import ENTRY_POINT_GROUP, PluginWarning, Registry, _add_plugin
+
+    registry = Registry(pluggy.PluginManager(ENTRY_POINT_GROUP))
+    registry.plugin_manager.add_hookspecs(hookspecs)
+    with pytest.warns(PluginWarning, match="'half_registered' failed to load: broken after registering one class"):
+        assert not _add_plugin(registry.plugin_manager, registry, half_registered, "half_registered")
+    assert "shared_name" not in registry.methods and "method:shared_name" not in registry.provider
+    assert _add_plugin(registry.plugin_manager, registry, working, "working")
+    assert registry.methods["shared_name"] is working.Shared

@@ -78,3 +78,16 @@ def test_a_trial_that_never_reported_is_listed_with_its_datasets_label():
     assert not_ok_lines([finished, never_reported]) == [
         "NoProp-CT (one-hot) seed 1 on MNIST5k: interrupted (KeyboardInterrupt)"]
     assert not_ok_lines([never_reported]) == ["NoProp-CT (one-hot) seed 1 on mnist5k: interrupted (KeyboardInterrupt)"]
+
+
+def test_a_finished_trial_in_one_directory_is_not_hidden_by_an_interrupted_copy_in_another(tmp_path):
+    import json
+
+    from noprop_bench.report.records import load_records
+
+    for name, record in (("first", _record("a", test=(91.0,))), ("second", _record("a", status="interrupted"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trials.jsonl").write_text(json.dumps(record) + "\n")
+    records, notes = load_records([tmp_path / "first", tmp_path / "second"])
+    assert [r["status"] for r in records] == ["ok"]
+    assert any("finished there; that copy is used" in note for note in notes)

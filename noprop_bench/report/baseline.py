@@ -78,8 +78,11 @@ def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) ->
     if not ok:
         raise UsageError("no trial finished ok, so there is nothing to compare or save")
     rows: Dict[str, Dict[str, Any]] = {}
-    # Table 1's rows: trials of one method with other parameters or training data are never pooled
-    for record, label in zip(ok, assign_rows(ok)):
+    # Table 1's rows: trials of one method with other parameters or training data are never pooled. Rows
+    # are named from every trial of the run, so a configuration that diverged still keeps the others apart
+    named = [r for r in records if r.get("row_label") and r.get("dataset")]
+    labels = {id(record): label for record, label in zip(named, assign_rows(named))}
+    for record, label in ((r, labels[id(r)]) for r in ok):
         row = rows.setdefault(f"{record['dataset']} / {label}", {
             "accuracies": [], "seed_means": [], "samples_per_second": [], "method": record["method"],
             "dataset": record["dataset"]})

@@ -31,8 +31,10 @@ def ctrl_c_held() -> Iterator[None]:
 
     For what must not stop halfway: a message to or from a worker (a pipe left mid-message blocks the
     next read for good) and a record appended to ``trials.jsonl`` (a torn line loses the trial). Outside
-    the main thread, where no handler can be set, this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    the main thread, where no handler can be set, and where SIGINT is ignored (a SIGTERM must then keep
+    its usual effect, see ``cli.sigterm_as_ctrl_c``), this does nothing."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None)):
         yield
         return
     held = []

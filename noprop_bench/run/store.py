@@ -61,6 +61,15 @@ def _ends_without_newline(fd: int) -> bool:
     return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
+def _ends_with(fd: int, line: bytes) -> bool:
+    """Whether the file's last line is exactly ``line`` (which ends with a newline)."""
+    size = os.fstat(fd).st_size
+    if size < len(line):
+        return False
+    start = size - len(line)
+    return os.pread(fd, len(line), start) == line and (start == 0 or os.pread(fd, 1, start - 1) == b"\n")
+
+
 def write_fully(fd: int, data: bytes) -> None:
     """Write all of ``data``: ``os.write`` may write less than asked (a full disk, a signal)."""
     pause = float(os.environ.get(SLOW_APPEND_VARIABLE) or 0)
@@ -102,6 +111,8 @@ class TrialStore:
         with ctrl_c_held():  # a Ctrl-C meanwhile is raised once the record is whole on disk
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                if _ends_with(fd, line):  # delivered again after an interrupt: it is stored already
+                    return
                 if _ends_without_newline(fd):  # a write killed mid-line: end that fragment, keep this record whole
                     line = b"\n" + line
                 write_fully(fd, line)
@@ -122,11 +133,14 @@ class TrialStore:
         os.replace(temporary, final)  # atomic: a reader sees the whole record or none of it
 
     def forget_record_file(self, record: Dict[str, Any]) -> None:
-        """The host appended ``record``: its worker's copy is no longer needed (nor the folder, once empty)."""
+        """The host appended ``record``: its worker's copy is no longer needed."""
         (self.record_files_dir / f"{record.get('trial_id')}.json").unlink(missing_ok=True)
+
+    def remove_empty_record_files_dir(self) -> None:
+        """Once no worker can still write a copy (the run is over): the copies' folder, if it is empty."""
         try:
             self.record_files_dir.rmdir()
-        except OSError:  # other copies are still there (or none ever was)
+        except OSError:  # copies are still there (or there was no folder)
             pass
 
     def merge_record_files(self) -> List[Dict[str, Any]]:

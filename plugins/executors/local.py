@@ -63,6 +63,7 @@ class _Worker:
     connection: Any
     job: Optional[TrialJob] = None
     received: List[Any] = field(default_factory=list)  # messages read whole and not yet handled
+    delivering: Optional[Dict[str, Any]] = None  # the record being handed to the host's store
 
 
 class LocalExecutor(Executor):
@@ -168,15 +169,17 @@ class _Pool:
                 for worker in busy:
                     record = self._collect(worker)
                     if record is not None:
-                        deliver(worker.job, record)  # the job is let go once its record is stored
-                        worker.job = None
+                        worker.delivering = record  # the job is let go once its record is stored
+                        deliver(worker.job, record)
+                        worker.job, worker.delivering = None, None
                         stop_if_interrupted(record)
         except KeyboardInterrupt:
             for worker in workers:  # keep a record that arrived meanwhile, even from a worker the signal killed
-                record = self._arrived(worker) if worker.job else None
+                # one interrupted while being stored is stored again (an identical last line is not repeated)
+                record = (worker.delivering or self._arrived(worker)) if worker.job else None
                 if record is not None:
                     deliver(worker.job, record)
-                    worker.job = None
+                    worker.job, worker.delivering = None, None
             for worker in workers:
                 worker.process.kill()
             for worker in workers:
