@@ -157,7 +157,7 @@ def test_a_method_without_an_embedding_parameter_gets_no_embedding_in_its_row_la
 
 
 def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(tmp_path, monkeypatch):
-    (tmp_path / "half_registered.py").write_text(textwrap.dedent("""
+    source = textwrap.dedent("""
         from noprop_bench import hookimpl
         from noprop_bench_plugins.methods.backprop import Backprop
 
@@ -167,19 +167,9 @@ def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(
         @hookimpl
         def register_methods(register):
             register(Shared)
-            raise RuntimeError("broken after registering one class")
-    """))
-    (tmp_path / "working.py").write_text(textwrap.dedent("""
-        from noprop_bench import hookimpl
-        from noprop_bench_plugins.methods.backprop import Backprop
-
-        class Shared(Backprop):
-            name = "shared_name"
-
-        @hookimpl
-        def register_methods(register):
-            register(Shared)
-    """))
+    """)
+    (tmp_path / "working.py").write_text(source)
+    (tmp_path / "half_registered.py").write_text(source + '    raise RuntimeError("broken after registering one class")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     import pluggy
     import half_registered
