@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_accuracy.add_argument("--train-accuracy", action="store_true",
                         help="also measure accuracy on the training split at the end (Table 1's train columns), on "
                              "a fixed, stratified subset of at most twice the test split's size")
-    train_accuracy.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false", default=argparse.SUPPRESS,
+    train_accuracy.add_argument("--no-train-accuracy", dest="train_accuracy", action="store_false",
+                        default=argparse.SUPPRESS,
                         help="do not measure train accuracy (overrides --preset paper, which measures it)")
     parser.add_argument("--inference-sweep", action="store_true",
                         help="after training, evaluate every inference setting a method offers (e.g. NoProp-CT: "

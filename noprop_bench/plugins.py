@@ -41,6 +41,10 @@ class Registry:
             message += f" (plugins that failed to load: {', '.join(sorted(self.broken))})"
         return UsageError(message)
 
+    def table(self, kind: str) -> Dict[str, type]:
+        """The names and classes of one kind: ``method``, ``dataset`` or ``executor``."""
+        return {"method": self.methods, "dataset": self.datasets, "executor": self.executors}[kind]
+
     def method(self, name: str) -> Type[Method]:
         if name not in self.methods:
             raise self._missing("method", name, self.methods)
@@ -62,9 +66,10 @@ class Registry:
 
 
 def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_name: str):
-    def claim(kind: str, table: Dict[str, type], cls: type) -> None:
+    def claim(kind: str, cls: type) -> None:
         """The first plugin to register a name keeps it: a later one with another class is warned about
         and left out, so no plugin silently replaces a built-in (or another plugin's) method."""
+        table = registry.table(kind)
         known = table.get(cls.name)
         if known is not None and known is not cls:
             warnings.warn(f"plugin {plugin_name!r} registers {kind} {cls.name!r}, which plugin "
@@ -79,17 +84,17 @@ def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Method subclass")
         if cls.family not in FAMILIES:
             raise TypeError(f"method {cls.name!r}: family must be one of {FAMILIES}, not {cls.family!r}")
-        claim("method", registry.methods, cls)
+        claim("method", cls)
 
     def register_dataset(cls):
         if not (isinstance(cls, type) and issubclass(cls, Dataset)) or not cls.name:
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Dataset subclass")
-        claim("dataset", registry.datasets, cls)
+        claim("dataset", cls)
 
     def register_executor(cls):
         if not (isinstance(cls, type) and issubclass(cls, Executor)) or not cls.name:
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Executor subclass")
-        claim("executor", registry.executors, cls)
+        claim("executor", cls)
 
     hooks = pm.subset_hook_caller  # call each hook on this plugin alone, so provenance is exact
     others = [p for p in pm.get_plugins() if p is not plugin]
@@ -108,8 +113,7 @@ def _add_plugin(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_nam
         for key, provider in list(registry.provider.items()):  # nor keep names for the classes it did register
             if provider == plugin_name:
                 kind, name = key.split(":", 1)
-                {"method": registry.methods, "dataset": registry.datasets, "executor": registry.executors}[kind].pop(
-                    name, None)
+                registry.table(kind).pop(name, None)
                 del registry.provider[key]
         registry.broken[plugin_name] = f"{type(error).__name__}: {error}"
         warnings.warn(f"plugin {plugin_name!r} failed to load: {error}", PluginWarning, stacklevel=3)
@@ -141,7 +145,8 @@ def load_plugins(modules: Optional[List[str]] = None) -> Registry:
             continue
         seen.add((entry_point.name, entry_point.value))
         # two distributions may pick one entry-point name: both load, the second under a longer name
-        plugin_name = entry_point.name if entry_point.name not in names else f"{entry_point.name} ({entry_point.value})"
+        plugin_name = entry_point.name if entry_point.name not in names else \
+            f"{entry_point.name} ({entry_point.value})"
         names.add(entry_point.name)
         try:
             plugin = entry_point.load()

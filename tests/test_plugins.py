@@ -169,7 +169,8 @@ def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(
             register(Shared)
     """)
     (tmp_path / "working.py").write_text(source)
-    (tmp_path / "half_registered.py").write_text(source + '    raise RuntimeError("broken after registering one class")\n')
+    failure = '    raise RuntimeError("broken after registering one class")\n'
+    (tmp_path / "half_registered.py").write_text(source + failure)
     monkeypatch.syspath_prepend(str(tmp_path))
     import pluggy
     import half_registered

@@ -3,9 +3,10 @@
 Checkpoint evaluations during training may look at a fixed, stratified subset of the test split
 (``--checkpoint-size``); the final evaluation always sees the whole split. ``--train-accuracy`` looks at
 a fixed, stratified subset of the training split of at most twice the test split's size, so it costs at
-most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA, except the passes that sample from a
-method's cached features: they take a fixed batch, :data:`CUDA_FEATURE_SAMPLING_BATCH`, as a method's draws
-depend on its batch, and a seed must give the same accuracy on every GPU. On the CPU, passes that sample
+most about twice the test evaluation. Evaluation batches are sized from free device memory on CUDA,
+except the passes that sample from a method's cached features: they take a fixed batch,
+:data:`CUDA_FEATURE_SAMPLING_BATCH`, as a method's draws depend on its batch, and a seed must give the same
+accuracy on every GPU. On the CPU, passes that sample
 keep the fixed size every CPU evaluation has used, so their random draws (and results) do not move, and
 deterministic passes use small batches that stay in cache.
 """

@@ -112,7 +112,8 @@ def add_speed_arguments(parser) -> None:
     channels_last = parser.add_mutually_exclusive_group()
     channels_last.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="channels-last memory format for weights and images (default on CUDA, off on the CPU)")
-    channels_last.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=argparse.SUPPRESS,
+    channels_last.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        default=argparse.SUPPRESS,
                         help="keep the default (contiguous) memory format")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
                         help="torch.compile mode for each method's train step and inference path (reduce-overhead "
@@ -128,7 +129,8 @@ def add_cudnn_benchmark_arguments(parser, when: str) -> None:
     cudnn_benchmark.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=None,
                         help=f"CUDA: cuDNN times its convolution algorithms for each new input shape {when} and "
                              f"keeps the fastest. Default: off")
-    cudnn_benchmark.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
+    cudnn_benchmark.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        default=argparse.SUPPRESS,
                         help="cuDNN chooses convolution algorithms by heuristics (the default)")
 
 
