@@ -17,7 +17,7 @@ import numpy as np
 
 from ..method import FAMILIES
 from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
-from ..run.store import FINISHED_STATUSES, TRIALS_FILE, TrialStore, latest_per_trial
+from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
 
 PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
 EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
@@ -130,8 +130,7 @@ def load_records(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List
         for record in latest_per_trial(valid):
             key = (record.get("trial_id") or id(record), device_name(record))
             if key in merged:
-                if (merged[key].get("status") in FINISHED_STATUSES
-                        and record.get("status") not in FINISHED_STATUSES):  # as within one file
+                if not supersedes(record, merged[key]):  # as within one file
                     notes.append(f"{path}: trial {key[0]} also in {where[key]}, finished there; that copy is used")
                     continue
                 notes.append(f"{path}: trial {key[0]} also in {where[key]}; the copy in {path} is used")

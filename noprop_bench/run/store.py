@@ -184,6 +184,12 @@ class TrialStore:
         return {r["trial_id"] for r in self if r.get("status") in FINISHED_STATUSES and "trial_id" in r}
 
 
+def supersedes(later: Dict[str, Any], earlier: Dict[str, Any]) -> bool:
+    """Whether a later record of a trial stands for it instead of an earlier one: always, unless the earlier
+    one finished (``ok`` or ``diverged``) and the later one did not."""
+    return earlier.get("status") not in FINISHED_STATUSES or later.get("status") in FINISHED_STATUSES
+
+
 def latest_per_trial(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The record that stands for each trial id, in the order they were written: its last finished record
     (``ok`` or ``diverged``), else its last record. A retried failure is superseded by its rerun, but a
@@ -193,8 +199,7 @@ def latest_per_trial(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for index, record in enumerate(records):
         key = record.get("trial_id", id(record))
         kept = chosen.get(key)
-        if (kept is not None and records[kept].get("status") in FINISHED_STATUSES
-                and record.get("status") not in FINISHED_STATUSES):
+        if kept is not None and not supersedes(record, records[kept]):
             continue
         chosen[key] = index
     return [records[index] for index in sorted(chosen.values())]
