@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -290,29 +291,71 @@ def _ctrl_c_reaches_it():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _fake_plugins_env():
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_the_workers_and_records_their_trials_as_interrupted(tmp_path):
+def test_ctrl_c_stops_the_workers_and_keeps_what_their_trials_measured(tmp_path):
+    """The workers stop their trials and send their records: an interrupted trial keeps its steps and
+    checkpoints, not a blank record written by the host."""
     out = tmp_path / "run"
     host = subprocess.Popen(
-        [sys.executable, "-m", "noprop_bench", "--methods", "backprop", "--dataset", "mnist5k", "--budget", "120",
-         "--seeds", "3", "--checkpoints", "0", "--threads", "1", "--executor", "local[workers=2]",
-         "--out", str(out)], stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_it)
-    lines, loaded = [], 0
-    while loaded < 2:  # both workers are training
+        [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
+         "steady[predict_sleep=0,step_sleep=0.02]", "--seeds", "3", "--budget", "60", "--checkpoints", "30",
+         "--threads", "1", "--executor", "local[workers=2]", "--out", str(out)],
+        stderr=subprocess.PIPE, text=True, env=_fake_plugins_env(), preexec_fn=_ctrl_c_reaches_it)
+    lines, evaluated = [], set()
+    while len(evaluated) < 2:  # both workers have trained and evaluated a checkpoint
         line = host.stderr.readline()
         assert line, "".join(lines)
         lines.append(line)
-        loaded += "images in" in line
+        if "test acc" in line and line.lstrip().startswith("[worker"):
+            evaluated.add(line.split("]")[0])
     workers = [int(line.split("pid ")[1].split(",")[0]) for line in lines if "started (pid" in line]
     host.send_signal(signal.SIGINT)
     err = host.communicate(timeout=60)[1]
     assert host.returncode == 130, err
-    assert "Rerun with --out" in err
+    assert "Rerun with --out" in err and "stopping 2 worker(s)" in err
     records = _records(out)
     assert sorted((r["seed"], r["status"]) for r in records) == [(0, "interrupted"), (1, "interrupted")]
+    for record in records:
+        assert record["steps"] > 0 and record["curve"], record  # what the trial measured is kept
+        assert record["error"] == "interrupted by the user (Ctrl-C)"
+        assert record["worker"]["pid"] in workers
     for pid in workers:  # no worker is left training
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _ignore_the_stop_signal_and_sleep():
+    signal.signal(local_executor.STOP_SIGNAL, signal.SIG_IGN)
+    time.sleep(60)
+
+
+@pytest.mark.skipif(local_executor.STOP_SIGNAL is None, reason="no SIGUSR1 on this platform")
+def test_a_worker_that_does_not_stop_in_time_is_killed_and_its_trial_recorded_as_interrupted(monkeypatch):
+    import multiprocessing
+
+    process = multiprocessing.get_context("fork").Process(target=_ignore_the_stop_signal_and_sleep)
+    host_end, worker_end = multiprocessing.Pipe()
+    process.start()
+    time.sleep(0.2)  # its handler is set
+    said, delivered = [], []
+    pool = local_executor._Pool.__new__(local_executor._Pool)
+    pool.say = said.append
+    monkeypatch.setattr(pool, "stop_grace_seconds", 0.5)
+    job = _job(load_plugins())
+    worker = local_executor._Worker(0, process, host_end, job=job)
+    started = time.monotonic()
+    pool._stop([worker], lambda job, record: delivered.append(record))
+    assert time.monotonic() - started < 5
+    process.join(timeout=5)
+    assert not process.is_alive()
+    assert [r["status"] for r in delivered] == ["interrupted"] and delivered[0]["steps"] == 0
+    assert said == ["stopping 1 worker(s): waiting up to 0.5s for what they measured (Ctrl-C again to stop "
+                    "them now)"]
 
 
 def test_ctrl_c_is_held_until_a_message_to_or_from_a_worker_is_whole():

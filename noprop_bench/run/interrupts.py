@@ -4,7 +4,7 @@ an interrupt back while something must be written or read whole."""
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 _stopped_by_sigterm = threading.Event()
 
@@ -26,24 +26,28 @@ def stop_cause() -> str:
 
 
 @contextlib.contextmanager
-def ctrl_c_held() -> Iterator[None]:
-    """Hold Ctrl-C (and a SIGTERM passed on as one) back until the block ends, then raise it.
+def signal_held(signum: int) -> Iterator[None]:
+    """Hold the signal ``signum`` back until the block ends, then hand it to the handler it had.
 
     For what must not stop halfway: a message to or from a worker (a pipe left mid-message blocks the
-    next read for good) and a record appended to ``trials.jsonl`` (a torn line loses the trial). Outside
-    the main thread, where no handler can be set, and where SIGINT is ignored (a SIGTERM must then keep
-    its usual effect, see ``cli.sigterm_as_ctrl_c``), this does nothing."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None)):
+    next read for good) and a record appended to ``trials.jsonl`` (a torn line loses the trial). Only a
+    signal handled in Python (by ``KeyboardInterrupt`` or a handler of this program) is held: one that is
+    ignored or left to the system keeps its usual effect (for SIGINT see ``cli.sigterm_as_ctrl_c``).
+    Outside the main thread, where no handler can be set, this does nothing."""
+    previous = signal.getsignal(signum)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
         yield
         return
     held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    signal.signal(signum, lambda number, frame: held.append(number))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and previous is signal.default_int_handler:
-            raise KeyboardInterrupt
-        if held and callable(previous):
-            previous(signal.SIGINT, None)
+        signal.signal(signum, previous)
+        if held:
+            previous(signum, None)
+
+
+def ctrl_c_held() -> ContextManager[None]:
+    """Hold Ctrl-C (and a SIGTERM passed on as one) back until the block ends, then raise it."""
+    return signal_held(signal.SIGINT)

@@ -4,7 +4,8 @@
 processes; on CUDA each gets one GPU of its own (``CUDA_VISIBLE_DEVICES``), on the CPU each gets an
 equal share of the cores as torch threads, so every trial still spends its budget on a device it does
 not share. A worker that dies loses only the trial it held: that trial is recorded as failed with the
-cause, and a fresh worker takes its place.
+cause, and a fresh worker takes its place. At Ctrl-C the host asks each worker to stop its trial and
+send what it measured (steps, checkpoints), then stops the workers.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import multiprocessing
 import os
 import platform
 import signal
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -21,8 +23,13 @@ import torch
 
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.run.interrupts import ctrl_c_held as whole_messages  # messages go whole
+from noprop_bench.run.interrupts import signal_held, stop_cause
 from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
-                                   interrupted, stop_if_interrupted)
+                                   interrupted, stop_if_interrupted, worker_identity)
+
+# how the host asks a worker to stop its trial and report (workers ignore SIGINT: a terminal's Ctrl-C
+# reaches them too, and the host decides); where there is no SIGUSR1, a worker is only ever killed
+STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 
 
 def visible_gpus() -> List[str]:
@@ -42,18 +49,44 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exit status {exitcode}"
 
 
+_trial_running = False  # in a worker: whether the host's stop signal should interrupt what it does
+
+
+def _stop_requested(signum, frame) -> None:
+    if _trial_running:  # the trial's record then says interrupted, with what it measured so far
+        raise KeyboardInterrupt
+
+
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
     """A worker process: run the jobs it is sent, one at a time, and send back progress and records."""
+    global _trial_running
     os.environ.update(environment)  # before anything initialises CUDA
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
+    if STOP_SIGNAL is not None:
+        signal.signal(STOP_SIGNAL, _stop_requested)
     if threads:
         torch.set_num_threads(threads)
+
+    def send(message) -> None:
+        if STOP_SIGNAL is None:
+            connection.send(message)
+            return
+        with signal_held(STOP_SIGNAL):  # a message goes whole; the stop is raised after it
+            connection.send(message)
+
     while True:
         job = connection.recv()
         if job is None:
             return
-        record = execute_job(job, progress=lambda message: connection.send(("progress", message)))
-        connection.send(("record", record))
+        record = None
+        try:
+            _trial_running = True
+            record = execute_job(job, progress=lambda message: send(("progress", message)))
+        except KeyboardInterrupt:  # stopped outside the trial's own handling (loading data, say)
+            record = record or {**interrupted(job), "worker": worker_identity()}
+        finally:
+            _trial_running = False
+        send(("record", record))
 
 
 @dataclass
@@ -174,17 +207,7 @@ class _Pool:
                         worker.job, worker.delivering = None, None
                         stop_if_interrupted(record)
         except KeyboardInterrupt:
-            for worker in workers:  # keep a record that arrived meanwhile, even from a worker the signal killed
-                # one interrupted while being stored is stored again (an identical last line is not repeated)
-                record = (worker.delivering or self._arrived(worker)) if worker.job else None
-                if record is not None:
-                    deliver(worker.job, record)
-                    worker.job, worker.delivering = None, None
-            for worker in workers:
-                worker.process.kill()
-            for worker in workers:
-                if worker.job:
-                    deliver(worker.job, interrupted(worker.job))
+            self._stop(workers, deliver)
             raise
         finally:
             for worker in workers:
@@ -197,6 +220,60 @@ class _Pool:
                 worker.process.join(timeout=10)
                 if worker.process.is_alive():
                     worker.process.kill()
+
+    stop_grace_seconds = 10.0  # how long the host waits for workers to send what they measured
+
+    def _stop(self, workers: List[_Worker], deliver) -> None:
+        """After Ctrl-C: keep the records that arrived; ask each worker still training to stop and send its
+        record (``interrupted``, with the steps and checkpoints it reached); after ``stop_grace_seconds``
+        or a second Ctrl-C, kill the workers and record what they held as interrupted."""
+        self._keep_arrived(workers, deliver)
+        try:
+            self._ask_to_stop(workers, deliver)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
+        self._keep_arrived(workers, deliver)
+        for worker in workers:
+            worker.process.kill()
+        for worker in workers:
+            if worker.job:
+                deliver(worker.job, interrupted(worker.job))
+
+    def _keep_arrived(self, workers: List[_Worker], deliver) -> None:
+        """Store each record that has arrived, even from a worker that is dead now; one interrupted while
+        being stored is stored again (an identical last line is not repeated)."""
+        for worker in workers:
+            record = (worker.delivering or self._arrived(worker)) if worker.job else None
+            if record is not None:
+                self._deliver_stopped(worker, record, deliver)
+
+    def _deliver_stopped(self, worker: _Worker, record: Dict[str, Any], deliver) -> None:
+        if record.get("status") == "interrupted":
+            record["error"] = stop_cause()  # the host knows what stopped the run (Ctrl-C or a SIGTERM)
+        worker.delivering = record
+        deliver(worker.job, record)
+        worker.job, worker.delivering = None, None
+
+    def _ask_to_stop(self, workers: List[_Worker], deliver) -> None:
+        busy = [w for w in workers if w.job and w.process.is_alive()]
+        if STOP_SIGNAL is None or not busy:
+            return
+        for worker in busy:
+            try:
+                os.kill(worker.process.pid, STOP_SIGNAL)
+            except ProcessLookupError:
+                pass
+        self.say(f"stopping {len(busy)} worker(s): waiting up to {self.stop_grace_seconds:g}s for what they "
+                 f"measured (Ctrl-C again to stop them now)")
+        deadline = time.monotonic() + self.stop_grace_seconds
+        while busy and time.monotonic() < deadline:
+            wait([w.connection for w in busy] + [w.process.sentinel for w in busy],
+                 timeout=max(0.0, deadline - time.monotonic()))
+            for worker in busy:
+                record = self._arrived(worker)
+                if record is not None:
+                    self._deliver_stopped(worker, record, deliver)
+            busy = [w for w in busy if w.job and w.process.is_alive()]
 
     def _arrived(self, worker: _Worker) -> Optional[Dict[str, Any]]:
         """The record the worker has sent, if it has (read already, or still in the pipe), alive or not;
