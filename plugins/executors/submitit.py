@@ -22,6 +22,7 @@ SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qo
                  "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
                  "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task"}
 POLL_SECONDS = 2.0
+ENDED_STATES = {"FINISHED", "COMPLETED"}  # what submitit calls a job whose process ended
 
 
 class SubmititExecutor(ClusterExecutor):
@@ -123,6 +124,8 @@ class SubmititExecutor(ClusterExecutor):
                 deliver(job, interrupted(job))
             say(f"cancelled {len(pending)} job(s) still queued or running")
             raise
+        finally:
+            _remove_template_folder(folder)
 
     @staticmethod
     def _result(job: TrialJob, handle) -> Dict[str, Any]:
@@ -130,8 +133,23 @@ class SubmititExecutor(ClusterExecutor):
             return handle.result()
         except Exception as error:  # the job died, timed out or was cancelled: only this trial is lost
             first_lines = " ".join(str(error).strip().splitlines()[:2])
-            return failed_record(job, f"job {handle.job_id} ({handle.state}) returned no result: "
-                                      f"{type(error).__name__}: {first_lines}; its log: {handle.paths.stderr}")
+            state = handle.state
+            what = f"job {handle.job_id} ({state}) returned no result"
+            if state in ENDED_STATES:  # the engine saw its process end, not how: a killed job looks the same
+                what = (f"job {handle.job_id} ended without a result (killed, or crashed outside Python; "
+                        f"submitit's state: {state})")
+            return failed_record(job, f"{what}: {type(error).__name__}: {first_lines}; its log: "
+                                      f"{handle.paths.stderr}")
+
+
+def _remove_template_folder(folder: str) -> None:
+    """submitit creates the folder template itself (a literal ``%j``) besides each job's folder: remove it
+    when it is empty."""
+    if "%j" in folder:
+        try:
+            Path(folder).rmdir()
+        except OSError:  # not there, or not empty
+            pass
 
 
 @hookimpl
