@@ -242,3 +242,10 @@ def test_a_row_line_names_the_calls_replayed_as_cuda_graphs():
            "inference_images_per_second_checkpoint": 20.0, "warmup_seconds": 1.0}
     assert "CUDA graphs" not in row_summary({**row, "captured": []})
     assert row_summary({**row, "captured": ["integrate", "update"]}).endswith("; CUDA graphs: integrate, update")
+
+
+def test_a_row_line_gives_slow_step_rates_in_significant_figures_not_zero():
+    row = {"ms_per_step": 2639.17, "inference_images_per_second_final": 205.0,
+           "inference_images_per_second_checkpoint": 175.0, "warmup_seconds": 3.0}
+    assert row_summary(row).startswith("2639.17 ms/step (0.379 steps/s)")
+    assert row_summary({**row, "ms_per_step": 2.0}).startswith("2.00 ms/step (500 steps/s)")

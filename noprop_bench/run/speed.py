@@ -224,9 +224,14 @@ def _profiled(step: Callable[[], Any], steps: int, device: torch.device, top: in
         return {"profile_error": first_line(error)}
 
 
+def _figure(value: float) -> str:
+    """A rate at a sensible precision: whole numbers from 100 up, three significant figures below."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def row_summary(row: Dict[str, Any]) -> str:
     """One measured row in a line, printed as soon as it is measured (a run cut short keeps its figures)."""
-    return (f"{row['ms_per_step']:.2f} ms/step ({1000 / row['ms_per_step']:.0f} steps/s), inference "
+    return (f"{row['ms_per_step']:.2f} ms/step ({_figure(1000 / row['ms_per_step'])} steps/s), inference "
             f"{row['inference_images_per_second_final']:.0f} img/s final, "
             f"{row['inference_images_per_second_checkpoint']:.0f} img/s checkpoint; "
             f"warm-up {row['warmup_seconds']:.1f} s"
