@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check, one command. Its phases run cheapest first, so a check cut short still says the most:
-#   1. the device, and whether torch.compile works on it;
-#   2. where pytest is installed, the CUDA-only tests (replays of the integration loops against eager,
-#      fused optimisers, block offload, the CUDA clock, a worker on its own GPU);
+# The GPU check, one command. By default it runs the check issue 13 describes (phases 3, 4 and 5 below,
+# after the device line); NOPROP_CHECK_PHASES=all adds the diagnostics (phases 2, 6 and 7). Phases run
+# cheapest first, so a check cut short still says the most:
+#   1. (always) the device, and whether torch.compile works on it;
+#   2. (diagnostic) where pytest is installed, the CUDA-only tests (replays of the integration loops
+#      against eager, fused optimisers, block offload, the CUDA clock, a worker on its own GPU);
 #   3. `noprop-bench speed` for the mnist5k shape with noprop_cnn, eager fp32 and then the best settings
 #      (the methods the targets name: the adjoint, whose steps take 30 times as long, trains in phase 5);
 #   4. `noprop-bench speed` for the CIFAR-10 shape with resnet18 (backprop and NoProp-CT by default, the
-#      methods its targets name), eager fp32, the best settings, and (on CUDA) the best settings with cuDNN's
-#      autotuning, in a process of its own (cuDNN keeps the algorithms it chose for the whole process);
+#      methods its targets name), eager fp32 and the best settings;
 #   5. a short run (20 s per method) of the five built-ins on mnist5k with the best settings: Table 1,
 #      Table 2 and the evaluation/training wall-time ratio;
-#   6. a default trial: 60 s of NoProp-CT on mnist5k with the device's default settings and the default 8
-#      checkpoints, and the share of its budget that evaluation took (issue 13's "at most 25 %");
-#   7. profiles, in processes of their own so no timing above runs with the profiler attached: `speed
-#      --profile` with the best settings for both shapes, each row's costliest kernels and how much of a
-#      step the device is busy.
+#   6. (diagnostic) a default trial: 60 s of NoProp-CT on mnist5k with the device's default settings and
+#      the default 8 checkpoints, and the share of its budget that evaluation took (issue 13's "at most
+#      25 %");
+#   7. (diagnostic) on CUDA, the CIFAR-10 shape's best settings with cuDNN's autotuning, in a process of
+#      its own (cuDNN keeps the algorithms it chose for the whole process); then profiles, in processes of
+#      their own so no timing above runs with the profiler attached: `speed --profile` with the best
+#      settings for both shapes, each row's costliest kernels and how much of a step the device is busy.
 # A phase that fails, or whose command runs past NOPROP_CHECK_PHASE_TIMEOUT (the short run: that plus its
 # five budgets), is noted in OUT/failures.md and the next phase still runs; the script then exits 1.
 # Each phase prints how long it took.
@@ -30,8 +33,9 @@
 #   NOPROP_CHECK_DEFAULT_METHODS (the default trial's methods, default noprop_ct),
 #   NOPROP_CHECK_DEFAULT_BUDGET (the default trial's seconds, default 60),
 #   NOPROP_CHECK_PHASE_TIMEOUT (seconds per command, default 300),
-#   NOPROP_CHECK_PHASES (which of phases 2-7 to run, comma-separated, default all: a check cut short by a
-#   time limit can be finished by a second call that runs only the phases it did not reach).
+#   NOPROP_CHECK_PHASES (which of phases 2-7 to run, comma-separated, or "all"; default 3,4,5, the check
+#   itself: a check cut short by a time limit can be finished by a second call that runs only the phases
+#   it did not reach).
 #
 # It installs nothing. Where the package is not installed, the checkout's own modules are imported
 # (through a temporary folder on PYTHONPATH) and the built-ins are loaded with --plugin. Only when
@@ -49,8 +53,9 @@ SPEED_METHODS=${NOPROP_CHECK_SPEED_METHODS:-backprop,noprop_dt,noprop_ct,noprop_
 RESNET_METHODS=${NOPROP_CHECK_RESNET_METHODS:-backprop,noprop_ct}
 DEFAULT_METHODS=${NOPROP_CHECK_DEFAULT_METHODS:-noprop_ct}
 DEFAULT_BUDGET=${NOPROP_CHECK_DEFAULT_BUDGET:-60}
-PHASES=${NOPROP_CHECK_PHASES:-2,3,4,5,6,7}
+PHASES=${NOPROP_CHECK_PHASES:-3,4,5}
 PHASES=${PHASES// /}
+[ "$PHASES" != all ] || PHASES=2,3,4,5,6,7
 PHASE_TIMEOUT=${NOPROP_CHECK_PHASE_TIMEOUT:-300}
 PROFILE_TOP=12  # operators listed per profiled speed row
 PROFILE_STEPS=10
@@ -138,7 +143,7 @@ phase() {
     shift 2
     echo; echo "## $name"
     if [[ ",$PHASES," != *",$number,"* ]]; then
-        echo "(phase $number not run: NOPROP_CHECK_PHASES is $PHASES)"
+        echo "(phase $number not run: NOPROP_CHECK_PHASES is $PHASES; 'all' runs every phase)"
         return 0
     fi
     began=$(date +%s)
@@ -195,7 +200,14 @@ speed() {
         --steps "$STEPS" "$@" --out "$OUT/speed-$dataset-$name"
 }
 
+# fresh_run_dir DIR: a run directory of this call's own, so its tables and ratios never mix in the trials of
+# an earlier call into the same OUT (those are kept, moved aside)
+fresh_run_dir() {
+    if [ -e "$1" ]; then mv "$1" "$1.before-$(date +%Y%m%d-%H%M%S)"; fi
+}
+
 short_run() {
+    fresh_run_dir "$OUT/run"
     # five training budgets on top of the usual limit for warm-up, compilation and evaluation
     BENCH_TIMEOUT=$(( PHASE_TIMEOUT + 5 * BUDGET )) bench --methods "$METHODS" --dataset mnist5k \
         --budget "$BUDGET" --device "$DEVICE" "${BEST_FLAGS[@]}" \
@@ -224,6 +236,7 @@ EOF
 }
 
 default_trial() {
+    fresh_run_dir "$OUT/run-default"
     BENCH_TIMEOUT=$(( PHASE_TIMEOUT + DEFAULT_BUDGET * $(tr ',' '\n' <<< "$DEFAULT_METHODS" | wc -l) )) bench \
         --methods "$DEFAULT_METHODS" --dataset mnist5k --budget "$DEFAULT_BUDGET" --device "$DEVICE" \
         --out "$OUT/run-default" > /dev/null || return
@@ -244,12 +257,12 @@ phase 3 "speed: mnist5k shape, noprop_cnn, eager fp32" speed mnist5k "$SPEED_MET
 phase 3 "speed: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn best "${BEST_FLAGS[@]}"
 phase 4 "speed: cifar10 shape, resnet18, eager fp32" speed cifar10 "$RESNET_METHODS" resnet18 eager "${EAGER_FLAGS[@]}"
 phase 4 "speed: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 best "${BEST_FLAGS[@]}"
-if [ "$DEVICE" = cuda ]; then  # cuDNN exists on CUDA only
-    phase 4 "speed: cifar10 shape, resnet18, best settings with cuDNN autotuning" speed cifar10 "$RESNET_METHODS" \
-        resnet18 autotuned "${BEST_FLAGS[@]}" --cudnn-benchmark
-fi
 phase 5 "$BUDGET s per method on mnist5k, best settings" short_run
 phase 6 "a default $DEFAULT_BUDGET s trial on mnist5k: evaluation's share of the budget" default_trial
+if [ "$DEVICE" = cuda ]; then  # cuDNN exists on CUDA only
+    phase 7 "speed: cifar10 shape, resnet18, best settings with cuDNN autotuning" speed cifar10 "$RESNET_METHODS" \
+        resnet18 autotuned "${BEST_FLAGS[@]}" --cudnn-benchmark
+fi
 phase 7 "profile: cifar10 shape, resnet18, best settings" speed cifar10 "$RESNET_METHODS" resnet18 profile \
     "${BEST_FLAGS[@]}" --profile "$PROFILE_TOP" --steps "$PROFILE_STEPS"
 phase 7 "profile: mnist5k shape, noprop_cnn, best settings" speed mnist5k "$SPEED_METHODS" noprop_cnn profile \
