@@ -1,6 +1,6 @@
 """Backbones from timm: any model name, used as a feature extractor, with a small-image stem."""
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import timm
 import torch
@@ -48,8 +48,9 @@ def check_backbone_name(name: str) -> None:
         )
 
 
-def create_backbone(name: str, in_chans: int, image_size: int) -> nn.Module:
-    """A timm model without classifier head, for ``in_chans``-channel ``image_size`` px images.
+def create_backbone(name: str, in_chans: int, image_size: Union[int, Tuple[int, int]]) -> nn.Module:
+    """A timm model without classifier head, for ``in_chans``-channel images of ``image_size`` px (a side,
+    or height and width).
 
     Images of at most 64 px get a 3x3 stride-1 stem and no stem max-pool (see ``--help``).
     The returned module maps ``[B, C, H, W]`` to ``[B, num_features]``.
@@ -60,7 +61,8 @@ def create_backbone(name: str, in_chans: int, image_size: int) -> nn.Module:
                                   img_size=image_size)
     except TypeError:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
-    if image_size <= SMALL_IMAGE_MAX_SIDE and name != "noprop_cnn":
+    longest_side = image_size if isinstance(image_size, int) else max(image_size)
+    if longest_side <= SMALL_IMAGE_MAX_SIDE and name != "noprop_cnn":
         _adapt_stem_for_small_images(model)
     return model
 

@@ -7,15 +7,22 @@ Unpadded convolutions are the reading under which the paper's published paramete
 Table 5, per block) are reproduced exactly; ``tests/test_paper_architecture.py`` asserts them.
 """
 
+from typing import Tuple, Union
+
 import torch
 from torch import nn
 from timm.models import register_model
 
 
+def _side_after_convs(side: int) -> int:
+    """An image side after the conv stack: conv 3, pool 2, conv 3, conv 3, pool 2."""
+    return ((side - 2) // 2 - 4) // 2
+
+
 class NoPropCNN(nn.Module):
     """The conv image path of the paper; with ``num_classes=0`` it returns 256 features."""
 
-    def __init__(self, num_classes: int = 0, in_chans: int = 1, img_size: int = 28,
+    def __init__(self, num_classes: int = 0, in_chans: int = 1, img_size: Union[int, Tuple[int, int]] = 28,
                  drop_rate: float = 0.2, feature_dim: int = 256, **_ignored):
         super().__init__()
         self.features = nn.Sequential(
@@ -24,11 +31,9 @@ class NoPropCNN(nn.Module):
             nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(drop_rate),
             nn.Flatten(),
         )
-        side = img_size
-        side = (side - 2) // 2
-        side = side - 2 - 2
-        side = side // 2
-        self.fc = nn.Sequential(nn.Linear(128 * side * side, feature_dim), nn.ReLU())
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.fc = nn.Sequential(nn.Linear(128 * _side_after_convs(height) * _side_after_convs(width), feature_dim),
+                                nn.ReLU())
         self.num_features = feature_dim
         self.num_classes = num_classes
         self.head = nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -19,6 +19,16 @@ def test_paper_cnn_is_a_timm_model_with_the_papers_parameter_count():
     assert mnist(torch.zeros(3, 1, 28, 28)).shape == (3, 256)
 
 
+def test_backbones_take_images_that_are_not_square():
+    """An image folder of 32x48 images: the paper CNN's FC layer is sized from both sides."""
+    from noprop_bench.run.runner import backbone_width
+
+    model = create_backbone("noprop_cnn", in_chans=3, image_size=(32, 48))
+    assert model.fc[0].in_features == 128 * 5 * 9
+    assert model(torch.zeros(2, 3, 32, 48)).shape == (2, 256)
+    assert backbone_width("noprop_cnn", (3, 32, 48)) == 256 and backbone_width("resnet18", (3, 48, 32)) == 512
+
+
 def test_small_images_get_a_stride_one_stem_without_max_pool():
     model = create_backbone("resnet18", in_chans=1, image_size=28)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and model.conv1.in_channels == 1

@@ -178,7 +178,7 @@ def checkpoint_fractions(count: int) -> List[float]:
 def backbone_width(backbone: str, shape: Tuple[int, ...]) -> int:
     """The feature width of ``backbone`` on images of ``shape`` (C, H, W); a clear error if it cannot take them."""
     try:
-        return feature_dim(create_backbone(backbone, in_chans=shape[0], image_size=max(shape[1:])), shape)
+        return feature_dim(create_backbone(backbone, in_chans=shape[0], image_size=tuple(shape[1:])), shape)
     except UsageError:
         raise
     except Exception as error:
@@ -189,7 +189,7 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
     shape = tuple(data.train.images.shape[1:])
 
     def make_backbone():
-        return create_backbone(spec.backbone, in_chans=shape[0], image_size=max(shape[1:]))
+        return create_backbone(spec.backbone, in_chans=shape[0], image_size=tuple(shape[1:]))
 
     width = backbone_width(spec.backbone, shape)
     return Task(

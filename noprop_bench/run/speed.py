@@ -122,7 +122,7 @@ def random_task(dataset, backbone: str, device: torch.device, images: int) -> Ta
     train_images = torch.randint(0, 256, (images, *shape), dtype=torch.uint8, generator=generator).to(device)
     labels = (torch.arange(images) % dataset.num_classes).to(device)
     return Task(num_classes=dataset.num_classes, image_shape=shape, device=device, backbone_name=backbone,
-                make_backbone=lambda: create_backbone(backbone, in_chans=shape[0], image_size=max(shape[1:])),
+                make_backbone=lambda: create_backbone(backbone, in_chans=shape[0], image_size=tuple(shape[1:])),
                 backbone_features=backbone_width(backbone, shape),
                 normalize=Normalizer(dataset.mean, dataset.std, device), train_images=train_images,
                 train_labels=labels, seed=0)
