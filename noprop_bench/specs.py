@@ -59,4 +59,7 @@ def parse_dataset_spec(text: str) -> Tuple[str, Optional[str]]:
     name, sep, argument = text.strip().partition(":")
     if not name:
         raise UsageError(f"dataset {text!r} not understood; write NAME or NAME:ARGUMENT")
+    if "[" in name:  # written like a method's options
+        raise UsageError(f"dataset {text!r} not understood; a dataset takes its argument after a colon "
+                         f"(NAME:ARGUMENT, e.g. imagefolder:/data/pets), not in brackets")
     return name, (argument if sep else None)

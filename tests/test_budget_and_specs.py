@@ -45,6 +45,8 @@ def test_method_specs_with_parameters():
     assert parse_method_list("a, b[x=1,y=2],c") == [("a", {}), ("b", {"x": "1", "y": "2"}), ("c", {})]
     assert parse_dataset_spec("imagefolder:/data/x:y") == ("imagefolder", "/data/x:y")
     assert parse_dataset_spec("mnist") == ("mnist", None)
+    with pytest.raises(UsageError, match="after a colon"):  # written like a method's options
+        parse_dataset_spec("imagefolder[path=/data/x]")
 
 
 @pytest.mark.parametrize("text", ["a[b=1", "a]", "a[b]", "a[=1]", "1abc", "a b", ""])

@@ -1,4 +1,4 @@
-"""Pieces shared by the NoProp methods (CT now; DT, FM and the adjoint baseline later).
+"""Pieces shared by the NoProp methods (CT, DT and FM) and the adjoint baseline.
 
 * :class:`LabelEmbedding`: ``W_Embed`` as one-hot (fixed), learned (orthogonal init) or prototype
   (each class starts at its medoid training image), as in section 2.2.1 of the paper.
