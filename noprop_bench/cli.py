@@ -20,6 +20,7 @@ from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter
+from .method import row_label_with_settings
 from .run.interrupts import forget_sigterm, note_sigterm
 from .run.jobs import Progress, TrialJob, import_root
 from .run.resume import pending_specs
@@ -206,7 +207,7 @@ def _plan(args, registry, device, command) -> tuple:
         if (cls, params) not in methods:
             methods.append((cls, params))
         else:
-            print(f"note: --methods names {cls.row_label(params)} ({name}) more than once with the same "
+            print(f"note: --methods names {row_label_with_settings(cls, params)} ({name}) more than once with the same "
                   f"parameters; it runs once", file=sys.stderr)
     dataset_name, argument = parse_dataset_spec(args.dataset)
     dataset = registry.dataset(dataset_name)(argument, root=args.data_root, download=not args.no_download)

@@ -172,6 +172,17 @@ class Method(nn.Module):
         return f"{cls.label or cls.name} ({embedding})"
 
 
+def row_label_with_settings(cls: type, params: Mapping[str, Any]) -> str:
+    """``cls.row_label(params)`` followed by each parameter that differs from the method's defaults, as in
+    ``NoProp-CT (one-hot) [steps=20]``: a table row, a curve and a progress line never hide how a method
+    was set up. The embedding (and a learned embedding's ``dim``) is already in the label."""
+    label = cls.row_label(params)
+    in_label = {"embedding"} | ({"dim"} if params.get("embedding") == "learned" else set())
+    differing = [f"{key}={value}" for key, value in params.items()
+                 if key not in in_label and key in cls.defaults and value != cls.defaults[key]]
+    return f"{label} [{', '.join(differing)}]" if differing else label
+
+
 def splits_features(cls: type) -> bool:
     """Whether the :class:`Method` subclass ``cls`` overrides both :meth:`Method.features` and
     :meth:`Method.predict_from_features`, so the harness can cache its features."""

@@ -2,21 +2,32 @@
 
 import json
 import re
+import time
 
 import pytest
+import torch
 
+import fake_plugins
 from noprop_bench import UsageError
 
 RUN = ("--budget", "15steps", "--seeds", "2", "--checkpoints", "0")
 # step times are sleeps, so relative throughput is stable even on a busy machine
 SAME = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,step_sleep=0.03]"
-SLOWER = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,step_sleep=0.06]"
-NOT_LEARNING = "steady[predict_sleep=0,step_sleep=0.03],sleepy[predict_sleep=0,step_sleep=0.03,lr=0]"
+SETTINGS = " [predict_sleep=0.0, step_sleep=0.03]"  # the row labels name the parameters that are not defaults
+
+
+def sleepy_changed(monkeypatch, step):
+    """A code change to Sleepy alone (Steady inherits its train_step): the same command then measures it."""
+    original = fake_plugins.Sleepy.train_step
+
+    def changed(self, x, y):
+        return step(self, x, y) if type(self) is fake_plugins.Sleepy else original(self, x, y)
+
+    monkeypatch.setattr(fake_plugins.Sleepy, "train_step", changed)
 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    import torch
     from noprop_bench.cli import run
     base = tmp_path_factory.mktemp("base")
     path = base / "baseline.json"
@@ -35,7 +46,7 @@ def test_saved_baseline_states_its_tolerances_and_command(baseline):
     assert saved["tolerance"]["throughput_ratio"] == 0.6
     assert saved["reference_method"] == "steady" and saved["budget"] == "15steps"
     assert "--save-baseline" in saved["command"]
-    assert set(saved["rows"]) == {"tiny / Steady", "tiny / Sleepy"}
+    assert set(saved["rows"]) == {"tiny / Steady" + SETTINGS, "tiny / Sleepy" + SETTINGS}
     assert all(row["accuracy_seeds"] == 2 and row["accuracy_seed_se"] >= 0 for row in saved["rows"].values())
     assert (saved["seeds"], saved["inference_runs"], saved["device_type"], saved["speed"], saved["augment"],
             saved["threads"]) == ([0, 1], 1, "cpu", "eager fp32", {"tiny": "none"}, 1)
@@ -60,20 +71,32 @@ def test_same_code_passes(fake_run, baseline, tmp_path, capsys):
     assert "| ok" in (out / "regression.md").read_text()
 
 
-def test_a_method_twice_as_slow_fails(fake_run, baseline, tmp_path, capsys):
-    code, out = fake_run("--methods", SLOWER, *RUN,
+def test_a_method_twice_as_slow_fails(fake_run, baseline, tmp_path, capsys, monkeypatch):
+    original = fake_plugins.Sleepy.train_step
+
+    def twice_as_slow(self, x, y):
+        time.sleep(self.params["step_sleep"])
+        return original(self, x, y)
+
+    sleepy_changed(monkeypatch, twice_as_slow)
+    code, out = fake_run("--methods", SAME, *RUN,
                          "--baseline", str(baseline), out=tmp_path / "slow")
     assert code == 3
     err = capsys.readouterr().err
-    assert "tiny / Sleepy: throughput relative to steady fell to" in err
+    assert f"tiny / Sleepy{SETTINGS}: throughput relative to steady fell to" in err
     assert "Steady" not in err.split("got worse:")[1]
 
 
-def test_a_method_that_stops_learning_fails(fake_run, baseline, tmp_path, capsys):
-    code, out = fake_run("--methods", NOT_LEARNING, *RUN,
+def test_a_method_that_stops_learning_fails(fake_run, baseline, tmp_path, capsys, monkeypatch):
+    def no_update(self, x, y):
+        time.sleep(self.params["step_sleep"])
+        return {"loss": torch.tensor(1.0)}
+
+    sleepy_changed(monkeypatch, no_update)
+    code, out = fake_run("--methods", SAME, *RUN,
                          "--baseline", str(baseline), out=tmp_path / "broken")
     assert code == 3
-    assert "tiny / Sleepy: accuracy fell" in capsys.readouterr().err
+    assert f"tiny / Sleepy{SETTINGS}: accuracy fell" in capsys.readouterr().err
     assert "accuracy fell" in (out / "regression.md").read_text()
 
 
@@ -202,21 +225,33 @@ def ct_baseline(tmp_path_factory):
 
 
 def ct_check(path, tmp_path, params):
-    code = run_keeping_threads(["--methods", f"noprop_ct[steps=50,{params}]", *CT_RUN, "--baseline", str(path),
-                "--out", str(tmp_path / "run")])
+    code = run_keeping_threads(["--methods", f"noprop_ct[steps=50{',' + params if params else ''}]", *CT_RUN,
+                                "--baseline", str(path), "--out", str(tmp_path / "run")])
     return code, (tmp_path / "run" / "regression.md").read_text()
 
 
-def test_noprop_ct_with_learning_rate_zero_fails_the_check(ct_baseline, tmp_path, capsys):
-    """The regression check catches a NoProp-CT that no longer learns (the issue's deliberate break)."""
-    assert json.loads(ct_baseline.read_text())["rows"]["mnist5k / NoProp-CT (one-hot)"]["accuracy_mean"] > 25
-    code, _ = ct_check(ct_baseline, tmp_path, "lr=0")
+def test_noprop_ct_with_learning_rate_zero_fails_the_check(ct_baseline, tmp_path, capsys, monkeypatch):
+    """The regression check catches a NoProp-CT that no longer learns (the issue's deliberate break): through a
+    parameter, the run is another configuration of the method and fails as one; through the code (its default
+    learning rate), the same row's accuracy falls."""
+    from noprop_bench_plugins.methods.noprop_ct import NoPropCT
+
+    assert json.loads(ct_baseline.read_text())["rows"]["mnist5k / NoProp-CT (one-hot) [steps=50]"]["accuracy_mean"] > 25
+    code, table = ct_check(ct_baseline, tmp_path / "parameter", "lr=0")
     assert code == 3
-    assert "mnist5k / NoProp-CT (one-hot): accuracy fell" in capsys.readouterr().err
+    assert ("mnist5k / NoProp-CT (one-hot) [steps=50]: missing from this run, which has mnist5k / NoProp-CT "
+            "(one-hot) [lr=0.0, steps=50] instead" in capsys.readouterr().err)
+    monkeypatch.setitem(NoPropCT.defaults, "lr", 0.0)
+    code, _ = ct_check(ct_baseline, tmp_path / "code", "")
+    assert code == 3
+    assert "mnist5k / NoProp-CT (one-hot) [steps=50]: accuracy fell" in capsys.readouterr().err
 
 
-def test_noprop_ct_a_few_points_worse_fails_the_check(ct_baseline, tmp_path):
-    """A NoProp-CT that still learns, only worse (a smaller learning rate), fails the check too."""
-    code, table = ct_check(ct_baseline, tmp_path, f"lr={DEGRADED_LR}")
+def test_noprop_ct_a_few_points_worse_fails_the_check(ct_baseline, tmp_path, monkeypatch):
+    """A NoProp-CT that still learns, only worse (its code now has a smaller learning rate), fails the check too."""
+    from noprop_bench_plugins.methods.noprop_ct import NoPropCT
+
+    monkeypatch.setitem(NoPropCT.defaults, "lr", DEGRADED_LR)
+    code, table = ct_check(ct_baseline, tmp_path, "")
     fell = float(re.search(r"accuracy fell ([0-9.]+) points", table).group(1))
     assert code == 3 and DEGRADED_FALL[0] <= fell <= DEGRADED_FALL[1], table

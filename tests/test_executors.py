@@ -114,7 +114,7 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
 
     assert run(command) == EXIT_OK
     err = capsys.readouterr().err
-    assert err.count("skip ") == 3 and "finished 1/1: Doomed seed 1: ok" in err
+    assert err.count("skip ") == 3 and f"finished 1/1: Doomed [marker={marker}] seed 1: ok" in err
     second = _records(tmp_path / "run")
     assert len(second) == 5 and second[:4] == first
     latest = latest_per_trial(second)

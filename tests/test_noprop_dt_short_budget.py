@@ -44,4 +44,4 @@ def test_the_run_records_and_prints_the_warning(fake_run, capsys):
     record = json.loads((out / "trials.jsonl").read_text().splitlines()[-1])
     # 256 training images, 2 steps of 64: block 1 saw half a pass, block 2 none
     assert record["method_metrics"]["warnings"][0].startswith("blocks 1, 2 of 2 got less than one pass")
-    assert "warning: NoProp-DT (one-hot) seed 0: blocks 1, 2 of 2" in capsys.readouterr().err
+    assert "warning: NoProp-DT (one-hot) [blocks=2] seed 0: blocks 1, 2 of 2" in capsys.readouterr().err

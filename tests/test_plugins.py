@@ -156,6 +156,28 @@ def test_a_method_without_an_embedding_parameter_gets_no_embedding_in_its_row_la
     assert Embedded.row_label(Embedded.resolve_params({"embedding": "learned"})) == "Embedded (dim=20)"
 
 
+def test_a_row_label_names_every_parameter_that_differs_from_the_methods_defaults(fake_run):
+    """A method run with 20 inference steps instead of 1000 must not sit in a table as if it were the default."""
+    from noprop_bench import Method
+    from noprop_bench.method import row_label_with_settings
+
+    class Embedded(Method):
+        name, label, defaults = "embedded", "Embedded", {"lr": 1e-3, "steps": 1000, "embedding": "one-hot", "dim": 20}
+
+    def label(**given):
+        return row_label_with_settings(Embedded, Embedded.resolve_params(given))
+
+    assert label() == label(lr="0.001") == "Embedded (one-hot)"
+    assert label(steps="20", lr="3e-3") == "Embedded (one-hot) [lr=0.003, steps=20]"
+    assert label(embedding="learned", dim="64") == "Embedded (dim=64)"  # the embedding is in the label already
+    assert label(dim="64") == "Embedded (one-hot) [dim=64]"
+
+    code, out = fake_run("--methods", "linear,linear[lr=0.2]", "--budget", "64samples", "--checkpoints", "0")
+    assert code == 0
+    table = (out / "table1.md").read_text()
+    assert "| Linear (one-hot) " in table and "| Linear (one-hot) [lr=0.2] " in table
+
+
 def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(tmp_path, monkeypatch):
     source = textwrap.dedent("""
         from noprop_bench import hookimpl

@@ -183,7 +183,10 @@ def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataF
         now = current["rows"].get(key)
         problems = []
         if now is None:
-            problems.append("missing from this run")
+            instead = [other for other, row in current["rows"].items() if other not in baseline["rows"]
+                       and row["method"] == then.get("method") and row["dataset"] == then.get("dataset")]
+            problems.append("missing from this run" + (f", which has {' and '.join(instead)} instead (the method "
+                                                       f"with other parameters)" if instead else ""))
             now = {}
         else:
             allowed = accuracy_allowance(then, tolerance)

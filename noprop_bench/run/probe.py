@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..datasets import BatchStream
+from ..method import row_label_with_settings
 from .evaluation_plan import train_accuracy_split
 from .runner import RunData, TrialSpec, build_task, seed_everything
 
@@ -55,12 +56,12 @@ def estimate_run(specs: Sequence[TrialSpec], data: RunData) -> Tuple[float, List
     each row is probed once (on its first seed)."""
     rows: Dict[str, List[TrialSpec]] = {}
     for spec in specs:
-        rows.setdefault(spec.method.row_label(spec.params) + repr(sorted(spec.params.items())), []).append(spec)
+        rows.setdefault(row_label_with_settings(spec.method, spec.params) + repr(sorted(spec.params.items())), []).append(spec)
     total, lines = 0.0, []
     for group in rows.values():
         training, evaluation = probe_trial(group[0], data)
         total += (training + evaluation) * len(group)
-        lines.append((group[0].method.row_label(group[0].params), len(group), training + evaluation))
+        lines.append((row_label_with_settings(group[0].method, group[0].params), len(group), training + evaluation))
     return total, lines
 
 

@@ -26,7 +26,7 @@ from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, strat
 from .memory import PeakMemory, with_graph_pools
 from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
 from .warmup import warm_up
-from ..method import Method, splits_features
+from ..method import Method, row_label_with_settings, splits_features
 from ..provenance import code_identity
 from .interrupts import stop_cause
 from .store import environment, trial_id
@@ -159,7 +159,7 @@ class TrialSpec:
         return fields
 
     def describe(self) -> str:
-        return f"{self.method.row_label(self.params)} seed {self.seed}"
+        return f"{row_label_with_settings(self.method, self.params)} seed {self.seed}"
 
 
 def seed_everything(seed: int):
@@ -230,7 +230,7 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
     return {
         "trial_id": spec.trial_id, "status": "pending", "error": None,
         "method": spec.method.name, "method_label": spec.method.label or spec.method.name,
-        "row_label": spec.method.row_label(spec.params), "family": spec.method.family,
+        "row_label": row_label_with_settings(spec.method, spec.params), "family": spec.method.family,
         "stochastic": spec.method.stochastic, "params": spec.params, "dataset": spec.dataset,
         "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment, "val_split": spec.val_split,

@@ -28,6 +28,7 @@ from ..conformance import loss_fixes, step_metrics_fixes, violation
 from ..datasets import Normalizer, Split
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter
+from ..method import row_label_with_settings
 from ..plugins import load_plugins
 from ..specs import parse_dataset_spec, parse_method_list
 from ..task import Task
@@ -200,7 +201,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     median = statistics.median(times)
     peak_bytes, memory_kind = with_graph_pools(memory.kind, memory.peak_bytes, applied.update_pool_bytes())
     return {
-        "method": cls.name, "row_label": cls.row_label(params), "params": params,
+        "method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
         "settings": settings.describe(), **applied.record(),
         "ms_per_step": 1000 * median, "samples_per_second": batch_size / median,
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
@@ -258,7 +259,7 @@ def render_profiles(rows: List[Dict[str, Any]]) -> str:
 
 def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
     """The row of a method that could not be measured under ``settings``: what went wrong, no figures."""
-    return {"method": cls.name, "row_label": cls.row_label(params), "params": params,
+    return {"method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
             "settings": settings.describe(), **settings.as_dict(), "error": first_line(error),
             "compile_fallbacks": {}, "capture_fallbacks": {}, **{key: None for key in FIGURES}}
 
@@ -342,7 +343,7 @@ def speed_main(argv: Sequence[str]) -> int:
     try:
         for settings, (cls, params) in planned:
             warmup = warmup_steps(plain_warmup, settings)
-            say(f"{cls.row_label(params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
+            say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
             _release_earlier_rows(device)
             try:
                 row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images,
@@ -350,11 +351,11 @@ def speed_main(argv: Sequence[str]) -> int:
             except (UsageError, KeyboardInterrupt):
                 raise
             except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
-                say(f"{cls.row_label(params)}, {settings.describe()}: not measured: {first_line(error)}")
+                say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: not measured: {first_line(error)}")
                 rows.append(failed_row(cls, params, settings, error))
             else:
                 rows.append(row)
-                say(f"{cls.row_label(params)}, {settings.describe()}: {row_summary(row)}")
+                say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: {row_summary(row)}")
     except KeyboardInterrupt:  # keep the rows already measured
         interrupted = True
         say(f"interrupted after {len(rows)} of {len(planned)} row(s)")
