@@ -112,6 +112,9 @@ def test_table2():
     text = render_table2(records)
     check_golden("table2.md", text)
     assert "peak resident set size" in text and "CUDA" not in text.split("\n\n")[1]
+    # s/epoch is the train-set size over the samples/s beside it (50,000 / 925), not a mean of per-seed ratios
+    backprop = next(line for line in text.splitlines() if line.startswith("| Backprop with linear head"))
+    assert [cell.strip() for cell in backprop.split("|")][6:8] == ["925", "54.05"]
 
 
 def test_time_to_accuracy():

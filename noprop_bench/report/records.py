@@ -212,6 +212,16 @@ def field_mean(records: Sequence[Dict[str, Any]], field: str, scale: float = 1.0
     return float(np.mean(values)) if values else float("nan")
 
 
+def seconds_per_epoch(records: Sequence[Dict[str, Any]]) -> float:
+    """Train-set size / the mean throughput over ``records``, consistent with the samples/s shown beside it
+    (a mean of each seed's ratio is not); the records' own figure where the set size is unknown."""
+    sizes = [r["train_size"] for r in records if isinstance(r.get("train_size"), int) and r["train_size"] > 0]
+    throughput = field_mean(records, "samples_per_second")
+    if len(sizes) == len(records) and throughput > 0:
+        return float(np.mean(sizes)) / throughput
+    return field_mean(records, "seconds_per_epoch")
+
+
 def memory_kind(record: Dict[str, Any]) -> str:
     """How the record's peak memory was measured (e.g. ``cuda_max_allocated``), or ``unknown``."""
     return str(record.get("memory_kind") or "unknown")

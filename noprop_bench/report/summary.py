@@ -6,7 +6,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .records import (assign_rows, budget_unit, check_records, comparability, comparable_groups, dataset_columns,
-                      drop_duplicate_seeds, field_mean, mean_and_standard_error, memory_kind, ordered_rows)
+                      drop_duplicate_seeds, field_mean, mean_and_standard_error, memory_kind, ordered_rows,
+                      seconds_per_epoch)
 from .table1 import SPLITS, not_ok_lines
 from .tables import GB
 
@@ -76,7 +77,7 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                       "dataset_label": label, "seeds": len(chosen),
                       "peak_memory_gb": _number(field_mean(chosen, "peak_memory_bytes", GB)),
                       "samples_per_second": _number(field_mean(chosen, "samples_per_second")),
-                      "seconds_per_epoch": _number(field_mean(chosen, "seconds_per_epoch"))}
+                      "seconds_per_epoch": _number(seconds_per_epoch(chosen))}
                      for family, row, spec, label, chosen in _cells([r for r in group if memory_kind(r) == kind])]
             tables.append({**_settings(group[0], True), "memory_kind": kind, "cells": cells})
     return tables

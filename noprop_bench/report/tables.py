@@ -8,7 +8,8 @@ import pandas as pd
 from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, field_mean, memory_kind, ordered_rows, settings_text)
+                          family_heading, field_mean, memory_kind, ordered_rows, seconds_per_epoch,
+                          settings_text)
 from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se
 
 GB = 1e9
@@ -73,7 +74,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
             elif kind == "throughput":
                 line.append(_number(field_mean(cell, "samples_per_second")))
             elif kind == "epoch":
-                line.append(_number(field_mean(cell, "seconds_per_epoch")))
+                line.append(_number(seconds_per_epoch(cell)))
             else:
                 one_hot = cell[0]["row_label"].endswith("(one-hot)")
                 published = paper_data.paper_memory_gb(cell[0]["method"], spec) if one_hot else None
