@@ -61,6 +61,21 @@ def test_stochastic_methods_are_evaluated_inference_runs_times(fake_run):
     assert len(records["noisy"]["train_acc_runs"]) == 4
 
 
+def test_a_long_final_evaluation_reports_each_inference_run(fake_run, monkeypatch, capsys):
+    from noprop_bench.run import runner
+
+    code, out = fake_run("--methods", "noisy", "--budget", "3steps", "--inference-runs", "3", "--train-accuracy")
+    assert code == 0 and "final evaluation, " not in capsys.readouterr().err  # a quick one stays quiet
+    monkeypatch.setattr(runner, "FINAL_PROGRESS_AFTER_SECONDS", 0.0)  # as if every run took long
+    code, out = fake_run("--methods", "noisy", "--budget", "3steps", "--inference-runs", "3", "--train-accuracy",
+                         out=out.parent / "slow")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "final evaluation, " in line]
+    record = _records(out)[0]
+    assert [line.split("final evaluation, ")[1].split(" (")[0] for line in lines] == (
+        [f"test inference run {n}/3: {accuracy:.2f}%" for n, accuracy in enumerate(record["test_acc_runs"], 1)]
+        + [f"train inference run {n}/3: {accuracy:.2f}%" for n, accuracy in enumerate(record["train_acc_runs"], 1)])
+
+
 def test_record_holds_what_the_paper_needs(fake_run):
     code, out = fake_run("--methods", "linear", "--budget", "4steps", "--seeds", "1", "--val-split", "0.25")
     record = _records(out)[0]

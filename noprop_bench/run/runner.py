@@ -34,6 +34,7 @@ from ..task import Task
 
 DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
 CUDA_CLOCK_READ_EVERY = 8  # most steps between clock reads on CUDA (each read synchronises); see ClockReads
+FINAL_PROGRESS_AFTER_SECONDS = 5.0  # a final evaluation reports each inference run once it has run this long
 HEARTBEAT_SECONDS = 30.0  # longest wall time between progress lines while training
 
 
@@ -480,17 +481,24 @@ class _TrialRun:
         """Test accuracy over the inference runs, and what else was asked for, into the record."""
         spec, data, record = self.spec, self.data, self.record
         runs = spec.inference_runs if spec.method.stochastic else 1
+        started = time.perf_counter()
         # every test evaluation below shares one pass of the setting-independent part (the backbone)
         self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch)
-        test = [self._test_accuracy(spec.seed * 1000 + 1 + r) for r in range(runs)]
+        test = []
+        for run in range(runs):
+            test.append(self._test_accuracy(spec.seed * 1000 + 1 + run))
+            self._evaluation_progress(started, f"test inference run {run + 1}/{runs}: {test[-1]:.2f}%")
         record["test_acc_runs"] = test
         record["test_acc"] = float(np.mean(test))
         if spec.train_accuracy:
             train_split = train_accuracy_split(data.train, len(data.test))
             record["train_acc_size"] = len(train_split)
             train_features = split_features(self.method, train_split, data.normalize, self.eval_batch)
-            train = [evaluate(self.method, train_split, data.normalize, self.eval_batch,
-                              seed=spec.seed * 1000 + 501 + r, features=train_features) for r in range(runs)]
+            train = []
+            for run in range(runs):
+                train.append(evaluate(self.method, train_split, data.normalize, self.eval_batch,
+                                      seed=spec.seed * 1000 + 501 + run, features=train_features))
+                self._evaluation_progress(started, f"train inference run {run + 1}/{runs}: {train[-1]:.2f}%")
             del train_features
             record["train_acc_runs"] = train
             record["train_acc"] = float(np.mean(train))
@@ -501,6 +509,13 @@ class _TrialRun:
                                  for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
             record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
+
+    def _evaluation_progress(self, started: float, what: str) -> None:
+        """A line per inference run once a final evaluation has run for a while (a 1000-step sampler on
+        the CPU takes minutes), so a long one is not silent."""
+        elapsed = time.perf_counter() - started
+        if elapsed >= FINAL_PROGRESS_AFTER_SECONDS:
+            self.say(f"{self.spec.describe()}: final evaluation, {what} ({elapsed:.0f}s so far)")
 
     def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
         spec = self.spec
