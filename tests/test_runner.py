@@ -76,6 +76,16 @@ def test_a_long_final_evaluation_reports_each_inference_run(fake_run, monkeypatc
         + [f"train inference run {n}/3: {accuracy:.2f}%" for n, accuracy in enumerate(record["train_acc_runs"], 1)])
 
 
+def test_checkpoints_that_fell_within_one_step_are_noted(fake_run, capsys):
+    code, out = fake_run("--methods", "linear", "--budget", "3steps", "--checkpoints", "8")
+    record = _records(out)[0]
+    assert len(record["curve"]) == 3  # two checkpoints (the first step crossed 5 checkpoint times) and the end
+    note = "2 of 8 checkpoints were evaluated: steps took longer than the gaps between checkpoint times"
+    assert note in record["warnings"][0] and note in capsys.readouterr().err
+    code, out = fake_run("--methods", "linear", "--budget", "400steps", "--checkpoints", "3", out=out.parent / "all")
+    assert "warnings" not in _records(out)[0]
+
+
 def test_record_holds_what_the_paper_needs(fake_run):
     code, out = fake_run("--methods", "linear", "--budget", "4steps", "--seeds", "1", "--val-split", "0.25")
     record = _records(out)[0]

@@ -119,7 +119,7 @@ def figure3(records: List[Dict[str, Any]]):
             ax.set_xlabel("cumulative training time (s)")
             ax.set_ylabel("test accuracy (%)")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")  # the place that covers the fewest points
         for d_index in range(len(dataset_columns(group)), width):
             axes[g_index][d_index].set_visible(False)
     if len(groups) == 1:

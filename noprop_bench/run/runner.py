@@ -387,7 +387,16 @@ class _TrialRun:
         if not bool(finite):
             raise Diverged(f"non-finite loss by step {self.steps}")
         self._update_counts()
+        self._note_merged_checkpoints()
         self._final_evaluation(loss_sum, loss_count)
+
+    def _note_merged_checkpoints(self):
+        evaluated, planned = len(self.record["curve"]), self.spec.checkpoints
+        if evaluated < planned:  # a step crossed several checkpoint times at once, or the budget ended first
+            warning = (f"{evaluated} of {planned} checkpoints were evaluated: steps took longer than the gaps "
+                       f"between checkpoint times, so some fell within one step (each step is evaluated once)")
+            self.record.setdefault("warnings", []).append(warning)
+            self.say(f"note: {self.spec.describe()}: {warning}")
 
     def _check_first_step(self, metrics):
         fixes = step_metrics_fixes(metrics) or loss_fixes(metrics)
