@@ -265,6 +265,9 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
+SUBCOMMANDS = ("report", "speed", "new-plugin")
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
@@ -405,10 +408,12 @@ def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    program = "noprop-bench" + (f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "")  # as argparse says it
     try:
         code = run(argv)
     except UsageError as error:
-        print(f"noprop-bench: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:  # before any trial ran (e.g. while plugins import): nothing to keep
         print("noprop-bench: interrupted", file=sys.stderr)

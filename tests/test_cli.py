@@ -231,3 +231,10 @@ def test_report_re_renders_a_run_with_its_train_columns(fake_run, tmp_path):
     before = (out / "table1.md").read_text()
     assert run(["report", str(out)]) == 0  # writes into the run's own folder
     assert (out / "table1.md").read_text() == before
+
+
+def test_an_error_of_a_subcommand_names_the_subcommand_as_argparse_does(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["speed", "--steps", "0"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == "noprop-bench speed: error: --steps 0: must be a whole number of at least 1"
