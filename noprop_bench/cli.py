@@ -22,7 +22,7 @@ from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter
 from .method import row_label_with_settings
 from .run.interrupts import forget_sigterm, note_sigterm
-from .run.jobs import Progress, TrialJob, import_root
+from .run.jobs import Progress, TrialJob, import_root, trial_label
 from .run.resume import pending_specs
 from .plugins import load_plugins
 from .provenance import code_identity
@@ -265,17 +265,13 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
-SUBCOMMANDS = ("report", "speed", "new-plugin")
+SUBCOMMANDS = {"report": report_main, "speed": speed_main, "new-plugin": new_plugin_main}
 
 
 def run(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "report":
-        return report_main(argv[1:])
-    if argv and argv[0] == "speed":
-        return speed_main(argv[1:])
-    if argv and argv[0] == "new-plugin":
-        return new_plugin_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.preset_overrides = apply_preset(args, explicit_options(parser, argv)) if args.preset else []
@@ -309,7 +305,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     check_output_directory(out, "--out")
     store = TrialStore(out)
     for record in store.merge_record_files():
-        say(f"recorded {record.get('row_label')} seed {record.get('seed')}: it finished after the last run's "
+        say(f"recorded {trial_label(record)} seed {record.get('seed')}: it finished after the last run's "
             f"host had stopped")
     pending = pending_specs(specs, store.read()[0], args.keep_stale, say, str(store.path))
     problems = []
@@ -360,7 +356,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     if problems:
         say(f"{len(problems)} trial(s) did not finish ok:")
         for record in problems:
-            say(f"  {record['row_label']} seed {record['seed']}: {record['status']}: {record['error']}")
+            say(f"  {trial_label(record)} seed {record['seed']}: {record['status']}: {record['error']}")
         return EXIT_TRIAL_FAILED
     if args.baseline or args.save_baseline:
         return _check_baseline(args, baseline, store, specs, command, say)

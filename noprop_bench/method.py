@@ -172,15 +172,19 @@ class Method(nn.Module):
         return f"{cls.label or cls.name} ({embedding})"
 
 
-def row_label_with_settings(cls: type, params: Mapping[str, Any]) -> str:
-    """``cls.row_label(params)`` followed by each parameter that differs from the method's defaults, as in
-    ``NoProp-CT (one-hot) [steps=20]``: a table row, a curve and a progress line never hide how a method
-    was set up. The embedding (and a learned embedding's ``dim``) is already in the label."""
-    label = cls.row_label(params)
+def settings_suffix(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+    """`` [steps=20]``: each parameter of ``params`` that differs from ``defaults``, or "" when none does. The
+    embedding (and a learned embedding's ``dim``) is left out: the row label names it already."""
     in_label = {"embedding"} | ({"dim"} if params.get("embedding") == "learned" else set())
     differing = [f"{key}={value}" for key, value in params.items()
-                 if key not in in_label and key in cls.defaults and value != cls.defaults[key]]
-    return f"{label} [{', '.join(differing)}]" if differing else label
+                 if key not in in_label and key in defaults and value != defaults[key]]
+    return f" [{', '.join(differing)}]" if differing else ""
+
+
+def row_label_with_settings(cls: type, params: Mapping[str, Any]) -> str:
+    """``cls.row_label(params)`` followed by the parameters that differ from the method's defaults, as in
+    ``NoProp-CT (one-hot) [steps=20]``: a progress line or a speed row never hides how a method was set up."""
+    return cls.row_label(params) + settings_suffix(params, cls.defaults)
 
 
 def splits_features(cls: type) -> bool:

@@ -146,7 +146,8 @@ def test_a_solve_past_max_nfe_fails_instead_of_running_on():
 def test_a_trial_records_nfe_and_memory():
     record = run_one(Adjoint, {"steps": "2"}, budget="64samples")
     assert record["status"] == "ok", record.get("error")
-    assert record["family"] == "continuous-time" and record["row_label"] == "Adjoint (one-hot) [steps=2]"
+    assert record["family"] == "continuous-time" and record["row_label"] == "Adjoint (one-hot)"
+    assert record["param_defaults"]["steps"] == 5  # what the steps=2 of its row label differ from
     metrics = record["method_metrics"]
     assert metrics["nfe_forward_last"] == 8 and metrics["nfe_backward_last"] == 8
     assert metrics["gradients"] == "adjoint"

@@ -333,6 +333,20 @@ def test_ctrl_c_stops_the_workers_and_keeps_what_their_trials_measured(tmp_path)
             os.kill(pid, 0)
 
 
+def test_a_stop_interrupts_a_trial_even_before_it_begins_and_never_a_trial_that_ended():
+    from noprop_bench.run import interrupts
+
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.stoppable():
+            interrupts.stop_trial(None, None)  # while it trains
+    interrupts.stop_trial(None, None)  # before it begins (the worker was loading its data): nothing raised now
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.stoppable():  # but the trial stops as it begins
+            pytest.fail("the trial ran")
+    with interrupts.stoppable():  # the stop was taken once
+        pass
+
+
 def _ignore_the_stop_signal_and_sleep():
     signal.signal(local_executor.STOP_SIGNAL, signal.SIG_IGN)
     time.sleep(60)
@@ -415,11 +429,12 @@ def test_a_record_being_stored_when_ctrl_c_came_is_stored_not_replaced_by_interr
     job = TrialJob(spec={}, header={"trial_id": "T1", "row_label": "r", "seed": 0}, data_root=None, download=False,
                    threads=1, executor="local[workers=1]")
     store = TrialStore(tmp_path)
+    interrupts = [KeyboardInterrupt, KeyboardInterrupt]  # Ctrl-C twice, each held until a line is whole
 
     def deliver(job, record):
         store.append(record)
-        if len(store.read()[0]) == 1 and record["status"] == "ok":
-            raise KeyboardInterrupt  # as ctrl_c_held raises it once the line is whole
+        if interrupts and record["status"] == "ok":
+            raise interrupts.pop()
 
     with pytest.raises(KeyboardInterrupt):
         pool.run([job], deliver)

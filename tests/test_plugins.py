@@ -172,10 +172,24 @@ def test_a_row_label_names_every_parameter_that_differs_from_the_methods_default
     assert label(embedding="learned", dim="64") == "Embedded (dim=64)"  # the embedding is in the label already
     assert label(dim="64") == "Embedded (one-hot) [dim=64]"
 
-    code, out = fake_run("--methods", "linear,linear[lr=0.2]", "--budget", "64samples", "--checkpoints", "0")
+    code, out = fake_run("--methods", "linear[lr=0.2]", "--budget", "64samples", "--checkpoints", "0")
     assert code == 0
-    table = (out / "table1.md").read_text()
-    assert "| Linear (one-hot) " in table and "| Linear (one-hot) [lr=0.2] " in table
+    assert "| Linear (one-hot) [lr=0.2] " in (out / "table1.md").read_text()  # alone, and still named
+
+
+def test_trials_of_one_setup_share_a_row_whether_written_before_or_after_defaults_were_recorded():
+    """A run resumed across the upgrade that started recording ``param_defaults`` (or a report merging such
+    runs) must not split one setup into two rows; a default run stays unnamed."""
+    from noprop_bench.report.records import assign_rows
+
+    base = {"method": "noprop_ct", "row_label": "NoProp-CT (one-hot)", "dataset": "mnist5k", "augment": "none",
+            "val_split": 0.0}
+    defaults = {"lr": 0.001, "steps": 1000, "embedding": "one-hot"}
+    old = {**base, "params": {**defaults, "steps": 20}, "finished_at": "2026-01-01T00:00:00+00:00"}
+    new = {**old, "param_defaults": defaults, "finished_at": "2026-02-01T00:00:00+00:00"}
+    default = {**base, "params": defaults, "param_defaults": defaults}
+    assert assign_rows([old, new, default]) == ["NoProp-CT (one-hot) [steps=20]"] * 2 + ["NoProp-CT (one-hot)"]
+    assert assign_rows([old]) == ["NoProp-CT (one-hot)"]  # no record says what the defaults were
 
 
 def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """--preset paper: the paper's protocol in one flag, its 13 rows, overrides that the record and caption name."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 

@@ -162,6 +162,19 @@ def test_figure_is_written(tmp_path):
     assert (tmp_path / "figure3.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_figure_with_a_long_row_label_keeps_its_layout(tmp_path):
+    """A path among a method's parameters makes a long label: the legend wraps it, the axes keep their size."""
+    import warnings
+
+    records, _ = load("mnist")
+    long_label = "Backprop with linear head [marker=/a/very/long/path/" + "x" * 80 + "/died-once]"
+    records = [{**r, "row_label": long_label} if r["method"] == "backprop" else r for r in records]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when constrained layout collapses the axes
+        write_figure3(records, tmp_path / "figure3")
+    assert (tmp_path / "figure3.png").stat().st_size > 1000
+
+
 def test_truncated_last_line_and_bad_record():
     records, notes = load("truncated")
     assert [r["trial_id"] for r in records] == ["m-bp-0", "m-bp-1"]

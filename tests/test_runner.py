@@ -80,7 +80,7 @@ def test_checkpoints_that_fell_within_one_step_are_noted(fake_run, capsys):
     code, out = fake_run("--methods", "linear", "--budget", "3steps", "--checkpoints", "8")
     record = _records(out)[0]
     assert len(record["curve"]) == 3  # two checkpoints (the first step crossed 5 checkpoint times) and the end
-    note = "2 of 8 checkpoints were evaluated: steps took longer than the gaps between checkpoint times"
+    note = "2 of 8 checkpoints were evaluated: several checkpoint times fell within one step"
     assert note in record["warnings"][0] and note in capsys.readouterr().err
     code, out = fake_run("--methods", "linear", "--budget", "400steps", "--checkpoints", "3", out=out.parent / "all")
     assert "warnings" not in _records(out)[0]

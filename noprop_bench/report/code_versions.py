@@ -5,6 +5,7 @@ records. Their Table 1 rows carry a mark and the caption says why."""
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 from ..provenance import describe_code, same_code
+from ..run.jobs import trial_label
 
 OLDER_CODE_MARK = "†"
 
@@ -41,7 +42,7 @@ def older_code_note(records: Sequence[Dict[str, Any]], current: Optional[CodeByM
     for record in records:
         if str(record.get("trial_id")) in older:
             methods.add(record["method"])
-            text = f"{record.get('row_label')} seed {record.get('seed')} ({describe_code(record['code'])})"
+            text = f"{trial_label(record)} seed {record.get('seed')} ({describe_code(record['code'])})"
             if text not in labels:
                 labels.append(text)
     against = ("the code of this run" if current and methods <= set(current)

@@ -5,6 +5,7 @@ matplotlib is imported inside :func:`figure3` only, so importing this module sta
 
 import io
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -14,6 +15,7 @@ import pandas as pd
 from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
                           drop_duplicate_seeds, ordered_rows)
 
+LEGEND_WIDTH = 45  # characters per legend line: a long row label (a path among its parameters) is wrapped
 CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",
                  "row_label", "seed", "point", "final", "train_seconds", "steps", "samples", "epochs",
                  "test_acc", "train_loss", "test_images"]
@@ -112,7 +114,8 @@ def figure3(records: List[Dict[str, Any]]):
                 times, mean, low, high = seed_band([_points(r) for r, name in chosen if name == row])
                 if not len(times):
                     continue
-                ax.plot(times, mean, color=colours[row], label=row, marker="o", markersize=2.5, linewidth=1.4)
+                ax.plot(times, mean, color=colours[row], label=textwrap.fill(row, LEGEND_WIDTH), marker="o",
+                        markersize=2.5, linewidth=1.4)
                 ax.fill_between(times, low, high, color=colours[row], alpha=0.2, linewidth=0)
             title = label if len(groups) == 1 else f"{label}\n{budget}, {backbone}, batch {batch}, {speed}\n{device}\nmean, band min–max over seeds"
             ax.set_title(title, fontsize=10)

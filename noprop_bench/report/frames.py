@@ -30,8 +30,8 @@ IDENTITY_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("method", ("string", "method name, e.g. noprop_ct")),
     ("method_label", ("string", "method as the paper names it, e.g. NoProp-CT")),
     ("row_label", ("string", "the record's row label, e.g. NoProp-CT (prototype)")),
-    ("row", ("string", "Table 1's row: row_label, plus the differing parameters when two parameter sets of "
-                       "one method would share a cell")),
+    ("row", ("string", "Table 1's row: row_label, plus the parameters that differ from the method's defaults "
+                       "and what else differs when two setups of one method would share a cell")),
     ("family", ("string", "discrete-time or continuous-time")),
     ("dataset", ("string", "dataset spec, e.g. mnist5k")),
     ("dataset_label", ("string", "dataset as the tables show it")),

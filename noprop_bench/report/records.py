@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..method import FAMILIES
+from ..method import FAMILIES, settings_suffix
 from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
 
@@ -295,23 +295,42 @@ def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
     return {**_params(record), "augment": record.get("augment"), "val_split": float(record.get("val_split") or 0.0)}
 
 
+def reference_defaults(records: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Each method's parameter defaults as its newest record states them (``param_defaults``), so trials of one
+    setup get one label whether they were written before or after a change of defaults."""
+    newest: Dict[str, Dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: str(r.get("finished_at", ""))):
+        if isinstance(record.get("param_defaults"), dict):
+            newest[record["method"]] = record["param_defaults"]
+    return newest
+
+
+def _labelled(record: Dict[str, Any], defaults: Dict[str, Dict[str, Any]]) -> str:
+    """``row_label`` plus the parameters that differ from the method's defaults (``NoProp-CT (one-hot)
+    [steps=20]``), so a variant run alone never passes for the default."""
+    if record["method"] not in defaults:
+        return record["row_label"]
+    return record["row_label"] + settings_suffix(_params(record), defaults[record["method"]])
+
+
 def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
-    """A row label per record: ``row_label``, plus what differs when two trials of one method would
-    otherwise share a cell (same row label and dataset) with different parameters or training data
-    (``--augment``, ``--val-split``), so they never do."""
+    """A row label per record: ``row_label`` with the parameters that differ from its method's defaults,
+    plus what differs when two trials of one method would otherwise share a cell (same label and dataset)
+    with different parameters or training data (``--augment``, ``--val-split``), so they never do."""
+    defaults = reference_defaults(records)
+    labels = [_labelled(record, defaults) for record in records]
     variants_in_cell: Dict[Tuple[str, str], set] = {}
-    for record in records:
-        variants_in_cell.setdefault((record["row_label"], record["dataset"]), set()).add(
+    for record, label in zip(records, labels):
+        variants_in_cell.setdefault((label, record["dataset"]), set()).add(
             json.dumps(_variant(record), sort_keys=True, default=str))
     clashing = {label for (label, _), variants in variants_in_cell.items() if len(variants) > 1}
     differing: Dict[str, List[str]] = {}
     for label in clashing:
-        variants = [_variant(r) for r in records if r["row_label"] == label]
+        variants = [_variant(r) for r, own in zip(records, labels) if own == label]
         keys = sorted({k for v in variants for k in v})
         differing[label] = [k for k in keys if len({json.dumps(v.get(k), default=str) for v in variants}) > 1]
     rows = []
-    for record in records:
-        label = record["row_label"]
+    for record, label in zip(records, labels):
         if label in clashing:
             variant = _variant(record)
             label += " [" + ", ".join(f"{k}={variant.get(k)}" for k in differing[label]) + "]"

@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from ..run.jobs import trial_label
 from . import paper as paper_data
 from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
@@ -204,7 +205,7 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     for record in records:
         if record.get("status") != "ok":
             dataset = record.get("dataset_label") or labels.get(record.get("dataset"), record.get("dataset"))
-            lines.append(f"{record.get('row_label', record.get('method'))} seed {record.get('seed')} on "
+            lines.append(f"{trial_label(record)} seed {record.get('seed')} on "
                          f"{dataset}: {record.get('status')} ({record.get('error')})")
     return lines
 

@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import pandas as pd
 
+from ..run.jobs import trial_label
 from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
@@ -127,7 +128,7 @@ def _sweep_points(record: Dict[str, Any], notes: List[str]) -> List[Tuple[str, L
     for point in record.get("inference_sweep") or []:
         runs = point.get("test_acc_runs") if isinstance(point, dict) else None
         if not isinstance(runs, list) or not all(isinstance(v, (int, float)) for v in runs):
-            notes.append(f"{record['row_label']} seed {record['seed']}: a sweep point without test_acc_runs; skipped")
+            notes.append(f"{trial_label(record)} seed {record['seed']}: a sweep point without test_acc_runs; skipped")
             continue
         points.append((setting_label(point.get("setting")), runs))
     return points

@@ -1,5 +1,6 @@
-"""Interrupts in the host process: what stopped a run (Ctrl-C or a SIGTERM passed on as one), and holding
-an interrupt back while something must be written or read whole."""
+"""Interrupts: what stopped a run (Ctrl-C or a SIGTERM passed on as one), holding an interrupt back while
+something must be written or read whole, and the stop signal with which a host asks a worker process to
+stop the trial it trains (the trial then records what it measured)."""
 
 import contextlib
 import signal
@@ -7,6 +8,10 @@ import threading
 from typing import ContextManager, Iterator
 
 _stopped_by_sigterm = threading.Event()
+# how a host asks a worker process to stop its trial (POSIX only: elsewhere a worker is only ever killed)
+STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
+_training = threading.Event()  # a trial is training or evaluating in this process: a stop interrupts it
+_stop_pending = threading.Event()  # a stop came before the trial began: it is taken when the trial begins
 
 
 def note_sigterm() -> None:
@@ -51,3 +56,25 @@ def signal_held(signum: int) -> Iterator[None]:
 def ctrl_c_held() -> ContextManager[None]:
     """Hold Ctrl-C (and a SIGTERM passed on as one) back until the block ends, then raise it."""
     return signal_held(signal.SIGINT)
+
+
+def stop_trial(signum, frame) -> None:
+    """The worker's handler of :data:`STOP_SIGNAL`: interrupt the trial (it is recorded as interrupted, with
+    what it measured); one that has not begun is interrupted as it begins; between trials it does nothing
+    more than that, so a finished trial's record is never lost to it."""
+    if _training.is_set():
+        raise KeyboardInterrupt
+    _stop_pending.set()
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """The block a worker's stop signal interrupts (a trial's training and evaluation)."""
+    if _stop_pending.is_set():
+        _stop_pending.clear()
+        raise KeyboardInterrupt
+    _training.set()
+    try:
+        yield
+    finally:
+        _training.clear()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..method import settings_suffix
 from .interrupts import stop_cause
 
 Deliver = Callable[["TrialJob", Dict[str, Any]], None]
@@ -43,7 +44,16 @@ class TrialJob:
         return self.header["trial_id"]
 
     def describe(self) -> str:
-        return f"{self.header['row_label']} seed {self.header['seed']}"
+        return f"{trial_label(self.header)} seed {self.header['seed']}"
+
+
+def trial_label(record: Dict[str, Any]) -> str:
+    """A trial's row label with the parameters that differ from its method's defaults, as in
+    ``NoProp-CT (one-hot) [steps=20]`` (records made before the defaults were stored: the label alone)."""
+    params, defaults = record.get("params"), record.get("param_defaults")
+    if not isinstance(params, dict) or not isinstance(defaults, dict):
+        return str(record.get("row_label", record.get("method")))
+    return f"{record.get('row_label', record.get('method'))}{settings_suffix(params, defaults)}"
 
 
 def import_root(module_name: str) -> Optional[str]:

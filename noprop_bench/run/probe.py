@@ -56,7 +56,8 @@ def estimate_run(specs: Sequence[TrialSpec], data: RunData) -> Tuple[float, List
     each row is probed once (on its first seed)."""
     rows: Dict[str, List[TrialSpec]] = {}
     for spec in specs:
-        rows.setdefault(row_label_with_settings(spec.method, spec.params) + repr(sorted(spec.params.items())), []).append(spec)
+        key = row_label_with_settings(spec.method, spec.params) + repr(sorted(spec.params.items()))
+        rows.setdefault(key, []).append(spec)
     total, lines = 0.0, []
     for group in rows.values():
         training, evaluation = probe_trial(group[0], data)

@@ -28,7 +28,7 @@ from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
 from .warmup import warm_up
 from ..method import Method, row_label_with_settings, splits_features
 from ..provenance import code_identity
-from .interrupts import stop_cause
+from .interrupts import stop_cause, stoppable
 from .store import environment, trial_id
 from ..task import Task
 
@@ -231,8 +231,9 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
     return {
         "trial_id": spec.trial_id, "status": "pending", "error": None,
         "method": spec.method.name, "method_label": spec.method.label or spec.method.name,
-        "row_label": row_label_with_settings(spec.method, spec.params), "family": spec.method.family,
-        "stochastic": spec.method.stochastic, "params": spec.params, "dataset": spec.dataset,
+        "row_label": spec.method.row_label(spec.params), "family": spec.method.family,
+        "stochastic": spec.method.stochastic, "params": spec.params,
+        "param_defaults": dict(spec.method.defaults), "dataset": spec.dataset,
         "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment, "val_split": spec.val_split,
         "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
@@ -265,7 +266,7 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
         return record
     trial = _TrialRun(spec, data, record, say)
     try:
-        with backend_flags(spec.speed):
+        with backend_flags(spec.speed), stoppable():  # a worker's stop signal interrupts only the trial itself
             trial.run()
         record["status"] = "ok"
     except Diverged as error:
@@ -393,8 +394,9 @@ class _TrialRun:
     def _note_merged_checkpoints(self):
         evaluated, planned = len(self.record["curve"]), self.spec.checkpoints
         if evaluated < planned:  # a step crossed several checkpoint times at once, or the budget ended first
-            warning = (f"{evaluated} of {planned} checkpoints were evaluated: steps took longer than the gaps "
-                       f"between checkpoint times, so some fell within one step (each step is evaluated once)")
+            warning = (f"{evaluated} of {planned} checkpoints were evaluated: several checkpoint times fell "
+                       f"within one step or between two reads of the clock (or the budget has fewer steps than "
+                       f"checkpoints), and each is evaluated once")
             self.record.setdefault("warnings", []).append(warning)
             self.say(f"note: {self.spec.describe()}: {warning}")
 

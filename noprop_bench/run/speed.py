@@ -233,8 +233,8 @@ def _figure(value: float) -> str:
 def row_summary(row: Dict[str, Any]) -> str:
     """One measured row in a line, printed as soon as it is measured (a run cut short keeps its figures)."""
     return (f"{row['ms_per_step']:.2f} ms/step ({_figure(1000 / row['ms_per_step'])} steps/s), inference "
-            f"{row['inference_images_per_second_final']:.0f} img/s final, "
-            f"{row['inference_images_per_second_checkpoint']:.0f} img/s checkpoint; "
+            f"{_figure(row['inference_images_per_second_final'])} img/s final, "
+            f"{_figure(row['inference_images_per_second_checkpoint'])} img/s checkpoint; "
             f"warm-up {row['warmup_seconds']:.1f} s"
             + (f"; CUDA graphs: {', '.join(row['captured'])}" if row.get("captured") else "")
             + (f"; {_busy_text(row['profile'])}" if row.get("profile") else "")
@@ -343,7 +343,8 @@ def speed_main(argv: Sequence[str]) -> int:
     try:
         for settings, (cls, params) in planned:
             warmup = warmup_steps(plain_warmup, settings)
-            say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: {warmup} warm-up + {steps} timed steps ...")
+            say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: {warmup} warm-up + {steps} timed "
+                f"steps ...")
             _release_earlier_rows(device)
             try:
                 row = measure(cls, params, task, settings, args.batch_size, steps, warmup, inference_images,

@@ -22,14 +22,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
+from noprop_bench.run.interrupts import STOP_SIGNAL, signal_held, stop_cause, stop_trial
 from noprop_bench.run.interrupts import ctrl_c_held as whole_messages  # messages go whole
-from noprop_bench.run.interrupts import signal_held, stop_cause
 from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
-                                   interrupted, stop_if_interrupted, worker_identity)
-
-# how the host asks a worker to stop its trial and report (workers ignore SIGINT: a terminal's Ctrl-C
-# reaches them too, and the host decides); where there is no SIGUSR1, a worker is only ever killed
-STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
+                                   interrupted, stop_if_interrupted)
 
 
 def visible_gpus() -> List[str]:
@@ -49,21 +45,13 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exit status {exitcode}"
 
 
-_trial_running = False  # in a worker: whether the host's stop signal should interrupt what it does
-
-
-def _stop_requested(signum, frame) -> None:
-    if _trial_running:  # the trial's record then says interrupted, with what it measured so far
-        raise KeyboardInterrupt
-
-
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
-    """A worker process: run the jobs it is sent, one at a time, and send back progress and records."""
-    global _trial_running
+    """A worker process: run the jobs it is sent, one at a time, and send back progress and records. The
+    host's :data:`STOP_SIGNAL` stops the trial it trains, which then sends what it measured."""
     os.environ.update(environment)  # before anything initialises CUDA
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
     if STOP_SIGNAL is not None:
-        signal.signal(STOP_SIGNAL, _stop_requested)
+        signal.signal(STOP_SIGNAL, stop_trial)
     if threads:
         torch.set_num_threads(threads)
 
@@ -71,22 +59,14 @@ def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]
         if STOP_SIGNAL is None:
             connection.send(message)
             return
-        with signal_held(STOP_SIGNAL):  # a message goes whole; the stop is raised after it
+        with signal_held(STOP_SIGNAL):  # a message goes whole
             connection.send(message)
 
     while True:
         job = connection.recv()
         if job is None:
             return
-        record = None
-        try:
-            _trial_running = True
-            record = execute_job(job, progress=lambda message: send(("progress", message)))
-        except KeyboardInterrupt:  # stopped outside the trial's own handling (loading data, say)
-            record = record or {**interrupted(job), "worker": worker_identity()}
-        finally:
-            _trial_running = False
-        send(("record", record))
+        send(("record", execute_job(job, progress=lambda message: send(("progress", message)))))
 
 
 @dataclass
@@ -227,17 +207,21 @@ class _Pool:
         """After Ctrl-C: keep the records that arrived; ask each worker still training to stop and send its
         record (``interrupted``, with the steps and checkpoints it reached); after ``stop_grace_seconds``
         or a second Ctrl-C, kill the workers and record what they held as interrupted."""
-        self._keep_arrived(workers, deliver)
         try:
+            self._keep_arrived(workers, deliver)
             self._ask_to_stop(workers, deliver)
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
             pass
-        self._keep_arrived(workers, deliver)
-        for worker in workers:
-            worker.process.kill()
-        for worker in workers:
-            if worker.job:
-                deliver(worker.job, interrupted(worker.job))
+        try:
+            self._keep_arrived(workers, deliver)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for worker in workers:
+                worker.process.kill()
+            for worker in workers:  # one whose record was being stored keeps that record
+                if worker.job:
+                    deliver(worker.job, worker.delivering or interrupted(worker.job))
 
     def _keep_arrived(self, workers: List[_Worker], deliver) -> None:
         """Store each record that has arrived, even from a worker that is dead now; one interrupted while

@@ -135,7 +135,8 @@ class SubmititExecutor(ClusterExecutor):
             first_lines = " ".join(str(error).strip().splitlines()[:2])
             state = handle.state
             what = f"job {handle.job_id} ({state}) returned no result"
-            if state in ENDED_STATES:  # the engine saw its process end, not how: a killed job looks the same
+            if state in ENDED_STATES and not handle.paths.result_pickle.exists():
+                # the engine saw its process end but not how, and Python wrote nothing (an error would be there)
                 what = (f"job {handle.job_id} ended without a result (killed, or crashed outside Python; "
                         f"submitit's state: {state})")
             return failed_record(job, f"{what}: {type(error).__name__}: {first_lines}; its log: "
