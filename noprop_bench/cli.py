@@ -320,8 +320,11 @@ def run(argv: Optional[List[str]] = None) -> int:
     progress = Progress(len(jobs))
     current_code = {spec.method.name: code_identity(spec.method) for spec in specs}
 
+    delivered = set()
+
     def deliver(job: TrialJob, record) -> None:
         store.append(record)
+        delivered.add(job.trial_id)
         if record["status"] in FINISHED_STATUSES:
             store.forget_record_file(record)
         say(progress.line(job, record))
@@ -340,9 +343,14 @@ def run(argv: Optional[List[str]] = None) -> int:
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
+        not_run = [f"{job.describe()}: not run, the run was interrupted before it began"
+                   for job in jobs if job.trial_id not in delivered]
+        if not_run:
+            say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
         if store.path.exists():
             try:
-                print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code))
+                print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code,
+                                        notes=not_run))
             except KeyboardInterrupt:
                 say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED

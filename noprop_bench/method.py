@@ -1,5 +1,6 @@
 """The contract a method plugin implements."""
 
+import json
 from typing import Any, Dict, List, Mapping
 
 import torch
@@ -177,8 +178,14 @@ def settings_suffix(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> s
     embedding (and a learned embedding's ``dim``) is left out: the row label names it already."""
     in_label = {"embedding"} | ({"dim"} if params.get("embedding") == "learned" else set())
     differing = [f"{key}={value}" for key, value in params.items()
-                 if key not in in_label and key in defaults and value != defaults[key]]
+                 if key not in in_label and key in defaults and _stored(value) != _stored(defaults[key])]
     return f" [{', '.join(differing)}]" if differing else ""
+
+
+def _stored(value: Any) -> str:
+    """A value as a trial record stores it, so a label reads the same before and after the round trip (a tuple
+    and a list, or two NaNs, compare equal there)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def row_label_with_settings(cls: type, params: Mapping[str, Any]) -> str:

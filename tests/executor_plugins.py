@@ -43,3 +43,21 @@ def worker_that_answers_at_once(connection, environment, threads):
         if job is None:
             return
         connection.send(("record", {"trial_id": job.header["trial_id"], "status": "ok", "error": None}))
+
+
+def worker_that_finishes_t1_and_ignores_stops_on_t2(connection, environment, threads):
+    """A stand-in pool worker: job T1 finishes ok at once; on T2 it ignores the host's stop and never answers."""
+    import signal
+    import time
+
+    from noprop_bench.run.interrupts import STOP_SIGNAL
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+    while True:
+        job = connection.recv()
+        if job is None:
+            return
+        if job.header["trial_id"] == "T2":
+            time.sleep(60)
+        connection.send(("record", {"trial_id": job.header["trial_id"], "status": "ok", "error": None}))

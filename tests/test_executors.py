@@ -441,6 +441,43 @@ def test_a_record_being_stored_when_ctrl_c_came_is_stored_not_replaced_by_interr
     assert [r["status"] for r in store.read()[0]] == ["ok"]  # stored once, and never "interrupted"
 
 
+@pytest.mark.skipif(local_executor.STOP_SIGNAL is None, reason="no SIGUSR1 on this platform")
+def test_a_second_ctrl_c_while_records_are_collected_still_stops_the_workers_and_records_their_trials(
+        monkeypatch, tmp_path):
+    import executor_plugins
+
+    worker = executor_plugins.worker_that_finishes_t1_and_ignores_stops_on_t2
+    monkeypatch.setattr(local_executor, "_worker_main", worker)
+    monkeypatch.setattr(local_executor._Pool, "stop_grace_seconds", 0.5)
+    executor = LocalExecutor("local[workers=2]", workers=2)
+    executor.device_type("cpu")
+    pool = local_executor._Pool(executor, 1, lambda message: None)
+    jobs = [TrialJob(spec={}, header={"trial_id": name, "row_label": "r", "seed": 0}, data_root=None, download=False,
+                     threads=1, executor="local[workers=2]") for name in ("T1", "T2")]
+    store = TrialStore(tmp_path)
+    interrupts = [KeyboardInterrupt, KeyboardInterrupt]  # Ctrl-C, then again while T1's record is stored again
+    started = []
+    original_start = pool._start
+
+    def start(number):
+        worker = original_start(number)
+        started.append(worker.process)
+        return worker
+
+    def deliver(job, record):
+        store.append(record)
+        if interrupts and record["status"] == "ok":
+            raise interrupts.pop()
+
+    monkeypatch.setattr(pool, "_start", start)
+    with pytest.raises(KeyboardInterrupt):
+        pool.run(jobs, deliver)
+    assert {r["trial_id"]: r["status"] for r in latest_per_trial(store.read()[0])} == {"T1": "ok", "T2": "interrupted"}
+    for process in started:
+        process.join(timeout=5)
+        assert not process.is_alive()  # no worker left behind
+
+
 def test_an_identical_record_appended_twice_in_a_row_is_written_once(tmp_path):
     store = TrialStore(tmp_path)
     first, other = {"trial_id": "a", "status": "ok"}, {"trial_id": "b", "status": "ok"}

@@ -177,18 +177,22 @@ def test_a_row_label_names_every_parameter_that_differs_from_the_methods_default
     assert "| Linear (one-hot) [lr=0.2] " in (out / "table1.md").read_text()  # alone, and still named
 
 
-def test_trials_of_one_setup_share_a_row_whether_written_before_or_after_defaults_were_recorded():
-    """A run resumed across the upgrade that started recording ``param_defaults`` (or a report merging such
-    runs) must not split one setup into two rows; a default run stays unnamed."""
+def test_a_row_label_comes_from_the_record_alone_and_old_records_join_their_row():
+    """Every output labels a trial alike, whatever other records it is shown with; a record made before the
+    defaults were stored shares the row of a newer one with the same parameters."""
     from noprop_bench.report.records import assign_rows
 
     base = {"method": "noprop_ct", "row_label": "NoProp-CT (one-hot)", "dataset": "mnist5k", "augment": "none",
             "val_split": 0.0}
-    defaults = {"lr": 0.001, "steps": 1000, "embedding": "one-hot"}
-    old = {**base, "params": {**defaults, "steps": 20}, "finished_at": "2026-01-01T00:00:00+00:00"}
-    new = {**old, "param_defaults": defaults, "finished_at": "2026-02-01T00:00:00+00:00"}
-    default = {**base, "params": defaults, "param_defaults": defaults}
-    assert assign_rows([old, new, default]) == ["NoProp-CT (one-hot) [steps=20]"] * 2 + ["NoProp-CT (one-hot)"]
+    defaults = {"lr": 0.001, "steps": 1000, "embedding": "one-hot", "betas": (0.9, 0.999), "clip": float("nan")}
+    old = {**base, "params": {**defaults, "steps": 20}}
+    new = {**old, "param_defaults": defaults}
+    default = {**base, "params": {**defaults, "betas": [0.9, 0.999]}, "param_defaults": defaults}
+    assert assign_rows([new]) == ["NoProp-CT (one-hot) [steps=20]"]  # a tuple and its list, and NaNs, are equal
+    # the old record's plain label clashes with the default's: both are named by what differs, as before
+    assert assign_rows([old, new, default]) == ["NoProp-CT (one-hot) [steps=20]"] * 2 + [
+        "NoProp-CT (one-hot) [steps=1000]"]
+    assert assign_rows([new, default]) == ["NoProp-CT (one-hot) [steps=20]", "NoProp-CT (one-hot)"]
     assert assign_rows([old]) == ["NoProp-CT (one-hot)"]  # no record says what the defaults were
 
 

@@ -8,6 +8,7 @@ import copy
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from noprop_bench.report.figures import curves_frame, seed_band, write_figure3
@@ -309,5 +310,9 @@ def test_helpers():
     assert first_time_reaching([], 50) is None
     times, mean, low, high = seed_band([[(0, 10), (10, 30)], [(0, 20), (5, 40)]])
     assert list(times) == [0, 5, 10] and list(mean) == [15, 30, 35] and list(high) == [20, 40, 40]
+    # a seed whose first point comes later: the mean waits for it (no dip that no seed had), the band does not
+    times, mean, low, high = seed_band([[(0.1, 40), (0.5, 42)], [(0.8, 18), (1.0, 30)]])
+    assert list(times) == [0.1, 0.5, 0.8, 1.0] and np.isnan(mean[:2]).all() and list(mean[2:]) == [30, 36]
+    assert list(low[:2]) == [40, 42] and list(high) == [40, 42, 42, 42]
     with pytest.raises(UsageError):
         parse_targets("120")

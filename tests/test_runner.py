@@ -40,15 +40,19 @@ def test_sample_budget_is_deterministic_and_reruns_skip(fake_run, tmp_path, caps
     assert capsys.readouterr().err.count("skip Linear (one-hot) seed") == 2
 
 
-def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run):
-    code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "2")
+def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run, capsys):
+    code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "3")
     assert code == 130
     statuses = {r["seed"]: r["status"] for r in _records(out)}
     assert statuses == {0: "ok", 1: "interrupted"}
-    assert "Interrupt (one-hot)" in (out / "table1.md").read_text()
-    # resuming reruns only the interrupted trial (which interrupts again here)
-    code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "2")
+    table = (out / "table1.md").read_text()
+    assert "Interrupt (one-hot)" in table
+    assert "Interrupt (one-hot) seed 2: not run, the run was interrupted before it began" in table  # not forgotten
+    assert "1 planned trial(s) did not begin" in capsys.readouterr().err
+    # resuming reruns only the interrupted trial, saying so, (which interrupts again here)
+    code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "3")
     assert [r["seed"] for r in _records(out)] == [0, 1, 1]
+    assert "retry Interrupt (one-hot) seed 1: interrupted last time" in capsys.readouterr().err
 
 
 def test_stochastic_methods_are_evaluated_inference_runs_times(fake_run):

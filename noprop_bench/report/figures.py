@@ -65,7 +65,9 @@ def seed_band(curves: Sequence[Sequence[Tuple[float, float]]]) -> Tuple[np.ndarr
 
     Each curve is interpolated linearly onto the union of all sample times from its first point on, and
     holds its final accuracy after its last point (the trained model does not change once its budget is
-    spent), so the mean does not jump when one seed ends a little earlier; returns ``(times, mean, low, high)``.
+    spent), so the mean does not jump when one seed ends a little earlier. The mean starts where every seed
+    has a point (before that it would be the mean of fewer seeds, and would dip or jump as the others
+    join, which no seed did); the band starts at the first point. Returns ``(times, mean, low, high)``.
     """
     curves = [sorted(c) for c in curves if len(c)]
     if not curves:
@@ -77,7 +79,7 @@ def seed_band(curves: Sequence[Sequence[Tuple[float, float]]]) -> Tuple[np.ndarr
         t, y = np.array(curve, dtype=float).T
         inside = times >= t[0]
         values[i, inside] = np.interp(times[inside], t, y)
-    return times, np.nanmean(values, axis=0), np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    return times, values.mean(axis=0), np.nanmin(values, axis=0), np.nanmax(values, axis=0)
 
 
 def _points(record: Dict[str, Any]) -> List[Tuple[float, float]]:
@@ -128,7 +130,8 @@ def figure3(records: List[Dict[str, Any]]):
     if len(groups) == 1:
         budget, backbone, device, batch, speed = comparability(groups[0][0][0], by_device=True)
         figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}, {speed}\n{device}\n"
-                        f"line: mean over seeds, band: min–max over seeds", fontsize=8)
+                        f"line: mean over seeds (from where every seed has a point), band: min–max over seeds",
+                        fontsize=8)
     return figure
 
 

@@ -15,7 +15,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..method import FAMILIES, settings_suffix
+from ..method import FAMILIES
+from ..run.jobs import trial_label
 from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
 
@@ -295,30 +296,12 @@ def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
     return {**_params(record), "augment": record.get("augment"), "val_split": float(record.get("val_split") or 0.0)}
 
 
-def reference_defaults(records: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Each method's parameter defaults as its newest record states them (``param_defaults``), so trials of one
-    setup get one label whether they were written before or after a change of defaults."""
-    newest: Dict[str, Dict[str, Any]] = {}
-    for record in sorted(records, key=lambda r: str(r.get("finished_at", ""))):
-        if isinstance(record.get("param_defaults"), dict):
-            newest[record["method"]] = record["param_defaults"]
-    return newest
-
-
-def _labelled(record: Dict[str, Any], defaults: Dict[str, Dict[str, Any]]) -> str:
-    """``row_label`` plus the parameters that differ from the method's defaults (``NoProp-CT (one-hot)
-    [steps=20]``), so a variant run alone never passes for the default."""
-    if record["method"] not in defaults:
-        return record["row_label"]
-    return record["row_label"] + settings_suffix(_params(record), defaults[record["method"]])
-
-
 def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
-    """A row label per record: ``row_label`` with the parameters that differ from its method's defaults,
-    plus what differs when two trials of one method would otherwise share a cell (same label and dataset)
-    with different parameters or training data (``--augment``, ``--val-split``), so they never do."""
-    defaults = reference_defaults(records)
-    labels = [_labelled(record, defaults) for record in records]
+    """A row label per record: ``row_label`` with the parameters that differ from the defaults its method
+    had (:func:`~noprop_bench.run.jobs.trial_label`; a record alone decides its label, so every output
+    labels it alike), plus what differs when two trials of one method would otherwise share a cell (same
+    label and dataset) with different parameters or training data (``--augment``, ``--val-split``)."""
+    labels = [trial_label(record) for record in records]
     variants_in_cell: Dict[Tuple[str, str], set] = {}
     for record, label in zip(records, labels):
         variants_in_cell.setdefault((label, record["dataset"]), set()).add(

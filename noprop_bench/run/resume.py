@@ -19,10 +19,13 @@ def pending_specs(specs: List[Any], records: List[Dict[str, Any]], keep_stale: b
     judged and is kept.
     """
     finished = finished_records(records)
+    last = {r["trial_id"]: r for r in records if "trial_id" in r}
     pending, unjudged = [], 0
     for spec in specs:
         record = finished.get(spec.trial_id)
         if record is None:
+            if spec.trial_id in last:  # it ran before and did not finish
+                say(f"retry {spec.describe()}: {last[spec.trial_id].get('status')} last time in {where}")
             pending.append(spec)
             continue
         if "code" not in record:
