@@ -343,14 +343,14 @@ def run(argv: Optional[List[str]] = None) -> int:
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
-        not_run = [f"{job.describe()}: not run, the run was interrupted before it began"
+        not_run = [f"{job.describe()} on {dataset.display_name}: not run (the run was interrupted before it began)"
                    for job in jobs if job.trial_id not in delivered]
         if not_run:
             say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
         if store.path.exists():
             try:
                 print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code,
-                                        notes=not_run))
+                                        not_run=not_run))
             except KeyboardInterrupt:
                 say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED

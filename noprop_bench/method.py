@@ -184,7 +184,9 @@ def settings_suffix(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> s
 
 def _stored(value: Any) -> str:
     """A value as a trial record stores it, so a label reads the same before and after the round trip (a tuple
-    and a list, or two NaNs, compare equal there)."""
+    and a list, or two NaNs, compare equal there); a whole number equals the same float."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     return json.dumps(value, sort_keys=True, default=str)
 
 

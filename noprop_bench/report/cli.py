@@ -24,7 +24,7 @@ def _warn(message: str) -> None:
 def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
                       targets: Union[None, str, Sequence[float]] = None, *, train_columns: Optional[bool] = None,
                       paper: bool = False, notes: Sequence[str] = (),
-                      current_code: Optional[CodeByMethod] = None) -> str:
+                      current_code: Optional[CodeByMethod] = None, not_run: Sequence[str] = ()) -> str:
     """Write table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg (and inference_sweep.md
     when a trial has a sweep) into ``out_dir``; return the Table 1 markdown.
 
@@ -32,6 +32,7 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     percent (``"90,95,97"`` or numbers); None uses each dataset's defaults. ``train_columns`` None shows train
     accuracy wherever it was measured. ``notes`` (what a loader skipped) are listed under Table 1.
     ``current_code`` (method name → code identity), given by a run, marks the trials it kept that ran other code.
+    ``not_run`` lines (planned trials that never began) are listed with the trials not in the table.
     """
     from .figures import write_curves_csv, write_figure3
 
@@ -47,7 +48,8 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
         targets = parse_targets(targets)
     if train_columns is None:
         train_columns = any(r.get("train_acc_runs") for r in records)
-    table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes, current_code=current_code)
+    table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes, current_code=current_code,
+                           not_run=not_run)
     write_text(out / "table1.md", table1)
     write_text(out / "table2.md", render_table2(records, paper=paper))
     write_text(out / "time_to_accuracy.md", render_time_to_accuracy(records, targets))

@@ -298,10 +298,15 @@ def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
 
 def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
     """A row label per record: ``row_label`` with the parameters that differ from the defaults its method
-    had (:func:`~noprop_bench.run.jobs.trial_label`; a record alone decides its label, so every output
-    labels it alike), plus what differs when two trials of one method would otherwise share a cell (same
+    had (:func:`~noprop_bench.run.jobs.trial_label`: a record that stored them alone decides its label, so
+    every output labels it alike; an older one is labelled against the newest defaults its method's
+    records state), plus what differs when two trials of one method would otherwise share a cell (same
     label and dataset) with different parameters or training data (``--augment``, ``--val-split``)."""
-    labels = [trial_label(record) for record in records]
+    stated: Dict[str, Dict[str, Any]] = {}  # for records made before the defaults were stored
+    for record in sorted(records, key=lambda r: str(r.get("finished_at", ""))):
+        if isinstance(record.get("param_defaults"), dict):
+            stated[record["method"]] = record["param_defaults"]
+    labels = [trial_label(record, stated.get(record["method"])) for record in records]
     variants_in_cell: Dict[Tuple[str, str], set] = {}
     for record, label in zip(records, labels):
         variants_in_cell.setdefault((label, record["dataset"]), set()).add(

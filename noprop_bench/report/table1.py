@@ -211,13 +211,15 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
 
 
 def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
-                    notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None) -> Document:
+                    notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None,
+                    not_run: Sequence[str] = ()) -> Document:
     """Table 1 as structure; trials that differ in budget, backbone or batch size get separate tables, and so
     do devices when the budget is in seconds (a sample or step budget is the same training on any device).
 
     Train columns appear (with ``train_columns``) only in tables whose trials measured train accuracy.
-    ``notes`` (what the loader skipped) are listed under the tables. ``current_code`` (method name → code
-    identity) is the code of the run writing the tables: trials that ran other code are marked.
+    ``notes`` (what the loader skipped) are listed under the tables, and ``not_run`` (a line per planned trial
+    that never began) with the trials that did not finish ok. ``current_code`` (method name → code identity)
+    is the code of the run writing the tables: trials that ran other code are marked.
     """
     records, bad = check_records(records)
     notes = list(notes) + bad
@@ -228,10 +230,11 @@ def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, 
         frame = table1_frame(group, train_columns=has_train, paper=paper, notes=notes, current_code=current_code)
         sections.append(Section(None, frame, table1_caption(group, has_train, paper, current_code)))
     return Document("Table 1: classification accuracy", sections, "No trial finished successfully.",
-                    [("Not in the table:", not_ok_lines(records)), ("Skipped:", notes)])
+                    [("Not in the table:", not_ok_lines(records) + list(not_run)), ("Skipped:", notes)])
 
 
 def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
-                  notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None) -> str:
+                  notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None,
+                  not_run: Sequence[str] = ()) -> str:
     """Markdown Table 1 (see :func:`table1_document`)."""
-    return to_markdown(table1_document(records, train_columns, paper, notes, current_code))
+    return to_markdown(table1_document(records, train_columns, paper, notes, current_code, not_run))

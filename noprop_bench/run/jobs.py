@@ -47,10 +47,13 @@ class TrialJob:
         return f"{trial_label(self.header)} seed {self.header['seed']}"
 
 
-def trial_label(record: Dict[str, Any]) -> str:
+def trial_label(record: Dict[str, Any], fallback_defaults: Optional[Dict[str, Any]] = None) -> str:
     """A trial's row label with the parameters that differ from its method's defaults, as in
-    ``NoProp-CT (one-hot) [steps=20]`` (records made before the defaults were stored: the label alone)."""
+    ``NoProp-CT (one-hot) [steps=20]``. A record made before the defaults were stored is labelled against
+    ``fallback_defaults`` (those another record of its method stated), else by its label alone."""
     params, defaults = record.get("params"), record.get("param_defaults")
+    if not isinstance(defaults, dict):
+        defaults = fallback_defaults
     if not isinstance(params, dict) or not isinstance(defaults, dict):
         return str(record.get("row_label", record.get("method")))
     return f"{record.get('row_label', record.get('method'))}{settings_suffix(params, defaults)}"
