@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 from ..provenance import describe_code, same_code
 from ..run.jobs import trial_label
+from .records import newest_per_method
 
 OLDER_CODE_MARK = "†"
 
@@ -15,9 +16,7 @@ CodeByMethod = Mapping[str, Mapping[str, Any]]
 def reference_code(records: Sequence[Dict[str, Any]], current: Optional[CodeByMethod] = None) -> Dict[str, Any]:
     """The code each method's trials are compared with: ``current[method]`` where given (the code of the
     run writing the tables), else the code of the method's last finished trial in ``records``."""
-    newest: Dict[str, Any] = {}
-    for record in sorted((r for r in records if r.get("code")), key=lambda r: str(r.get("finished_at", ""))):
-        newest[record["method"]] = record["code"]
+    newest: Dict[str, Any] = newest_per_method(records, "code")
     newest.update(current or {})
     return newest
 

@@ -296,16 +296,23 @@ def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
     return {**_params(record), "augment": record.get("augment"), "val_split": float(record.get("val_split") or 0.0)}
 
 
+def newest_per_method(records: Iterable[Dict[str, Any]], field: str) -> Dict[str, Dict[str, Any]]:
+    """Each method's ``field`` (a mapping: its code identity, its parameter defaults) as stated by the last
+    finished of its records that holds one."""
+    newest: Dict[str, Dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: str(r.get("finished_at", ""))):
+        if isinstance(record.get(field), dict) and record[field]:
+            newest[record["method"]] = record[field]
+    return newest
+
+
 def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
     """A row label per record: ``row_label`` with the parameters that differ from the defaults its method
     had (:func:`~noprop_bench.run.jobs.trial_label`: a record that stored them alone decides its label, so
     every output labels it alike; an older one is labelled against the newest defaults its method's
     records state), plus what differs when two trials of one method would otherwise share a cell (same
     label and dataset) with different parameters or training data (``--augment``, ``--val-split``)."""
-    stated: Dict[str, Dict[str, Any]] = {}  # for records made before the defaults were stored
-    for record in sorted(records, key=lambda r: str(r.get("finished_at", ""))):
-        if isinstance(record.get("param_defaults"), dict):
-            stated[record["method"]] = record["param_defaults"]
+    stated = newest_per_method(records, "param_defaults")  # for records made before the defaults were stored
     labels = [trial_label(record, stated.get(record["method"])) for record in records]
     variants_in_cell: Dict[Tuple[str, str], set] = {}
     for record, label in zip(records, labels):

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.run.interrupts import STOP_SIGNAL, signal_held, stop_cause, stop_trial
-from noprop_bench.run.interrupts import ctrl_c_held as whole_messages  # messages go whole
+from noprop_bench.run.interrupts import (STOP_SIGNAL, signal_held, stop_cause, stop_trial,
+                                         ctrl_c_held as whole_messages)  # whole_messages: a message goes whole
 from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
                                    interrupted, stop_if_interrupted)
 
