@@ -585,7 +585,7 @@ def test_workers_get_the_data_root_as_an_absolute_path(tmp_path, monkeypatch):
 def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_finished_trials_and_writing_the_tables(tmp_path):
     """CI systems and schedulers cancel a job with SIGTERM: the finished trials and the tables must survive."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = _fake_plugins_env()
     host = subprocess.Popen(
         [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
          "steady[predict_sleep=0,step_sleep=0.02],sleepy[predict_sleep=0,step_sleep=0.02]", "--budget", "4",

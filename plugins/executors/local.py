@@ -253,10 +253,7 @@ class _Pool:
         while busy and time.monotonic() < deadline:
             wait([w.connection for w in busy] + [w.process.sentinel for w in busy],
                  timeout=max(0.0, deadline - time.monotonic()))
-            for worker in busy:
-                record = self._arrived(worker)
-                if record is not None:
-                    self._deliver_stopped(worker, record, deliver)
+            self._keep_arrived(busy, deliver)
             busy = [w for w in busy if w.job and w.process.is_alive()]
 
     def _arrived(self, worker: _Worker) -> Optional[Dict[str, Any]]:
