@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,46 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
     assert engine._executor.parameters["array_parallelism"] == 4
 
 
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+def test_a_slurm_job_stopped_alone_is_one_interrupted_trial_but_a_local_one_means_ctrl_c(cluster, tmp_path,
+                                                                                         monkeypatch):
+    """On SLURM, ``scancel`` or a job's time limit stops one trial (recorded interrupted, the run goes on);
+    a local job shares the host's terminal, so its interrupted trial means Ctrl-C reached them both."""
+    jobs = [_job(load_plugins()), _job(load_plugins())]
+    stopped = dict(failed_record(jobs[0], "stopped by SIGTERM (the job was cancelled)", status="interrupted"),
+                   steps=7)
+
+    class Handle:
+        paths = types.SimpleNamespace(result_pickle=Path(__file__))  # a result file exists
+
+        def __init__(self, record):
+            self.record, self.job_id = record, "1_0"
+
+        def cancel(self, check):
+            pass
+
+        def done(self):
+            return True
+
+        def result(self):
+            return self.record
+
+    results = iter([stopped, dict(stopped, status="ok")])
+    engine = types.SimpleNamespace(cluster=cluster, submit=lambda function, copy: Handle(next(results)),
+                                   map_array=lambda function, copies: [Handle(next(results)) for _ in copies])
+    executor = SubmititExecutor(f"submitit[cluster={cluster}]", cluster=cluster)
+    executor.out_dir = str(tmp_path)
+    monkeypatch.setattr(executor, "_engine", lambda folder: engine)
+    delivered = []
+    if cluster == "slurm":
+        executor.run(jobs, lambda job, record: delivered.append(record), lambda message: None)
+        assert [(r["status"], r["steps"]) for r in delivered] == [("interrupted", 7), ("ok", 7)]
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            executor.run(jobs, lambda job, record: delivered.append(record), lambda message: None)
+        assert [(r["status"], r["steps"]) for r in delivered] == [("interrupted", 7), ("ok", 7)]
+
+
 def test_a_job_whose_worker_never_reported_is_recorded_with_its_identity():
     registry = load_plugins()
     job = _job(registry)
@@ -331,6 +372,62 @@ def test_ctrl_c_stops_the_workers_and_keeps_what_their_trials_measured(tmp_path)
     for pid in workers:  # no worker is left training
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _host_until_trials_evaluated(tmp_path, executor, trials):
+    """A host running ``trials`` seeds of a steady fake method under ``executor`` in a session of its own
+    (as a terminal runs a command), once every trial has evaluated a checkpoint; and its stderr's file.
+    Workers' progress reaches the host's stderr; submitit jobs' goes to their logs."""
+    out, err = tmp_path / "run", tmp_path / "host.err"
+    host = subprocess.Popen(
+        [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
+         "steady[predict_sleep=0,step_sleep=0.02]", "--seeds", str(trials), "--budget", "60", "--checkpoints", "30",
+         "--threads", "1", "--executor", executor, "--out", str(out)],
+        stderr=err.open("w"), text=True, env=_fake_plugins_env(), preexec_fn=_ctrl_c_reaches_it,
+        start_new_session=True)
+    deadline = time.monotonic() + 120
+    while _trials_evaluated([err, *out.glob("submitit/*/*_log.err")]) < trials:
+        assert host.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.2)
+    return host, out, err
+
+
+def _trials_evaluated(logs) -> int:
+    """How many trials have printed a checkpoint's accuracy: a worker's lines in the host's log, a job's in
+    its own."""
+    trials = set()
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if "test acc" in line:
+                trials.add(line.split("]")[0] if line.lstrip().startswith("[worker") else log)
+    return len(trials)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor, stop, cause", [
+    pytest.param("local[workers=2]", "SIGTERM to the process group", "stopped by SIGTERM (the job was cancelled)",
+                 id="local-group-sigterm"),
+    pytest.param("submitit[cluster=local]", "Ctrl-C in the terminal", "interrupted by the user (Ctrl-C)",
+                 id="submitit-ctrl-c", marks=needs_submitit),
+    pytest.param("submitit[cluster=local]", "SIGTERM to the host", "stopped by SIGTERM (the job was cancelled)",
+                 id="submitit-sigterm", marks=needs_submitit),
+])
+def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, executor, stop, cause):
+    """A signal that reaches the trials' own processes (a terminal's Ctrl-C or a SIGTERM sent to the whole
+    process group; a cancelled submitit job) stops their trials, which return their steps and checkpoints."""
+    host, out, log = _host_until_trials_evaluated(tmp_path, executor, trials=2)
+    if stop == "SIGTERM to the host":
+        host.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(host.pid, signal.SIGTERM if "SIGTERM" in stop else signal.SIGINT)
+    host.wait(timeout=90)
+    err = log.read_text()
+    assert host.returncode == 130, err
+    records = _records(out)
+    assert sorted((r["seed"], r["status"]) for r in records) == [(0, "interrupted"), (1, "interrupted")], err
+    for record in records:
+        assert record["steps"] > 0 and record["curve"], (record, err)
+        assert record["error"] == cause
 
 
 def test_a_stop_interrupts_a_trial_even_before_it_begins_and_never_a_trial_that_ended():

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.run.interrupts import (STOP_SIGNAL, signal_held, stop_cause, stop_trial,
+from noprop_bench.run.interrupts import (STOP_SIGNAL, signal_held, stop_cause, stop_trial_on,
                                          ctrl_c_held as whole_messages)  # whole_messages: a message goes whole
 from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
                                    interrupted, stop_if_interrupted)
@@ -47,11 +47,12 @@ def describe_exit(exitcode: Optional[int]) -> str:
 
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
     """A worker process: run the jobs it is sent, one at a time, and send back progress and records. The
-    host's :data:`STOP_SIGNAL` stops the trial it trains, which then sends what it measured."""
+    host's :data:`STOP_SIGNAL` stops the trial it trains, which then sends what it measured; so does a SIGTERM
+    (one sent to the whole process group reaches the workers as well as the host)."""
     os.environ.update(environment)  # before anything initialises CUDA
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
     if STOP_SIGNAL is not None:
-        signal.signal(STOP_SIGNAL, stop_trial)
+        stop_trial_on(STOP_SIGNAL, signal.SIGTERM)
     if threads:
         torch.set_num_threads(threads)
 

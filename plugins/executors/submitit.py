@@ -9,6 +9,7 @@ time on a GPU), the path the tests take. Job logs and pickles go to ``OUT/submit
 
 import dataclasses
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -16,12 +17,14 @@ from typing import Any, Dict, List
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, execute_job, failed_record, interrupted,
                                    require_engine, stop_if_interrupted)
+from noprop_bench.run.interrupts import stop_cause, stop_trial_on
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
                  "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
                  "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task"}
 POLL_SECONDS = 2.0
+STOP_POLL_SECONDS = 0.2
 ENDED_STATES = {"FINISHED", "COMPLETED"}  # what submitit calls a job whose process ended
 
 
@@ -97,7 +100,7 @@ class SubmititExecutor(ClusterExecutor):
             slots = self._slots(jobs[0].threads)
             say(f"submitit's {engine.cluster} cluster: at most {slots} job(s) at a time on this machine")
         else:
-            pending = list(zip(jobs, engine.map_array(execute_job, [copy for _, copy in queue])))
+            pending = list(zip(jobs, engine.map_array(run_job, [copy for _, copy in queue])))
             queue = []
             say(f"submitted {len(pending)} trial(s) to {engine.cluster} as job array "
                 f"{str(pending[0][1].job_id).split('_')[0]}; logs in {folder.replace('%j', '<job id>')}")
@@ -105,27 +108,56 @@ class SubmititExecutor(ClusterExecutor):
             while queue or pending:
                 while queue and len(pending) < slots:
                     job, copy = queue.pop(0)
-                    pending.append((job, engine.submit(execute_job, copy)))
+                    pending.append((job, engine.submit(run_job, copy)))
                 finished = [(job, handle) for job, handle in pending if handle.done()]
                 for job, handle in finished:
                     pending.remove((job, handle))
                     record = self._result(job, handle)
                     deliver(job, record)
-                    stop_if_interrupted(record)
+                    if self.runs_here:  # the jobs share this terminal: Ctrl-C reached them first
+                        stop_if_interrupted(record)
+                    # on SLURM a job stopped alone (scancel, its time limit) is one interrupted trial
                 if pending and not finished:
                     time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
-            for job, handle in list(pending):  # keep what finished meanwhile, stop the rest
-                if handle.done():
-                    pending.remove((job, handle))
-                    deliver(job, self._result(job, handle))
-            for job, handle in pending:
-                handle.cancel(check=False)
-                deliver(job, interrupted(job))
-            say(f"cancelled {len(pending)} job(s) still queued or running")
+            self._stop(pending, deliver, say)
             raise
         finally:
             _remove_template_folder(folder)
+
+    stop_grace_seconds = 10.0  # how long the host waits for cancelled jobs to return what they measured
+
+    def _stop(self, pending: list, deliver, say) -> None:
+        """After Ctrl-C: keep the results that arrived; cancel the other jobs, which stop their trials and
+        return them ``interrupted``, with the steps and checkpoints they reached (see :func:`run_job`); wait
+        up to ``stop_grace_seconds``, or until a second Ctrl-C, for those results; record the rest (a job
+        still queued, one killed) as interrupted."""
+        try:
+            self._keep_arrived(pending, deliver)
+            for _, handle in pending:
+                handle.cancel(check=False)
+            if pending:
+                say(f"cancelled {len(pending)} job(s) still queued or running: waiting up to "
+                    f"{self.stop_grace_seconds:g}s for what they measured (Ctrl-C again to stop waiting)")
+            deadline = time.monotonic() + self.stop_grace_seconds
+            while pending and time.monotonic() < deadline:
+                time.sleep(STOP_POLL_SECONDS)
+                self._keep_arrived(pending, deliver)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
+        finally:
+            for job, _ in pending:
+                deliver(job, interrupted(job))
+
+    def _keep_arrived(self, pending: list, deliver) -> None:
+        """Deliver (and drop from ``pending``) every job whose result has been written; an interrupted trial's
+        record names what stopped the run, as the host knows it."""
+        for job, handle in [entry for entry in pending if entry[1].paths.result_pickle.exists()]:
+            record = self._result(job, handle)
+            if record.get("status") == "interrupted":
+                record["error"] = stop_cause()
+            pending.remove((job, handle))
+            deliver(job, record)
 
     @staticmethod
     def _result(job: TrialJob, handle) -> Dict[str, Any]:
@@ -141,6 +173,15 @@ class SubmititExecutor(ClusterExecutor):
                         f"submitit's state: {state})")
             return failed_record(job, f"{what}: {type(error).__name__}: {first_lines}; its log: "
                                       f"{handle.paths.stderr}")
+
+
+def run_job(job: TrialJob) -> Dict[str, Any]:
+    """What a submitit job runs: its trial, which a SIGINT (a local job cancelled, Ctrl-C in the terminal it
+    shares) or a SIGTERM (``scancel``, the time limit) stops as Ctrl-C stops a trial in the host process: the
+    job then returns the trial ``interrupted``, with the steps and checkpoints it reached, rather than dying
+    without a result."""
+    stop_trial_on(signal.SIGINT, signal.SIGTERM)
+    return execute_job(job)
 
 
 def _remove_template_folder(folder: str) -> None:
