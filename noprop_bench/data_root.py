@@ -7,6 +7,7 @@ directory (``$XDG_CACHE_HOME/noprop-bench`` or ``~/.cache/noprop-bench``).
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -68,7 +69,7 @@ class ArrayCache:
         try:
             with np.load(path, allow_pickle=False) as stored:
                 return {name: stored[name] for name in stored.files}
-        except (OSError, ValueError, EOFError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None  # a damaged cache is rebuilt, like a stale one
 
     def save(self, path_key: str, content_key: str, arrays: Dict[str, np.ndarray]) -> Optional[Path]:

@@ -134,9 +134,9 @@ def test_array_cache_keeps_only_the_current_version(tmp_path):
 
 # --- MNIST / Fashion-MNIST ---
 
-def test_mnist_from_gzipped_idx_in_the_root(tmp_path, no_debian):
+def test_mnist_from_gzipped_idx_in_its_folder(tmp_path, no_debian):
     arrays = fake_idx_set()
-    write_idx_gz(tmp_path, arrays)
+    write_idx_gz(tmp_path / "MNIST", arrays)
     dataset = MNIST(root=str(tmp_path), download=False)
     train, test = dataset.load("train"), dataset.load("test")
     assert train.images.shape == (30, 1, 28, 28) and test.images.shape == (10, 1, 28, 28)
@@ -144,6 +144,18 @@ def test_mnist_from_gzipped_idx_in_the_root(tmp_path, no_debian):
     assert train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert train.labels.dtype == torch.long and train.images.dtype == torch.uint8
     assert sorted(p.name for p in (tmp_path / "MNIST" / "raw").iterdir()) == sorted(IDX_NAMES)
+
+
+@pytest.mark.parametrize("dataset", [MNIST, FashionMNIST])
+def test_idx_files_loose_in_the_root_are_never_taken_for_either_dataset(tmp_path, no_debian, dataset):
+    """MNIST and Fashion-MNIST share their file names: loose files could be either, so neither takes them
+    (before, ``mnist`` trained on Fashion-MNIST's files left there), and the error says where they go."""
+    write_idx_gz(tmp_path, fake_idx_set())
+    with pytest.raises(UsageError) as error:
+        dataset(root=str(tmp_path), download=False).load("train")
+    assert f"lie loose in {tmp_path}" in str(error.value)
+    assert f"move them into {tmp_path / dataset.source.__name__}" in str(error.value)
+    assert not (tmp_path / dataset.source.__name__).exists()  # nothing was copied into its folder
 
 
 def test_mnist_from_torchvision_layout(tmp_path):
@@ -187,8 +199,8 @@ def test_missing_cifar_names_folder_and_files(tmp_path, capsys):
 
 
 def test_truncated_gzip_is_named(tmp_path, no_debian):
-    write_idx_gz(tmp_path, fake_idx_set())
-    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx_gz(tmp_path / "MNIST", fake_idx_set())
+    gz = tmp_path / "MNIST" / "train-images-idx3-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:200])
     with pytest.raises(UsageError, match=str(gz)):
         MNIST(root=str(tmp_path), download=False).load("train")
@@ -209,7 +221,7 @@ def test_truncated_idx_is_named(tmp_path):
 def test_images_and_labels_must_agree_in_number(tmp_path, no_debian):
     arrays = fake_idx_set()
     arrays["train-labels-idx1-ubyte"] = arrays["train-labels-idx1-ubyte"][:-1]
-    write_idx_gz(tmp_path, arrays)
+    write_idx_gz(tmp_path / "MNIST", arrays)
     with pytest.raises(UsageError, match="30 images but the labels file beside it 29 labels"):
         MNIST(root=str(tmp_path), download=False).load("train")
 
@@ -276,8 +288,9 @@ def test_real_mnist_sample_through_the_idx_path(tmp_path, no_debian):
     assert np.array_equal(fast_images, images) and np.array_equal(fast_labels, labels)
     images = images.astype(np.uint8).reshape(-1, 28, 28)
     labels = labels.astype(np.uint8)
-    write_idx_gz(tmp_path, {"train-images-idx3-ubyte": images[:4000], "train-labels-idx1-ubyte": labels[:4000],
-                            "t10k-images-idx3-ubyte": images[4000:], "t10k-labels-idx1-ubyte": labels[4000:]})
+    write_idx_gz(tmp_path / "MNIST", {"train-images-idx3-ubyte": images[:4000], "train-labels-idx1-ubyte": labels[:4000],
+                                      "t10k-images-idx3-ubyte": images[4000:],
+                                      "t10k-labels-idx1-ubyte": labels[4000:]})
     dataset = MNIST(root=str(tmp_path), download=False)
     train, test = dataset.load("train"), dataset.load("test")
     assert len(train) == 4000 and len(test) == 1000

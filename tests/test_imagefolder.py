@@ -97,6 +97,50 @@ def test_stale_cache_is_rebuilt(tmp_path, data_root):
     assert len(list((data_root / "decoded").glob("imagefolder-*.npz"))) == 1  # the stale one is gone
 
 
+def test_a_damaged_cache_is_rebuilt_not_a_traceback(tmp_path, data_root):
+    """A cache cut short (a full disk, a copy interrupted) is a broken zip file: it is decoded again."""
+    write_tree(tmp_path / "tree")
+    before = ImageFolder(str(tmp_path / "tree")).load("train")
+    cached = next((data_root / "decoded").glob("imagefolder-*.npz"))
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    assert torch.equal(ImageFolder(str(tmp_path / "tree")).load("train").images, before.images)
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    tree = tmp_path / "deep"
+    pixels = (np.arange(48, dtype=np.uint32).reshape(6, 8) * 1365).astype(np.uint16)  # 0 .. 64155
+    for split in ("train", "test"):
+        (tree / split / "a").mkdir(parents=True)
+        Image.fromarray(pixels).save(tree / split / "a" / "000.png")
+    assert Image.open(tree / "train" / "a" / "000.png").mode == "I;16"
+    images = ImageFolder(str(tree)).load("train").images
+    assert images.shape == (1, 1, 6, 8)
+    assert images[0, 0].tolist() == np.round(pixels.astype(np.float64) / 257).astype(np.uint8).tolist()
+
+
+@pytest.mark.parametrize("pixels, what", [(np.full((6, 8), 70000, dtype=np.int32), "32-bit integer"),
+                                          (np.full((6, 8), 0.5, dtype=np.float32), "floating-point")])
+def test_images_without_a_fixed_range_are_refused(tmp_path, pixels, what):
+    tree = tmp_path / "wide"
+    for split in ("train", "test"):
+        (tree / split / "a").mkdir(parents=True)
+        Image.fromarray(pixels).save(tree / split / "a" / "000.tiff")
+    with pytest.raises(UsageError, match=f"000.tiff holds {what} grayscale pixels"):
+        ImageFolder(str(tree)).load("train")
+
+
+def test_a_cache_of_an_older_decoding_is_not_used(tmp_path, monkeypatch, data_root):
+    write_tree(tmp_path / "tree")
+    ImageFolder(str(tmp_path / "tree")).load("train")
+    monkeypatch.setattr(imagefolder, "DECODER_VERSION", imagefolder.DECODER_VERSION + 1)
+    decoded = []
+    real_decode = imagefolder._decode
+    monkeypatch.setattr(imagefolder, "_decode", lambda path: decoded.append(path) or real_decode(path))
+    ImageFolder(str(tmp_path / "tree")).load("train")
+    assert len(decoded) == 10  # every file decoded again
+    assert len(list((data_root / "decoded").glob("imagefolder-*.npz"))) == 1  # the old cache is gone
+
+
 def test_classes_must_agree(tmp_path):
     write_tree(tmp_path / "tree")
     (tmp_path / "tree" / "test" / "dog").rename(tmp_path / "tree" / "test" / "wolf")

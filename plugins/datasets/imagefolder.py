@@ -4,8 +4,9 @@ Class names are the folder names, sorted; train and test must have the same ones
 once (JPEG, PNG and the other formats Pillow reads) and the uint8 arrays cached under
 the data root, keyed by the folder's path and every file's name, size and modification time, so later
 runs load in seconds and any change to the files rebuilds the cache. All images must share one size;
-grayscale stays one channel unless some image is colour, then all become RGB. Normalisation
-statistics are measured on the training split.
+grayscale stays one channel unless some image is colour, then all become RGB. 16-bit grayscale is scaled
+to 8 bits; 32-bit integer and floating-point images, whose range no format fixes, are refused.
+Normalisation statistics are measured on the training split.
 """
 
 import os
@@ -20,7 +21,9 @@ from noprop_bench import Dataset, Split, UsageError, hookimpl
 from noprop_bench.data_root import ArrayCache, data_root, tree_key
 
 SPLITS = ("train", "test")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA")
+UNSCALED_MODES = {"I": "32-bit integer", "F": "floating-point"}  # Pillow would clip these to 0..255
+DECODER_VERSION = 2  # part of the cache key: caches of an older decoding are rebuilt
 
 
 class ImageFolder(Dataset):
@@ -63,7 +66,7 @@ class ImageFolder(Dataset):
         if self._arrays is None:
             entries = [(f"{split}/{name}/{file.name}", size, mtime)
                        for split in SPLITS for name, files in sorted(self.files[split].items())
-                       for file, size, mtime in files]
+                       for file, size, mtime in files] + [("decoder", DECODER_VERSION, 0)]
             keys = tree_key(self.path, entries)
             cache = ArrayCache(data_root(self.root), "imagefolder")
             self._arrays = cache.load(*keys)
@@ -131,7 +134,15 @@ def _decode(path: Path) -> torch.Tensor:
     """One image as uint8 ``[C, H, W]``, C = 1 for grayscale files, else 3 (alpha and palettes resolved)."""
     try:
         with Image.open(path) as opened:
-            array = np.asarray(opened.convert("L" if opened.mode in GRAY_MODES else "RGB"))
+            if opened.mode in UNSCALED_MODES:
+                raise UsageError(f"imagefolder: {path} holds {UNSCALED_MODES[opened.mode]} grayscale pixels (Pillow "
+                                 f"mode {opened.mode}), whose range is not fixed; save the images with 8 or 16 bits")
+            if opened.mode.startswith("I;16"):  # 0..65535 onto 0..255, rounded (Pillow's "L" would clip)
+                array = ((np.asarray(opened).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+            else:
+                array = np.asarray(opened.convert("L" if opened.mode in GRAY_MODES else "RGB"))
+    except UsageError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UsageError(f"imagefolder: {path} is not an image that can be read ({error})") from None
     image = torch.from_numpy(array.copy())

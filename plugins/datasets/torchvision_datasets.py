@@ -2,9 +2,10 @@
 
 Files are read from the data root (``--data-root``, ``$NOPROP_BENCH_DATA`` or a per-user cache) in
 torchvision's layout, and downloaded there when they are missing and downloads are allowed. Before
-downloading, copies already on the machine are used: the gzipped IDX files loose in the data root
-and, for Fashion-MNIST, Debian's ``dataset-fashion-mnist`` package; a CIFAR archive in the data root
-is checked and extracted. Torchvision's checksums guard the CIFAR files; IDX files are checked
+downloading, copies already on the machine are used: gzipped IDX files in the dataset's own folder
+(``MNIST/`` or ``FashionMNIST/`` in the data root; never loose in the root, where MNIST's and
+Fashion-MNIST's files, which share their names, could be taken for each other) and, for Fashion-MNIST,
+Debian's ``dataset-fashion-mnist`` package; a CIFAR archive in the data root is checked and extracted. Torchvision's checksums guard the CIFAR files; IDX files are checked
 against the sizes their headers declare.
 """
 
@@ -119,7 +120,17 @@ class IdxDataset(TorchvisionDataset):
         return [_strip_gz(os.path.basename(name)) for name, _ in self.source.resources]
 
     def search_dirs(self, root):
-        return [self.folder(root), root / self.source.__name__, root, *self.extra_dirs]
+        # not the root itself: MNIST and Fashion-MNIST name their files alike
+        return [self.folder(root), root / self.source.__name__, *self.extra_dirs]
+
+    def explain(self, root, error):
+        explained = super().explain(root, error)
+        loose = [name for name in self.expected_files() if (root / name).exists() or (root / f"{name}.gz").exists()]
+        if not loose or (self.folder(root) / loose[0]).exists():
+            return explained
+        return UsageError(f"{explained}. Files of these names lie loose in {root}; MNIST and Fashion-MNIST name "
+                          f"their files alike, so they are not taken from there: move them into "
+                          f"{root / self.source.__name__} if they are {self.name}")
 
     def prepare(self, root):
         raw = self.folder(root)
