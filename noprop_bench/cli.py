@@ -364,7 +364,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     if problems:
         say(f"{len(problems)} trial(s) did not finish ok:")
         for record in problems:
-            say(f"  {trial_label(record)} seed {record['seed']}: {record['status']}: {record['error']}")
+            where = (f" (raised at {record['error_at']}; its traceback is in {store.path})"
+                     if record.get("error_at") else "")
+            say(f"  {trial_label(record)} seed {record['seed']}: {record['status']}: {record['error']}{where}")
         return EXIT_TRIAL_FAILED
     if args.baseline or args.save_baseline:
         return _check_baseline(args, baseline, store, specs, command, say)

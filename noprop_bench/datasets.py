@@ -14,6 +14,23 @@ from .errors import UsageError
 AUGMENTATIONS = ("none", "crop_flip")
 
 
+def layout_fixes(image_shape: Sequence[int], dataset: "Dataset") -> list:
+    """What is wrong between a split's images ``[C, H, W]`` and what ``dataset`` declares (its
+    ``image_shape``, one ``mean`` and ``std`` value per channel), each said as a fix; empty when they agree."""
+    image_shape = tuple(image_shape)
+    if image_shape[-1] in (1, 3) and image_shape[0] not in (1, 3):
+        return [f"the images look channels-last [N, H, W, C] ({list(image_shape)} per image): store "
+                f"images.permute(0, 3, 1, 2).contiguous(), which is [N, C, H, W]"]
+    fixes = []
+    if image_shape != tuple(dataset.image_shape):
+        fixes.append(f"image_shape must be the images' [C, H, W]: {image_shape}, not {tuple(dataset.image_shape)} "
+                     f"(set it in __init__ when it depends on the files)")
+    if len(dataset.mean) != image_shape[0] or len(dataset.std) != image_shape[0]:
+        fixes.append(f"mean and std need one value per channel ({image_shape[0]}); got {len(dataset.mean)} and "
+                     f"{len(dataset.std)}")
+    return fixes
+
+
 @dataclass
 class Split:
     """One split held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` long ``[N]``."""
@@ -22,6 +39,11 @@ class Split:
     labels: torch.Tensor
 
     def __post_init__(self):
+        for field_name, value in (("images", self.images), ("labels", self.labels)):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{field_name} must be a torch tensor, not {type(value).__module__}."
+                                 f"{type(value).__name__}: pass torch.as_tensor({field_name}"
+                                 f"{', dtype=torch.long' if field_name == 'labels' else ''})")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError("images must be a uint8 tensor [N, C, H, W]")
         if len(self.images) != len(self.labels):

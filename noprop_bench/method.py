@@ -27,8 +27,19 @@ def coerce_value(key: str, text: str, default: Any) -> Any:
             return float(text)
     except ValueError:
         kind = "true/false" if isinstance(default, bool) else type(default).__name__
-        raise UsageError(f"parameter {key}={text!r}: expected {kind}") from None
+        hint = ""
+        if type(default) is int and _is_float(text):
+            hint = f" ({default!r}, an int: a parameter that takes fractions has a float default, like {float(default)!r})"
+        raise UsageError(f"parameter {key}={text!r}: expected {kind}, the type of its default{hint}") from None
     return text
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def reject_unknown_names(given: Mapping[str, Any], defaults: Mapping[str, Any], owner: str, noun: str) -> None:

@@ -1,5 +1,6 @@
 """The plugin host: entry-point group ``noprop_bench``, modules named with ``--plugin``, and a registry."""
 
+import difflib
 import importlib
 import warnings
 from dataclasses import dataclass, field
@@ -96,11 +97,28 @@ def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_
             raise TypeError(f"plugin {plugin_name!r} registered {cls!r}, which is not a named Executor subclass")
         claim("executor", cls)
 
+    _check_hook_names(pm, plugin, plugin_name)
     hooks = pm.subset_hook_caller  # call each hook on this plugin alone, so provenance is exact
     others = [p for p in pm.get_plugins() if p is not plugin]
     hooks("register_methods", others)(register=register_method)
     hooks("register_datasets", others)(register=register_dataset)
     hooks("register_executors", others)(register=register_executor)
+
+
+def _check_hook_names(pm: pluggy.PluginManager, plugin, plugin_name: str) -> None:
+    """Refuse a hook implementation the host does not define (a misspelt name would register nothing, and
+    say nothing); warn about a plugin that implements no hook (functions not marked ``@hookimpl``)."""
+    defined = sorted(name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), "noprop_bench_spec", None))
+    callers = pm.get_hookcallers(plugin) or []
+    for caller in callers:
+        if caller.spec is None:
+            close = difflib.get_close_matches(caller.name, defined, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the hooks are {', '.join(defined)}"
+            raise TypeError(f"it implements hook {caller.name!r}, which noprop-bench does not define ({hint})")
+    if not callers:
+        warnings.warn(f"plugin {plugin_name!r} implements no hook, so it provides nothing: mark its "
+                      f"{', '.join(defined)} functions with @hookimpl (from noprop_bench import hookimpl)",
+                      PluginWarning, stacklevel=4)
 
 
 def _add_plugin(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_name: str) -> bool:

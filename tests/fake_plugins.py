@@ -47,6 +47,19 @@ class Explode(Linear):
         raise RuntimeError("boom in train_step")
 
 
+class DeepError(Linear):
+    """Fails inside torch, many frames below its own line (a shape mistake)."""
+
+    name = "deep_error"
+    label = "DeepError"
+
+    def train_step(self, x, y):
+        return self._project(x)
+
+    def _project(self, x):
+        return torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(3, 2))(x)  # the mistake
+
+
 class NaNLoss(Linear):
     name = "nan_loss"
     label = "NaN"
@@ -144,7 +157,7 @@ class OutOfMemoryNotesModes(OutOfMemory):
 
 @hookimpl
 def register_methods(register):
-    for cls in (Linear, Explode, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart, OutOfMemory,
+    for cls in (Linear, Explode, DeepError, NaNLoss, Sleepy, Steady, Interrupt, Noisy, SlowStart, OutOfMemory,
                 OutOfMemoryNotesModes):
         register(cls)
 

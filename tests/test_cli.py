@@ -30,6 +30,9 @@ def _exit(args, capsys):
     (["--methods", "linear", "--plugin", "no_such_module_xyz"], "--plugin no_such_module_xyz: cannot import it"),
     (["--methods", "linear", "--executor", "slurmish"], "unknown executor 'slurmish'; available: local, ray, submitit"),
     (["--methods", "linear", "--executor", "local[workers=two]"], "parameter workers='two': expected int"),
+    (["--methods", "linear", "--executor", "local[workers=1.5]"],
+     "parameter workers='1.5': expected int, the type of its default (0, an int: a parameter that takes fractions "
+     "has a float default, like 0.0)"),
     (["--methods", "linear", "--executor", "local[cores=2]"], "executor 'local' has no option cores; accepted: workers"),
     (["--methods", "linear", "--executor", "local[workers=-1]"], "workers must be 0 (in-process) or more"),
     (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto (SLURM), slurm or local"),
@@ -171,6 +174,12 @@ def test_ctrl_c_while_the_tables_are_written_keeps_every_trial_and_says_how_to_w
     ("label_out_of_range", "dataset 'tiny' breaks the dataset contract in its train split: labels must lie in "
                            "0..3 (one per name in classes); found 0..4"),
     ("not_a_split", "dataset 'tiny': load('train') returned tuple, not a noprop_bench.Split"),
+    ("numpy_labels", "dataset 'tiny' could not load its train split: ValueError: labels must be a torch tensor, not "
+                     "numpy.ndarray: pass torch.as_tensor(labels, dtype=torch.long)"),
+    ("channels_last", "dataset 'tiny' breaks the dataset contract in its train split: the images look channels-last "
+                      "[N, H, W, C] ([16, 16, 1] per image): store images.permute(0, 3, 1, 2).contiguous()"),
+    ("three_means", "dataset 'tiny' breaks the dataset contract in its train split: mean and std need one value per "
+                    "channel (1); got 3 and 3"),
 ])
 def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load, expected, monkeypatch, capsys):
     import torch
@@ -185,12 +194,38 @@ def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load
             return Split(images.float(), torch.zeros(8, dtype=torch.long))
         if broken_load == "label_out_of_range":
             return Split(images, torch.arange(8) % 5)
+        if broken_load == "numpy_labels":
+            return Split(images, torch.zeros(8, dtype=torch.long).numpy())
+        if broken_load == "channels_last":
+            return Split(images.permute(0, 2, 3, 1), torch.zeros(8, dtype=torch.long))
+        if broken_load == "three_means":
+            return Split(images, torch.zeros(8, dtype=torch.long))
         return images, torch.zeros(8, dtype=torch.long)
 
     monkeypatch.setattr(fake_plugins.Tiny, "load", load)
+    if broken_load == "three_means":
+        monkeypatch.setattr(fake_plugins.Tiny, "mean", (0.5,) * 3)
+        monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3)
     code, err = _exit(["--methods", "linear", "--budget", "64samples"], capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
+
+
+def test_a_failed_trial_says_which_line_of_the_plugin_raised_and_keeps_the_innermost_frames(fake_run, capsys):
+    """The error is raised deep inside torch; the line to fix is the plugin's. Before, the stored traceback
+    was the outermost 8 frames (the harness's) and the closing lines pointed nowhere."""
+    import fake_plugins
+
+    code, out = fake_run("--methods", "deep_error", "--budget", "64samples", "--checkpoints", "0")
+    assert code == 1
+    record = json.loads((out / "trials.jsonl").read_text().splitlines()[0])
+    line = next(number for number, text in enumerate(Path(fake_plugins.__file__).read_text().splitlines(), 1)
+                if "# the mistake" in text)
+    assert record["error_at"] == f"{fake_plugins.__file__}:{line} in _project"
+    assert record["traceback"].rstrip().splitlines()[-1].startswith("RuntimeError: mat1 and mat2 shapes")
+    assert f'fake_plugins.py", line {line}, in _project' in record["traceback"]
+    err = capsys.readouterr().err
+    assert f"(raised at {fake_plugins.__file__}:{line} in _project; its traceback is in {out / 'trials.jsonl'})" in err
 
 
 def test_the_closing_line_names_only_the_files_written(fake_run, capsys):

@@ -37,7 +37,7 @@ def test_the_mnist5k_dataset_passes():
 
 def test_the_torchvision_family_passes_on_small_idx_files(tmp_path, monkeypatch):
     monkeypatch.setattr(MNIST, "extra_dirs", (), raising=False)
-    write_idx_gz(tmp_path, fake_idx_set())
+    write_idx_gz(tmp_path / "MNIST", fake_idx_set())
     check_dataset(MNIST, root=str(tmp_path))
 
 
@@ -251,6 +251,29 @@ def test_dataset_violations_are_each_named():
     assert "train labels must lie in 0..1 (one per name in classes); found 0..5" in message
     assert "train and test images must have the same shape [C, H, W]" in message
     assert "mean and std need one value per channel (1)" in message
+
+
+def test_a_parameter_defaulting_to_none_is_named():
+    class Untyped(HandWritten):
+        name, defaults = "untyped", {"lr": 0.5, "hidden": None}
+
+    assert ("give hidden a default of the type it takes (0, 0.0, '', False), not None: a value given as "
+            "untyped[hidden=...] is converted to its default's type, and stays a string after None") in _failure(Untyped)
+
+
+def test_channels_last_images_are_told_to_be_permuted_not_to_change_image_shape():
+    class ChannelsLast(Dataset):
+        name, classes, image_shape = "channels_last", ("a", "b"), (1, 4, 4)
+
+        def load(self, split):
+            return Split(torch.zeros(4, 4, 4, 1, dtype=torch.uint8), torch.arange(4) % 2)
+
+    with pytest.raises(AssertionError) as failure:
+        check_dataset(ChannelsLast)
+    message = str(failure.value)
+    assert "the images look channels-last [N, H, W, C] ([4, 4, 1] per image): store images.permute(0, 3, 1, 2)" \
+        in message
+    assert "image_shape must be" not in message and "one value per channel" not in message
 
 
 def test_an_executor_that_loses_a_record_is_named():

@@ -226,3 +226,32 @@ def test_a_plugin_that_fails_halfway_through_registering_leaves_no_names_behind(
     assert "shared_name" not in registry.methods and "method:shared_name" not in registry.provider
     assert _add_plugin(registry.plugin_manager, registry, working, "working")
     assert registry.methods["shared_name"] is working.Shared
+
+
+def test_a_misspelt_hook_or_a_hook_not_marked_is_named_not_silently_ignored(tmp_path, monkeypatch):
+    """A plugin author's most likely slip registers nothing: the host says why, not just 'unknown method'."""
+    from noprop_bench.errors import UsageError
+    from noprop_bench.plugins import PluginWarning, load_plugins
+
+    body = textwrap.dedent("""
+        from noprop_bench import hookimpl
+        from noprop_bench_plugins.methods.backprop import Backprop
+
+        class Mine(Backprop):
+            name = "{name}"
+
+        {marker}
+        def {hook}(register):
+            register(Mine)
+    """)
+    (tmp_path / "misspelt.py").write_text(body.format(name="mine_a", marker="@hookimpl", hook="register_method"))
+    (tmp_path / "unmarked.py").write_text(body.format(name="mine_b", marker="", hook="register_methods"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match="--plugin misspelt: TypeError: it implements hook 'register_method', "
+                                         "which noprop-bench does not define \\(did you mean register_methods\\?\\)"):
+        load_plugins(["misspelt"])
+    with pytest.warns(PluginWarning, match="plugin 'unmarked' implements no hook, so it provides nothing: mark its "
+                                           "register_datasets, register_executors, register_methods, trial_finished "
+                                           "functions with @hookimpl"):
+        registry = load_plugins(["unmarked"])
+    assert "mine_b" not in registry.methods

@@ -66,6 +66,7 @@ TRIAL_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("finished_at", ("datetime64[ns, UTC]", "when the trial finished")),
     ("command", ("string", "the command that ran the trial")),
     ("error", ("string", "why a trial did not finish ok")),
+    ("error_at", ("string", "file:line in function that raised a failed trial's error (the method's own code first)")),
 ])
 
 RUN_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([

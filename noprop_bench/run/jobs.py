@@ -7,9 +7,11 @@ runs through :func:`~noprop_bench.run.worker.execute_job`, and every record come
 record saying why (:func:`failed_record`).
 """
 
+import inspect
 import os
 import platform
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -96,6 +98,26 @@ def failed_record(job: TrialJob, cause: str, status: str = "failed") -> Dict[str
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {**job.header, "status": status, "error": cause, "executor": job.executor,
             "finished_at": now, "curve": [], "steps": 0, "samples": 0}
+
+
+TRACEBACK_FRAMES = 12  # the innermost ones: where the error was raised, not how the harness got there
+
+
+def note_exception(record: Dict[str, Any], error: BaseException, code_of: Optional[type] = None) -> None:
+    """Store how ``error`` ended a trial: the innermost frames of its traceback (``traceback``) and the line
+    that raised it (``error_at``): the innermost in the module of ``code_of`` (a method's class) and the
+    modules beside it, where there is one, else the innermost of all."""
+    record["traceback"] = "".join(traceback.format_exception(type(error), error, error.__traceback__,
+                                                             limit=-TRACEBACK_FRAMES))
+    frames = traceback.extract_tb(error.__traceback__)
+    try:
+        folder = os.path.dirname(os.path.abspath(inspect.getsourcefile(code_of))) if code_of else None
+    except TypeError:  # a class defined where no file holds it
+        folder = None
+    own = [frame for frame in frames if folder and os.path.abspath(frame.filename).startswith(folder + os.sep)]
+    if frames:
+        frame = (own or frames)[-1]
+        record["error_at"] = f"{frame.filename}:{frame.lineno} in {frame.name}"
 
 
 def interrupted(job: TrialJob) -> Dict[str, Any]:

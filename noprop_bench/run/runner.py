@@ -4,7 +4,6 @@ import dataclasses
 import gc
 import random
 import time
-import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
@@ -17,7 +16,7 @@ from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method
                            loss_fixes, step_metrics_fixes, violation)
 from .budget import Budget, ClockReads, TrainingClock
 from .cuda_graphs import no_new_recordings
-from ..datasets import BatchStream, Dataset, Normalizer, Split
+from ..datasets import BatchStream, Dataset, Normalizer, Split, layout_fixes
 from ..errors import UsageError
 from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, inference_layout,
                          split_features)
@@ -29,6 +28,7 @@ from .warmup import warm_up
 from ..method import Method, row_label_with_settings, splits_features
 from ..provenance import code_identity
 from .interrupts import stop_cause, stoppable
+from .jobs import note_exception
 from .store import environment, trial_id
 from ..task import Task
 
@@ -84,8 +84,11 @@ def load_split(dataset: Dataset, name: str) -> Split:
         raise UsageError(f"dataset {dataset.name!r}: load({name!r}) returned {type(split).__name__}, not a "
                          f"noprop_bench.Split")
     labels = split.labels
+    layout = layout_fixes(split.images.shape[1:], dataset)
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         problem = f"labels must be integers [N], not {labels.dtype} of shape {list(labels.shape)}"
+    elif layout:
+        problem = layout[0]
     elif len(labels) == 0:
         problem = "the split is empty"
     elif int(labels.min()) < 0 or int(labels.max()) >= dataset.num_classes:
@@ -286,7 +289,7 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
     except Exception as error:
         record["status"] = "failed"
         record["error"] = f"{type(error).__name__}: {error}"
-        record["traceback"] = traceback.format_exc(limit=8)
+        note_exception(record, error, spec.method)
     finally:
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         trial.finish()

@@ -1,7 +1,6 @@
 """Running one trial job in this process: plugins and data cached between jobs, and a record always."""
 
 import sys
-import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -12,7 +11,7 @@ from ..errors import UsageError
 from ..plugins import PluginWarning, load_plugins
 from ..specs import parse_dataset_spec
 from .budget import Budget
-from .jobs import Say, TrialJob, failed_record, worker_identity
+from .jobs import Say, TrialJob, failed_record, note_exception, worker_identity
 from .runner import RunData, TrialSpec, run_trial
 from .store import FINISHED_STATUSES, TrialStore
 
@@ -89,7 +88,7 @@ def execute_job(job: TrialJob, progress: Optional[Say] = None, raise_usage_error
         raise
     except Exception as error:  # loading plugins or data failed: the trial failed, the worker goes on
         record = failed_record(job, f"{type(error).__name__}: {error}")
-        record["traceback"] = traceback.format_exc(limit=8)
+        note_exception(record, error)
         return record
     record["executor"] = job.executor
     record["worker"] = worker_identity()

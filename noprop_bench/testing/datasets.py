@@ -5,7 +5,7 @@ from typing import List, Optional, Type
 import torch
 
 from ..conformance import describe_class
-from ..datasets import AUGMENTATIONS, Dataset, Split
+from ..datasets import AUGMENTATIONS, Dataset, Split, layout_fixes
 
 
 def check_dataset(cls: Type[Dataset], argument: Optional[str] = None, root: Optional[str] = None) -> None:
@@ -33,13 +33,7 @@ def check_dataset(cls: Type[Dataset], argument: Optional[str] = None, root: Opti
         shapes = {name: tuple(split.images.shape[1:]) for name, split in splits.items()}
         if shapes["train"] != shapes["test"]:
             fixes.append(f"train and test images must have the same shape [C, H, W]; got {shapes}")
-        if shapes["train"] != tuple(dataset.image_shape):
-            fixes.append(f"image_shape must be the images' [C, H, W]: {shapes['train']}, not "
-                         f"{tuple(dataset.image_shape)} (set it in __init__ when it depends on the files)")
-        channels = shapes["train"][0]
-        if len(dataset.mean) != channels or len(dataset.std) != channels:
-            fixes.append(f"mean and std need one value per channel ({channels}); got {len(dataset.mean)} and "
-                         f"{len(dataset.std)}")
+        fixes.extend(layout_fixes(shapes["train"], dataset))
     if dataset.augment not in AUGMENTATIONS:
         fixes.append(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {dataset.augment!r}")
     if fixes:

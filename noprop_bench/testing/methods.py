@@ -90,6 +90,10 @@ def check_method(cls: Type[Method], device="cpu", **params) -> None:
     findings = _Findings(cls)
     findings.check(bool(cls.name) and isinstance(cls.name, str), "set the class attribute name = 'my_method'")
     findings.check(cls.family in FAMILIES, f"set family to one of {', '.join(FAMILIES)}, not {cls.family!r}")
+    untyped = sorted(key for key, value in getattr(cls, "defaults", {}).items() if value is None)
+    findings.check(not untyped, f"give {', '.join(untyped)} a default of the type it takes (0, 0.0, '', False), "
+                                f"not None: a value given as {cls.name or 'name'}[{(untyped or ['key'])[0]}=...] "
+                                f"is converted to its default's type, and stays a string after None")
     defaults_before = copy.deepcopy(cls.defaults)
     resolved = _resolved_params(cls, params, findings)
     task = tiny_task(device)
