@@ -313,6 +313,8 @@ def test_cli_end_to_end(tmp_path):
         {"solver": "euler", "steps": 2}, {"solver": "heun", "steps": 2}]
     assert 0 <= record["diagnostics"]["z_ablation"] <= 100
     assert "NoProp-CT (one-hot)" in (out / "table1.md").read_text()
+    assert record["checkpoint_setting"] == {"solver": "heun", "steps": 2}  # the curve's points before the last
+    assert "checkpoint setting of inference (NoProp-CT: heun 2)" in (out / "time_to_accuracy.md").read_text()
 
 
 @pytest.mark.parametrize("setting", [{}, {"solver": "euler", "steps": 5}, {"solver": "heun", "steps": 10},

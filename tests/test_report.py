@@ -155,6 +155,30 @@ def test_curves_csv():
     check_golden("curves.csv", curves_frame(records).to_csv(index=False, float_format="%.6g"))
 
 
+def test_curves_say_which_inference_setting_their_points_before_the_last_used():
+    """NoProp-CT's checkpoints integrate with a cheap solver; its last point is Table 1's 1000-step process.
+    Before, nothing said so: a curve looked like one setting throughout."""
+    from noprop_bench.report.frames import curves_frame as curves_table
+
+    records, _ = load("mnist")
+    records = copy.deepcopy([r for r in records if r["status"] == "ok"])
+    for record in records:
+        record["checkpoint_setting"] = {"solver": "heun", "steps": 20} if record["method"] == "noprop_ct" else {}
+    csv = curves_frame(records)
+    ct = csv[csv.method == "noprop_ct"]
+    assert set(ct[~ct.final].setting) == {"heun 20"} and set(ct[ct.final].setting) == {"final"}
+    assert set(csv[(csv.method == "backprop") & ~csv.final].setting) == {"default"}
+    frame = curves_table(records)
+    assert list(frame[frame.method == "noprop_ct"].setting) == list(ct.setting)
+    text = render_time_to_accuracy(records)
+    assert ("at the method's cheaper checkpoint setting of inference (NoProp-CT: heun 20); the last point (end of "
+            "budget) evaluates the whole test split, at the setting of Table 1.") in text
+    for record in records:
+        del record["checkpoint_setting"]  # records made before the setting was stored say nothing of it
+    assert "checkpoint setting" not in render_time_to_accuracy(records)
+    assert curves_frame(records).setting[~curves_frame(records).final].isna().all()
+
+
 def test_figure_is_written(tmp_path):
     records, _ = load("mnist", "cifar10", "mixed")
     written = write_figure3(records, tmp_path / "figure3")
@@ -174,6 +198,17 @@ def test_a_figure_with_a_long_row_label_keeps_its_layout(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns when constrained layout collapses the axes
         write_figure3(records, tmp_path / "figure3")
     assert (tmp_path / "figure3.png").stat().st_size > 1000
+
+
+def test_a_one_panel_figures_title_fits_its_width():
+    """The default run draws one panel, 4.5 in wide: its three title lines used to run off both edges."""
+    from noprop_bench.report.figures import figure3
+
+    records, _ = load("mnist")
+    figure = figure3([r for r in records if r["dataset"] == "mnist5k"])
+    figure.canvas.draw()
+    extent = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert extent.x0 >= 0 and extent.x1 <= figure.bbox.width, (extent, figure.bbox.width)
 
 
 def test_truncated_last_line_and_bad_record():

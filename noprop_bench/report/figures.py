@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 
 from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
-                          drop_duplicate_seeds, ordered_rows)
+                          drop_duplicate_seeds, ordered_rows, point_setting)
 
 LEGEND_WIDTH = 45  # characters per legend line: a long row label (a path among its parameters) is wrapped
 CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",
                  "row_label", "seed", "point", "final", "train_seconds", "steps", "samples", "epochs",
-                 "test_acc", "train_loss", "test_images"]
+                 "test_acc", "train_loss", "test_images", "setting"]
 
 
 def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]], List[str]]]:
@@ -34,7 +34,8 @@ def _ok_groups(records: List[Dict[str, Any]]) -> List[Tuple[List[Dict[str, Any]]
 def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
     """Every curve point of every ok trial, one row each; ``table`` numbers the comparable groups (one device
     each) as Table 2 does, ``final`` marks the end-of-budget evaluation (the last point), ``test_images``
-    says how many test images the point evaluated (records from before ``--checkpoint-size``: all)."""
+    says how many test images the point evaluated (records from before ``--checkpoint-size``: all), ``setting``
+    at which inference setting (see :func:`~noprop_bench.report.records.point_setting`)."""
     lines = []
     for number, (group, rows) in enumerate(_ok_groups(records), 1):
         dataset_order = list(dataset_columns(group))
@@ -50,7 +51,8 @@ def curves_frame(records: List[Dict[str, Any]]) -> pd.DataFrame:
                               record["seed"], index, index == len(curve) - 1,
                               *(point.get(k) for k in ("train_seconds", "steps", "samples", "epochs",
                                                        "test_acc", "train_loss")),
-                              point.get("test_images", record.get("test_size"))])
+                              point.get("test_images", record.get("test_size")),
+                              point_setting(record, index == len(curve) - 1)])
     return pd.DataFrame(lines, columns=CURVE_COLUMNS)
 
 
@@ -129,9 +131,10 @@ def figure3(records: List[Dict[str, Any]]):
             axes[g_index][d_index].set_visible(False)
     if len(groups) == 1:
         budget, backbone, device, batch, speed = comparability(groups[0][0][0], by_device=True)
-        figure.suptitle(f"Budget {budget}, backbone {backbone}, batch {batch}, {speed}\n{device}\n"
-                        f"line: mean over seeds (from where every seed has a point), band: min–max over seeds",
-                        fontsize=8)
+        lines = [f"Budget {budget}, backbone {backbone}, batch {batch}, {speed}", device,
+                 "line: mean over seeds (from where every seed has a point), band: min–max over seeds"]
+        # wrapped to the figure's width (8 pt characters are about 4.4 pt wide), not cut off at its edges
+        figure.suptitle("\n".join(textwrap.fill(line, int(4.5 * width * 72 / 4.4)) for line in lines), fontsize=8)
     return figure
 
 

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..run.store import TRIALS_FILE
-from .records import SOURCE_FIELD, assign_rows, device_name, load_records, speed_text
-from .tables import setting_label
+from .records import SOURCE_FIELD, assign_rows, device_name, load_records, point_setting, setting_label, speed_text
 
 # column -> (dtype, meaning); the columns of every frame come first, in this order
 IDENTITY_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
@@ -89,6 +88,8 @@ CURVE_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("test_acc", ("float64", "test accuracy (%) at the point")),
     ("train_loss", ("float64", "mean training loss since the previous point")),
     ("test_images", ("Int64", "test images the point evaluated (--checkpoint-size; all at the last point)")),
+    ("setting", ("string", "inference setting of the point: final (Table 1's) at the end of budget, else the method's "
+                           "checkpoint setting, e.g. heun 20 (default: predict's own)")),
 ])
 
 # fields that become rows of their own frame, or derived columns, rather than trial columns
@@ -201,8 +202,12 @@ def curve_rows(record: Dict[str, Any], row: str) -> List[Dict[str, Any]]:
     identity = _identity(record, row)
     points = [p for p in record.get("curve") or [] if isinstance(p, dict)]
     whole = record.get("test_size")  # records from before --checkpoint-size evaluated the whole split
-    return [dict({"test_images": whole}, **flatten(point), **identity, point=index,
-                 final=record.get("status") == "ok" and index == len(points) - 1) for index, point in enumerate(points)]
+    rows = []
+    for index, point in enumerate(points):
+        final = record.get("status") == "ok" and index == len(points) - 1
+        rows.append(dict({"test_images": whole}, **flatten(point), **identity, point=index, final=final,
+                         setting=point_setting(record, final)))
+    return rows
 
 
 def _frame(records: Iterable[Dict[str, Any]], make_rows: Callable, columns) -> pd.DataFrame:

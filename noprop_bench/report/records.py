@@ -258,8 +258,38 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
             f"Speed settings: {speed}.")
 
 
+def setting_label(setting: Any) -> str:
+    """``{"solver": "heun", "steps": 40}`` -> ``heun 40``; other keys as ``key=value``."""
+    if not isinstance(setting, dict):
+        return str(setting)
+    parts = [str(setting[k]) for k in ("solver", "steps") if k in setting]
+    parts += [f"{k}={v}" for k, v in setting.items() if k not in ("solver", "steps")]
+    return " ".join(parts) or "default"
+
+
+def point_setting(record: Dict[str, Any], final: bool) -> Optional[str]:
+    """The inference setting of one curve point: ``final`` (Table 1's) at the end of budget, else the method's
+    checkpoint setting (``None`` in records made before it was stored)."""
+    if final:
+        return "final"
+    setting = record.get("checkpoint_setting")
+    return setting_label(setting) if isinstance(setting, dict) else None
+
+
+def checkpoint_settings_text(records: Sequence[Dict[str, Any]]) -> str:
+    """The inference settings of the curve's points before the last, where a method evaluates them
+    otherwise than Table 1 (its ``checkpoint_setting``), e.g. ``NoProp-CT: heun 20``; empty if none does."""
+    settings = OrderedDict()
+    for record in sorted(records, key=row_sort_key):
+        setting = record.get("checkpoint_setting")
+        if isinstance(setting, dict) and setting:
+            settings.setdefault(record.get("method_label") or record.get("method"), []).append(setting_label(setting))
+    return "; ".join(f"{method}: {', '.join(dict.fromkeys(labels))}" for method, labels in settings.items())
+
+
 def checkpoint_text(records: Sequence[Dict[str, Any]]) -> str:
-    """Which test images the curve's points before the last saw (``--checkpoint-size``), for captions."""
+    """Which test images the curve's points before the last saw (``--checkpoint-size``), and at which
+    inference setting, for captions."""
     sizes = sorted({(r.get("checkpoint_size"), r.get("test_size")) for r in records}, key=str)
     parts = []
     for checkpoint, whole in sizes:
@@ -267,8 +297,10 @@ def checkpoint_text(records: Sequence[Dict[str, Any]]) -> str:
             parts.append("the whole test split")
         else:
             parts.append(f"a fixed, stratified subset of {checkpoint} of the {whole} test images")
-    return (f"Points during training evaluate {' or '.join(dict.fromkeys(parts))}; the last point (end of budget) "
-            f"evaluates the whole test split.")
+    settings = checkpoint_settings_text(records)
+    settings = f", at the method's cheaper checkpoint setting of inference ({settings})" if settings else ""
+    return (f"Points during training evaluate {' or '.join(dict.fromkeys(parts))}{settings}; the last point (end of "
+            f"budget) evaluates the whole test split{', at the setting of Table 1' if settings else ''}.")
 
 
 # -- rows and columns -------------------------------------------------------------------------------

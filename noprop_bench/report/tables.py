@@ -9,8 +9,8 @@ from ..run.jobs import trial_label
 from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, field_mean, memory_kind, ordered_rows, seconds_per_epoch,
-                          settings_text)
+                      family_heading, field_mean, memory_kind, ordered_rows, seconds_per_epoch, setting_label,
+                      settings_text)
 from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se
 
 GB = 1e9
@@ -114,15 +114,6 @@ def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
 
 
 # -- inference sweep --------------------------------------------------------------------------------
-def setting_label(setting: Any) -> str:
-    """``{"solver": "heun", "steps": 40}`` -> ``heun 40``; other keys as ``key=value``."""
-    if not isinstance(setting, dict):
-        return str(setting)
-    parts = [str(setting[k]) for k in ("solver", "steps") if k in setting]
-    parts += [f"{k}={v}" for k, v in setting.items() if k not in ("solver", "steps")]
-    return " ".join(parts) or "default"
-
-
 def _sweep_points(record: Dict[str, Any], notes: List[str]) -> List[Tuple[str, List[float]]]:
     points = []
     for point in record.get("inference_sweep") or []:

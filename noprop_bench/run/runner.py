@@ -335,6 +335,7 @@ class _TrialRun:
         record["params_total"] = sum(p.numel() for p in method.parameters())
         record["params_trainable"] = sum(p.numel() for p in method.parameters() if p.requires_grad)
         record["backbone_features"] = task.backbone_features
+        record["checkpoint_setting"] = dict(method.checkpoint_setting())  # the curve's points before the last
         batch_size = spec.batch_size
         stream = BatchStream(data.train, batch_size, data.normalize, spec.augment, seed=spec.seed)
         record["setup_seconds"] = time.perf_counter() - setup_started
