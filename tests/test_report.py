@@ -95,17 +95,28 @@ def test_paper_rows_pair_by_method_not_by_label():
 def test_difference_to_the_paper_only_under_the_papers_protocol():
     records, _ = load("mnist")
     ct = [r for r in records if r["row_label"] == "NoProp-CT (one-hot)"]
-    clean = [{**r, "preset": {"name": "paper", "overrides": []}} for r in ct]
-    text = render_table1(clean + [r for r in records if r["row_label"] != "NoProp-CT (one-hot)"], paper=True)
+    # a pilot seed run alone (its record made when --seeds still counted as an override), then two more seeds
+    pilot = {**ct[0], "preset": {"name": "paper", "overrides": ["--seeds 1"]}}
+    third = {**ct[1], "seed": 2, "trial_id": "third-seed", "preset": {"name": "paper", "overrides": []}}
+    clean = [pilot, {**ct[1], "preset": {"name": "paper", "overrides": []}}, third]
+    others = [r for r in records if r["row_label"] != "NoProp-CT (one-hot)"]
+    text = render_table1(clean + others, paper=True)
     cells = _cells(text)
-    assert cells["NoProp-CT (one-hot)"] == ["93.50 ± 0.25 [± 0.50]", "97.84 ± 0.71", "-4.34"]
-    assert cells["NoProp-CT (dim=20)"] == ["91.00 ± 0.29 (1 of 2 seeds)", "97.70 ± 0.51", "–"]  # not a preset trial
-    assert "shown only for rows run under --preset paper" in text and "No Δ for trials run otherwise" in text
-    overridden = [{**r, "preset": {"name": "paper", "overrides": ["--budget 60"]}} for r in ct]
+    ours = float(cells["NoProp-CT (one-hot)"][0].split()[0])
+    assert cells["NoProp-CT (one-hot)"][1:] == ["97.84 ± 0.71", f"{ours - 97.84:+.2f}"]
+    assert cells["NoProp-CT (dim=20)"] == ["91.00 ± 0.29 (1 of 3 seeds)", "97.70 ± 0.51", "–"]  # not a preset trial
+    assert "shown only for rows run under --preset paper with nothing overridden" in text
+    assert "and at least its 3 seeds" in text and "No Δ for rows run otherwise" in text
+    assert "Run with --preset paper (3 of 9 trials), nothing overridden." in text  # --seeds is not an override
+
+    two_seeds = render_table1(clean[1:], paper=True)  # the paper's protocol, but fewer than its 3 seeds
+    assert "Δ" not in two_seeds.split("\n\n")[1].splitlines()[0]
+    assert "shown only for rows" not in two_seeds and "or with fewer than the paper's 3 seeds" in two_seeds
+
+    overridden = [{**r, "preset": {"name": "paper", "overrides": ["--budget 60"]}} for r in clean]
     text = render_table1(overridden, paper=True)
     assert "Δ" not in text.split("\n\n")[1].splitlines()[0]  # no difference column at all
     assert "Run with --preset paper, overridden: --budget 60." in text
-
 
 
 def test_table2():

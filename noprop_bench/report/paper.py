@@ -10,7 +10,8 @@ import pandas as pd
 # only names we know are the paper's datasets; mnist5k is a subset, so comparisons with it are indicative
 PAPER_DATASETS = {"mnist": "MNIST", "mnist5k": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 SUBSET_DATASETS = {"mnist5k": "a 5k-image subset of MNIST"}
-PAPER_STATISTIC = "3 seeds × 5 inference runs, full training schedules (paper Table 1)"
+PAPER_SEEDS = 3  # trained models per cell of the paper's Table 1
+PAPER_STATISTIC = f"{PAPER_SEEDS} seeds × 5 inference runs, full training schedules (paper Table 1)"
 # the methods the paper ran, by our method name: only these are paired with its rows (never by label, so
 # the linear-head ``backprop``, once labelled "Backprop (one-hot)", is never set beside the paper's Backprop)
 PAPER_METHODS = {"backprop_dt": "Backprop", "noprop_dt": "NoProp-DT", "adjoint": "Adjoint",

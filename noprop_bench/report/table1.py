@@ -46,7 +46,24 @@ def under_paper_protocol(record: Dict[str, Any]) -> bool:
     """Whether a trial ran under ``--preset paper`` with nothing overridden: only then is a difference to the
     paper's number a measurement of the method rather than of our shorter or different setting."""
     preset = record.get("preset")
-    return isinstance(preset, dict) and preset.get("name") == "paper" and not preset.get("overrides")
+    return isinstance(preset, dict) and preset.get("name") == "paper" and not trial_overrides(preset)
+
+
+def trial_overrides(preset: Dict[str, Any]) -> List[str]:
+    """What a trial changed of the preset. ``--seeds``, which records made before it stopped counting kept,
+    is left out: it sets how many trials run, not how one trains (the cells say how many seeds they hold)."""
+    return [o for o in preset.get("overrides") or [] if not str(o).startswith("--seeds ")]
+
+
+def delta_rows(ok: Sequence[Dict[str, Any]], rows: Sequence[str]) -> set:
+    """The rows that get a difference to the paper: every trial under the paper's protocol, and on each of
+    the row's datasets at least the paper's number of seeds (its spread over seeds is part of the number)."""
+    seeds: Dict[Tuple[str, str], set] = {}
+    for record, row in zip(ok, rows):
+        seeds.setdefault((row, record["dataset"]), set()).add(record["seed"])
+    return {row for row in rows
+            if all(under_paper_protocol(r) for r, name in zip(ok, rows) if name == row)
+            and all(len(found) >= paper_data.PAPER_SEEDS for (name, _), found in seeds.items() if name == row)}
 
 
 def preset_text(records: List[Dict[str, Any]]) -> str:
@@ -54,7 +71,7 @@ def preset_text(records: List[Dict[str, Any]]) -> str:
     presets = [r.get("preset") for r in records if isinstance(r.get("preset"), dict)]
     if not presets:
         return ""
-    overrides = list(dict.fromkeys(o for preset in presets for o in preset.get("overrides") or []))
+    overrides = list(dict.fromkeys(o for preset in presets for o in trial_overrides(preset)))
     some = "" if len(presets) == len(records) else f" ({len(presets)} of {len(records)} trials)"
     if not overrides:
         return f" Run with --preset paper{some}, nothing overridden."
@@ -88,7 +105,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
             if values:
                 seed_means.setdefault((row, record["dataset"], split), []).append(sum(values) / len(values))
     splits = ["train", "test"] if train_columns else ["test"]
-    protocol_rows = {row for row in rows if all(under_paper_protocol(r) for r, name in zip(ok, rows) if name == row)}
+    protocol_rows = delta_rows(ok, rows)
     headers: List[Tuple[str, str, str, str]] = []  # (header, kind, dataset, split)
     for spec, label in columns.items():
         for split in splits:
@@ -180,13 +197,13 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     caption += preset_text(ok)
     if paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
-        protocol = [r for r in ok if under_paper_protocol(r)]
-        if protocol:
-            caption += (" Δ = our mean − the paper's mean, shown only for rows run under --preset paper with "
-                        "nothing overridden (the paper's protocol).")
-        if len(protocol) < len(ok):
-            caption += (" No Δ for trials run otherwise (without --preset paper, or overriding it): their "
-                        "budget or settings are not the paper's, so a difference would not measure the method.")
+        with_delta = delta_rows(kept, rows)
+        if with_delta:
+            caption += (f" Δ = our mean − the paper's mean, shown only for rows run under --preset paper with "
+                        f"nothing overridden (the paper's protocol) and at least its {paper_data.PAPER_SEEDS} seeds.")
+        if len(with_delta) < len(set(rows)):
+            caption += (f" No Δ for rows run otherwise (without --preset paper, overriding it, or with fewer than "
+                        f"the paper's {paper_data.PAPER_SEEDS} seeds): a difference would not measure the method.")
         subsets = sorted({r["dataset"] for r in ok if r["dataset"] in paper_data.SUBSET_DATASETS})
         for spec in subsets:
             sizes = next((r.get("train_size"), r.get("test_size")) for r in ok if r["dataset"] == spec)
