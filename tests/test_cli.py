@@ -128,6 +128,8 @@ def test_unusable_outputs_and_bad_targets_are_refused_before_anything_runs(tmp_p
         (["--baseline", str(tmp_path / "list.json")], "not a noprop-bench baseline (a JSON object with rows"),
         (["--baseline", str(tmp_path / "future.json")], "baseline format 99, but this version"),
     ]
+    if Path("/proc/self").is_dir():  # a pseudo file system: permissions say yes (to root), writing fails
+        cases.append((["--out", "/proc/noprop-bench-out"], "cannot be written to"))
     for number, (args, expected) in enumerate(cases):
         out = tmp_path / f"run{number}"
         arguments = ["--methods", "linear", "--budget", "3steps", *args]

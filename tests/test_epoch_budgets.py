@@ -69,6 +69,10 @@ def test_paper_budget_trials_share_one_table():
     assert len(groups) == 1
     assert "the paper's epochs per method (NoProp-CT 100epochs, Adjoint 2epochs)" in settings_text(groups[0])
     assert len(comparable_groups(records + [{**records[0], "budget": "100epochs"}])) == 2
+    cifar = [{**r, "dataset": "cifar10", "dataset_label": "CIFAR-10",
+              "budget": {"noprop_ct": "500epochs (paper)", "adjoint": "4epochs (paper)"}[r["method"]]} for r in records]
+    assert ("the paper's epochs per method (mnist5k: NoProp-CT 100epochs, Adjoint 2epochs; CIFAR-10: NoProp-CT "
+            "500epochs, Adjoint 4epochs)") in settings_text(records + cifar)  # which epochs go with which dataset
 
 
 def test_paper_budget_for_an_unknown_method_is_a_usage_error(fake_run):

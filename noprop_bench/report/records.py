@@ -246,8 +246,14 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
     """The shared settings of a comparable group, for captions; a group that mixes devices says so."""
     budget, backbone, _, batch, speed = comparability(records[0])
     if budget == "paper":
-        epochs = ", ".join(f"{label} {budget_text}" for label, budget_text in dict.fromkeys(
-            (str(r.get("method_label") or r["method"]), str(r["budget"]).split(" ")[0]) for r in records))
+        by_dataset: Dict[str, List[str]] = {}  # the paper's epochs depend on the dataset's kind
+        for record in records:
+            epochs = by_dataset.setdefault(str(record.get("dataset_label") or record["dataset"]), [])
+            text = f"{record.get('method_label') or record['method']} {str(record['budget']).split(' ')[0]}"
+            if text not in epochs:
+                epochs.append(text)
+        epochs = "; ".join(f"{dataset}: {', '.join(texts)}" if len(by_dataset) > 1 else ", ".join(texts)
+                           for dataset, texts in by_dataset.items())
         budget = f"the paper's epochs per method ({epochs})"
     shared = f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}"
     devices = device_counts(records)

@@ -10,6 +10,7 @@ from ..datasets import BatchStream
 from ..method import row_label_with_settings
 from .evaluation_plan import train_accuracy_split
 from .runner import RunData, TrialSpec, build_task, seed_everything
+from .warmup import WARMUP_STEPS
 
 PROBE_STEPS = 2
 PROBE_IMAGES = 128
@@ -22,11 +23,14 @@ def _timed(work) -> float:
 
 
 def probe_trial(spec: TrialSpec, data: RunData) -> Tuple[float, float]:
-    """Estimated ``(training seconds, evaluation seconds)`` of one trial of ``spec``.
+    """Estimated ``(training seconds, evaluation and warm-up seconds)`` of one trial of ``spec``.
 
     Training: the median of ``PROBE_STEPS`` timed steps after a warm-up one, times the steps the budget
-    buys (a budget in seconds is its own estimate). Evaluation: one ``predict`` on ``PROBE_IMAGES`` test
-    images, scaled to the test split (and the training split with train accuracy), times the runs.
+    buys (a budget in seconds is its own estimate). Evaluation: ``predict`` timed on ``PROBE_IMAGES`` test
+    images at each setting the trial evaluates, scaled to the images that setting sees: the final
+    evaluation (the test split, and the training split with train accuracy, times the runs), the
+    checkpoints (``checkpoints`` x the checkpoint subset, at the method's checkpoint setting), the
+    diagnostics, the sweep, and the warm-up (its untimed steps and inference calls).
     """
     seed_everything(spec.seed)
     method = spec.method(build_task(spec, data), **spec.params).to(spec.device)
@@ -44,11 +48,23 @@ def probe_trial(spec: TrialSpec, data: RunData) -> Tuple[float, float]:
         training = step * samples / spec.batch_size
     method.eval()
     x = data.normalize(data.test.images[:PROBE_IMAGES])
-    with torch.inference_mode():
-        per_image = _timed(lambda: method.predict(x)) / len(x)
-    images = len(data.test) + (len(train_accuracy_split(data.train, len(data.test))) if spec.train_accuracy else 0)
+
+    def per_image(setting: dict) -> float:
+        with torch.inference_mode():
+            return _timed(lambda: method.predict(x, **setting)) / len(x)
+
+    test = len(data.test)
     runs = spec.inference_runs if spec.method.stochastic else 1
-    return training, per_image * images * runs
+    final = per_image({})
+    checkpoint = per_image(method.checkpoint_setting()) if method.checkpoint_setting() else final
+    final_images = test + (len(train_accuracy_split(data.train, test)) if spec.train_accuracy else 0)
+    checkpoint_images = spec.checkpoint_size if 0 < spec.checkpoint_size < test else test
+    evaluation = (final * final_images * runs + checkpoint * checkpoint_images * spec.checkpoints
+                  + sum(per_image(setting) for setting in method.diagnostic_settings().values()) * test
+                  + WARMUP_STEPS * step + checkpoint * 1.5 * spec.batch_size)  # warm-up: two sizes of a batch
+    if spec.inference_sweep:
+        evaluation += sum(per_image(setting) for setting in method.sweep_settings()) * test * runs
+    return training, evaluation
 
 
 def estimate_run(specs: Sequence[TrialSpec], data: RunData) -> Tuple[float, List[Tuple[str, int, float]]]:

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -95,6 +96,11 @@ def check_output_directory(path, flag: str) -> None:
         raise UsageError(f"{flag} {wanted}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {wanted}: {existing} cannot be written to")
+    try:  # permissions are not the whole story (a read-only or pseudo file system): make it and write there
+        wanted.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=wanted).close()
+    except OSError as error:
+        raise UsageError(f"{flag} {wanted}: cannot be written to ({error.strerror or error})") from None
 
 
 class TrialStore:
