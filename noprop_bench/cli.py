@@ -332,7 +332,7 @@ def run(argv: Optional[List[str]] = None) -> int:
             registry.hook.trial_finished(record=record, out_dir=str(out))
         except Exception as error:  # an observer's failure must not stop the benchmark
             say(f"warning: a trial_finished observer failed: {type(error).__name__}: {error}")
-        if record["status"] not in ("ok", "interrupted"):
+        if record["status"] != "ok":  # an interrupted trial here was stopped alone (else the run stops)
             problems.append(record)
 
     executor.out_dir = str(out)

@@ -25,9 +25,10 @@ def layout_fixes(image_shape: Sequence[int], dataset: "Dataset") -> list:
     if image_shape != tuple(dataset.image_shape):
         fixes.append(f"image_shape must be the images' [C, H, W]: {image_shape}, not {tuple(dataset.image_shape)} "
                      f"(set it in __init__ when it depends on the files)")
-    if len(dataset.mean) != image_shape[0] or len(dataset.std) != image_shape[0]:
-        fixes.append(f"mean and std need one value per channel ({image_shape[0]}); got {len(dataset.mean)} and "
-                     f"{len(dataset.std)}")
+    counts = [len(stat) if hasattr(stat, "__len__") else repr(stat) for stat in (dataset.mean, dataset.std)]
+    if counts != [image_shape[0]] * 2:
+        fixes.append(f"mean and std need one value per channel ({image_shape[0]}), as a tuple such as (0.5,); got "
+                     f"{counts[0]} and {counts[1]}")
     return fixes
 
 

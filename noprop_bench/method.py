@@ -1,7 +1,7 @@
 """The contract a method plugin implements."""
 
 import json
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,20 +26,22 @@ def coerce_value(key: str, text: str, default: Any) -> Any:
         if isinstance(default, float):
             return float(text)
     except ValueError:
-        kind = "true/false" if isinstance(default, bool) else type(default).__name__
+        kind = ("true/false" if isinstance(default, bool) else "a whole number (int)" if isinstance(default, int)
+                else type(default).__name__)
         hint = ""
-        if type(default) is int and _is_float(text):
-            hint = f" ({default!r}, an int: a parameter that takes fractions has a float default, like {float(default)!r})"
-        raise UsageError(f"parameter {key}={text!r}: expected {kind}, the type of its default{hint}") from None
+        if isinstance(default, int) and not isinstance(default, bool) and _whole(text) is not None:
+            hint = f"; write {_whole(text)}"
+        raise UsageError(f"parameter {key}={text!r}: expected {kind}, as its default {default!r}{hint}") from None
     return text
 
 
-def _is_float(text: str) -> bool:
+def _whole(text: str) -> Optional[int]:
+    """``1e3`` -> 1000: a whole number written as a float; else None."""
     try:
-        float(text)
+        value = float(text)
     except ValueError:
-        return False
-    return True
+        return None
+    return int(value) if value.is_integer() else None
 
 
 def reject_unknown_names(given: Mapping[str, Any], defaults: Mapping[str, Any], owner: str, noun: str) -> None:

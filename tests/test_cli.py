@@ -29,10 +29,12 @@ def _exit(args, capsys):
     (["--methods", "linear", "--val-split", "1.5"], "--val-split 1.5: must be a fraction in [0, 1)"),
     (["--methods", "linear", "--plugin", "no_such_module_xyz"], "--plugin no_such_module_xyz: cannot import it"),
     (["--methods", "linear", "--executor", "slurmish"], "unknown executor 'slurmish'; available: local, ray, submitit"),
-    (["--methods", "linear", "--executor", "local[workers=two]"], "parameter workers='two': expected int"),
+    (["--methods", "linear", "--executor", "local[workers=two]"],
+     "parameter workers='two': expected a whole number (int)"),
     (["--methods", "linear", "--executor", "local[workers=1.5]"],
-     "parameter workers='1.5': expected int, the type of its default (0, an int: a parameter that takes fractions "
-     "has a float default, like 0.0)"),
+     "parameter workers='1.5': expected a whole number (int), as its default 0"),
+    (["--methods", "noprop_ct[steps=1e3]"], "parameter steps='1e3': expected a whole number (int), as its default "
+                                           "1000; write 1000"),
     (["--methods", "linear", "--executor", "local[cores=2]"], "executor 'local' has no option cores; accepted: workers"),
     (["--methods", "linear", "--executor", "local[workers=-1]"], "workers must be 0 (in-process) or more"),
     (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto (SLURM), slurm or local"),
@@ -112,6 +114,14 @@ def test_nan_loss_is_recorded_as_diverged(fake_run):
     assert record["steps"] <= 25  # detected at the first check, not after the whole budget
 
 
+def test_checking_an_output_directory_makes_nothing(tmp_path):
+    """A run refused later (bad data, say), or a report of a misspelt directory, leaves no empty folder."""
+    from noprop_bench.run.store import check_output_directory
+
+    check_output_directory(tmp_path / "not-yet" / "run", "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unusable_outputs_and_bad_targets_are_refused_before_anything_runs(tmp_path, capsys):
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("")
@@ -181,7 +191,9 @@ def test_ctrl_c_while_the_tables_are_written_keeps_every_trial_and_says_how_to_w
     ("channels_last", "dataset 'tiny' breaks the dataset contract in its train split: the images look channels-last "
                       "[N, H, W, C] ([16, 16, 1] per image): store images.permute(0, 3, 1, 2).contiguous()"),
     ("three_means", "dataset 'tiny' breaks the dataset contract in its train split: mean and std need one value per "
-                    "channel (1); got 3 and 3"),
+                    "channel (1), as a tuple such as (0.5,); got 3 and 3"),
+    ("scalar_means", "dataset 'tiny' breaks the dataset contract in its train split: mean and std need one value per "
+                     "channel (1), as a tuple such as (0.5,); got 0.5 and 0.2"),
 ])
 def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load, expected, monkeypatch, capsys):
     import torch
@@ -200,14 +212,14 @@ def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load
             return Split(images, torch.zeros(8, dtype=torch.long).numpy())
         if broken_load == "channels_last":
             return Split(images.permute(0, 2, 3, 1), torch.zeros(8, dtype=torch.long))
-        if broken_load == "three_means":
+        if broken_load in ("three_means", "scalar_means"):
             return Split(images, torch.zeros(8, dtype=torch.long))
         return images, torch.zeros(8, dtype=torch.long)
 
     monkeypatch.setattr(fake_plugins.Tiny, "load", load)
-    if broken_load == "three_means":
-        monkeypatch.setattr(fake_plugins.Tiny, "mean", (0.5,) * 3)
-        monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3)
+    if broken_load in ("three_means", "scalar_means"):
+        monkeypatch.setattr(fake_plugins.Tiny, "mean", (0.5,) * 3 if broken_load == "three_means" else 0.5)
+        monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3 if broken_load == "three_means" else 0.2)
     code, err = _exit(["--methods", "linear", "--budget", "64samples"], capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
@@ -228,6 +240,29 @@ def test_a_failed_trial_says_which_line_of_the_plugin_raised_and_keeps_the_inner
     assert f'fake_plugins.py", line {line}, in _project' in record["traceback"]
     err = capsys.readouterr().err
     assert f"(raised at {fake_plugins.__file__}:{line} in _project; its traceback is in {out / 'trials.jsonl'})" in err
+
+
+def test_a_lone_plugin_modules_line_is_named_not_a_library_beside_it(tmp_path, monkeypatch):
+    """A one-file plugin installed into site-packages sits beside torch: its folder is not its code."""
+    import textwrap
+    from noprop_bench.run.jobs import note_exception
+
+    (tmp_path / "lone_library.py").write_text("def fail():\n    raise ValueError('inside a library')\n")
+    (tmp_path / "lone_plugin.py").write_text(textwrap.dedent("""
+        import lone_library
+
+        class Method:
+            def train_step(self):
+                lone_library.fail()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import lone_plugin
+
+    record = {}
+    with pytest.raises(ValueError) as raised:
+        lone_plugin.Method().train_step()
+    note_exception(record, raised.value, lone_plugin.Method)
+    assert record["error_at"] == f"{tmp_path / 'lone_plugin.py'}:6 in train_step"
 
 
 def test_the_closing_line_names_only_the_files_written(fake_run, capsys):

@@ -257,8 +257,9 @@ def test_a_parameter_defaulting_to_none_is_named():
     class Untyped(HandWritten):
         name, defaults = "untyped", {"lr": 0.5, "hidden": None}
 
-    assert ("give hidden a default of the type it takes (0, 0.0, '', False), not None: a value given as "
-            "untyped[hidden=...] is converted to its default's type, and stays a string after None") in _failure(Untyped)
+    expected = ("give hidden a default of the type it takes (0, 0.0, '', False), not None: a value given as "
+                "untyped[hidden=...] is converted to its default's type, and stays a string after None")
+    assert expected in _failure(Untyped)
 
 
 def test_channels_last_images_are_told_to_be_permuted_not_to_change_image_shape():

@@ -288,7 +288,8 @@ def test_real_mnist_sample_through_the_idx_path(tmp_path, no_debian):
     assert np.array_equal(fast_images, images) and np.array_equal(fast_labels, labels)
     images = images.astype(np.uint8).reshape(-1, 28, 28)
     labels = labels.astype(np.uint8)
-    write_idx_gz(tmp_path / "MNIST", {"train-images-idx3-ubyte": images[:4000], "train-labels-idx1-ubyte": labels[:4000],
+    write_idx_gz(tmp_path / "MNIST", {"train-images-idx3-ubyte": images[:4000],
+                                      "train-labels-idx1-ubyte": labels[:4000],
                                       "t10k-images-idx3-ubyte": images[4000:],
                                       "t10k-labels-idx1-ubyte": labels[4000:]})
     dataset = MNIST(root=str(tmp_path), download=False)

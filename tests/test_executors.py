@@ -229,13 +229,13 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cluster", ["slurm", "local"])
-def test_a_slurm_job_stopped_alone_is_one_interrupted_trial_but_a_local_one_means_ctrl_c(cluster, tmp_path,
-                                                                                         monkeypatch):
-    """On SLURM, ``scancel`` or a job's time limit stops one trial (recorded interrupted, the run goes on);
-    a local job shares the host's terminal, so its interrupted trial means Ctrl-C reached them both."""
+@pytest.mark.parametrize("cause", ["stopped by SIGTERM (the job was cancelled)", "interrupted by the user (Ctrl-C)"])
+def test_a_job_stopped_alone_is_one_interrupted_trial_one_that_saw_ctrl_c_stops_the_run(cluster, cause, tmp_path,
+                                                                                        monkeypatch):
+    """``scancel`` or a job's time limit stops one trial (recorded interrupted, the run goes on); a local job
+    shares the host's terminal, so a trial interrupted by Ctrl-C means Ctrl-C reached them both."""
     jobs = [_job(load_plugins()), _job(load_plugins())]
-    stopped = dict(failed_record(jobs[0], "stopped by SIGTERM (the job was cancelled)", status="interrupted"),
-                   steps=7)
+    stopped = dict(failed_record(jobs[0], cause, status="interrupted"), steps=7)
 
     class Handle:
         paths = types.SimpleNamespace(result_pickle=Path(__file__))  # a result file exists
@@ -259,7 +259,7 @@ def test_a_slurm_job_stopped_alone_is_one_interrupted_trial_but_a_local_one_mean
     executor.out_dir = str(tmp_path)
     monkeypatch.setattr(executor, "_engine", lambda folder: engine)
     delivered = []
-    if cluster == "slurm":
+    if "SIGTERM" in cause:
         executor.run(jobs, lambda job, record: delivered.append(record), lambda message: None)
         assert [(r["status"], r["steps"]) for r in delivered] == [("interrupted", 7), ("ok", 7)]
     else:
@@ -374,14 +374,14 @@ def test_ctrl_c_stops_the_workers_and_keeps_what_their_trials_measured(tmp_path)
             os.kill(pid, 0)
 
 
-def _host_until_trials_evaluated(tmp_path, executor, trials):
+def _host_until_trials_evaluated(tmp_path, executor, trials, budget="60"):
     """A host running ``trials`` seeds of a steady fake method under ``executor`` in a session of its own
     (as a terminal runs a command), once every trial has evaluated a checkpoint; and its stderr's file.
     Workers' progress reaches the host's stderr; submitit jobs' goes to their logs."""
     out, err = tmp_path / "run", tmp_path / "host.err"
     host = subprocess.Popen(
         [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
-         "steady[predict_sleep=0,step_sleep=0.02]", "--seeds", str(trials), "--budget", "60", "--checkpoints", "30",
+         "steady[predict_sleep=0,step_sleep=0.02]", "--seeds", str(trials), "--budget", budget, "--checkpoints", "30",
          "--threads", "1", "--executor", executor, "--out", str(out)],
         stderr=err.open("w"), text=True, env=_fake_plugins_env(), preexec_fn=_ctrl_c_reaches_it,
         start_new_session=True)
@@ -428,6 +428,75 @@ def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, exe
     for record in records:
         assert record["steps"] > 0 and record["curve"], (record, err)
         assert record["error"] == cause
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_worker_interrupts_its_trial_alone_and_the_run_goes_on(tmp_path):
+    """Before, the worker died and its trial was failed with nothing kept; a first fix then stopped the whole
+    run. The stopped trial keeps what it measured, the other trial finishes."""
+    host, out, log = _host_until_trials_evaluated(tmp_path, "local[workers=2]", trials=2, budget="6")
+    worker = int(next(line for line in log.read_text().splitlines() if "started (pid" in line)
+                 .split("pid ")[1].split(",")[0])
+    os.kill(worker, signal.SIGTERM)
+    host.wait(timeout=90)
+    err = log.read_text()
+    assert host.returncode == EXIT_TRIAL_FAILED, err
+    records = {r["status"]: r for r in _records(out)}
+    assert sorted(records) == ["interrupted", "ok"], err
+    assert records["interrupted"]["steps"] > 0 and records["interrupted"]["worker"]["pid"] == worker
+    assert records["interrupted"]["error"] == "stopped by SIGTERM (the job was cancelled)"
+
+
+@pytest.mark.parametrize("cause, stops_the_run", [
+    ("interrupted by the user (Ctrl-C)", True),  # Ctrl-C reaches every process of the terminal
+    ("stopped by SIGTERM (the job was cancelled)", False),  # a SIGTERM to this trial's worker or job alone
+    ("stopped at its job's time limit", False),
+])
+def test_only_a_trial_that_saw_ctrl_c_stops_the_run(cause, stops_the_run):
+    from noprop_bench.run import interrupts
+    from noprop_bench.run.jobs import stop_if_interrupted
+
+    record = {"status": "interrupted", "error": cause}
+    if stops_the_run:
+        with pytest.raises(KeyboardInterrupt):
+            stop_if_interrupted(record)
+    else:
+        stop_if_interrupted(record)
+        interrupts.note_sigterm()  # unless this host is being stopped by a SIGTERM itself
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                stop_if_interrupted(record)
+        finally:
+            interrupts.forget_sigterm()
+    stop_if_interrupted({"status": "failed", "error": cause})
+
+
+@needs_submitit
+@pytest.mark.parametrize("submitit_says", ["out of time", "preempted"])
+def test_a_jobs_time_limit_stops_its_trial_and_a_preempted_job_is_requeued_as_submitit_does(submitit_says):
+    """submitit signals a job before its time limit; out of time, its handler raises (inside the trial, which
+    then failed); preempted, it requeues the job and exits. The first now stops the trial."""
+    from noprop_bench.run import interrupts
+    from noprop_bench_plugins.executors.submitit import _stop_at_the_time_limit
+
+    def submitits(signum, frame):
+        if submitit_says == "preempted":
+            raise SystemExit(0)
+        raise RuntimeError("Job not requeued because: timed-out and not checkpointable.")
+
+    notice = signal.SIGUSR2
+    previous = signal.signal(notice, submitits)
+    try:
+        _stop_at_the_time_limit()
+        with pytest.raises(KeyboardInterrupt if submitit_says == "out of time" else SystemExit):
+            with interrupts.stoppable():
+                os.kill(os.getpid(), notice)
+                time.sleep(5)
+        if submitit_says == "out of time":
+            assert interrupts.stop_cause() == "stopped at its job's time limit"
+    finally:
+        signal.signal(notice, previous)
+        interrupts._at_time_limit.clear()
 
 
 def test_a_stop_interrupts_a_trial_even_before_it_begins_and_never_a_trial_that_ended():

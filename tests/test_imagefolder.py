@@ -118,6 +118,23 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
     assert images[0, 0].tolist() == np.round(pixels.astype(np.float64) / 257).astype(np.uint8).tolist()
 
 
+def test_a_sixteen_bit_png_that_an_older_pillow_opens_as_32_bit_is_scaled_too(tmp_path, monkeypatch):
+    """Pillow before 10.3 opens a 16-bit grayscale PNG in mode "I": it is still 16-bit, not refused."""
+    pixels = (np.arange(48, dtype=np.uint32).reshape(6, 8) * 1365).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    real_open = Image.open
+
+    def as_older_pillow(path):
+        with real_open(path) as opened:
+            widened = opened.convert("I")
+        widened.format = "PNG"
+        return widened
+
+    monkeypatch.setattr(imagefolder.Image, "open", as_older_pillow)
+    decoded = imagefolder._decode(tmp_path / "deep.png")
+    assert decoded[0].tolist() == np.round(pixels.astype(np.float64) / 257).astype(np.uint8).tolist()
+
+
 @pytest.mark.parametrize("pixels, what", [(np.full((6, 8), 70000, dtype=np.int32), "32-bit integer"),
                                           (np.full((6, 8), 0.5, dtype=np.float32), "floating-point")])
 def test_images_without_a_fixed_range_are_refused(tmp_path, pixels, what):

@@ -54,7 +54,8 @@ class Executor:
     def run(self, jobs: List[TrialJob], deliver: Deliver, say: Say) -> None:
         """Run every job, calling ``deliver(job, record)`` in the host process once per job.
 
-        A delivered record that says the trial was interrupted stops the run (:func:`stop_if_interrupted`).
+        A delivered record of a trial interrupted by Ctrl-C stops the run (:func:`stop_if_interrupted`: one
+        stopped alone, by a SIGTERM to its worker or its job's time limit, does not).
         On ``KeyboardInterrupt`` stop the workers, deliver an ``interrupted`` record for each job that had
         not finished (after delivering those that had), and re-raise.
         """

@@ -7,7 +7,12 @@ import signal
 import threading
 from typing import ContextManager, Iterator
 
+CTRL_C_CAUSE = "interrupted by the user (Ctrl-C)"
+SIGTERM_CAUSE = "stopped by SIGTERM (the job was cancelled)"
+TIME_LIMIT_CAUSE = "stopped at its job's time limit"
+
 _stopped_by_sigterm = threading.Event()
+_at_time_limit = threading.Event()  # a job process whose scheduler said its time is up
 # how a host asks a worker process to stop its trial (POSIX only: elsewhere a worker is only ever killed)
 STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 _training = threading.Event()  # a trial is training or evaluating in this process: a stop interrupts it
@@ -23,11 +28,23 @@ def forget_sigterm() -> None:
     _stopped_by_sigterm.clear()
 
 
+def sigterm_noted() -> bool:
+    """Whether this process is being stopped by a SIGTERM (see :func:`note_sigterm`)."""
+    return _stopped_by_sigterm.is_set()
+
+
+def note_time_limit() -> None:
+    """Record that this job process is being stopped because its time limit is near."""
+    _at_time_limit.set()
+
+
 def stop_cause() -> str:
-    """The error text of a trial stopped by an interrupt: what sent it, as far as the host knows."""
+    """The error text of a trial stopped by an interrupt: what sent it, as far as this process knows."""
+    if _at_time_limit.is_set():
+        return TIME_LIMIT_CAUSE
     if _stopped_by_sigterm.is_set():
-        return "stopped by SIGTERM (the job was cancelled)"
-    return "interrupted by the user (Ctrl-C)"
+        return SIGTERM_CAUSE
+    return CTRL_C_CAUSE
 
 
 @contextlib.contextmanager

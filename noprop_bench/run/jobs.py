@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..method import settings_suffix
-from .interrupts import stop_cause
+from .interrupts import CTRL_C_CAUSE, sigterm_noted, stop_cause
 
 Deliver = Callable[["TrialJob", Dict[str, Any]], None]
 Say = Callable[[str], None]
@@ -105,19 +105,30 @@ TRACEBACK_FRAMES = 12  # the innermost ones: where the error was raised, not how
 
 def note_exception(record: Dict[str, Any], error: BaseException, code_of: Optional[type] = None) -> None:
     """Store how ``error`` ended a trial: the innermost frames of its traceback (``traceback``) and the line
-    that raised it (``error_at``): the innermost in the module of ``code_of`` (a method's class) and the
-    modules beside it, where there is one, else the innermost of all."""
+    that raised it (``error_at``): the innermost in the code of ``code_of`` (a method's class: its package, or
+    its module where it is a module alone), where there is one, else the innermost of all."""
     record["traceback"] = "".join(traceback.format_exception(type(error), error, error.__traceback__,
                                                              limit=-TRACEBACK_FRAMES))
     frames = traceback.extract_tb(error.__traceback__)
-    try:
-        folder = os.path.dirname(os.path.abspath(inspect.getsourcefile(code_of))) if code_of else None
-    except TypeError:  # a class defined where no file holds it
-        folder = None
-    own = [frame for frame in frames if folder and os.path.abspath(frame.filename).startswith(folder + os.sep)]
+    owns = _code_of(code_of)
+    own = [frame for frame in frames if owns(os.path.abspath(frame.filename))]
     if frames:
         frame = (own or frames)[-1]
         record["error_at"] = f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _code_of(cls: Optional[type]) -> Callable[[str], bool]:
+    """Whether a file is part of the code that defines ``cls``: its top-level package's folder, or its module
+    file alone (the folder of a lone module may hold anything, a virtual environment included)."""
+    top = sys.modules.get(cls.__module__.split(".")[0]) if cls is not None else None
+    folders = [os.path.abspath(path) + os.sep for path in getattr(top, "__path__", None) or []]
+    if folders:
+        return lambda path: any(path.startswith(folder) for folder in folders)
+    try:
+        source = os.path.abspath(inspect.getsourcefile(cls)) if cls is not None else None
+    except TypeError:  # a class defined where no file holds it
+        source = None
+    return lambda path: path == source
 
 
 def interrupted(job: TrialJob) -> Dict[str, Any]:
@@ -125,8 +136,10 @@ def interrupted(job: TrialJob) -> Dict[str, Any]:
 
 
 def stop_if_interrupted(record: Dict[str, Any]) -> None:
-    """A trial that saw Ctrl-C itself (its worker shares the terminal) stops the whole run."""
-    if record.get("status") == "interrupted":
+    """A trial that saw Ctrl-C itself (its worker shares the terminal), or one interrupted while this host is
+    being stopped by a SIGTERM, stops the whole run. One stopped alone (a SIGTERM to its own worker or job,
+    its job's time limit) is one interrupted trial: the run goes on, and a rerun tries it again."""
+    if record.get("status") == "interrupted" and (record.get("error") == CTRL_C_CAUSE or sigterm_noted()):
         raise KeyboardInterrupt
 
 

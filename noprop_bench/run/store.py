@@ -96,11 +96,10 @@ def check_output_directory(path, flag: str) -> None:
         raise UsageError(f"{flag} {wanted}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {wanted}: {existing} cannot be written to")
-    try:  # permissions are not the whole story (a read-only or pseudo file system): make it and write there
-        wanted.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=wanted).close()
+    try:  # permissions are not the whole story (a read-only or pseudo file system): write there, leaving nothing
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
-        raise UsageError(f"{flag} {wanted}: cannot be written to ({error.strerror or error})") from None
+        raise UsageError(f"{flag} {wanted}: {existing} cannot be written to ({error.strerror or error})") from None
 
 
 class TrialStore:

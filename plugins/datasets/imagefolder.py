@@ -134,10 +134,12 @@ def _decode(path: Path) -> torch.Tensor:
     """One image as uint8 ``[C, H, W]``, C = 1 for grayscale files, else 3 (alpha and palettes resolved)."""
     try:
         with Image.open(path) as opened:
-            if opened.mode in UNSCALED_MODES:
+            # Pillow before 10.3 opens a 16-bit grayscale PNG as "I" (PNG holds at most 16 bits)
+            sixteen_bit = opened.mode.startswith("I;16") or (opened.mode == "I" and opened.format == "PNG")
+            if opened.mode in UNSCALED_MODES and not sixteen_bit:
                 raise UsageError(f"imagefolder: {path} holds {UNSCALED_MODES[opened.mode]} grayscale pixels (Pillow "
                                  f"mode {opened.mode}), whose range is not fixed; save the images with 8 or 16 bits")
-            if opened.mode.startswith("I;16"):  # 0..65535 onto 0..255, rounded (Pillow's "L" would clip)
+            if sixteen_bit:  # 0..65535 onto 0..255, rounded (Pillow's "L" would clip)
                 array = ((np.asarray(opened).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
             else:
                 array = np.asarray(opened.convert("L" if opened.mode in GRAY_MODES else "RGB"))

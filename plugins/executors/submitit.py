@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, execute_job, failed_record, interrupted,
                                    require_engine, stop_if_interrupted)
-from noprop_bench.run.interrupts import stop_cause, stop_trial_on
+from noprop_bench.run.interrupts import note_time_limit, stop_cause, stop_trial, stop_trial_on
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
@@ -114,9 +114,7 @@ class SubmititExecutor(ClusterExecutor):
                     pending.remove((job, handle))
                     record = self._result(job, handle)
                     deliver(job, record)
-                    if self.runs_here:  # the jobs share this terminal: Ctrl-C reached them first
-                        stop_if_interrupted(record)
-                    # on SLURM a job stopped alone (scancel, its time limit) is one interrupted trial
+                    stop_if_interrupted(record)  # local jobs share this terminal: Ctrl-C may reach them first
                 if pending and not finished:
                     time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
@@ -177,11 +175,36 @@ class SubmititExecutor(ClusterExecutor):
 
 def run_job(job: TrialJob) -> Dict[str, Any]:
     """What a submitit job runs: its trial, which a SIGINT (a local job cancelled, Ctrl-C in the terminal it
-    shares) or a SIGTERM (``scancel``, the time limit) stops as Ctrl-C stops a trial in the host process: the
-    job then returns the trial ``interrupted``, with the steps and checkpoints it reached, rather than dying
-    without a result."""
+    shares), a SIGTERM (``scancel``) or the job's time limit stops as Ctrl-C stops a trial in the host
+    process: the job then returns the trial ``interrupted``, with the steps and checkpoints it reached,
+    rather than dying without a result or failing."""
     stop_trial_on(signal.SIGINT, signal.SIGTERM)
+    _stop_at_the_time_limit()
     return execute_job(job)
+
+
+def _stop_at_the_time_limit() -> None:
+    """submitit signals a job shortly before its time limit (SIGUSR2 by default): a preempted job is requeued,
+    as submitit does; a job whose time is up, which submitit would end with an error inside the trial,
+    stops its trial instead."""
+    try:
+        import submitit
+
+        usr_signal = submitit.JobEnvironment._usr_sig()  # what submitit was set to send
+    except (ImportError, AttributeError, ValueError):
+        usr_signal = getattr(signal, "SIGUSR2", None)
+    submitits = signal.getsignal(usr_signal) if usr_signal is not None else None
+    if not callable(submitits):
+        return
+
+    def on_notice(signum, frame) -> None:
+        try:
+            submitits(signum, frame)  # requeues a preempted job (and exits), raises for a job out of time
+        except Exception:  # noqa: BLE001 - submitit's "timed-out and not checkpointable"
+            note_time_limit()
+            stop_trial(signum, frame)
+
+    signal.signal(usr_signal, on_notice)
 
 
 def _remove_template_folder(folder: str) -> None:
