@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(`noprop-bench report --help`); `noprop-bench new-plugin NAME` writes a ready plugin distribution "
             "(`noprop-bench new-plugin --help`); `noprop-bench speed` times every method's train step and "
             "inference on random images of the dataset's shape (`noprop-bench speed --help`). "
-            "Exit status: 0 all trials ok, 1 some trial failed or diverged, 2 bad input, 3 regression against "
-            "--baseline, 130 interrupted."
+            "Exit status: 0 all trials ok, 1 some trial failed, diverged or was stopped alone (a SIGTERM to its "
+            "worker or job, its job's time limit), 2 bad input, 3 regression against --baseline, 130 interrupted."
         ),
         formatter_class=HelpFormatter,
     )

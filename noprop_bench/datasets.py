@@ -5,7 +5,7 @@ device, slices batches from a seeded permutation, and normalises and augments wh
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,11 +25,19 @@ def layout_fixes(image_shape: Sequence[int], dataset: "Dataset") -> list:
     if image_shape != tuple(dataset.image_shape):
         fixes.append(f"image_shape must be the images' [C, H, W]: {image_shape}, not {tuple(dataset.image_shape)} "
                      f"(set it in __init__ when it depends on the files)")
-    counts = [len(stat) if hasattr(stat, "__len__") else repr(stat) for stat in (dataset.mean, dataset.std)]
+    counts = [_length(stat) for stat in (dataset.mean, dataset.std)]
     if counts != [image_shape[0]] * 2:
         fixes.append(f"mean and std need one value per channel ({image_shape[0]}), as a tuple such as (0.5,); got "
                      f"{counts[0]} and {counts[1]}")
     return fixes
+
+
+def _length(values: Any) -> Any:
+    """How many values ``values`` holds, or its ``repr`` when it is one number (0.5, a 0-d tensor)."""
+    try:
+        return len(values)
+    except TypeError:
+        return repr(values)
 
 
 @dataclass

@@ -116,10 +116,14 @@ def test_nan_loss_is_recorded_as_diverged(fake_run):
 
 def test_checking_an_output_directory_makes_nothing(tmp_path):
     """A run refused later (bad data, say), or a report of a misspelt directory, leaves no empty folder."""
+    from noprop_bench.errors import UsageError
     from noprop_bench.run.store import check_output_directory
 
     check_output_directory(tmp_path / "not-yet" / "run", "--out")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # would fail only when the first record is written
+    with pytest.raises(UsageError, match=f"dangling is a symbolic link to {tmp_path / 'nowhere'}, which does not"):
+        check_output_directory(tmp_path / "dangling", "--out")
 
 
 def test_unusable_outputs_and_bad_targets_are_refused_before_anything_runs(tmp_path, capsys):
@@ -193,7 +197,7 @@ def test_ctrl_c_while_the_tables_are_written_keeps_every_trial_and_says_how_to_w
     ("three_means", "dataset 'tiny' breaks the dataset contract in its train split: mean and std need one value per "
                     "channel (1), as a tuple such as (0.5,); got 3 and 3"),
     ("scalar_means", "dataset 'tiny' breaks the dataset contract in its train split: mean and std need one value per "
-                     "channel (1), as a tuple such as (0.5,); got 0.5 and 0.2"),
+                     "channel (1), as a tuple such as (0.5,); got 0.5 and tensor(0.2000)"),
 ])
 def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load, expected, monkeypatch, capsys):
     import torch
@@ -219,7 +223,7 @@ def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load
     monkeypatch.setattr(fake_plugins.Tiny, "load", load)
     if broken_load in ("three_means", "scalar_means"):
         monkeypatch.setattr(fake_plugins.Tiny, "mean", (0.5,) * 3 if broken_load == "three_means" else 0.5)
-        monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3 if broken_load == "three_means" else 0.2)
+        monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3 if broken_load == "three_means" else torch.tensor(0.2))
     code, err = _exit(["--methods", "linear", "--budget", "64samples"], capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err

@@ -499,6 +499,40 @@ def test_a_jobs_time_limit_stops_its_trial_and_a_preempted_job_is_requeued_as_su
         interrupts._at_time_limit.clear()
 
 
+@needs_submitit
+@pytest.mark.parametrize("then_a_notice", [False, True])
+def test_on_slurm_a_sigterm_stops_the_trial_unless_a_preemption_notice_follows(then_a_notice, monkeypatch):
+    """SLURM may send a SIGTERM just before a preemption notice: submitit must still requeue the job then; a
+    SIGTERM alone (scancel) stops the trial once the grace has passed."""
+    from noprop_bench.run import interrupts
+    from noprop_bench_plugins.executors import submitit as submitit_executor
+
+    def submitits(signum, frame):  # a preempted job: submitit requeues it and exits
+        raise SystemExit(0)
+
+    monkeypatch.setattr(submitit_executor, "SIGTERM_GRACE_SECONDS", 0.3)
+    saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGALRM, signal.SIGUSR2)}
+    signal.signal(signal.SIGUSR2, submitits)
+    try:
+        submitit_executor._stop_after_a_sigterm_settles()
+        submitit_executor._stop_at_the_time_limit()
+        with pytest.raises(SystemExit if then_a_notice else KeyboardInterrupt):
+            with interrupts.stoppable():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)  # the trial goes on meanwhile
+                if then_a_notice:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(5)
+        assert interrupts.stop_cause() == ("interrupted by the user (Ctrl-C)" if then_a_notice else
+                                           "stopped by SIGTERM (the job was cancelled)")
+        time.sleep(0.5)  # no stop comes later from the SIGTERM that was part of the notice
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+        interrupts.forget_sigterm()
+
+
 def test_a_stop_interrupts_a_trial_even_before_it_begins_and_never_a_trial_that_ended():
     from noprop_bench.run import interrupts
 

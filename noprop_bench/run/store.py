@@ -90,8 +90,11 @@ def check_output_directory(path, flag: str) -> None:
     no permission), with a :class:`UsageError` naming ``flag``."""
     wanted = Path(path)
     existing = wanted
-    while not existing.exists() and existing.parent != existing:
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise UsageError(f"{flag} {wanted}: {existing} is a symbolic link to {os.readlink(existing)}, which does "
+                         f"not exist")
     if not existing.is_dir():
         raise UsageError(f"{flag} {wanted}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

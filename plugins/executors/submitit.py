@@ -8,6 +8,7 @@ time on a GPU), the path the tests take. Job logs and pickles go to ``OUT/submit
 """
 
 import dataclasses
+import os
 import shutil
 import signal
 import time
@@ -17,7 +18,7 @@ from typing import Any, Dict, List
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, execute_job, failed_record, interrupted,
                                    require_engine, stop_if_interrupted)
-from noprop_bench.run.interrupts import note_time_limit, stop_cause, stop_trial, stop_trial_on
+from noprop_bench.run.interrupts import note_sigterm, note_time_limit, stop_cause, stop_trial, stop_trial_on
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
@@ -179,8 +180,28 @@ def run_job(job: TrialJob) -> Dict[str, Any]:
     process: the job then returns the trial ``interrupted``, with the steps and checkpoints it reached,
     rather than dying without a result or failing."""
     stop_trial_on(signal.SIGINT, signal.SIGTERM)
+    if os.environ.get("SLURM_JOB_ID") and hasattr(signal, "setitimer"):
+        _stop_after_a_sigterm_settles()
     _stop_at_the_time_limit()
     return execute_job(job)
+
+
+SIGTERM_GRACE_SECONDS = 2.0
+
+
+def _stop_after_a_sigterm_settles() -> None:
+    """SLURM may precede a preemption notice with a SIGTERM: wait ``SIGTERM_GRACE_SECONDS`` before stopping
+    the trial, so that submitit can requeue a preempted job (its notice ends the job first); a SIGTERM
+    alone (``scancel``, which kills only after KillWait, 30 s by default) then stops the trial."""
+    def on_sigterm(signum, frame) -> None:
+        signal.setitimer(signal.ITIMER_REAL, SIGTERM_GRACE_SECONDS)
+
+    def on_alarm(signum, frame) -> None:
+        note_sigterm()
+        stop_trial(signum, frame)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _stop_at_the_time_limit() -> None:
@@ -198,6 +219,8 @@ def _stop_at_the_time_limit() -> None:
         return
 
     def on_notice(signum, frame) -> None:
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a SIGTERM just before was part of this notice
         try:
             submitits(signum, frame)  # requeues a preempted job (and exits), raises for a job out of time
         except Exception:  # noqa: BLE001 - submitit's "timed-out and not checkpointable"
