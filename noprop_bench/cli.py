@@ -144,8 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accuracy thresholds (%%) for the time-to-accuracy table; default: per dataset")
     parser.add_argument("--baseline", metavar="FILE",
                         help="compare the finished run with this baseline; exit 3 with a table of what regressed "
-                             "when accuracy or relative throughput fell beyond the tolerances stated in FILE")
-    parser.add_argument("--save-baseline", metavar="FILE", help="write a baseline from this run's trials to FILE")
+                             "(also in OUT/regression.md) when accuracy or relative throughput fell beyond the "
+                             "tolerances stated in FILE. The run must share the baseline's datasets, budget, "
+                             "backbone, batch size, seeds, inference runs, device type, speed settings, "
+                             "augmentation and threads (exit 2 otherwise)")
+    parser.add_argument("--save-baseline", metavar="FILE",
+                        help="write a baseline from this run's trials to FILE, when every trial finished ok; use a "
+                             "sample budget and --threads, which make CPU results reproducible")
     parser.add_argument("--preset", choices=PRESETS, default=None,
                         help="paper: the paper's protocol in one flag: backbone noprop_cnn, no augmentation, each "
                              "method's optimiser settings from the paper (the adjoint with 1000 Euler steps), 3 "
@@ -367,6 +372,11 @@ def run(argv: Optional[List[str]] = None) -> int:
             where = (f" (raised at {record['error_at']}; its traceback is in {store.path})"
                      if record.get("error_at") else "")
             say(f"  {trial_label(record)} seed {record['seed']}: {record['status']}: {record['error']}{where}")
+        skipped = [f"the check against --baseline {args.baseline}" if args.baseline else "",
+                   f"--save-baseline {args.save_baseline}" if args.save_baseline else ""]
+        if any(skipped):
+            say(f"not done, as not every trial finished ok: {' and '.join(filter(None, skipped))} (rerun the same "
+                f"command: only the trials that did not finish are trained again)")
         return EXIT_TRIAL_FAILED
     if args.baseline or args.save_baseline:
         return _check_baseline(args, baseline, store, specs, command, say)

@@ -49,7 +49,8 @@ def test_saved_baseline_states_its_tolerances_and_command(baseline):
     assert set(saved["rows"]) == {"tiny / Steady" + SETTINGS, "tiny / Sleepy" + SETTINGS}
     assert all(row["accuracy_seeds"] == 2 and row["accuracy_seed_se"] >= 0 for row in saved["rows"].values())
     assert (saved["seeds"], saved["inference_runs"], saved["device_type"], saved["speed"], saved["augment"],
-            saved["threads"]) == ([0, 1], 1, "cpu", "eager fp32", {"tiny": "none"}, 1)
+            saved["threads"]) == ([0, 1], None, "cpu", "eager fp32", {"tiny": "none"}, 1)  # no method samples
+    assert saved["datasets"] == ["tiny"]
 
 
 def test_tolerance_comes_from_the_seed_level_spread_with_a_floor():
@@ -172,8 +173,61 @@ def test_a_configuration_that_diverged_does_not_rename_the_others_row():
     now += [{**_ct_record(seed, 1e-4, 0.0), "status": "diverged", "test_acc_runs": None} for seed in (0, 1)]
     verdicts = dict(zip(compare(now, baseline)["row"], compare(now, baseline)["verdict"]))
     assert verdicts["mnist5k / NoProp-CT (one-hot) [lr=0.001]"] == "ok"  # still found and compared
-    assert verdicts["mnist5k / NoProp-CT (one-hot) [lr=0.0001]"] == "missing from this run"
+    assert verdicts["mnist5k / NoProp-CT (one-hot) [lr=0.0001]"] == \
+        "no trial finished ok in this run: diverged (2 of 2 trials)"  # it ran: not "missing"
     assert len(regressions(compare(now, baseline))) == 1
+
+
+def test_a_baseline_is_saved_only_when_every_trial_finished_ok(tmp_path):
+    """A resumed run skips its diverged trials as finished: saving then left their row out of the baseline,
+    and CI stopped checking that method without a word."""
+    from noprop_bench.errors import UsageError
+    from noprop_bench.report.baseline import save_baseline
+
+    records = [_ct_record(0, 1e-3, 97.0), {**_ct_record(1, 1e-3, 0.0), "status": "diverged", "test_acc_runs": None}]
+    with pytest.raises(UsageError, match="every trial must finish ok.*mnist5k / NoProp-CT \\(one-hot\\): diverged "
+                                         "\\(1 of 2 trials\\)"):
+        save_baseline(records, tmp_path / "b.json", "noprop-bench ...")
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].pop("accuracy_se"), "accuracy_se must be a number"),
+    (lambda b: b.update(rows={}), "rows must be a non-empty object"),
+    (lambda b: b.pop("reference_method"), "reference_method must be a method name"),
+    (lambda b: b.update(tolerance={"throughput_ratio": "0.6"}), "tolerance throughput_ratio must be a number"),
+])
+def test_a_hand_edited_baseline_missing_a_field_is_refused_before_training(tmp_path, edit, problem):
+    """Before, every trial trained and then the comparison raised a KeyError (exit 1, no regression.md)."""
+    from noprop_bench.errors import UsageError
+    from noprop_bench.report.baseline import load_baseline, save_baseline
+
+    path = tmp_path / "b.json"
+    saved = save_baseline([_ct_record(seed, 1e-3, 97.0) for seed in (0, 1)], path, "noprop-bench ...")
+    edit(saved)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(UsageError, match=f"--baseline {path}: .*{problem}"):
+        load_baseline(path)
+
+
+def test_run_settings_that_differ_are_named_as_they_are():
+    from noprop_bench.errors import UsageError
+    from noprop_bench.report.baseline import check_compatible, record_settings, summarise
+
+    one_thread = [{**_ct_record(seed, 1e-3, 97.0), "environment": {"device": "cpu", "threads": 1}} for seed in (0, 1)]
+    baseline = {**summarise(one_thread), "command": "noprop-bench --methods noprop_ct --out /tmp/base-run --seeds 2"}
+    mixed = [one_thread[0], {**one_thread[1], "environment": {"device": "cpu", "threads": 2}}]  # a resumed run
+    with pytest.raises(UsageError, match="the run's threads \\[1, 2\\] differs from the baseline's 1") as refused:
+        check_compatible(baseline, record_settings(mixed))
+    assert "--out" not in str(refused.value)  # rerun there and every trial is skipped: the baseline against itself
+    other_data = [{**r, "dataset": "imagefolder:/data/x"} for r in one_thread]
+    with pytest.raises(UsageError, match="the run's datasets \\['imagefolder:/data/x'\\] differs from the "
+                                         "baseline's \\['mnist5k'\\]"):
+        check_compatible(baseline, record_settings(other_data))
+    # a baseline of methods that do not sample says nothing of inference runs: a sampling method may join
+    assert baseline["inference_runs"] is None
+    sampling = [{**r, "stochastic": True, "inference_runs": 5} for r in one_thread]
+    check_compatible(baseline, record_settings(one_thread + sampling))
 
 
 def test_relative_speed_needs_one_reference_row():
@@ -255,3 +309,11 @@ def test_noprop_ct_a_few_points_worse_fails_the_check(ct_baseline, tmp_path, mon
     code, table = ct_check(ct_baseline, tmp_path, "")
     fell = float(re.search(r"accuracy fell ([0-9.]+) points", table).group(1))
     assert code == 3 and DEGRADED_FALL[0] <= fell <= DEGRADED_FALL[1], table
+
+
+def test_a_run_with_a_failed_trial_says_it_did_not_check_or_save_the_baseline(fake_run, tmp_path, capsys):
+    code, out = fake_run("--methods", "linear,explode", "--budget", "64samples", "--checkpoints", "0",
+                         "--save-baseline", str(tmp_path / "new.json"))
+    assert code == 1 and not (tmp_path / "new.json").exists()
+    assert (f"not done, as not every trial finished ok: --save-baseline {tmp_path / 'new.json'} (rerun the same "
+            f"command: only the trials that did not finish are trained again)") in capsys.readouterr().err

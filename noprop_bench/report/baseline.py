@@ -36,8 +36,14 @@ DEFAULT_TOLERANCE = {
 
 # what a run must share with the baseline to be compared with it; a baseline saved before a setting was
 # stored is not checked on it
-SETTINGS = ("budget", "backbone", "batch_size", "seeds", "inference_runs", "device_type", "speed", "augment",
-            "threads")
+SETTINGS = ("datasets", "budget", "backbone", "batch_size", "seeds", "inference_runs", "device_type", "speed",
+            "augment", "threads")
+
+
+def _one_or_all(values) -> Any:
+    """The value all of ``values`` share, or all of them (sorted) where they differ, which no baseline holds."""
+    distinct = sorted(set(values), key=repr)
+    return distinct[0] if len(distinct) == 1 else distinct
 
 
 def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -45,21 +51,28 @@ def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     first = records[0]
     environment = first.get("environment") or {}
     device_type = str(environment.get("device", "cpu")).split(":")[0]
-    return {"budget": first["budget"], "backbone": first["backbone"], "batch_size": first["batch_size"],
+    sampled = [int(r.get("inference_runs") or 1) for r in records if r.get("stochastic")]
+    return {"datasets": sorted({r["dataset"] for r in records}),
+            "budget": first["budget"], "backbone": first["backbone"], "batch_size": first["batch_size"],
             "seeds": sorted({r["seed"] for r in records}),
-            "inference_runs": max(int(r.get("inference_runs") or 1) for r in records),
+            # the runs of methods that sample; None where none does (others are evaluated once)
+            "inference_runs": max(sampled) if sampled else None,
             "device_type": device_type, "speed": speed_text(first),
             "augment": {r["dataset"]: r.get("augment") for r in records},
-            # CPU results are deterministic only for a thread count; None on a GPU and in older records
-            "threads": environment.get("threads") if device_type == "cpu" else None}
+            # CPU results are deterministic only for a thread count (a resumed run may mix them: all are
+            # listed then); None on a GPU and in older records
+            "threads": _one_or_all((r.get("environment") or {}).get("threads") for r in records)
+            if device_type == "cpu" else None}
 
 
 def spec_settings(specs: List[Any]) -> Dict[str, Any]:
     """The :data:`SETTINGS` of a run about to start, from its trial specs (as its records will hold them)."""
     first = specs[0]
-    return {"budget": str(first.budget), "backbone": first.backbone, "batch_size": first.batch_size,
+    sampled = [spec.inference_runs for spec in specs if spec.method.stochastic]
+    return {"datasets": sorted({spec.dataset for spec in specs}),
+            "budget": str(first.budget), "backbone": first.backbone, "batch_size": first.batch_size,
             "seeds": sorted({spec.seed for spec in specs}),
-            "inference_runs": max(spec.inference_runs if spec.method.stochastic else 1 for spec in specs),
+            "inference_runs": max(sampled) if sampled else None,
             "device_type": first.device.type, "speed": first.speed.describe(),
             "augment": {spec.dataset: spec.augment for spec in specs},
             "threads": None}  # known only where the trials run (a worker may set its own); checked after them
@@ -72,18 +85,35 @@ def _mean_se_n(values: List[float]) -> Tuple[float, float, int]:
     return float(values.mean()), se, int(len(values))
 
 
+def _row_keys(records: List[Dict[str, Any]]) -> Dict[int, str]:
+    """``dataset / row`` of each record (by ``id``): Table 1's rows, so trials of one method with other
+    parameters or training data are never pooled. Rows are named from every trial of the run, so a
+    configuration that diverged still keeps the others apart."""
+    named = [r for r in records if r.get("row_label") and r.get("dataset")]
+    return {id(record): f"{record['dataset']} / {label}" for record, label in zip(named, assign_rows(named))}
+
+
+def not_ok_rows(records: List[Dict[str, Any]]) -> Dict[str, str]:
+    """Per row with trials that did not finish ok: what became of them, e.g. ``diverged (2 of 2 trials)``."""
+    keys = _row_keys(records)
+    outcomes: Dict[str, List[str]] = {}
+    for record in records:
+        if id(record) in keys:
+            outcomes.setdefault(keys[id(record)], []).append(str(record.get("status")))
+    return {key: ", ".join(f"{status} ({statuses.count(status)} of {len(statuses)} trials)"
+                           for status in dict.fromkeys(statuses) if status != "ok")
+            for key, statuses in outcomes.items() if any(status != "ok" for status in statuses)}
+
+
 def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) -> Dict[str, Any]:
     """Per-row accuracy and throughput of the ``ok`` trials; throughput relative to ``reference``."""
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
         raise UsageError("no trial finished ok, so there is nothing to compare or save")
     rows: Dict[str, Dict[str, Any]] = {}
-    # Table 1's rows: trials of one method with other parameters or training data are never pooled. Rows
-    # are named from every trial of the run, so a configuration that diverged still keeps the others apart
-    named = [r for r in records if r.get("row_label") and r.get("dataset")]
-    labels = {id(record): label for record, label in zip(named, assign_rows(named))}
-    for record, label in ((r, labels[id(r)]) for r in ok):
-        row = rows.setdefault(f"{record['dataset']} / {label}", {
+    keys = _row_keys(records)
+    for record, key in ((r, keys[id(r)]) for r in ok):
+        row = rows.setdefault(key, {
             "accuracies": [], "seed_means": [], "samples_per_second": [], "method": record["method"],
             "dataset": record["dataset"]})
         row["accuracies"].extend(record["test_acc_runs"])
@@ -106,7 +136,12 @@ def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) ->
 
 
 def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str, Any]:
-    """Write a baseline for the finished ``records`` to ``path``, with the default tolerances."""
+    """Write a baseline for the finished ``records`` to ``path``, with the default tolerances. Every trial
+    must have finished ok: a row left out (it diverged, say) would no longer be checked by anyone."""
+    unfinished = not_ok_rows(records)
+    if unfinished:
+        raise UsageError("--save-baseline: every trial must finish ok, or its row would silently leave the "
+                         "baseline; not ok: " + "; ".join(f"{key}: {what}" for key, what in unfinished.items()))
     baseline = summarise(records)
     baseline["tolerance"] = dict(DEFAULT_TOLERANCE)
     baseline["command"] = command
@@ -128,23 +163,59 @@ def load_baseline(path) -> Dict[str, Any]:
     if baseline.get("format") != FORMAT_VERSION:
         raise UsageError(f"--baseline {path}: baseline format {baseline.get('format')!r}, but this version of "
                          f"noprop-bench reads format {FORMAT_VERSION}; write it again with --save-baseline")
+    problem = _malformed(baseline)
+    if problem:
+        raise UsageError(f"--baseline {path}: {problem} (a hand-edited baseline must keep the fields "
+                         f"--save-baseline writes)")
     return baseline
+
+
+_NUMBER = (int, float)
+ROW_FIELDS = {"accuracy_mean": _NUMBER, "accuracy_se": _NUMBER, "method": str, "dataset": str}
+
+
+def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
+    """What makes a baseline unusable, found before training rather than after it; None when nothing."""
+    rows = baseline.get("rows")
+    if not isinstance(rows, dict) or not rows:
+        return "rows must be a non-empty object of 'dataset / row' entries"
+    if not isinstance(baseline.get("reference_method"), str):
+        return "reference_method must be a method name"
+    for key, row in rows.items():
+        if not isinstance(row, dict):
+            return f"row {key!r} must be an object"
+        for field, kind in ROW_FIELDS.items():
+            if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
+                return f"row {key!r}: {field} must be {'a number' if kind is _NUMBER else 'a string'}"
+        for field in ("accuracy_seed_se", "relative_throughput"):
+            if row.get(field) is not None and (not isinstance(row[field], _NUMBER) or isinstance(row[field], bool)):
+                return f"row {key!r}: {field} must be a number or null"
+    tolerance = baseline.get("tolerance", {})
+    if not isinstance(tolerance, dict):
+        return "tolerance must be an object"
+    for field, value in tolerance.items():
+        if field in DEFAULT_TOLERANCE and not (value is None and field == "accuracy_cap_points") and (
+                not isinstance(value, _NUMBER) or isinstance(value, bool)):
+            return f"tolerance {field} must be a number"
+    return None
 
 
 def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None:
     """Refuse to compare a run whose :data:`SETTINGS` differ from the baseline's: another budget, backbone,
     batch size, set of seeds (a baseline's mean over seeds 0 and 1 says nothing of seed 0 alone), number of
     inference runs, device type, speed settings, augmentation or, on the CPU, torch threads. A setting the
-    run does not know yet (None: the threads, before the trials) is not checked."""
+    run does not know yet (None: the threads, before the trials) or that does not apply (inference runs
+    where no method samples) is not checked."""
     for key in SETTINGS:
-        if key in baseline and settings[key] is not None and settings[key] != baseline[key]:
+        if baseline.get(key) is not None and settings[key] is not None and settings[key] != baseline[key]:
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
                              f"{baseline[key]!r}; rerun with the baseline's settings "
                              f"({_without_save_baseline(baseline.get('command', ''))})")
 
 
 def _without_save_baseline(command: str) -> str:
-    """The baseline's command without its ``--save-baseline FILE``, which would overwrite the baseline."""
+    """The baseline's command without its ``--save-baseline FILE``, which would overwrite the baseline, and
+    its ``--out DIR``, where a rerun would skip every trial and compare the baseline with itself."""
     try:
         words = shlex.split(command)
     except ValueError:
@@ -153,9 +224,9 @@ def _without_save_baseline(command: str) -> str:
     for word in words:
         if skip:
             skip = False
-        elif word == "--save-baseline":
+        elif word in ("--save-baseline", "--out"):
             skip = True
-        elif not word.startswith("--save-baseline="):
+        elif not word.startswith(("--save-baseline=", "--out=")):
             kept.append(word)
     return " ".join(shlex.quote(word) for word in kept)
 
@@ -178,11 +249,15 @@ def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataF
     current = summarise(records, reference=baseline["reference_method"])
     tolerance = {**DEFAULT_TOLERANCE, **baseline.get("tolerance", {})}
     check_compatible(baseline, record_settings(records))
+    unfinished = not_ok_rows(records)
     table = []
     for key, then in baseline["rows"].items():
         now = current["rows"].get(key)
         problems = []
-        if now is None:
+        if now is None and key in unfinished:
+            problems.append(f"no trial finished ok in this run: {unfinished[key]}")
+            now = {}
+        elif now is None:
             instead = [other for other, row in current["rows"].items() if other not in baseline["rows"]
                        and row["method"] == then.get("method") and row["dataset"] == then.get("dataset")]
             problems.append("missing from this run" + (f", which has {' and '.join(instead)} instead (the method "
@@ -201,7 +276,7 @@ def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataF
         table.append({
             "row": key,
             "accuracy then": f"{then['accuracy_mean']:.2f} ± {then['accuracy_se']:.2f}",
-            "allowed fall": f"{accuracy_allowance(then, tolerance):.2f}",
+            "allowed fall (points)": f"{accuracy_allowance(then, tolerance):.2f}",
             "accuracy now": f"{now['accuracy_mean']:.2f} ± {now['accuracy_se']:.2f}" if now else "–",
             "rel. speed then": _ratio(then.get("relative_throughput")),
             "rel. speed now": _ratio(now.get("relative_throughput")),
