@@ -30,7 +30,7 @@ def probe_trial(spec: TrialSpec, data: RunData) -> Tuple[float, float]:
     images at each setting the trial evaluates, scaled to the images that setting sees: the final
     evaluation (the test split, and the training split with train accuracy, times the runs), the
     checkpoints (``checkpoints`` x the checkpoint subset, at the method's checkpoint setting), the
-    diagnostics, the sweep, and the warm-up (its untimed steps and inference calls).
+    diagnostics, the sweep, and the warm-up (its untimed steps, and under ``--compile`` inference calls).
     """
     seed_everything(spec.seed)
     method = spec.method(build_task(spec, data), **spec.params).to(spec.device)
@@ -61,7 +61,9 @@ def probe_trial(spec: TrialSpec, data: RunData) -> Tuple[float, float]:
     checkpoint_images = spec.checkpoint_size if 0 < spec.checkpoint_size < test else test
     evaluation = (final * final_images * runs + checkpoint * checkpoint_images * spec.checkpoints
                   + sum(per_image(setting) for setting in method.diagnostic_settings().values()) * test
-                  + WARMUP_STEPS * step + checkpoint * 1.5 * spec.batch_size)  # warm-up: two sizes of a batch
+                  + WARMUP_STEPS * step)
+    if spec.speed.compile != "none":  # the inference path is compiled on a batch at two sizes while warming up
+        evaluation += checkpoint * 1.5 * spec.batch_size
     if spec.inference_sweep:
         evaluation += sum(per_image(setting) for setting in method.sweep_settings()) * test * runs
     return training, evaluation
