@@ -317,3 +317,12 @@ def test_a_run_with_a_failed_trial_says_it_did_not_check_or_save_the_baseline(fa
     assert code == 1 and not (tmp_path / "new.json").exists()
     assert (f"not done, as not every trial finished ok: --save-baseline {tmp_path / 'new.json'} (rerun the same "
             f"command: only the trials that did not finish are trained again)") in capsys.readouterr().err
+
+
+def test_a_saved_baseline_rounds_its_figures(tmp_path):
+    from noprop_bench.report.baseline import save_baseline
+
+    records = [_ct_record(seed, 1e-3, accuracy, 1000.0 / 3) for seed, accuracy in ((0, 97.0), (1, 96.99999999999999))]
+    row = save_baseline(records, tmp_path / "b.json", "noprop-bench ...")["rows"]["mnist5k / NoProp-CT (one-hot)"]
+    assert row["accuracy_mean"] == 97.0 and row["samples_per_second"] == 333.3333
+    assert json.loads((tmp_path / "b.json").read_text())["rows"]["mnist5k / NoProp-CT (one-hot)"] == row

@@ -143,6 +143,8 @@ def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str
         raise UsageError("--save-baseline: every trial must finish ok, or its row would silently leave the "
                          "baseline; not ok: " + "; ".join(f"{key}: {what}" for key, what in unfinished.items()))
     baseline = summarise(records)
+    for row in baseline["rows"].values():  # far finer than any tolerance; a regenerated file diffs readably
+        row.update({key: round(value, 4) for key, value in row.items() if isinstance(value, float)})
     baseline["tolerance"] = dict(DEFAULT_TOLERANCE)
     baseline["command"] = command
     Path(path).parent.mkdir(parents=True, exist_ok=True)
