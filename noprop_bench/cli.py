@@ -375,8 +375,13 @@ def run(argv: Optional[List[str]] = None) -> int:
         skipped = [f"the check against --baseline {args.baseline}" if args.baseline else "",
                    f"--save-baseline {args.save_baseline}" if args.save_baseline else ""]
         if any(skipped):
-            say(f"not done, as not every trial finished ok: {' and '.join(filter(None, skipped))} (rerun the same "
-                f"command: only the trials that did not finish are trained again)")
+            notes = []
+            if any(record["status"] not in FINISHED_STATUSES for record in problems):
+                notes.append("rerun the same command: failed and interrupted trials are trained again")
+            if any(record["status"] in FINISHED_STATUSES for record in problems):
+                notes.append("a diverged trial is kept as finished: another --out, or other settings, trains it anew")
+            say(f"not done, as not every trial finished ok: {' and '.join(filter(None, skipped))} "
+                f"({'; '.join(notes)})")
         return EXIT_TRIAL_FAILED
     if args.baseline or args.save_baseline:
         return _check_baseline(args, baseline, store, specs, command, say)
@@ -405,22 +410,23 @@ def _check_baseline_target(args) -> None:
 def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say) -> int:
     wanted = {spec.trial_id for spec in specs}
     records = [r for r in latest_per_trial(store.read()[0]) if r.get("trial_id") in wanted]
+    code = EXIT_OK
+    if args.baseline:  # first: a baseline that cannot be saved must not hide the comparison
+        comparison = compare(records, baseline)
+        text = comparison.to_markdown(index=False)
+        (store.directory / "regression.md").write_text(f"# Against {args.baseline}\n\n{text}\n")
+        print(text)
+        failed = regressions(comparison)
+        if len(failed):
+            say(f"regression against {args.baseline}: {len(failed)} row(s) got worse: "
+                + "; ".join(f"{row['row']}: {row['verdict']}" for _, row in failed.iterrows()))
+            code = EXIT_REGRESSION
+        else:
+            say(f"no regression against {args.baseline}")
     if args.save_baseline:
         save_baseline(records, args.save_baseline, command)
         say(f"baseline written to {args.save_baseline}")
-    if not args.baseline:
-        return EXIT_OK
-    comparison = compare(records, baseline)
-    text = comparison.to_markdown(index=False)
-    (store.directory / "regression.md").write_text(f"# Against {args.baseline}\n\n{text}\n")
-    print(text)
-    failed = regressions(comparison)
-    if len(failed):
-        say(f"regression against {args.baseline}: {len(failed)} row(s) got worse: "
-            + "; ".join(f"{row['row']}: {row['verdict']}" for _, row in failed.iterrows()))
-        return EXIT_REGRESSION
-    say(f"no regression against {args.baseline}")
-    return EXIT_OK
+    return code
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -316,7 +316,23 @@ def test_a_run_with_a_failed_trial_says_it_did_not_check_or_save_the_baseline(fa
                          "--save-baseline", str(tmp_path / "new.json"))
     assert code == 1 and not (tmp_path / "new.json").exists()
     assert (f"not done, as not every trial finished ok: --save-baseline {tmp_path / 'new.json'} (rerun the same "
-            f"command: only the trials that did not finish are trained again)") in capsys.readouterr().err
+            f"command: failed and interrupted trials are trained again)") in capsys.readouterr().err
+    code, _ = fake_run("--methods", "linear,nan_loss", "--budget", "64samples", "--checkpoints", "0",
+                       "--save-baseline", str(tmp_path / "new.json"), out=tmp_path / "diverging")
+    assert code == 1 and ("(a diverged trial is kept as finished: another --out, or other settings, trains it anew)"
+                          in capsys.readouterr().err)
+
+
+def test_a_mixed_thread_count_is_never_saved_and_a_null_seed_spread_falls_back(tmp_path):
+    from noprop_bench.errors import UsageError
+    from noprop_bench.report.baseline import accuracy_allowance, save_baseline
+
+    records = [{**_ct_record(seed, 1e-3, 97.0), "environment": {"device": "cpu", "threads": threads}}
+               for seed, threads in ((0, 1), (1, 2))]
+    with pytest.raises(UsageError, match="the trials ran with 1 and 2 torch threads"):
+        save_baseline(records, tmp_path / "b.json", "noprop-bench ...")  # no run could ever match it
+    assert accuracy_allowance({"accuracy_se": 0.5, "accuracy_seed_se": None}, {"accuracy_standard_errors": 3.0,
+                                                                              "accuracy_floor_points": 1.0}) == 1.5
 
 
 def test_a_saved_baseline_rounds_its_figures(tmp_path):
@@ -324,5 +340,5 @@ def test_a_saved_baseline_rounds_its_figures(tmp_path):
 
     records = [_ct_record(seed, 1e-3, accuracy, 1000.0 / 3) for seed, accuracy in ((0, 97.0), (1, 96.99999999999999))]
     row = save_baseline(records, tmp_path / "b.json", "noprop-bench ...")["rows"]["mnist5k / NoProp-CT (one-hot)"]
-    assert row["accuracy_mean"] == 97.0 and row["samples_per_second"] == 333.3333
+    assert row["accuracy_mean"] == 97.0 and row["samples_per_second"] == 333.333
     assert json.loads((tmp_path / "b.json").read_text())["rows"]["mnist5k / NoProp-CT (one-hot)"] == row

@@ -141,10 +141,16 @@ def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str
     unfinished = not_ok_rows(records)
     if unfinished:
         raise UsageError("--save-baseline: every trial must finish ok, or its row would silently leave the "
-                         "baseline; not ok: " + "; ".join(f"{key}: {what}" for key, what in unfinished.items()))
+                         "baseline; not ok: " + "; ".join(f"{key}: {what}" for key, what in unfinished.items())
+                         + " (a diverged trial is kept as finished: save from another --out, or other settings)")
+    threads = record_settings(records)["threads"]
+    if isinstance(threads, list):
+        raise UsageError(f"--save-baseline: the trials ran with {' and '.join(map(str, threads))} torch threads (a "
+                         f"run resumed with another --threads); CPU results reproduce only for one: save from a run "
+                         f"in a new --out with --threads")
     baseline = summarise(records)
-    for row in baseline["rows"].values():  # far finer than any tolerance; a regenerated file diffs readably
-        row.update({key: round(value, 4) for key, value in row.items() if isinstance(value, float)})
+    for row in baseline["rows"].values():  # 6 significant digits: far finer than any tolerance, readable diffs
+        row.update({key: float(f"{value:.6g}") for key, value in row.items() if isinstance(value, float)})
     baseline["tolerance"] = dict(DEFAULT_TOLERANCE)
     baseline["command"] = command
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +216,10 @@ def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None
     where no method samples) is not checked."""
     for key in SETTINGS:
         if baseline.get(key) is not None and settings[key] is not None and settings[key] != baseline[key]:
+            spelling = (" (a folder given by another path, relative or absolute, is another dataset here: give it "
+                        "as the baseline does)" if key == "datasets" and ":" in "".join(settings[key]) else "")
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
-                             f"{baseline[key]!r}; rerun with the baseline's settings "
+                             f"{baseline[key]!r}{spelling}; rerun with the baseline's settings "
                              f"({_without_save_baseline(baseline.get('command', ''))})")
 
 
@@ -240,7 +248,8 @@ def accuracy_allowance(then: Dict[str, Any], tolerance: Dict[str, Any]) -> float
     means, or the pooled s.e. for baselines saved before that was stored; never less than the floor and,
     where the baseline states one, never more than the cap.
     """
-    spread = then.get("accuracy_seed_se", then["accuracy_se"])
+    spread = then.get("accuracy_seed_se")
+    spread = then["accuracy_se"] if spread is None else spread
     allowed = max(tolerance["accuracy_standard_errors"] * spread, tolerance["accuracy_floor_points"])
     cap = tolerance.get("accuracy_cap_points")  # None: no cap
     return allowed if cap is None else min(allowed, cap)
