@@ -434,7 +434,7 @@ def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, exe
 def test_a_sigterm_to_one_worker_interrupts_its_trial_alone_and_the_run_goes_on(tmp_path):
     """Before, the worker died and its trial was failed with nothing kept; a first fix then stopped the whole
     run. The stopped trial keeps what it measured, the other trial finishes."""
-    host, out, log = _host_until_trials_evaluated(tmp_path, "local[workers=2]", trials=2, budget="6")
+    host, out, log = _host_until_trials_evaluated(tmp_path, "local[workers=2]", trials=2, budget="3")
     worker = int(next(line for line in log.read_text().splitlines() if "started (pid" in line)
                  .split("pid ")[1].split(",")[0])
     os.kill(worker, signal.SIGTERM)
