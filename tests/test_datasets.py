@@ -196,6 +196,7 @@ def test_missing_cifar_names_folder_and_files(tmp_path, capsys):
                         "--out", str(tmp_path / "out"))
     assert code == 2 and "Traceback" not in err
     assert str(tmp_path / "cifar-100-python") in err and "train, test, meta" in err
+    assert "--dataset imagefolder:PATH reads PATH/{train,test}/<class>/*" in err  # the offline way with image files
 
 
 def test_truncated_gzip_is_named(tmp_path, no_debian):

@@ -218,3 +218,15 @@ def test_end_to_end_training_run(tmp_path, capsys):
               "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "trials.jsonl").exists()
+
+
+def test_the_first_decode_says_what_it_does_and_a_cached_load_says_nothing(tmp_path, capsys, monkeypatch):
+    """The host decodes a folder while planning, before any other line: 60,000 JPEGs sat silent for 11 s."""
+    write_tree(tmp_path / "tree")
+    monkeypatch.setattr(imagefolder, "PROGRESS_SECONDS", 0.0)  # a line per image, as a long decode has
+    ImageFolder(str(tmp_path / "tree")).load("train")
+    err = capsys.readouterr().err
+    assert f"imagefolder: decoding the 10 images of {tmp_path / 'tree'} once" in err
+    assert "imagefolder: train: 6 of 6 images decoded" in err and "imagefolder: decoded 10 images in" in err
+    ImageFolder(str(tmp_path / "tree")).load("train")
+    assert capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ and review the diff.
 """
 
 import copy
+import html
 import os
 from pathlib import Path
 
@@ -209,6 +210,28 @@ def test_a_figure_with_a_long_row_label_keeps_its_layout(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns when constrained layout collapses the axes
         write_figure3(records, tmp_path / "figure3")
     assert (tmp_path / "figure3.png").stat().st_size > 1000
+
+
+def test_table_1_and_figure_3_say_at_which_setting_they_evaluated():
+    """Table 1 of a default NoProp-CT run showed nothing of its 1000-step stochastic process, and Figure 3
+    drew checkpoints at Heun 20 on a test subset as one line with the last point, without a word."""
+    from noprop_bench.report.figures import figure3
+    from noprop_bench.report.html import render_html
+
+    records, _ = load("mnist")
+    records = copy.deepcopy([r for r in records if r["dataset"] == "mnist5k"])
+    for record in records:
+        if record["method"] == "noprop_ct":
+            record["params"].update(solver="stochastic", steps=1000)
+            record["checkpoint_setting"] = {"solver": "heun", "steps": 20}
+        record["checkpoint_size"] = 200
+    assert "Inference (solver and steps): NoProp-CT: stochastic 1000." in render_table1(records)
+    title = figure3(records)._suptitle.get_text().replace("\n", " ")
+    assert ("points before the last: 200 test images; NoProp-CT: heun 20 (the last: Table 1's evaluation)"
+            in title)
+    page = html.unescape(render_html(records))
+    caption = page[page.index("<figcaption"):page.index("</figcaption>")]
+    assert "at the method's cheaper checkpoint setting of inference (NoProp-CT: heun 20)" in caption
 
 
 def test_a_one_panel_figures_title_fits_its_width():

@@ -179,6 +179,14 @@ def test_a_method_that_breaks_the_step_contract_is_not_timed(tmp_path, one_threa
     assert row["ms_per_step"] is None and row["error"].startswith("ContractViolation")
 
 
+def test_speed_takes_threads_as_the_main_command_does(tmp_path, one_thread):
+    torch.set_num_threads(2)
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--batch-size", "8",
+                "--steps", "2", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0 and torch.get_num_threads() == 1
+    assert "1 threads" in (tmp_path / "speed.md").read_text()
+
+
 def test_speed_channels_last_flags_match_the_main_command(tmp_path):
     for flags, expected in ((["--channels-last"], [True]), (["--no-channels-last"], [False]),
                             (["--channels-last", "off,on"], [False, True]), ([], [False])):
@@ -205,7 +213,7 @@ def test_speed_takes_one_cudnn_autotuning_value_per_run_and_refuses_it_on_the_cp
 
 @pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),
                                          ("--precision", ""), ("--compile", ","), ("--steps", "0"),
-                                         ("--batch-size", "0"), ("--profile", "-1")])
+                                         ("--batch-size", "0"), ("--profile", "-1"), ("--threads", "0")])
 def test_speed_rejects_bad_input(flag, value, tmp_path):
     with pytest.raises(UsageError, match=f"^{flag} "):
         run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", flag, value,

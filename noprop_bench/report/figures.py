@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
-                          drop_duplicate_seeds, ordered_rows, point_setting)
+from .records import (assign_rows, check_records, checkpoint_settings_text, comparability, comparable_groups,
+                      dataset_columns, drop_duplicate_seeds, ordered_rows, point_setting)
 
 LEGEND_WIDTH = 45  # characters per legend line: a long row label (a path among its parameters) is wrapped
 CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",
@@ -131,11 +131,24 @@ def figure3(records: List[Dict[str, Any]]):
             axes[g_index][d_index].set_visible(False)
     if len(groups) == 1:
         budget, backbone, device, batch, speed = comparability(groups[0][0][0], by_device=True)
+        ok = [r for g, _ in groups for r in g]
         lines = [f"Budget {budget}, backbone {backbone}, batch {batch}, {speed}", device,
-                 "line: mean over seeds (from where every seed has a point), band: min–max over seeds"]
+                 "line: mean over seeds (from where every seed has a point), band: min–max over seeds",
+                 *_points_lines(ok)]
         # wrapped to the figure's width (8 pt characters are about 4.4 pt wide), not cut off at its edges
         figure.suptitle("\n".join(textwrap.fill(line, int(4.5 * width * 72 / 4.4)) for line in lines), fontsize=8)
     return figure
+
+
+def _points_lines(records: List[Dict[str, Any]]) -> List[str]:
+    """What the title says of points measured otherwise than the last: a test subset, a cheaper setting."""
+    subset = sorted({r.get("checkpoint_size") for r in records
+                     if r.get("checkpoint_size") and r.get("checkpoint_size") != r.get("test_size")})
+    settings = checkpoint_settings_text(records)
+    if not subset and not settings:
+        return []
+    parts = ([f"{' or '.join(map(str, subset))} test images"] if subset else []) + ([settings] if settings else [])
+    return [f"points before the last: {'; '.join(parts)} (the last: Table 1's evaluation)"]
 
 
 def write_figure3(records: List[Dict[str, Any]], stem) -> List[Path]:

@@ -8,6 +8,7 @@ import jinja2
 
 from .document import Document
 from .figures import figure3_svg
+from .records import checkpoint_text
 from .records import check_records, device_name
 from .table1 import table1_document
 from .tables import inference_sweep_document, table2_document
@@ -73,6 +74,7 @@ def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (),
     except Exception as error:  # a plotting problem must not cost the page its tables
         figure, figure_error = None, f"{type(error).__name__}: {error}"
     statuses = Counter(str(record.get("status")) for record in records)
+    points = checkpoint_text([r for r in records if r.get("status") == "ok"]) if figure else ""
     return _environment().get_template(TEMPLATE).render(
-        parts=parts, figure=figure, figure_error=figure_error, provenance=provenance(records),
+        parts=parts, figure=figure, figure_error=figure_error, figure_points=points, provenance=provenance(records),
         sources=list(sources), statuses=statuses)

@@ -282,6 +282,18 @@ def point_setting(record: Dict[str, Any], final: bool) -> Optional[str]:
     return setting_label(setting) if isinstance(setting, dict) else None
 
 
+def final_settings_text(records: Sequence[Dict[str, Any]]) -> str:
+    """The inference setting of Table 1 for methods that integrate or sample over steps (their ``solver`` and
+    ``steps`` parameters), e.g. ``NoProp-CT: stochastic 1000``; empty when no method has one."""
+    settings = OrderedDict()
+    for record in sorted(records, key=row_sort_key):
+        params = record.get("params") if isinstance(record.get("params"), dict) else {}
+        setting = {key: params[key] for key in ("solver", "steps") if key in params}
+        if setting:
+            settings.setdefault(record.get("method_label") or record.get("method"), []).append(setting_label(setting))
+    return "; ".join(f"{method}: {', '.join(dict.fromkeys(labels))}" for method, labels in settings.items())
+
+
 def checkpoint_settings_text(records: Sequence[Dict[str, Any]]) -> str:
     """The inference settings of the curve's points before the last, where a method evaluates them
     otherwise than Table 1 (its ``checkpoint_setting``), e.g. ``NoProp-CT: heun 20``; empty if none does."""

@@ -9,8 +9,8 @@ from . import paper as paper_data
 from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                          family_heading, format_mean_se, mean_and_standard_error, ordered_rows,
-                          settings_text)
+                      family_heading, final_settings_text, format_mean_se, mean_and_standard_error, ordered_rows,
+                      settings_text)
 
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
@@ -194,6 +194,8 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
                f"{_runs_text(kept)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
                f"single value.{seed_se}{_fewer_seeds_text(kept, rows, train_columns)} "
                f"{settings_text(kept)}{older_code_note(kept, current_code)}")
+    final = final_settings_text(kept)
+    caption += f" Inference (solver and steps): {final}." if final else ""
     caption += preset_text(ok)
     if paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to time the methods; auto: CUDA when there is a GPU, else the CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch, as the main command's --threads (default: torch's choice)")
     parser.add_argument("--precision", default=None,
                         help=f"comma-separated, from {', '.join(PRECISIONS)}; default: the device's default")
     channels_last = parser.add_mutually_exclusive_group()
@@ -314,9 +316,11 @@ def _release_earlier_rows(device: torch.device) -> None:
 def speed_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
+    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: must be a whole number of at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.profile < 0:
         raise UsageError(f"--profile {args.profile}: must be 0 (no profile) or a number of operators to list")
     if args.device == "cuda" and not torch.cuda.is_available():

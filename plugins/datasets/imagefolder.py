@@ -10,6 +10,8 @@ Normalisation statistics are measured on the training split.
 """
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -71,8 +73,13 @@ class ImageFolder(Dataset):
             cache = ArrayCache(data_root(self.root), "imagefolder")
             self._arrays = cache.load(*keys)
             if self._arrays is None:
+                count = sum(len(files) for split in SPLITS for files in self.files[split].values())
+                _say(f"imagefolder: decoding the {count} images of {self.path} once (later runs read them from "
+                     f"{cache.directory}) ...")
+                started = time.perf_counter()
                 self._arrays = self._decode_all()
                 cache.save(*keys, self._arrays)
+                _say(f"imagefolder: decoded {count} images in {time.perf_counter() - started:.1f}s")
         return self._arrays
 
     def _decode_all(self) -> Dict[str, np.ndarray]:
@@ -82,7 +89,7 @@ class ImageFolder(Dataset):
             for index, name in enumerate(self.classes):
                 paths += [file for file, _, _ in self.files[split][name]]
                 labels += [index] * len(self.files[split][name])
-            arrays[f"{split}_images"] = [_decode(path) for path in paths]
+            arrays[f"{split}_images"] = _decode_with_progress(paths, split)
             arrays[f"{split}_paths"] = paths
             arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
         images = [*arrays["train_images"], *arrays["test_images"]]
@@ -128,6 +135,24 @@ def _scan_split(path: Path, split: str) -> Dict[str, List[Tuple[Path, int, int]]
     if not classes:
         raise UsageError(f"imagefolder: {directory} has no class folders")
     return classes
+
+
+PROGRESS_SECONDS = 15.0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _decode_with_progress(paths: List[Path], split: str) -> List[torch.Tensor]:
+    """Every image of ``paths``, with a line every ``PROGRESS_SECONDS`` on a long decode."""
+    images, last = [], time.perf_counter()
+    for index, path in enumerate(paths):
+        images.append(_decode(path))
+        if time.perf_counter() - last >= PROGRESS_SECONDS:
+            last = time.perf_counter()
+            _say(f"imagefolder: {split}: {index + 1} of {len(paths)} images decoded")
+    return images
 
 
 def _decode(path: Path) -> torch.Tensor:

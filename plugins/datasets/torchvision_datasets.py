@@ -162,6 +162,8 @@ class PickledCifar(TorchvisionDataset):
 
     image_shape = (3, 32, 32)
     augment = "crop_flip"
+    how_to_get = ("with a copy of the images as files, --dataset imagefolder:PATH reads PATH/{train,test}/<class>/* "
+                  "(add --augment crop_flip to train as here)")
 
     def folder(self, root):
         return root / self.source.base_folder
