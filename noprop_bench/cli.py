@@ -412,7 +412,12 @@ def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say)
     records = [r for r in latest_per_trial(store.read()[0]) if r.get("trial_id") in wanted]
     code = EXIT_OK
     if args.baseline:  # first: a baseline that cannot be saved must not hide the comparison
-        comparison = compare(records, baseline)
+        try:
+            comparison = compare(records, baseline)
+        except UsageError:
+            if args.save_baseline:
+                say(f"--save-baseline {args.save_baseline}: not written, as the comparison was refused")
+            raise
         text = comparison.to_markdown(index=False)
         (store.directory / "regression.md").write_text(f"# Against {args.baseline}\n\n{text}\n")
         print(text)
@@ -424,7 +429,13 @@ def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say)
         else:
             say(f"no regression against {args.baseline}")
     if args.save_baseline:
-        save_baseline(records, args.save_baseline, command)
+        try:
+            save_baseline(records, args.save_baseline, command)
+        except UsageError as error:
+            if code != EXIT_REGRESSION:
+                raise
+            say(f"noprop-bench: error: {error}")  # the regression found above decides the exit status
+            return code
         say(f"baseline written to {args.save_baseline}")
     return code
 

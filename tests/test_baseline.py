@@ -3,7 +3,9 @@
 import json
 import re
 import time
+import types
 
+import pandas as pd
 import pytest
 import torch
 
@@ -342,3 +344,29 @@ def test_a_saved_baseline_rounds_its_figures(tmp_path):
     row = save_baseline(records, tmp_path / "b.json", "noprop-bench ...")["rows"]["mnist5k / NoProp-CT (one-hot)"]
     assert row["accuracy_mean"] == 97.0 and row["samples_per_second"] == 333.333
     assert json.loads((tmp_path / "b.json").read_text())["rows"]["mnist5k / NoProp-CT (one-hot)"] == row
+
+
+def test_a_regression_found_keeps_exit_3_when_the_save_is_then_refused(tmp_path, monkeypatch, capsys):
+    from noprop_bench import cli
+    from noprop_bench.errors import UsageError
+
+    def refused(*args, **kwargs):
+        raise UsageError("--save-baseline: every trial must finish ok")
+
+    args = types.SimpleNamespace(baseline="b.json", save_baseline=str(tmp_path / "new.json"))
+    monkeypatch.setattr(cli, "compare", lambda records, baseline: pd.DataFrame(
+        [{"row": "tiny / Linear", "verdict": "accuracy fell 5.00 points (allowed 1.00)"}]))
+    monkeypatch.setattr(cli, "save_baseline", refused)
+    store = types.SimpleNamespace(read=lambda: ([], []), directory=tmp_path)
+    said = []
+    assert cli._check_baseline(args, {}, store, [], "", said.append) == cli.EXIT_REGRESSION
+    assert any("regression against b.json" in line for line in said)
+    assert said[-1] == "noprop-bench: error: --save-baseline: every trial must finish ok"
+
+
+def test_records_without_a_thread_count_do_not_make_a_run_mixed():
+    from noprop_bench.report.baseline import record_settings
+
+    old, new = _ct_record(0, 1e-3, 97.0), {**_ct_record(1, 1e-3, 97.0), "environment": {"threads": 1}}
+    assert record_settings([old, new])["threads"] == 1
+    assert record_settings([{**new, "environment": {"threads": 10}}, new])["threads"] == [1, 10]

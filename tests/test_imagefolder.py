@@ -226,7 +226,8 @@ def test_the_first_decode_says_what_it_does_and_a_cached_load_says_nothing(tmp_p
     monkeypatch.setattr(imagefolder, "PROGRESS_SECONDS", 0.0)  # a line per image, as a long decode has
     ImageFolder(str(tmp_path / "tree")).load("train")
     err = capsys.readouterr().err
-    assert f"imagefolder: decoding the 10 images of {tmp_path / 'tree'} once" in err
+    assert f"imagefolder: decoding the 10 images of {tmp_path / 'tree'} ..." in err
     assert "imagefolder: train: 6 of 6 images decoded" in err and "imagefolder: decoded 10 images in" in err
+    assert "later runs read them from" in err
     ImageFolder(str(tmp_path / "tree")).load("train")
     assert capsys.readouterr().err == ""

@@ -232,6 +232,13 @@ def test_table_1_and_figure_3_say_at_which_setting_they_evaluated():
     page = html.unescape(render_html(records))
     caption = page[page.index("<figcaption"):page.index("</figcaption>")]
     assert "at the method's cheaper checkpoint setting of inference (NoProp-CT: heun 20)" in caption
+    finals_only = [{**r, "curve": r["curve"][-1:]} for r in records]  # --checkpoints 0: no points before the last
+    assert "points before the last" not in figure3(finals_only)._suptitle.get_text()
+    assert "checkpoint setting" not in render_time_to_accuracy(finals_only)
+    adaptive = [{**r, "params": {**r["params"], "solver": "dopri5", "steps": 5},
+                 "method_metrics": {"solver": "dopri5", "steps": None, "rtol": 0.001, "atol": 0.0001}}
+                for r in records if r["method"] == "noprop_ct"]
+    assert "NoProp-CT: dopri5 rtol=0.001 atol=0.0001." in render_table1(adaptive)  # its steps are ignored
 
 
 def test_a_one_panel_figures_title_fits_its_width():

@@ -41,9 +41,10 @@ SETTINGS = ("datasets", "budget", "backbone", "batch_size", "seeds", "inference_
 
 
 def _one_or_all(values) -> Any:
-    """The value all of ``values`` share, or all of them (sorted) where they differ, which no baseline holds."""
-    distinct = sorted(set(values), key=repr)
-    return distinct[0] if len(distinct) == 1 else distinct
+    """The value all of ``values`` share (unknown ones, None, left out), or all of them (sorted) where they
+    differ, which no baseline holds; None when none is known."""
+    distinct = sorted({value for value in values if value is not None})
+    return (distinct[0] if len(distinct) == 1 else distinct) if distinct else None
 
 
 def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -217,7 +218,8 @@ def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None
     for key in SETTINGS:
         if baseline.get(key) is not None and settings[key] is not None and settings[key] != baseline[key]:
             spelling = (" (a folder given by another path, relative or absolute, is another dataset here: give it "
-                        "as the baseline does)" if key == "datasets" and ":" in "".join(settings[key]) else "")
+                        "as the baseline does)" if key == "datasets" and all(
+                            ":" in "".join(side) for side in (settings[key], baseline[key])) else "")
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
                              f"{baseline[key]!r}{spelling}; rerun with the baseline's settings "
                              f"({_without_save_baseline(baseline.get('command', ''))})")

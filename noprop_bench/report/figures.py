@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from .records import (assign_rows, check_records, checkpoint_settings_text, comparability, comparable_groups,
-                      dataset_columns, drop_duplicate_seeds, ordered_rows, point_setting)
+                      dataset_columns, drop_duplicate_seeds, has_points_before_the_last, ordered_rows,
+                      point_setting)
 
 LEGEND_WIDTH = 45  # characters per legend line: a long row label (a path among its parameters) is wrapped
 CURVE_COLUMNS = ["table", "budget", "backbone", "device", "batch_size", "dataset", "dataset_label", "method",
@@ -121,7 +122,9 @@ def figure3(records: List[Dict[str, Any]]):
                 ax.plot(times, mean, color=colours[row], label=textwrap.fill(row, LEGEND_WIDTH), marker="o",
                         markersize=2.5, linewidth=1.4)
                 ax.fill_between(times, low, high, color=colours[row], alpha=0.2, linewidth=0)
-            title = label if len(groups) == 1 else f"{label}\n{budget}, {backbone}, batch {batch}, {speed}\n{device}\nmean, band min–max over seeds"
+            title = label if len(groups) == 1 else "\n".join([
+                label, f"{budget}, {backbone}, batch {batch}, {speed}", device, "mean, band min–max over seeds",
+                *(textwrap.fill(line, 60) for line in _points_lines([r for r, _ in chosen]))])
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("cumulative training time (s)")
             ax.set_ylabel("test accuracy (%)")
@@ -142,6 +145,8 @@ def figure3(records: List[Dict[str, Any]]):
 
 def _points_lines(records: List[Dict[str, Any]]) -> List[str]:
     """What the title says of points measured otherwise than the last: a test subset, a cheaper setting."""
+    if not has_points_before_the_last(records):
+        return []
     subset = sorted({r.get("checkpoint_size") for r in records
                      if r.get("checkpoint_size") and r.get("checkpoint_size") != r.get("test_size")})
     settings = checkpoint_settings_text(records)

@@ -289,6 +289,10 @@ def final_settings_text(records: Sequence[Dict[str, Any]]) -> str:
     for record in sorted(records, key=row_sort_key):
         params = record.get("params") if isinstance(record.get("params"), dict) else {}
         setting = {key: params[key] for key in ("solver", "steps") if key in params}
+        metrics = record.get("method_metrics") if isinstance(record.get("method_metrics"), dict) else {}
+        if setting and metrics.get("steps", 0) is None and metrics.get("rtol") is not None:
+            # an adaptive solver ignores its steps: its tolerances decide (as the method's metrics say)
+            setting = {"solver": setting.get("solver"), "rtol": metrics["rtol"], "atol": metrics.get("atol")}
         if setting:
             settings.setdefault(record.get("method_label") or record.get("method"), []).append(setting_label(setting))
     return "; ".join(f"{method}: {', '.join(dict.fromkeys(labels))}" for method, labels in settings.items())
@@ -305,9 +309,16 @@ def checkpoint_settings_text(records: Sequence[Dict[str, Any]]) -> str:
     return "; ".join(f"{method}: {', '.join(dict.fromkeys(labels))}" for method, labels in settings.items())
 
 
+def has_points_before_the_last(records: Sequence[Dict[str, Any]]) -> bool:
+    """Whether some record's curve has a point before its last (none with ``--checkpoints 0``)."""
+    return any(isinstance(r.get("curve"), list) and len(r["curve"]) > 1 for r in records)
+
+
 def checkpoint_text(records: Sequence[Dict[str, Any]]) -> str:
     """Which test images the curve's points before the last saw (``--checkpoint-size``), and at which
-    inference setting, for captions."""
+    inference setting, for captions; empty when no curve has such points."""
+    if not has_points_before_the_last(records):
+        return ""
     sizes = sorted({(r.get("checkpoint_size"), r.get("test_size")) for r in records}, key=str)
     parts = []
     for checkpoint, whole in sizes:

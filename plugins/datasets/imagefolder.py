@@ -74,12 +74,13 @@ class ImageFolder(Dataset):
             self._arrays = cache.load(*keys)
             if self._arrays is None:
                 count = sum(len(files) for split in SPLITS for files in self.files[split].values())
-                _say(f"imagefolder: decoding the {count} images of {self.path} once (later runs read them from "
-                     f"{cache.directory}) ...")
+                _say(f"imagefolder: decoding the {count} images of {self.path} ...")
                 started = time.perf_counter()
                 self._arrays = self._decode_all()
-                cache.save(*keys, self._arrays)
-                _say(f"imagefolder: decoded {count} images in {time.perf_counter() - started:.1f}s")
+                saved = cache.save(*keys, self._arrays)
+                _say(f"imagefolder: decoded {count} images in {time.perf_counter() - started:.1f}s; "
+                     + (f"later runs read them from {saved}" if saved else
+                        f"not cached ({cache.directory} cannot be written to), so every run decodes them again"))
         return self._arrays
 
     def _decode_all(self) -> Dict[str, np.ndarray]:
