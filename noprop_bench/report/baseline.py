@@ -179,8 +179,8 @@ def load_baseline(path) -> Dict[str, Any]:
     return baseline
 
 
-_NUMBER = (int, float)
-ROW_FIELDS = {"accuracy_mean": _NUMBER, "accuracy_se": _NUMBER, "method": str, "dataset": str}
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
@@ -193,18 +193,21 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
     for key, row in rows.items():
         if not isinstance(row, dict):
             return f"row {key!r} must be an object"
-        for field, kind in ROW_FIELDS.items():
-            if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
-                return f"row {key!r}: {field} must be {'a number' if kind is _NUMBER else 'a string'}"
+        for field in ("accuracy_mean", "accuracy_se"):
+            if not _is_number(row.get(field)):
+                return f"row {key!r}: {field} must be a number"
+        for field in ("method", "dataset"):
+            if not isinstance(row.get(field), str):
+                return f"row {key!r}: {field} must be a string"
         for field in ("accuracy_seed_se", "relative_throughput"):
-            if row.get(field) is not None and (not isinstance(row[field], _NUMBER) or isinstance(row[field], bool)):
+            if row.get(field) is not None and not _is_number(row[field]):
                 return f"row {key!r}: {field} must be a number or null"
     tolerance = baseline.get("tolerance", {})
     if not isinstance(tolerance, dict):
         return "tolerance must be an object"
     for field, value in tolerance.items():
-        if field in DEFAULT_TOLERANCE and not (value is None and field == "accuracy_cap_points") and (
-                not isinstance(value, _NUMBER) or isinstance(value, bool)):
+        no_cap = value is None and field == "accuracy_cap_points"
+        if field in DEFAULT_TOLERANCE and not _is_number(value) and not no_cap:
             return f"tolerance {field} must be a number"
     return None
 

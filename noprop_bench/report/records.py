@@ -282,31 +282,37 @@ def point_setting(record: Dict[str, Any], final: bool) -> Optional[str]:
     return setting_label(setting) if isinstance(setting, dict) else None
 
 
-def final_settings_text(records: Sequence[Dict[str, Any]]) -> str:
-    """The inference setting of Table 1 for methods that integrate or sample over steps (their ``solver`` and
-    ``steps`` parameters), e.g. ``NoProp-CT: stochastic 1000``; empty when no method has one."""
+def _settings_by_method(records: Sequence[Dict[str, Any]], setting_of) -> str:
+    """``Method: setting, ...; Method: ...`` of the non-empty ``setting_of(record)`` dicts, in Table 1's order."""
     settings = OrderedDict()
     for record in sorted(records, key=row_sort_key):
-        params = record.get("params") if isinstance(record.get("params"), dict) else {}
-        setting = {key: params[key] for key in ("solver", "steps") if key in params}
-        metrics = record.get("method_metrics") if isinstance(record.get("method_metrics"), dict) else {}
-        if setting and metrics.get("steps", 0) is None and metrics.get("rtol") is not None:
-            # an adaptive solver ignores its steps: its tolerances decide (as the method's metrics say)
-            setting = {"solver": setting.get("solver"), "rtol": metrics["rtol"], "atol": metrics.get("atol")}
+        setting = setting_of(record)
         if setting:
             settings.setdefault(record.get("method_label") or record.get("method"), []).append(setting_label(setting))
     return "; ".join(f"{method}: {', '.join(dict.fromkeys(labels))}" for method, labels in settings.items())
 
 
+def _final_setting(record: Dict[str, Any]) -> Dict[str, Any]:
+    params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    setting = {key: params[key] for key in ("solver", "steps") if key in params}
+    metrics = record.get("method_metrics") if isinstance(record.get("method_metrics"), dict) else {}
+    if setting and metrics.get("steps", 0) is None and metrics.get("rtol") is not None:
+        # an adaptive solver ignores its steps: its tolerances decide (as the method's metrics say)
+        setting = {"solver": setting.get("solver"), "rtol": metrics["rtol"], "atol": metrics.get("atol")}
+    return setting
+
+
+def final_settings_text(records: Sequence[Dict[str, Any]]) -> str:
+    """The inference setting of Table 1 for methods that integrate or sample over steps (their ``solver`` and
+    ``steps`` parameters), e.g. ``NoProp-CT: stochastic 1000``; empty when no method has one."""
+    return _settings_by_method(records, _final_setting)
+
+
 def checkpoint_settings_text(records: Sequence[Dict[str, Any]]) -> str:
     """The inference settings of the curve's points before the last, where a method evaluates them
     otherwise than Table 1 (its ``checkpoint_setting``), e.g. ``NoProp-CT: heun 20``; empty if none does."""
-    settings = OrderedDict()
-    for record in sorted(records, key=row_sort_key):
-        setting = record.get("checkpoint_setting")
-        if isinstance(setting, dict) and setting:
-            settings.setdefault(record.get("method_label") or record.get("method"), []).append(setting_label(setting))
-    return "; ".join(f"{method}: {', '.join(dict.fromkeys(labels))}" for method, labels in settings.items())
+    return _settings_by_method(records, lambda record: record.get("checkpoint_setting")
+                               if isinstance(record.get("checkpoint_setting"), dict) else None)
 
 
 def has_points_before_the_last(records: Sequence[Dict[str, Any]]) -> bool:
