@@ -81,6 +81,20 @@ def test_a_long_final_evaluation_reports_each_inference_run(fake_run, monkeypatc
         + [f"train inference run {n}/3: {accuracy:.2f}%" for n, accuracy in enumerate(record["train_acc_runs"], 1)])
 
 
+def test_one_long_inference_run_says_how_far_it_is_batch_by_batch(fake_run, monkeypatch, capsys):
+    from noprop_bench.run import evaluation_plan, runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.0)  # every batch is "a while" after the last line
+    monkeypatch.setattr(evaluation_plan, "CPU_EVAL_BATCH", 16)  # the 64 test images in 4 batches
+    code, out = fake_run("--methods", "noisy", "--budget", "3steps", "--inference-runs", "1", "--train-accuracy")
+    assert code == 0
+    lines = [line.split("final evaluation, ")[1].split(" (")[0] for line in capsys.readouterr().err.splitlines()
+             if "final evaluation, " in line]
+    train_images = _records(out)[0]["train_acc_size"]
+    assert lines == ([f"test inference run 1/1: {n}/64 images" for n in (16, 32, 48)]
+                     + [f"train inference run 1/1: {n}/{train_images} images" for n in range(16, train_images, 16)])
+
+
 def test_checkpoints_that_fell_within_one_step_are_noted(fake_run, capsys):
     code, out = fake_run("--methods", "linear", "--budget", "3steps", "--checkpoints", "8")
     record = _records(out)[0]

@@ -8,7 +8,7 @@ batch a deterministic pass uses does not change its result.
 """
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -19,6 +19,7 @@ from .evaluation_plan import EvaluationBatches
 from .speed_settings import SpeedSettings
 
 FeatureBatches = List[Tuple[torch.Tensor, torch.Tensor]]
+Progress = Callable[[int], None]  # called with the images predicted so far, after each batch
 
 
 class Diverged(RuntimeError):
@@ -54,19 +55,20 @@ def split_features(method: Method, split: Split, normalize: Normalizer,
 
 def predictions(method: Method, split: Split, normalize: Normalizer, batches: Union[int, EvaluationBatches],
                 seed: int, setting: Optional[Dict[str, Any]] = None,
-                features: Optional[FeatureBatches] = None) -> torch.Tensor:
+                features: Optional[FeatureBatches] = None, progress: Optional[Progress] = None) -> torch.Tensor:
     """The logits ``[N, classes]`` of ``method.predict(x, **setting)`` on ``split``, as :func:`evaluate` sees them.
 
     The RNG is forked and seeded, so evaluation is reproducible and never perturbs training. A method
     that splits out :meth:`Method.features` predicts from them (``features`` from :func:`split_features`
     when given, computed here otherwise), with the same result, as the features use no randomness.
+    ``progress`` is told the images done after each batch (it reads no device value, so it adds no sync).
     """
     setting = setting or {}
     batches = EvaluationBatches.of(batches)
     if features is None:
         features = split_features(method, split, normalize, batches)
     devices = [split.images.device] if split.images.device.type == "cuda" else []
-    outputs = []
+    outputs, done = [], 0
     with evaluation_mode(method), torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         if features is not None:
@@ -80,15 +82,18 @@ def predictions(method: Method, split: Split, normalize: Normalizer, batches: Un
                 if fixes:
                     raise violation(type(method), fixes)
             outputs.append(logits)
+            if progress is not None:
+                done += len(y)
+                progress(done)
     return torch.cat(outputs)
 
 
 def evaluate(method: Method, split: Split, normalize: Normalizer, batches: Union[int, EvaluationBatches], seed: int,
              setting: Optional[Dict[str, Any]] = None, features: Optional[FeatureBatches] = None,
-             require_finite: bool = True) -> float:
+             require_finite: bool = True, progress: Optional[Progress] = None) -> float:
     """Accuracy (%) of :func:`predictions` on ``split``. Non-finite logits raise :class:`Diverged` when
     ``require_finite`` (the checkpoints and the final evaluation; not the optional sweeps and diagnostics)."""
-    logits = predictions(method, split, normalize, batches, seed, setting, features)
+    logits = predictions(method, split, normalize, batches, seed, setting, features, progress)
     if require_finite and not bool(torch.isfinite(logits).all()):
         raise Diverged(f"non-finite predictions{' with ' + repr(setting) if setting else ''}")
     return 100.0 * (logits.argmax(dim=1) == split.labels).sum().item() / len(split)

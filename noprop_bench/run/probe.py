@@ -56,7 +56,8 @@ def probe_trial(spec: TrialSpec, data: RunData) -> Tuple[float, float]:
     test = len(data.test)
     runs = spec.inference_runs if spec.method.stochastic else 1
     final = per_image({})
-    checkpoint = per_image(method.checkpoint_setting()) if method.checkpoint_setting() else final
+    checkpoint_setting = method.checkpoint_setting()
+    checkpoint = per_image(checkpoint_setting) if checkpoint_setting else final
     final_images = test + (len(train_accuracy_split(data.train, test)) if spec.train_accuracy else 0)
     checkpoint_images = spec.checkpoint_size if 0 < spec.checkpoint_size < test else test
     evaluation = (final * final_images * runs + checkpoint * checkpoint_images * spec.checkpoints

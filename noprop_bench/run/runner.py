@@ -35,7 +35,7 @@ from ..task import Task
 DIVERGENCE_CHECK_EVERY = 25  # steps between reads of the non-finite flag (each read syncs the device)
 CUDA_CLOCK_READ_EVERY = 8  # most steps between clock reads on CUDA (each read synchronises); see ClockReads
 FINAL_PROGRESS_AFTER_SECONDS = 5.0  # a final evaluation reports each inference run once it has run this long
-HEARTBEAT_SECONDS = 30.0  # longest wall time between progress lines while training
+HEARTBEAT_SECONDS = 30.0  # longest wall time between progress lines while training (and, batch by batch, evaluating)
 
 
 VAL_SPLIT_SEED = 12345  # fixed, so every method and seed of a run holds out the same images
@@ -310,6 +310,7 @@ class _TrialRun:
         self.method: Optional[Method] = None
         self.steps = self.samples = 0
         self.test_features: Optional[FeatureBatches] = None
+        self.evaluation_said_at = 0.0  # when the final evaluation last printed a line (perf_counter)
         self.speed = None
         self.checkpoint_test = stratified_subset(data.test, spec.checkpoint_size)
         if torch.device(spec.device).type == "cuda":
@@ -478,7 +479,7 @@ class _TrialRun:
     def _final_evaluation(self, loss_sum, loss_count):
         self.say(f"{self.spec.describe()}: training done ({self.steps} steps); final evaluation on "
                  f"{len(self.data.test)} test images ...")
-        started = time.perf_counter()
+        started = self.evaluation_said_at = time.perf_counter()
         self._fitting_memory(self._final_accuracies)
         self.test_features = None
         spec, data, record = self.spec, self.data, self.record
@@ -501,8 +502,10 @@ class _TrialRun:
         self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch)
         test = []
         for run in range(runs):
-            test.append(self._test_accuracy(spec.seed * 1000 + 1 + run))
-            self._evaluation_progress(started, f"test inference run {run + 1}/{runs}: {test[-1]:.2f}%")
+            what = f"test inference run {run + 1}/{runs}"
+            test.append(self._test_accuracy(spec.seed * 1000 + 1 + run,
+                                            progress=self._heartbeat(started, what, len(data.test))))
+            self._evaluation_progress(started, f"{what}: {test[-1]:.2f}%")
         record["test_acc_runs"] = test
         record["test_acc"] = float(np.mean(test))
         if spec.train_accuracy:
@@ -511,39 +514,61 @@ class _TrialRun:
             train_features = split_features(self.method, train_split, data.normalize, self.eval_batch)
             train = []
             for run in range(runs):
+                what = f"train inference run {run + 1}/{runs}"
                 train.append(evaluate(self.method, train_split, data.normalize, self.eval_batch,
-                                      seed=spec.seed * 1000 + 501 + run, features=train_features))
-                self._evaluation_progress(started, f"train inference run {run + 1}/{runs}: {train[-1]:.2f}%")
+                                      seed=spec.seed * 1000 + 501 + run, features=train_features,
+                                      progress=self._heartbeat(started, what, len(train_split))))
+                self._evaluation_progress(started, f"{what}: {train[-1]:.2f}%")
             del train_features
             record["train_acc_runs"] = train
             record["train_acc"] = float(np.mean(train))
         if self.data.val is not None:
             record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, self.eval_batch,
-                                         seed=spec.seed * 1000 + 701)
-        record["diagnostics"] = {name: self._test_accuracy(spec.seed * 1000 + 801, setting, require_finite=False)
-                                 for name, setting in self.method.diagnostic_settings().items()}
+                                         seed=spec.seed * 1000 + 701,
+                                         progress=self._heartbeat(started, "validation", len(self.data.val)))
+        record["diagnostics"] = {
+            name: self._test_accuracy(spec.seed * 1000 + 801, setting, require_finite=False,
+                                      progress=self._heartbeat(started, f"diagnostic {name}", len(data.test)))
+            for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
-            record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
+            record["inference_sweep"] = [self._sweep_point(setting, runs, started)
+                                         for setting in self.method.sweep_settings()]
 
     def _evaluation_progress(self, started: float, what: str) -> None:
         """A line per inference run once a final evaluation has run for a while (a 1000-step sampler on
         the CPU takes minutes), so a long one is not silent."""
-        elapsed = time.perf_counter() - started
-        if elapsed >= FINAL_PROGRESS_AFTER_SECONDS:
-            self.say(f"{self.spec.describe()}: final evaluation, {what} ({elapsed:.0f}s so far)")
+        now = time.perf_counter()
+        if now - started >= FINAL_PROGRESS_AFTER_SECONDS:
+            self.evaluation_said_at = now
+            self.say(f"{self.spec.describe()}: final evaluation, {what} ({now - started:.0f}s so far)")
 
-    def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
+    def _heartbeat(self, started: float, what: str, images: int) -> Callable[[int], None]:
+        """The progress of one pass of the final evaluation: a line with the images done whenever
+        :data:`HEARTBEAT_SECONDS` have passed since the evaluation last said anything, so that one long
+        inference run is not silent either."""
+        def report(done: int) -> None:
+            now = time.perf_counter()
+            if done < images and now - self.evaluation_said_at >= HEARTBEAT_SECONDS:
+                self.evaluation_said_at = now
+                self.say(f"{self.spec.describe()}: final evaluation, {what}: {done}/{images} images "
+                         f"({now - started:.0f}s so far)")
+        return report
+
+    def _sweep_point(self, setting: Dict[str, Any], runs: int, evaluation_started: float) -> Dict[str, Any]:
         spec = self.spec
         started = time.perf_counter()
-        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, setting, require_finite=False)
+        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, setting, require_finite=False,
+                                          progress=self._heartbeat(evaluation_started, f"sweep {setting}",
+                                                                   len(self.data.test)))
                       for r in range(runs)]
         return {"setting": setting, "test_acc_runs": accuracies, "test_acc": float(np.mean(accuracies)),
                 "eval_seconds": time.perf_counter() - started}
 
-    def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None,
-                       require_finite: bool = True) -> float:
+    def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None, require_finite: bool = True,
+                       progress: Optional[Callable[[int], None]] = None) -> float:
         return evaluate(self.method, self.data.test, self.data.normalize, self.eval_batch, seed=seed,
-                        setting=setting, features=self.test_features, require_finite=require_finite)
+                        setting=setting, features=self.test_features, require_finite=require_finite,
+                        progress=progress)
 
     def finish(self):
         """Fill in what is known even when the trial stopped early."""
