@@ -287,20 +287,27 @@ def ct_check(path, tmp_path, params):
 
 
 def test_noprop_ct_with_learning_rate_zero_fails_the_check(ct_baseline, tmp_path, capsys, monkeypatch):
-    """The regression check catches a NoProp-CT that no longer learns (the issue's deliberate break): through a
-    parameter, the run is another configuration of the method and fails as one; through the code (its default
-    learning rate), the same row's accuracy falls."""
+    """The regression check catches a NoProp-CT that no longer learns (the issue's deliberate break) through
+    its code (its default learning rate): the same row's accuracy falls. (Through a parameter the run is
+    another configuration and fails as one: the next test.)"""
     from noprop_bench_plugins.methods.noprop_ct import NoPropCT
 
     assert json.loads(ct_baseline.read_text())["rows"]["mnist5k / NoProp-CT (one-hot) [steps=50]"]["accuracy_mean"] > 25
-    code, table = ct_check(ct_baseline, tmp_path / "parameter", "lr=0")
-    assert code == 3
-    assert ("mnist5k / NoProp-CT (one-hot) [steps=50]: missing from this run, which has mnist5k / NoProp-CT "
-            "(one-hot) [lr=0.0, steps=50] instead" in capsys.readouterr().err)
     monkeypatch.setitem(NoPropCT.defaults, "lr", 0.0)
     code, _ = ct_check(ct_baseline, tmp_path / "code", "")
     assert code == 3
     assert "mnist5k / NoProp-CT (one-hot) [steps=50]: accuracy fell" in capsys.readouterr().err
+
+
+def test_a_method_run_with_another_parameter_is_another_row_and_fails_the_check(fake_run, tmp_path, capsys):
+    baseline = tmp_path / "linear.json"
+    run = ("--budget", "64samples", "--checkpoints", "0", "--threads", "1")
+    code, _ = fake_run("--methods", "linear", *run, "--save-baseline", str(baseline))
+    assert code == 0
+    code, _ = fake_run("--methods", "linear[lr=0]", *run, "--baseline", str(baseline), out=tmp_path / "lr0")
+    assert code == 3
+    assert ("tiny / Linear (one-hot): missing from this run, which has tiny / Linear (one-hot) [lr=0.0] "
+            "instead" in capsys.readouterr().err)
 
 
 def test_noprop_ct_a_few_points_worse_fails_the_check(ct_baseline, tmp_path, monkeypatch):
