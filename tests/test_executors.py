@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -393,13 +394,15 @@ def _host_until_trials_evaluated(tmp_path, executor, trials, budget="60"):
 
 
 def _trials_evaluated(logs) -> int:
-    """How many trials have printed a checkpoint's accuracy: a worker's lines in the host's log, a job's in
-    its own."""
+    """How many trials have printed a checkpoint's accuracy: a worker's or Ray task's lines in the host's log,
+    a job's in its own."""
     trials = set()
     for log in logs:
         for line in log.read_text().splitlines():
             if "test acc" in line:
-                trials.add(line.split("]")[0] if line.lstrip().startswith("[worker") else log)
+                line = re.sub(r"\x1b\[[0-9;]*m", "", line).lstrip()  # Ray colours its tasks' prefixes
+                trials.add(line.split("]")[0] if line.startswith("[worker")
+                           else line.split(")")[0] if line.startswith("(") else log)  # a Ray task's line
     return len(trials)
 
 
@@ -411,13 +414,15 @@ def _trials_evaluated(logs) -> int:
                  id="submitit-ctrl-c", marks=needs_submitit),
     pytest.param("submitit[cluster=local]", "SIGTERM to the host", "stopped by SIGTERM (the job was cancelled)",
                  id="submitit-sigterm", marks=needs_submitit),
+    pytest.param("ray", "Ctrl-C to the host", "interrupted by the user (Ctrl-C)", id="ray-ctrl-c", marks=needs_ray),
 ])
 def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, executor, stop, cause):
     """A signal that reaches the trials' own processes (a terminal's Ctrl-C or a SIGTERM sent to the whole
-    process group; a cancelled submitit job) stops their trials, which return their steps and checkpoints."""
+    process group; a cancelled submitit job or Ray task) stops their trials, which return their steps and
+    checkpoints."""
     host, out, log = _host_until_trials_evaluated(tmp_path, executor, trials=2)
-    if stop == "SIGTERM to the host":
-        host.send_signal(signal.SIGTERM)
+    if stop.endswith("to the host"):
+        host.send_signal(signal.SIGTERM if "SIGTERM" in stop else signal.SIGINT)
     else:
         os.killpg(host.pid, signal.SIGTERM if "SIGTERM" in stop else signal.SIGINT)
     host.wait(timeout=90)
@@ -428,6 +433,24 @@ def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, exe
     for record in records:
         assert record["steps"] > 0 and record["curve"], (record, err)
         assert record["error"] == cause
+
+
+def test_a_ray_task_gives_its_worker_back_its_sigint_handling_and_forgets_a_late_cancel(monkeypatch):
+    """Ray reuses a worker process for later tasks: a gentle cancel that arrives after a trial ended must
+    not stop the next trial that worker trains."""
+    from noprop_bench.run import interrupts
+    from noprop_bench_plugins.executors import ray as ray_executor
+
+    def trial_then_late_cancel(job):
+        os.kill(os.getpid(), signal.SIGINT)  # as ray.cancel(force=False) delivers it, the trial already over
+        return {"status": "ok"}
+
+    monkeypatch.setattr(ray_executor, "execute_job", trial_then_late_cancel)
+    before = signal.getsignal(signal.SIGINT)
+    assert ray_executor.run_task(None) == {"status": "ok"}
+    assert signal.getsignal(signal.SIGINT) is before
+    with interrupts.stoppable():  # the worker's next trial begins and is not stopped
+        pass
 
 
 @pytest.mark.slow

@@ -84,6 +84,11 @@ def stop_trial(signum, frame) -> None:
     _stop_pending.set()
 
 
+def forget_pending_stop() -> None:
+    """Drop a stop that came after this process's trial had ended (its next trial is not to be stopped)."""
+    _stop_pending.clear()
+
+
 def stop_trial_on(*signums: int) -> None:
     """Let each of ``signums`` stop the trial this process trains, as :func:`stop_trial` does, instead of
     killing the process halfway through a record (a SIGTERM is noted as the cause). For worker and job

@@ -2,14 +2,20 @@
 
 ``ray[address=auto]`` joins a running cluster (``ray start --head`` ...); without ``address`` a Ray
 instance is started on this machine for the run and stopped after it. A task is never retried: a trial
-whose worker dies is recorded as failed with Ray's reason.
+whose worker dies is recorded as failed with Ray's reason. On Ctrl-C each running task is cancelled
+gently: Ray interrupts it as a SIGINT would, its trial stops and is returned ``interrupted`` with the steps
+and checkpoints it reached.
 """
 
-from typing import List
+import signal
+import threading
+import time
+from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine,
                                    stop_if_interrupted)
+from noprop_bench.run.interrupts import forget_pending_stop, stop_cause, stop_trial_on
 
 
 class RayExecutor(ClusterExecutor):
@@ -60,8 +66,8 @@ class RayExecutor(ClusterExecutor):
         started_here = self._connect(ray)
         try:
             self._check_resources(ray, started_here, say)
-            task = ray.remote(execute_job).options(num_cpus=self.options["cpus"], num_gpus=self.options["gpus"],
-                                                   max_retries=0, name="noprop-bench-trial")
+            task = ray.remote(run_task).options(num_cpus=self.options["cpus"], num_gpus=self.options["gpus"],
+                                                max_retries=0, name="noprop-bench-trial")
             pending = {task.remote(job): job for job in jobs}
             try:
                 while pending:
@@ -72,25 +78,73 @@ class RayExecutor(ClusterExecutor):
                         deliver(job, record)
                         stop_if_interrupted(record)
             except KeyboardInterrupt:
-                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0) if pending else ([], [])
-                for reference in ready:  # keep what finished meanwhile, stop the rest
-                    job = pending.pop(reference)
-                    deliver(job, self._result(ray, reference, job))
-                for reference, job in pending.items():
-                    ray.cancel(reference, force=True)
-                    deliver(job, interrupted(job))
+                self._stop(ray, pending, deliver, say)
                 raise
         finally:
             if started_here and ray.is_initialized():
                 ray.shutdown()
 
+    stop_grace_seconds = 10.0  # how long the host waits for cancelled tasks to return what they measured
+
+    def _stop(self, ray, pending: Dict[Any, TrialJob], deliver, say) -> None:
+        """After Ctrl-C: keep the results that arrived; cancel the other tasks gently (a running one stops
+        its trial and returns it ``interrupted``, with what it measured; a queued one never starts); wait up
+        to ``stop_grace_seconds``, or until a second Ctrl-C, for those results; then cancel what is left
+        by force and record it as interrupted."""
+        try:
+            self._keep_ready(ray, pending, deliver, timeout=0)
+            for reference in pending:
+                ray.cancel(reference, force=False)
+            if pending:
+                say(f"cancelled {len(pending)} Ray task(s) still queued or running: waiting up to "
+                    f"{self.stop_grace_seconds:g}s for what they measured (Ctrl-C again to stop waiting)")
+            deadline = time.monotonic() + self.stop_grace_seconds
+            while pending and time.monotonic() < deadline:
+                self._keep_ready(ray, pending, deliver, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
+        finally:
+            for reference, job in pending.items():
+                ray.cancel(reference, force=True)
+                deliver(job, interrupted(job))
+
+    def _keep_ready(self, ray, pending: Dict[Any, TrialJob], deliver, timeout: float) -> None:
+        """Deliver (and drop from ``pending``) every task that has ended: its record, or ``interrupted`` for
+        one cancelled before it began; an interrupted trial's record names what stopped the run, as the
+        host knows it."""
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout) if pending else ([], [])
+        for reference in ready:
+            job = pending.pop(reference)
+            record = self._result(ray, reference, job)
+            if record.get("status") == "interrupted":
+                record["error"] = stop_cause()
+            deliver(job, record)
+
     @staticmethod
     def _result(ray, reference, job: TrialJob):
         try:
             return ray.get(reference)
+        except ray.exceptions.TaskCancelledError:  # cancelled while it waited for a worker
+            return interrupted(job)
         except Exception as error:  # the worker died or the task failed: only this trial
             first_lines = " ".join(str(error).strip().splitlines()[:3])
             return failed_record(job, f"Ray task returned no result: {type(error).__name__}: {first_lines}")
+
+
+def run_task(job: TrialJob) -> Dict[str, Any]:
+    """What a Ray task runs: its trial, which a gentle ``ray.cancel`` (delivered to the task as a SIGINT)
+    stops as Ctrl-C stops a trial in the host process, so the record keeps the steps and checkpoints it
+    reached. The worker process outlives the task: its own SIGINT handling is given back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # no handler can be set: a plain trial
+        return execute_job(job)
+    previous = signal.getsignal(signal.SIGINT)
+    stop_trial_on(signal.SIGINT)
+    try:
+        return execute_job(job)
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
+        forget_pending_stop()  # a cancel that came after the trial ended must not stop the worker's next one
 
 
 @hookimpl
