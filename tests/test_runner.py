@@ -85,6 +85,7 @@ def test_one_long_inference_run_says_how_far_it_is_batch_by_batch(fake_run, monk
     from noprop_bench.run import evaluation_plan, runner
 
     monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.0)  # every batch is "a while" after the last line
+    monkeypatch.setattr(runner, "FINAL_PROGRESS_AFTER_SECONDS", float("inf"))  # no per-run lines, however slow
     monkeypatch.setattr(evaluation_plan, "CPU_EVAL_BATCH", 16)  # the 64 test images in 4 batches
     code, out = fake_run("--methods", "noisy", "--budget", "3steps", "--inference-runs", "1", "--train-accuracy")
     assert code == 0

@@ -19,7 +19,7 @@ from .evaluation_plan import EvaluationBatches
 from .speed_settings import SpeedSettings
 
 FeatureBatches = List[Tuple[torch.Tensor, torch.Tensor]]
-Progress = Callable[[int], None]  # called with the images predicted so far, after each batch
+ImagesDone = Callable[[int], None]  # an evaluation pass's progress: told the images done so far, after each batch
 
 
 class Diverged(RuntimeError):
@@ -38,8 +38,8 @@ def evaluation_mode(method: Method) -> Iterator[None]:
         method.train(was_training)
 
 
-def split_features(method: Method, split: Split, normalize: Normalizer,
-                   batches: Union[int, EvaluationBatches]) -> Optional[FeatureBatches]:
+def split_features(method: Method, split: Split, normalize: Normalizer, batches: Union[int, EvaluationBatches],
+                   progress: Optional[ImagesDone] = None) -> Optional[FeatureBatches]:
     """``method.features`` of the whole split, computed in deterministic batches and handed out in
     stochastic ones, or None when the method keeps ``predict`` whole (see :meth:`Method.features`)."""
     if not method.reuses_features():
@@ -48,14 +48,20 @@ def split_features(method: Method, split: Split, normalize: Normalizer,
     devices = [split.images.device] if split.images.device.type == "cuda" else []
     # forked: a plugin whose features draw random numbers (against the contract) still leaves training's RNG alone
     with evaluation_mode(method), torch.random.fork_rng(devices=devices), torch.inference_mode():
-        features = torch.cat([method.features(x) for x, _ in eval_batches(split, normalize, batches.deterministic)])
+        parts, done = [], 0
+        for x, _ in eval_batches(split, normalize, batches.deterministic):
+            parts.append(method.features(x))
+            if progress is not None:
+                done += len(x)
+                progress(done)
+        features = torch.cat(parts)
     size = batches.stochastic
     return [(features[start:start + size], split.labels[start:start + size]) for start in range(0, len(split), size)]
 
 
 def predictions(method: Method, split: Split, normalize: Normalizer, batches: Union[int, EvaluationBatches],
                 seed: int, setting: Optional[Dict[str, Any]] = None,
-                features: Optional[FeatureBatches] = None, progress: Optional[Progress] = None) -> torch.Tensor:
+                features: Optional[FeatureBatches] = None, progress: Optional[ImagesDone] = None) -> torch.Tensor:
     """The logits ``[N, classes]`` of ``method.predict(x, **setting)`` on ``split``, as :func:`evaluate` sees them.
 
     The RNG is forked and seeded, so evaluation is reproducible and never perturbs training. A method
@@ -90,7 +96,7 @@ def predictions(method: Method, split: Split, normalize: Normalizer, batches: Un
 
 def evaluate(method: Method, split: Split, normalize: Normalizer, batches: Union[int, EvaluationBatches], seed: int,
              setting: Optional[Dict[str, Any]] = None, features: Optional[FeatureBatches] = None,
-             require_finite: bool = True, progress: Optional[Progress] = None) -> float:
+             require_finite: bool = True, progress: Optional[ImagesDone] = None) -> float:
     """Accuracy (%) of :func:`predictions` on ``split``. Non-finite logits raise :class:`Diverged` when
     ``require_finite`` (the checkpoints and the final evaluation; not the optional sweeps and diagnostics)."""
     logits = predictions(method, split, normalize, batches, seed, setting, features, progress)

@@ -18,7 +18,7 @@ from .budget import Budget, ClockReads, TrainingClock
 from .cuda_graphs import no_new_recordings
 from ..datasets import BatchStream, Dataset, Normalizer, Split, layout_fixes
 from ..errors import UsageError
-from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, evaluate, inference_layout,
+from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, ImagesDone, evaluate, inference_layout,
                          split_features)
 from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, stratified_indices, stratified_subset,
                               train_accuracy_split)
@@ -499,25 +499,27 @@ class _TrialRun:
         runs = spec.inference_runs if spec.method.stochastic else 1
         started = time.perf_counter()
         # every test evaluation below shares one pass of the setting-independent part (the backbone)
-        self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch)
+        self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch,
+                                            self._progress_reporter(started, "test features", len(data.test)))
         test = []
         for run in range(runs):
             what = f"test inference run {run + 1}/{runs}"
             test.append(self._test_accuracy(spec.seed * 1000 + 1 + run,
-                                            progress=self._heartbeat(started, what, len(data.test))))
+                                            progress=self._progress_reporter(started, what, len(data.test))))
             self._evaluation_progress(started, f"{what}: {test[-1]:.2f}%")
         record["test_acc_runs"] = test
         record["test_acc"] = float(np.mean(test))
         if spec.train_accuracy:
             train_split = train_accuracy_split(data.train, len(data.test))
             record["train_acc_size"] = len(train_split)
-            train_features = split_features(self.method, train_split, data.normalize, self.eval_batch)
+            train_features = split_features(self.method, train_split, data.normalize, self.eval_batch,
+                                            self._progress_reporter(started, "train features", len(train_split)))
             train = []
             for run in range(runs):
                 what = f"train inference run {run + 1}/{runs}"
                 train.append(evaluate(self.method, train_split, data.normalize, self.eval_batch,
                                       seed=spec.seed * 1000 + 501 + run, features=train_features,
-                                      progress=self._heartbeat(started, what, len(train_split))))
+                                      progress=self._progress_reporter(started, what, len(train_split))))
                 self._evaluation_progress(started, f"{what}: {train[-1]:.2f}%")
             del train_features
             record["train_acc_runs"] = train
@@ -525,10 +527,10 @@ class _TrialRun:
         if self.data.val is not None:
             record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, self.eval_batch,
                                          seed=spec.seed * 1000 + 701,
-                                         progress=self._heartbeat(started, "validation", len(self.data.val)))
+                                         progress=self._progress_reporter(started, "validation", len(self.data.val)))
         record["diagnostics"] = {
             name: self._test_accuracy(spec.seed * 1000 + 801, setting, require_finite=False,
-                                      progress=self._heartbeat(started, f"diagnostic {name}", len(data.test)))
+                                      progress=self._progress_reporter(started, f"diagnostic {name}", len(data.test)))
             for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
             record["inference_sweep"] = [self._sweep_point(setting, runs, started)
@@ -542,7 +544,7 @@ class _TrialRun:
             self.evaluation_said_at = now
             self.say(f"{self.spec.describe()}: final evaluation, {what} ({now - started:.0f}s so far)")
 
-    def _heartbeat(self, started: float, what: str, images: int) -> Callable[[int], None]:
+    def _progress_reporter(self, started: float, what: str, images: int) -> ImagesDone:
         """The progress of one pass of the final evaluation: a line with the images done whenever
         :data:`HEARTBEAT_SECONDS` have passed since the evaluation last said anything, so that one long
         inference run is not silent either."""
@@ -557,15 +559,16 @@ class _TrialRun:
     def _sweep_point(self, setting: Dict[str, Any], runs: int, evaluation_started: float) -> Dict[str, Any]:
         spec = self.spec
         started = time.perf_counter()
-        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, setting, require_finite=False,
-                                          progress=self._heartbeat(evaluation_started, f"sweep {setting}",
-                                                                   len(self.data.test)))
-                      for r in range(runs)]
+        accuracies = [self._test_accuracy(
+            spec.seed * 1000 + 1 + r, setting, require_finite=False,
+            progress=self._progress_reporter(evaluation_started, f"sweep {setting} run {r + 1}/{runs}",
+                                             len(self.data.test)))
+            for r in range(runs)]
         return {"setting": setting, "test_acc_runs": accuracies, "test_acc": float(np.mean(accuracies)),
                 "eval_seconds": time.perf_counter() - started}
 
     def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None, require_finite: bool = True,
-                       progress: Optional[Callable[[int], None]] = None) -> float:
+                       progress: Optional[ImagesDone] = None) -> float:
         return evaluate(self.method, self.data.test, self.data.normalize, self.eval_batch, seed=seed,
                         setting=setting, features=self.test_features, require_finite=require_finite,
                         progress=progress)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine,
                                    stop_if_interrupted)
-from noprop_bench.run.interrupts import forget_pending_stop, stop_cause, stop_trial_on
+from noprop_bench.run.interrupts import ctrl_c_held, forget_pending_stop, stop_cause, stop_trial_on
 
 
 class RayExecutor(ClusterExecutor):
@@ -73,9 +73,10 @@ class RayExecutor(ClusterExecutor):
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     for reference in ready:
-                        job = pending.pop(reference)
-                        record = self._result(ray, reference, job)
-                        deliver(job, record)
+                        with ctrl_c_held():  # dropped from pending only once delivered
+                            job = pending.pop(reference)
+                            record = self._result(ray, reference, job)
+                            deliver(job, record)
                         stop_if_interrupted(record)
             except KeyboardInterrupt:
                 self._stop(ray, pending, deliver, say)
@@ -101,12 +102,14 @@ class RayExecutor(ClusterExecutor):
             deadline = time.monotonic() + self.stop_grace_seconds
             while pending and time.monotonic() < deadline:
                 self._keep_ready(ray, pending, deliver, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            self._keep_ready(ray, pending, deliver, timeout=0)  # what arrived during the last wait
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
             pass
         finally:
-            for reference, job in pending.items():
-                ray.cancel(reference, force=True)
-                deliver(job, interrupted(job))
+            with ctrl_c_held():  # a further Ctrl-C must not skip a job's record
+                for reference, job in pending.items():
+                    ray.cancel(reference, force=True)
+                    deliver(job, interrupted(job))
 
     def _keep_ready(self, ray, pending: Dict[Any, TrialJob], deliver, timeout: float) -> None:
         """Deliver (and drop from ``pending``) every task that has ended: its record, or ``interrupted`` for
@@ -114,11 +117,12 @@ class RayExecutor(ClusterExecutor):
         host knows it."""
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout) if pending else ([], [])
         for reference in ready:
-            job = pending.pop(reference)
-            record = self._result(ray, reference, job)
-            if record.get("status") == "interrupted":
-                record["error"] = stop_cause()
-            deliver(job, record)
+            with ctrl_c_held():  # a job is dropped from pending only once its record is delivered
+                job = pending.pop(reference)
+                record = self._result(ray, reference, job)
+                if record.get("status") == "interrupted":  # only ever by this Ctrl-C: the host's cause
+                    record["error"] = stop_cause()
+                deliver(job, record)
 
     @staticmethod
     def _result(ray, reference, job: TrialJob):
@@ -134,17 +138,15 @@ class RayExecutor(ClusterExecutor):
 def run_task(job: TrialJob) -> Dict[str, Any]:
     """What a Ray task runs: its trial, which a gentle ``ray.cancel`` (delivered to the task as a SIGINT)
     stops as Ctrl-C stops a trial in the host process, so the record keeps the steps and checkpoints it
-    reached. The worker process outlives the task: its own SIGINT handling is given back afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # no handler can be set: a plain trial
-        return execute_job(job)
-    previous = signal.getsignal(signal.SIGINT)
-    stop_trial_on(signal.SIGINT)
-    try:
-        return execute_job(job)
-    finally:
-        if previous is not None:  # None: a handler set outside Python, which cannot be put back
-            signal.signal(signal.SIGINT, previous)
-        forget_pending_stop()  # a cancel that came after the trial ended must not stop the worker's next one
+    reached.
+
+    The handler stays for the worker process's life: a cancel that lands after the trial ended, while Ray
+    stores the result, only notes a stop (a ``KeyboardInterrupt`` there would replace the record with
+    ``TaskCancelledError``), and the worker's next task forgets that note before its trial begins."""
+    if threading.current_thread() is threading.main_thread():  # elsewhere no handler can be set
+        stop_trial_on(signal.SIGINT)
+        forget_pending_stop()
+    return execute_job(job)
 
 
 @hookimpl

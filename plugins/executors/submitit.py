@@ -18,7 +18,8 @@ from typing import Any, Dict, List
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, execute_job, failed_record, interrupted,
                                    require_engine, stop_if_interrupted)
-from noprop_bench.run.interrupts import note_sigterm, note_time_limit, stop_cause, stop_trial, stop_trial_on
+from noprop_bench.run.interrupts import (ctrl_c_held, note_sigterm, note_time_limit, stop_cause, stop_trial,
+                                         stop_trial_on)
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
@@ -112,9 +113,10 @@ class SubmititExecutor(ClusterExecutor):
                     pending.append((job, engine.submit(run_job, copy)))
                 finished = [(job, handle) for job, handle in pending if handle.done()]
                 for job, handle in finished:
-                    pending.remove((job, handle))
-                    record = self._result(job, handle)
-                    deliver(job, record)
+                    with ctrl_c_held():  # dropped from pending only once delivered
+                        pending.remove((job, handle))
+                        record = self._result(job, handle)
+                        deliver(job, record)
                     stop_if_interrupted(record)  # local jobs share this terminal: Ctrl-C may reach them first
                 if pending and not finished:
                     time.sleep(POLL_SECONDS)
@@ -145,18 +147,20 @@ class SubmititExecutor(ClusterExecutor):
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
             pass
         finally:
-            for job, _ in pending:
-                deliver(job, interrupted(job))
+            with ctrl_c_held():  # a further Ctrl-C must not skip a job's record
+                for job, _ in pending:
+                    deliver(job, interrupted(job))
 
     def _keep_arrived(self, pending: list, deliver) -> None:
         """Deliver (and drop from ``pending``) every job whose result has been written; an interrupted trial's
         record names what stopped the run, as the host knows it."""
         for job, handle in [entry for entry in pending if entry[1].paths.result_pickle.exists()]:
-            record = self._result(job, handle)
-            if record.get("status") == "interrupted":
-                record["error"] = stop_cause()
-            pending.remove((job, handle))
-            deliver(job, record)
+            with ctrl_c_held():  # a job is dropped from pending only once its record is delivered
+                record = self._result(job, handle)
+                if record.get("status") == "interrupted":
+                    record["error"] = stop_cause()
+                pending.remove((job, handle))
+                deliver(job, record)
 
     @staticmethod
     def _result(job: TrialJob, handle) -> Dict[str, Any]:
