@@ -392,3 +392,54 @@ def test_helpers():
     assert list(low[:2]) == [40, 42] and list(high) == [40, 42, 42, 42]
     with pytest.raises(UsageError):
         parse_targets("120")
+
+
+def test_report_skips_a_line_that_is_not_text_and_refuses_a_directory_of_records(tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    good = (TESTS / "fixtures/report/mnist/trials.jsonl").read_bytes()
+    (damaged / "trials.jsonl").write_bytes(good + b"\xff\xfe not text\n")
+    assert report_main([str(damaged), "--out", str(tmp_path / "out")]) == 0
+    line = len(good.splitlines()) + 1
+    assert f"trials.jsonl:{line}: not UTF-8 text (a damaged or foreign line); skipped" in capsys.readouterr().err
+    odd = tmp_path / "odd"
+    (odd / "trials.jsonl").mkdir(parents=True)
+    assert report_main([str(odd)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials.jsonl is a directory" in err[0]
+
+
+def test_a_directory_that_does_not_exist_is_refused_not_left_out_of_a_merged_report(tmp_path, capsys):
+    assert report_main(["fixtures/report/mnist", str(tmp_path / "typo"), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'typo'}: no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_formats_given_by_repeating_the_flag_are_all_written(tmp_path):
+    out = tmp_path / "out"
+    assert report_main(["fixtures/report/mnist", "--out", str(out), "--format", "md", "--format", "json"]) == 0
+    assert (out / "table1.md").exists() and (out / "report.json").exists()
+
+
+def test_a_report_leaves_no_inference_sweep_of_trials_it_does_not_hold(tmp_path):
+    out = tmp_path / "out"
+    assert report_main(["fixtures/report/mnist", "--out", str(out)]) == 0
+    assert (out / "inference_sweep.md").exists()
+    assert report_main(["fixtures/report/cifar10", "--out", str(out)]) == 0
+    assert not (out / "inference_sweep.md").exists()
+
+
+def test_table1_lists_the_warnings_of_the_trials_it_holds():
+    records, _ = load("mnist")
+    records = copy.deepcopy(records)
+    records[0]["method_metrics"] = {"warnings": ["blocks 2 of 10 got less than one pass"]}
+    records[1]["warnings"] = ["2 of 8 checkpoints were evaluated"]
+    text = render_table1(records)
+    listed = text.split("Warnings of trials in the table:\n")[1].split("\n\n")[0].splitlines()
+    assert listed == [f"- {records[0]['row_label']} seed {records[0]['seed']} on MNIST5k: blocks 2 of 10 got less than one pass",
+                      f"- {records[1]['row_label']} seed {records[1]['seed']} on MNIST5k: 2 of 8 checkpoints were evaluated"]
+    assert "Warnings of trials" not in render_table1(load("mnist")[0])
+
+
+def test_time_to_accuracy_targets_given_twice_are_one_column():
+    assert parse_targets("90,95,90") == (90.0, 95.0)

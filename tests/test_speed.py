@@ -31,6 +31,7 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     assert rows[2]["checkpoint_setting"] == {"solver": "heun", "steps": 2}
     table = (out / "speed.md").read_text()
     assert "Tiny shape (1x16x16, 4 classes, random images)" in table and "eager bf16" in table
+    assert "\"vs backprop\": the row's samples/s over that method's with the same settings (above 1 is faster)" in table
     printed = capsys.readouterr()
     assert table in printed.out
     # each row's figures are printed as soon as it is measured, so a run cut short keeps them

@@ -56,6 +56,8 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     write_curves_csv(records, out / "curves.csv")
     if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):
         write_text(out / "inference_sweep.md", render_inference_sweep(records))
+    elif (out / "inference_sweep.md").exists():  # an earlier report's sweep, of trials these tables do not hold
+        (out / "inference_sweep.md").unlink()
     try:
         drawn = write_figure3(records, out / "figure3")
     except Exception as error:  # a plotting problem must not cost a finished run its tables
@@ -95,8 +97,9 @@ def build_report_parser() -> argparse.ArgumentParser:
                         help="insist on train-accuracy columns: a warning when no trial measured it (run with "
                              "--train-accuracy); without this flag they appear wherever trials measured it, as "
                              "in the run's own tables")
-    parser.add_argument("--format", default="md", metavar="FORMATS",
-                        help=f"what to write, comma-separated, from {','.join(FORMATS)} (default md): md the "
+    parser.add_argument("--format", action="append", metavar="FORMATS",
+                        help=f"what to write, comma-separated (or the flag repeated), from {','.join(FORMATS)} "
+                             "(default md): md the "
                              "markdown tables, curves.csv and figure3.png/.svg; csv or parquet the frames of "
                              "load_trials, load_runs and load_curves as trials, runs and curve_points files "
                              "(parquet needs the 'parquet' extra); html one self-contained report.html; json "
@@ -115,19 +118,21 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         targets = parse_targets(args.targets) if args.targets is not None else None
-        formats = parse_formats(args.format)
+        formats = parse_formats(",".join(args.format or ["md"]))
         if "parquet" in formats:
             require_parquet()
         for directory in args.dirs:
+            if not Path(directory).exists():  # a typo would quietly leave a run out of a merged report
+                raise UsageError(f"{directory}: no such directory")
             if Path(directory).is_file():
                 raise UsageError(f"{directory}: a file; give the run directory that holds {TRIALS_FILE}"
                                  + (f" ({Path(directory).parent})" if Path(directory).name == TRIALS_FILE else ""))
         out = Path(args.out) if args.out else (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("report"))
         check_output_directory(out, "--out")
+        records, notes = load_records(args.dirs)
     except UsageError as error:
         print(f"noprop-bench report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    records, notes = load_records(args.dirs)
     if not records:
         reasons = "; ".join(note[:-len("; skipped")] if note.endswith("; skipped") else note for note in notes)
         print(f"noprop-bench report: error: nothing to report ({reasons or 'no trials'}); each DIR must hold "

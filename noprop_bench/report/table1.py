@@ -190,6 +190,9 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     kept, rows, _ = drop_duplicate_seeds(ok, assign_rows(ok))  # the records and rows the cells are made of
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     seed_se = SEED_SE_TEXT if _has_seed_se(kept, rows) else ""
+    if len({r.get("seed") for r in kept}) == 1 and any(len(r.get("test_acc_runs") or []) > 1 for r in kept):
+        seed_se = (" With one seed, the ± of a method that samples is over inference runs of one trained model: it "
+                   "says nothing of the spread between training runs.")
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(kept)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
                f"single value.{seed_se}{_fewer_seeds_text(kept, rows, train_columns)} "
@@ -229,6 +232,22 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def warning_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """A line per warning that a trial in the table recorded (the harness's, such as checkpoints that fell
+    within one step, and the method's own, such as NoProp-DT blocks a short budget left untrained): its
+    cell holds a number all the same, so the table says what qualifies it."""
+    lines = []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        warnings = list(record.get("warnings") or [])
+        metrics = record.get("method_metrics")
+        warnings += list(metrics.get("warnings") or []) if isinstance(metrics, dict) else []
+        dataset = record.get("dataset_label") or record.get("dataset")
+        lines += [f"{trial_label(record)} seed {record.get('seed')} on {dataset}: {warning}" for warning in warnings]
+    return lines
+
+
 def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,
                     notes: Sequence[str] = (), current_code: Optional[CodeByMethod] = None,
                     not_run: Sequence[str] = ()) -> Document:
@@ -249,7 +268,8 @@ def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, 
         frame = table1_frame(group, train_columns=has_train, paper=paper, notes=notes, current_code=current_code)
         sections.append(Section(None, frame, table1_caption(group, has_train, paper, current_code)))
     return Document("Table 1: classification accuracy", sections, "No trial finished successfully.",
-                    [("Not in the table:", not_ok_lines(records) + list(not_run)), ("Skipped:", notes)])
+                    [("Warnings of trials in the table:", warning_lines(records)),
+                     ("Not in the table:", not_ok_lines(records) + list(not_run)), ("Skipped:", notes)])
 
 
 def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,

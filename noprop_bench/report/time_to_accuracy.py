@@ -29,7 +29,7 @@ def parse_targets(text: str) -> Tuple[float, ...]:
         raise UsageError(f"--targets {text!r}: expected accuracies in percent separated by commas, e.g. 90,95,97") from None
     if not targets or not all(0 < t <= 100 for t in targets):
         raise UsageError(f"--targets {text!r}: expected accuracies between 0 and 100, e.g. 90,95,97")
-    return targets
+    return tuple(dict.fromkeys(targets))  # a target given twice is one column
 
 
 def first_time_reaching(curve: Any, target: float) -> Optional[float]:
@@ -118,7 +118,8 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
                 "it: \"m ended below\" says how many of the seeds that reached it finished their budget "
                 "below it (Table 1 has the final accuracies). Resolution is the spacing of the test "
                 "evaluations (--checkpoints), and the curve is observed only, never used to stop training. "
-                + resolution_text(trials) + checkpoint_text(group) + " " + settings_text(group))))
+                + " ".join(part for part in (resolution_text(trials).strip(), checkpoint_text(group),
+                                             settings_text(group)) if part))))
     return Document("Time to accuracy", sections, "No trial finished successfully.")
 
 

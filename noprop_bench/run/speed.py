@@ -377,7 +377,9 @@ def speed_main(argv: Sequence[str]) -> int:
               f"Median of {steps} train steps after {plain_warmup} untimed warm-up step(s)"
               f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
-              f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}).")
+              f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}). "
+              f"\"vs {rows[0]['ratio_to'] if rows else 'backprop'}\": the row's samples/s over that method's with "
+              f"the same settings (above 1 is faster).")
     if interrupted:
         header += f" Interrupted: {len(rows)} of the {len(planned)} planned rows were measured."
     text = render(rows, header) + render_profiles(rows)

@@ -168,14 +168,20 @@ class TrialStore:
     def read(self) -> Tuple[List[Dict[str, Any]], List[str]]:
         """All valid records, and a note for each line that could not be read (e.g. a killed write)."""
         records, skipped = [], []
+        if self.path.is_dir():
+            raise UsageError(f"{self.path} is a directory; it must be the file of trial records noprop-bench "
+                             f"writes: move the directory away")
         if not self.path.exists():
             return records, skipped
-        with open(self.path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
+        with open(self.path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    skipped.append(f"{self.path}:{number}: not UTF-8 text (a damaged or foreign line)")
+                    continue
                 except json.JSONDecodeError:
                     skipped.append(f"{self.path}:{number}: not valid JSON (truncated write?)")
                     continue
