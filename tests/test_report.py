@@ -443,3 +443,13 @@ def test_table1_lists_the_warnings_of_the_trials_it_holds():
 
 def test_time_to_accuracy_targets_given_twice_are_one_column():
     assert parse_targets("90,95,90") == (90.0, 95.0)
+
+
+def test_figure3_with_one_seed_promises_no_band():
+    from noprop_bench.report.figures import figure3
+
+    records, _ = load("mnist")
+    assert "band: min–max over seeds" in figure3(records)._suptitle.get_text().replace("\n", " ")
+    one_seed = [r for r in records if r["seed"] == records[0]["seed"]]
+    title = figure3(one_seed)._suptitle.get_text().replace("\n", " ")
+    assert "line: the one seed's curve (no band: one seed)" in title and "min–max" not in title
