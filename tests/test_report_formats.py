@@ -120,6 +120,19 @@ def test_json_summary_matches_the_markdown_tables(tmp_path):
         line = next(l for l in table2.splitlines() if l.startswith(f"| {cell['row']} "))
         assert f"{cell['samples_per_second']:.0f}" in line
     assert summary["not_ok"] and any("diverged" in line for line in summary["not_ok"])
+    captions = [line for line in table1.splitlines() if line.startswith("Train and test accuracy (%)")]
+    assert [t["caption"] for t in summary["table1"]] == captions  # the conditions travel with the numbers
+    assert "paper" not in cells[0]
+
+
+def test_json_summary_with_paper_holds_the_papers_numbers(tmp_path):
+    code, out = report(tmp_path, "json", "--paper")
+    assert code == 0
+    cells = [c for t in json.loads((out / "report.json").read_text())["table1"] for c in t["cells"]]
+    dt = next(c for c in cells if c["row"] == "NoProp-DT (one-hot)" and c["dataset"] == "cifar10")
+    assert dt["paper"] == {"row": "NoProp-DT (one-hot)", "mean": 79.25, "se": 0.28}  # paper_numbers.csv
+    assert next(c for c in cells if c["row"] == "Backprop with linear head")["paper"] is None  # not in the paper
+    assert all("paper" in c and "older_code" in c for c in cells)
 
 
 class Page(HTMLParser):

@@ -154,7 +154,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         if kind in formats:
             written.append(", ".join(path.name for path in write_frames(records, out, kind)))
     if "json" in formats:
-        written.append(write_json(records, out, notes).name)
+        written.append(write_json(records, out, notes, paper=args.paper).name)
     if "html" in formats:
         written.append(write_html(records, out, notes=notes, targets=targets, paper=args.paper,
                                   train_columns=measured_train, sources=[str(d) for d in args.dirs]).name)

@@ -58,9 +58,9 @@ def write_frames(records: List[Dict[str, Any]], out, kind: str) -> List[Path]:
     return written
 
 
-def write_json(records: List[Dict[str, Any]], out, notes: Sequence[str] = ()) -> Path:
+def write_json(records: List[Dict[str, Any]], out, notes: Sequence[str] = (), paper: bool = False) -> Path:
     """``report.json``: Table 1 and Table 2 as numbers (see :func:`summary.summary`)."""
-    text = json.dumps(summary(records, notes), indent=1, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(summary(records, notes, paper), indent=1, ensure_ascii=False, allow_nan=False)
     return write_text(Path(out) / "report.json", text + "\n")
 
 

@@ -8,7 +8,9 @@ import numpy as np
 from .records import (assign_rows, budget_unit, check_records, comparability, comparable_groups, dataset_columns,
                       drop_duplicate_seeds, field_mean, mean_and_standard_error, memory_kind, ordered_rows,
                       seconds_per_epoch)
-from .table1 import SPLITS, not_ok_lines
+from . import paper as paper_data
+from .code_versions import older_code_trials
+from .table1 import SPLITS, not_ok_lines, table1_caption, warning_lines
 from .tables import GB
 
 SUMMARY_FORMAT = "noprop-bench report summary"
@@ -52,18 +54,33 @@ def accuracy_cell(records: Sequence[Dict[str, Any]], field: str) -> Optional[Dic
             "se_over_seed_means": _number(mean_and_standard_error(seed_means)[1]), "values": values}
 
 
-def table1_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One entry per Table 1 table (comparable group) with one cell per row, dataset and split."""
+def _paper_cell(record: Dict[str, Any], spec: str, split: str) -> Optional[Dict[str, Any]]:
+    """The paper's Table 1 number for a cell, or None where the paper has none."""
+    row = paper_data.paper_row_label(record)
+    published = paper_data.paper_accuracy(row, spec, split) if row else None
+    return None if published is None else {"row": row, "mean": _number(published[0]), "se": _number(published[1])}
+
+
+def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[Dict[str, Any]]:
+    """One entry per Table 1 table (comparable group) with one cell per row, dataset and split, and the
+    caption of ``table1.md`` (what the cells are and the conditions they were measured under); ``older_code``
+    where a trial of the cell ran other code than its method's newest (``†`` in ``table1.md``); with
+    ``paper``, each cell's published number (``paper``, null where the paper has none)."""
     tables = []
     for group in comparable_groups(records):
         cells = []
+        older = older_code_trials(group)  # the † of table1.md
         for family, row, spec, label, chosen in _cells(group):
             for split, field in SPLITS.items():
                 cell = accuracy_cell(chosen, field)
                 if cell is not None:
                     cells.append({"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
-                                  "dataset_label": label, "split": split, **cell})
-        tables.append({**_settings(group[0], None), "cells": cells})
+                                  "dataset_label": label, "split": split, **cell,
+                                  "older_code": any(str(r.get("trial_id")) in older for r in chosen),
+                                  **({"paper": _paper_cell(chosen[0], spec, split)} if paper else {})})
+        train_columns = any(cell["split"] == "train" for cell in cells)
+        tables.append({**_settings(group[0], None), "caption": table1_caption(group, train_columns, paper),
+                       "cells": cells})
     return tables
 
 
@@ -83,11 +100,11 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return tables
 
 
-def summary(records: List[Dict[str, Any]], notes: Sequence[str] = ()) -> Dict[str, Any]:
+def summary(records: List[Dict[str, Any]], notes: Sequence[str] = (), paper: bool = False) -> Dict[str, Any]:
     """Table 1 and Table 2 of ``records`` as plain data (JSON-ready); accuracies in %, memory in GB (10^9
-    bytes), ``se`` null for a single value."""
+    bytes), ``se`` null for a single value; the warnings of the trials in the tables, as under Table 1."""
     records, bad = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
     return {"format": SUMMARY_FORMAT, "version": SUMMARY_VERSION,
-            "table1": table1_summary(ok), "table2": table2_summary(ok),
+            "table1": table1_summary(ok, paper), "table2": table2_summary(ok), "warnings": warning_lines(ok),
             "not_ok": not_ok_lines(records), "skipped": list(notes) + bad}
