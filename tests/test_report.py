@@ -453,3 +453,11 @@ def test_figure3_with_one_seed_promises_no_band():
     one_seed = [r for r in records if r["seed"] == records[0]["seed"]]
     title = figure3(one_seed)._suptitle.get_text().replace("\n", " ")
     assert "line: the one seed's curve (no band: one seed)" in title and "min–max" not in title
+
+
+def test_paper_caption_promises_no_paper_columns_for_a_dataset_the_paper_lacks():
+    records = [{**r, "dataset": "fashion_mnist", "dataset_label": "F-MNIST"} for r in load("mnist")[0]]
+    text = render_table1(records, paper=True)
+    assert "No paper columns: the paper's Table 1 has no F-MNIST." in text
+    assert "(paper)" not in text and "Paper columns:" not in text
+    assert "Paper columns: Li, Teh, Pascanu (2025)" in render_table1(load("mnist")[0], paper=True)

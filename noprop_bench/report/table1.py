@@ -200,7 +200,10 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     final = final_settings_text(kept)
     caption += f" Inference (solver and steps): {final}." if final else ""
     caption += preset_text(ok)
-    if paper:
+    if paper and not any(paper_data.paper_dataset(r["dataset"]) for r in kept):
+        labels = ", ".join(dict.fromkeys(r.get("dataset_label") or r["dataset"] for r in kept))
+        caption += f" No paper columns: the paper's Table 1 has no {labels}."
+    elif paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
         with_delta = delta_rows(kept, rows)
         if with_delta:
