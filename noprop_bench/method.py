@@ -134,7 +134,8 @@ class Method(nn.Module):
         Default: none."""
 
     def trial_metrics(self) -> Dict[str, Any]:
-        """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations)."""
+        """Extra JSON-serialisable numbers to store with the trial (e.g. function evaluations). A
+        ``"warnings"`` entry (a list of texts) is printed when the trial ends and listed under Table 1."""
         return {}
 
     def curve_metrics(self) -> Dict[str, Any]:

@@ -439,6 +439,19 @@ def test_table1_lists_the_warnings_of_the_trials_it_holds():
     assert listed == [f"- {records[0]['row_label']} seed {records[0]['seed']} on MNIST5k: blocks 2 of 10 got less than one pass",
                       f"- {records[1]['row_label']} seed {records[1]['seed']} on MNIST5k: 2 of 8 checkpoints were evaluated"]
     assert "Warnings of trials" not in render_table1(load("mnist")[0])
+    # a plugin's warnings as one text, or a number, are one warning each, never a character per line
+    records[0]["method_metrics"] = {"warnings": "blocks untrained"}
+    records[1]["warnings"] = 3
+    assert render_table1(records).split("Warnings of trials in the table:\n")[1].split("\n\n")[0].splitlines() == [
+        f"- {records[0]['row_label']} seed {records[0]['seed']} on MNIST5k: blocks untrained",
+        f"- {records[1]['row_label']} seed {records[1]['seed']} on MNIST5k: 3"]
+
+
+def test_warnings_of_a_seed_given_twice_are_those_of_the_trial_the_table_holds():
+    records = copy.deepcopy(load("mnist")[0])
+    earlier = {**copy.deepcopy(records[0]), "trial_id": "an-earlier-copy", "warnings": ["the dropped copy's"]}
+    text = render_table1([earlier] + records)  # the later record of the same row, dataset and seed is used
+    assert "the dropped copy's" not in text
 
 
 def test_time_to_accuracy_targets_given_twice_are_one_column():
@@ -453,6 +466,11 @@ def test_figure3_with_one_seed_promises_no_band():
     one_seed = [r for r in records if r["seed"] == records[0]["seed"]]
     title = figure3(one_seed)._suptitle.get_text().replace("\n", " ")
     assert "line: the one seed's curve (no band: one seed)" in title and "min–max" not in title
+    # several seeds of other trials do not make a band of a line drawn from one seed
+    other_seed = {**copy.deepcopy(one_seed[0]), "seed": 99, "trial_id": "another-seed", "row_label": "Other"}
+    other_seed["params"] = {**other_seed.get("params", {}), "lr": 0.123}
+    assert "min–max" in figure3(one_seed + [other_seed, {**other_seed, "seed": 98, "trial_id": "x"}]
+                                )._suptitle.get_text().replace("\n", " ")
 
 
 def test_paper_caption_promises_no_paper_columns_for_a_dataset_the_paper_lacks():
@@ -461,3 +479,6 @@ def test_paper_caption_promises_no_paper_columns_for_a_dataset_the_paper_lacks()
     assert "No paper columns: the paper's Table 1 has no F-MNIST." in text
     assert "(paper)" not in text and "Paper columns:" not in text
     assert "Paper columns: Li, Teh, Pascanu (2025)" in render_table1(load("mnist")[0], paper=True)
+    mixed = render_table1(load("mnist")[0] + [{**r, "dataset": "fashion_mnist", "dataset_label": "F-MNIST"}
+                                              for r in load("mnist")[0]], paper=True)
+    assert "for reference (none for F-MNIST: not in the paper's Table 1)." in mixed

@@ -112,8 +112,8 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     [--format md,csv,parquet,html,json]``.
 
     Writes the formats asked for (printing Table 1 with ``md``), warns on stderr about skipped directories
-    and lines, and returns 0; returns 2 with one line on stderr when nothing valid was found, an option is
-    bad or pyarrow is missing for ``parquet``.
+    and lines, and returns 0; returns 2 with one line on stderr when nothing valid was found, a DIR does not
+    exist, a ``trials.jsonl`` is a directory, an option is bad or pyarrow is missing for ``parquet``.
     """
     args = build_report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -95,9 +95,13 @@ def _points(record: Dict[str, Any]) -> List[Tuple[float, float]]:
     return points
 
 
-def _band_text(records: Sequence[Dict[str, Any]], short: bool = False) -> str:
-    """What the lines and bands are; with one seed there is no band, and the line is that seed's."""
-    if len({r.get("seed") for r in records}) < 2:
+def _band_text(pairs: Sequence[Tuple[Dict[str, Any], str]], short: bool = False) -> str:
+    """What the lines and bands of ``(record, row)`` pairs are; where every line has one seed there is no
+    band, and each line is that seed's curve."""
+    seeds: Dict[Tuple[str, Any], set] = {}
+    for record, row in pairs:
+        seeds.setdefault((row, record.get("dataset")), set()).add(record.get("seed"))
+    if all(len(found) < 2 for found in seeds.values()):
         return "one seed: its curve, no band" if short else "line: the one seed's curve (no band: one seed)"
     if short:
         return "mean, band min–max over seeds"
@@ -132,7 +136,7 @@ def figure3(records: List[Dict[str, Any]]):
                         markersize=2.5, linewidth=1.4)
                 ax.fill_between(times, low, high, color=colours[row], alpha=0.2, linewidth=0)
             title = label if len(groups) == 1 else "\n".join([
-                label, f"{budget}, {backbone}, batch {batch}, {speed}", device, _band_text(group, short=True),
+                label, f"{budget}, {backbone}, batch {batch}, {speed}", device, _band_text(chosen, short=True),
                 *(textwrap.fill(line, 60) for line in _points_lines([r for r, _ in chosen]))])
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("cumulative training time (s)")
@@ -145,7 +149,7 @@ def figure3(records: List[Dict[str, Any]]):
         budget, backbone, device, batch, speed = comparability(groups[0][0][0], by_device=True)
         ok = [r for g, _ in groups for r in g]
         lines = [f"Budget {budget}, backbone {backbone}, batch {batch}, {speed}", device,
-                 _band_text(ok),
+                 _band_text([pair for g, r in groups for pair in zip(g, r)]),
                  *_points_lines(ok)]
         # wrapped to the figure's width (8 pt characters are about 4.4 pt wide), not cut off at its edges
         figure.suptitle("\n".join(textwrap.fill(line, int(4.5 * width * 72 / 4.4)) for line in lines), fontsize=8)

@@ -69,7 +69,7 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
     tables = []
     for group in comparable_groups(records):
         cells = []
-        older = older_code_trials(group)  # the † of table1.md
+        older = older_code_trials(drop_duplicate_seeds(group, assign_rows(group))[0])  # the † of table1.md
         for family, row, spec, label, chosen in _cells(group):
             for split, field in SPLITS.items():
                 cell = accuracy_cell(chosen, field)

@@ -200,11 +200,13 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     final = final_settings_text(kept)
     caption += f" Inference (solver and steps): {final}." if final else ""
     caption += preset_text(ok)
+    lacking = ", ".join(dict.fromkeys(r.get("dataset_label") or r["dataset"] for r in kept
+                                      if not paper_data.paper_dataset(r["dataset"])))
     if paper and not any(paper_data.paper_dataset(r["dataset"]) for r in kept):
-        labels = ", ".join(dict.fromkeys(r.get("dataset_label") or r["dataset"] for r in kept))
-        caption += f" No paper columns: the paper's Table 1 has no {labels}."
+        caption += f" No paper columns: the paper's Table 1 has no {lacking}."
     elif paper:
-        caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference."
+        caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference"
+        caption += f" (none for {lacking}: not in the paper's Table 1)." if lacking else "."
         with_delta = delta_rows(kept, rows)
         if with_delta:
             caption += (f" Δ = our mean − the paper's mean, shown only for rows run under --preset paper with "
@@ -235,17 +237,32 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def tabled_records(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ok trials whose values the tables hold: of a seed given twice in a row and dataset, the last."""
+    kept = []
+    for group in comparable_groups([r for r in records if r.get("status") == "ok"]):
+        kept += drop_duplicate_seeds(group, assign_rows(group))[0]
+    return kept
+
+
+def _warning_texts(value: Any) -> List[str]:
+    """A record's warnings as texts, whatever a plugin stored: a list, one text, or something else."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(item) for item in value]
+    return [str(value)]
+
+
 def warning_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
-    """A line per warning that a trial in the table recorded (the harness's, such as checkpoints that fell
-    within one step, and the method's own, such as NoProp-DT blocks a short budget left untrained): its
-    cell holds a number all the same, so the table says what qualifies it."""
+    """A line per warning that a trial in the tables recorded (the harness's, such as checkpoints that fell
+    within one step, and the method's own ``trial_metrics()["warnings"]``, such as NoProp-DT blocks a short
+    budget left untrained): its cell holds a number all the same, so the table says what qualifies it."""
     lines = []
-    for record in records:
-        if record.get("status") != "ok":
-            continue
-        warnings = list(record.get("warnings") or [])
+    for record in tabled_records(records):
         metrics = record.get("method_metrics")
-        warnings += list(metrics.get("warnings") or []) if isinstance(metrics, dict) else []
+        warnings = _warning_texts(record.get("warnings")) + (
+            _warning_texts(metrics.get("warnings")) if isinstance(metrics, dict) else [])
         dataset = record.get("dataset_label") or record.get("dataset")
         lines += [f"{trial_label(record)} seed {record.get('seed')} on {dataset}: {warning}" for warning in warnings]
     return lines
