@@ -310,7 +310,7 @@ class _TrialRun:
         self.method: Optional[Method] = None
         self.steps = self.samples = 0
         self.test_features: Optional[FeatureBatches] = None
-        self.evaluation_said_at = 0.0  # when the final evaluation last printed a line (perf_counter)
+        self.evaluation_started = self.evaluation_said_at = 0.0  # the final evaluation's start, last line
         self.speed = None
         self.checkpoint_test = stratified_subset(data.test, spec.checkpoint_size)
         if torch.device(spec.device).type == "cuda":
@@ -497,54 +497,51 @@ class _TrialRun:
         """Test accuracy over the inference runs, and what else was asked for, into the record."""
         spec, data, record = self.spec, self.data, self.record
         runs = spec.inference_runs if spec.method.stochastic else 1
-        started = time.perf_counter()
+        self.evaluation_started = time.perf_counter()
         # every test evaluation below shares one pass of the setting-independent part (the backbone)
         self.test_features = split_features(self.method, data.test, data.normalize, self.eval_batch,
-                                            self._progress_reporter(started, "test features", len(data.test)))
+                                            self._progress_reporter("test features", len(data.test)))
         test = []
         for run in range(runs):
             what = f"test inference run {run + 1}/{runs}"
-            test.append(self._test_accuracy(spec.seed * 1000 + 1 + run,
-                                            progress=self._progress_reporter(started, what, len(data.test))))
-            self._evaluation_progress(started, f"{what}: {test[-1]:.2f}%")
+            test.append(self._test_accuracy(spec.seed * 1000 + 1 + run, what))
+            self._evaluation_progress(f"{what}: {test[-1]:.2f}%")
         record["test_acc_runs"] = test
         record["test_acc"] = float(np.mean(test))
         if spec.train_accuracy:
             train_split = train_accuracy_split(data.train, len(data.test))
             record["train_acc_size"] = len(train_split)
             train_features = split_features(self.method, train_split, data.normalize, self.eval_batch,
-                                            self._progress_reporter(started, "train features", len(train_split)))
+                                            self._progress_reporter("train features", len(train_split)))
             train = []
             for run in range(runs):
                 what = f"train inference run {run + 1}/{runs}"
                 train.append(evaluate(self.method, train_split, data.normalize, self.eval_batch,
                                       seed=spec.seed * 1000 + 501 + run, features=train_features,
-                                      progress=self._progress_reporter(started, what, len(train_split))))
-                self._evaluation_progress(started, f"{what}: {train[-1]:.2f}%")
+                                      progress=self._progress_reporter(what, len(train_split))))
+                self._evaluation_progress(f"{what}: {train[-1]:.2f}%")
             del train_features
             record["train_acc_runs"] = train
             record["train_acc"] = float(np.mean(train))
         if self.data.val is not None:
             record["val_acc"] = evaluate(self.method, self.data.val, data.normalize, self.eval_batch,
                                          seed=spec.seed * 1000 + 701,
-                                         progress=self._progress_reporter(started, "validation", len(self.data.val)))
-        record["diagnostics"] = {
-            name: self._test_accuracy(spec.seed * 1000 + 801, setting, require_finite=False,
-                                      progress=self._progress_reporter(started, f"diagnostic {name}", len(data.test)))
-            for name, setting in self.method.diagnostic_settings().items()}
+                                         progress=self._progress_reporter("validation", len(self.data.val)))
+        record["diagnostics"] = {name: self._test_accuracy(spec.seed * 1000 + 801, f"diagnostic {name}", setting,
+                                                           require_finite=False)
+                                 for name, setting in self.method.diagnostic_settings().items()}
         if spec.inference_sweep:
-            record["inference_sweep"] = [self._sweep_point(setting, runs, started)
-                                         for setting in self.method.sweep_settings()]
+            record["inference_sweep"] = [self._sweep_point(setting, runs) for setting in self.method.sweep_settings()]
 
-    def _evaluation_progress(self, started: float, what: str) -> None:
+    def _evaluation_progress(self, what: str) -> None:
         """A line per inference run once a final evaluation has run for a while (a 1000-step sampler on
         the CPU takes minutes), so a long one is not silent."""
         now = time.perf_counter()
-        if now - started >= FINAL_PROGRESS_AFTER_SECONDS:
+        if now - self.evaluation_started >= FINAL_PROGRESS_AFTER_SECONDS:
             self.evaluation_said_at = now
-            self.say(f"{self.spec.describe()}: final evaluation, {what} ({now - started:.0f}s so far)")
+            self.say(f"{self.spec.describe()}: final evaluation, {what} ({now - self.evaluation_started:.0f}s so far)")
 
-    def _progress_reporter(self, started: float, what: str, images: int) -> ImagesDone:
+    def _progress_reporter(self, what: str, images: int) -> ImagesDone:
         """The progress of one pass of the final evaluation: a line with the images done whenever
         :data:`HEARTBEAT_SECONDS` have passed since the evaluation last said anything, so that one long
         inference run is not silent either."""
@@ -553,25 +550,24 @@ class _TrialRun:
             if done < images and now - self.evaluation_said_at >= HEARTBEAT_SECONDS:
                 self.evaluation_said_at = now
                 self.say(f"{self.spec.describe()}: final evaluation, {what}: {done}/{images} images "
-                         f"({now - started:.0f}s so far)")
+                         f"({now - self.evaluation_started:.0f}s so far)")
         return report
 
-    def _sweep_point(self, setting: Dict[str, Any], runs: int, evaluation_started: float) -> Dict[str, Any]:
+    def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
         spec = self.spec
         started = time.perf_counter()
-        accuracies = [self._test_accuracy(
-            spec.seed * 1000 + 1 + r, setting, require_finite=False,
-            progress=self._progress_reporter(evaluation_started, f"sweep {setting} run {r + 1}/{runs}",
-                                             len(self.data.test)))
-            for r in range(runs)]
+        accuracies = [self._test_accuracy(spec.seed * 1000 + 1 + r, f"sweep {setting} run {r + 1}/{runs}", setting,
+                                          require_finite=False)
+                      for r in range(runs)]
         return {"setting": setting, "test_acc_runs": accuracies, "test_acc": float(np.mean(accuracies)),
                 "eval_seconds": time.perf_counter() - started}
 
-    def _test_accuracy(self, seed: int, setting: Optional[Dict[str, Any]] = None, require_finite: bool = True,
-                       progress: Optional[ImagesDone] = None) -> float:
+    def _test_accuracy(self, seed: int, what: str, setting: Optional[Dict[str, Any]] = None,
+                       require_finite: bool = True) -> float:
+        """Accuracy on the test split, from the shared features, saying how far a long pass (``what``) is."""
         return evaluate(self.method, self.data.test, self.data.normalize, self.eval_batch, seed=seed,
                         setting=setting, features=self.test_features, require_finite=require_finite,
-                        progress=progress)
+                        progress=self._progress_reporter(what, len(self.data.test)))
 
     def finish(self):
         """Fill in what is known even when the trial stopped early."""
