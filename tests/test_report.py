@@ -482,3 +482,28 @@ def test_paper_caption_promises_no_paper_columns_for_a_dataset_the_paper_lacks()
     mixed = render_table1(load("mnist")[0] + [{**r, "dataset": "fashion_mnist", "dataset_label": "F-MNIST"}
                                               for r in load("mnist")[0]], paper=True)
     assert "for reference (none for F-MNIST: not in the paper's Table 1)." in mixed
+
+
+def test_table2_speaks_of_how_noprop_dt_and_backprop_dt_hold_memory_only_when_they_are_in_it():
+    records = [r for r in load("mixed")[0] if r.get("memory_kind") == "cuda_max_allocated"]
+    assert records and "NoProp-DT keeps all T blocks" not in render_table2(records)
+    with_dt = records + [{**copy.deepcopy(records[0]), "method": "noprop_dt", "trial_id": "dt", "row_label": "DT"}]
+    text = render_table2(with_dt)
+    assert "NoProp-DT keeps all T blocks and their AdamW moments there unless run with offload=true" in text
+    assert "Backprop (backprop_dt)" not in text
+
+
+def test_report_json_gives_the_difference_to_the_paper_where_table1_does():
+    from noprop_bench.report.summary import summary
+
+    records, _ = load("mnist")
+    ct = [r for r in records if r["row_label"] == "NoProp-CT (one-hot)"]
+    protocol = {"name": "paper", "overrides": []}
+    clean = [{**ct[0], "preset": protocol}, {**ct[1], "preset": protocol},
+             {**ct[1], "seed": 2, "trial_id": "third-seed", "preset": protocol}]
+    others = [r for r in records if r["row_label"] != "NoProp-CT (one-hot)"]
+    cells = _cells(render_table1(clean + others, paper=True))
+    by_row = {c["row"]: c for t in summary(clean + others, paper=True)["table1"] for c in t["cells"]
+              if c["split"] == "test"}
+    assert f"{by_row['NoProp-CT (one-hot)']['paper']['delta']:+.2f}" == cells["NoProp-CT (one-hot)"][2]
+    assert by_row["NoProp-CT (dim=20)"]["paper"]["delta"] is None  # not run under the protocol: no Δ

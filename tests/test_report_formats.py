@@ -130,7 +130,7 @@ def test_json_summary_with_paper_holds_the_papers_numbers(tmp_path):
     assert code == 0
     cells = [c for t in json.loads((out / "report.json").read_text())["table1"] for c in t["cells"]]
     dt = next(c for c in cells if c["row"] == "NoProp-DT (one-hot)" and c["dataset"] == "cifar10")
-    assert dt["paper"] == {"row": "NoProp-DT (one-hot)", "mean": 79.25, "se": 0.28}  # paper_numbers.csv
+    assert dt["paper"] == {"row": "NoProp-DT (one-hot)", "mean": 79.25, "se": 0.28, "delta": None}  # no protocol
     assert next(c for c in cells if c["row"] == "Backprop with linear head")["paper"] is None  # not in the paper
     assert all("paper" in c and "older_code" in c for c in cells)
 

@@ -10,7 +10,7 @@ from .records import (assign_rows, budget_unit, check_records, comparability, co
                       seconds_per_epoch)
 from . import paper as paper_data
 from .code_versions import older_code_trials
-from .table1 import SPLITS, not_ok_lines, table1_caption, warning_lines
+from .table1 import SPLITS, delta_rows, not_ok_lines, table1_caption, warning_lines
 from .tables import GB
 
 SUMMARY_FORMAT = "noprop-bench report summary"
@@ -54,22 +54,29 @@ def accuracy_cell(records: Sequence[Dict[str, Any]], field: str) -> Optional[Dic
             "se_over_seed_means": _number(mean_and_standard_error(seed_means)[1]), "values": values}
 
 
-def _paper_cell(record: Dict[str, Any], spec: str, split: str) -> Optional[Dict[str, Any]]:
-    """The paper's Table 1 number for a cell, or None where the paper has none."""
+def _paper_cell(record: Dict[str, Any], spec: str, split: str, ours: Optional[float],
+                with_delta: bool) -> Optional[Dict[str, Any]]:
+    """The paper's Table 1 number for a cell, or None where the paper has none; ``delta`` (our mean − the
+    paper's) only for a row run under the paper's protocol (the Δ of ``table1.md``), null otherwise."""
     row = paper_data.paper_row_label(record)
     published = paper_data.paper_accuracy(row, spec, split) if row else None
-    return None if published is None else {"row": row, "mean": _number(published[0]), "se": _number(published[1])}
+    if published is None:
+        return None
+    delta = _number(ours - published[0]) if with_delta and ours is not None else None
+    return {"row": row, "mean": _number(published[0]), "se": _number(published[1]), "delta": delta}
 
 
 def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[Dict[str, Any]]:
     """One entry per Table 1 table (comparable group) with one cell per row, dataset and split, and the
     caption of ``table1.md`` (what the cells are and the conditions they were measured under); ``older_code``
     where a trial of the cell ran other code than its method's newest (``†`` in ``table1.md``); with
-    ``paper``, each cell's published number (``paper``, null where the paper has none)."""
+    ``paper``, each cell's published number and, for rows run under the paper's protocol, the difference
+    (``paper``, null where the paper has none)."""
     tables = []
     for group in comparable_groups(records):
         cells = []
-        older = older_code_trials(drop_duplicate_seeds(group, assign_rows(group))[0])  # the † of table1.md
+        kept, rows, _ = drop_duplicate_seeds(group, assign_rows(group))
+        older, protocol_rows = older_code_trials(kept), delta_rows(kept, rows)  # the † and the Δ of table1.md
         for family, row, spec, label, chosen in _cells(group):
             for split, field in SPLITS.items():
                 cell = accuracy_cell(chosen, field)
@@ -77,7 +84,8 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
                     cells.append({"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
                                   "dataset_label": label, "split": split, **cell,
                                   "older_code": any(str(r.get("trial_id")) in older for r in chosen),
-                                  **({"paper": _paper_cell(chosen[0], spec, split)} if paper else {})})
+                                  **({"paper": _paper_cell(chosen[0], spec, split, cell["mean"],
+                                                           row in protocol_rows)} if paper else {})})
         train_columns = any(cell["split"] == "train" for cell in cells)
         tables.append({**_settings(group[0], None), "caption": table1_caption(group, train_columns, paper),
                        "cells": cells})

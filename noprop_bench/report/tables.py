@@ -18,10 +18,7 @@ MEMORY_KINDS = {
     "cuda_max_allocated": ("CUDA max allocated (torch.cuda.max_memory_allocated over training), the measure "
                            "closest to the paper's \"process GPU memory allocated\". It includes everything on "
                            "the device during training: the dataset (training and test splits are held there), "
-                           "the model, its optimiser state and activations. NoProp-DT keeps all T blocks and "
-                           "their AdamW moments there unless run with offload=true (then one block at a time); "
-                           "Backprop (backprop_dt) is the end-to-end model, all blocks' activations kept for one "
-                           "backward pass"),
+                           "the model, its optimiser state and activations"),
     "cuda_max_allocated_and_graph_pools": (
         "CUDA max allocated over training, plus the device memory reserved for the CUDA graphs of the "
         "recorded training updates (--compile on CUDA): the updates' activations and gradients live in those "
@@ -84,12 +81,30 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
     return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])
 
 
+# what the CUDA max-allocated figure holds for a method whose memory the paper's table compares
+CUDA_MEMORY_OF_METHOD = {
+    "noprop_dt": "NoProp-DT keeps all T blocks and their AdamW moments there unless run with offload=true (then "
+                 "one block at a time)",
+    "backprop_dt": "Backprop (backprop_dt) is the end-to-end model, all blocks' activations kept for one backward "
+                   "pass",
+}
+
+
+def _memory_text(kind: str, records: List[Dict[str, Any]]) -> str:
+    """What the memory column measures, with a word on the methods of the table that hold it differently."""
+    text = MEMORY_KINDS.get(kind, f"measure {kind!r}")
+    if kind == "cuda_max_allocated":
+        methods = dict.fromkeys(r.get("method") for r in records)
+        text += "".join(f". {CUDA_MEMORY_OF_METHOD[m]}" for m in methods if m in CUDA_MEMORY_OF_METHOD)
+    return text
+
+
 def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
     kind = memory_kind(records[0])
     seeds = len({r["seed"] for r in records})
     paper_text = (" Paper column: the paper's memory table (one-hot embedding, its own unnamed GPU and batch "
                   "settings), so the comparison is indicative." if paper and kind == "cuda_max_allocated" else "")
-    return (f"Peak memory in GB (10^9 bytes): {MEMORY_KINDS.get(kind, f'measure {kind!r}')}. Training throughput "
+    return (f"Peak memory in GB (10^9 bytes): {_memory_text(kind, records)}. Training throughput "
             f"in samples/s = training samples / training seconds (evaluation excluded); s/epoch = train-set "
             f"size / throughput. Means over {seeds} seed(s). {settings_text(records)}{paper_text}")
 
