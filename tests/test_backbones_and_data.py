@@ -116,6 +116,9 @@ def test_hold_out_is_stratified_and_disjoint():
     train, val = hold_out(split, 0.25, seed=0)
     assert len(train) == 60 and len(val) == 20
     assert torch.bincount(val.labels).tolist() == [5] * 4
+    # every image is distinct (its first pixel is its index), so the two parts share none and miss none
+    train_ids, val_ids = set(train.images[:, 0, 0, 0].tolist()), set(val.images[:, 0, 0, 0].tolist())
+    assert not train_ids & val_ids and train_ids | val_ids == set(range(80))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

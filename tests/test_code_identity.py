@@ -2,8 +2,11 @@
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 import noprop_bench_plugins
 from noprop_bench.provenance import code_identity, describe_code, git_commit, git_modified, same_code
@@ -25,8 +28,9 @@ def test_the_code_of_a_built_in_method_is_its_distribution_version_and_checkout_
     code = code_identity(Backprop)
     assert code["distribution"] == "noprop-bench" and code["version"] == "0.1.0"
     source = Path(noprop_bench_plugins.__file__).parent
-    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0 and "site-packages" not in source.parts:  # an editable install of a checkout
+    head = shutil.which("git") and subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
+                                                  capture_output=True, text=True)
+    if head and head.returncode == 0 and "site-packages" not in source.parts:  # an editable install of a checkout
         assert code["git_commit"] == head.stdout.strip()
         assert re.fullmatch(r"noprop-bench 0\.1\.0, git [0-9a-f]{12}( with uncommitted changes)?", describe_code(code))
     else:
@@ -96,6 +100,7 @@ def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
     assert "Linear (one-hot)" in (out / "table1.md").read_text() and "†" not in (out / "table1.md").read_text()
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to make a checkout")
 def test_a_checkout_with_uncommitted_changes_says_so(tmp_path, monkeypatch):
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     package = tmp_path / "changed_plugin"

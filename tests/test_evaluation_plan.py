@@ -12,6 +12,7 @@ from noprop_bench.run import evaluation_plan
 from noprop_bench.method import Method
 from noprop_bench.run.evaluation_plan import (CPU_EVAL_BATCH, evaluation_batch_size, evaluation_batches,
                                               stratified_subset, train_accuracy_split)
+from noprop_bench.run.evaluation import predictions
 from noprop_bench.run.runner import evaluate
 from noprop_bench_plugins.methods.backprop import Backprop
 from noprop_helpers import mnist_shaped_task
@@ -60,6 +61,9 @@ def test_evaluation_batch_size_does_not_change_a_deterministic_prediction(one_th
                              features=8)
     method = Backprop(task)
     split = Split(task.train_images, task.train_labels)
+    logits = [predictions(method, split, task.normalize, batch, seed=0) for batch in (1, 7, 40, 1000)]
+    for other in logits[1:]:  # a batch of another size may sum in another order: float rounding only
+        torch.testing.assert_close(other, logits[0], rtol=1e-5, atol=1e-6)
     accuracies = {evaluate(method, split, task.normalize, batch, seed=0) for batch in (1, 7, 40, 1000)}
     assert len(accuracies) == 1
 
