@@ -280,23 +280,10 @@ def ct_baseline(tmp_path_factory):
     return path
 
 
-def ct_check(path, tmp_path, params):
-    code = run_keeping_threads(["--methods", f"noprop_ct[steps=50{',' + params if params else ''}]", *CT_RUN,
+def ct_check(path, tmp_path):
+    code = run_keeping_threads(["--methods", "noprop_ct[steps=50]", *CT_RUN,
                                 "--baseline", str(path), "--out", str(tmp_path / "run")])
     return code, (tmp_path / "run" / "regression.md").read_text()
-
-
-def test_noprop_ct_with_learning_rate_zero_fails_the_check(ct_baseline, tmp_path, capsys, monkeypatch):
-    """The regression check catches a NoProp-CT that no longer learns (the issue's deliberate break) through
-    its code (its default learning rate): the same row's accuracy falls. (Through a parameter the run is
-    another configuration and fails as one: the next test.)"""
-    from noprop_bench_plugins.methods.noprop_ct import NoPropCT
-
-    assert json.loads(ct_baseline.read_text())["rows"]["mnist5k / NoProp-CT (one-hot) [steps=50]"]["accuracy_mean"] > 25
-    monkeypatch.setitem(NoPropCT.defaults, "lr", 0.0)
-    code, _ = ct_check(ct_baseline, tmp_path / "code", "")
-    assert code == 3
-    assert "mnist5k / NoProp-CT (one-hot) [steps=50]: accuracy fell" in capsys.readouterr().err
 
 
 def test_a_method_run_with_another_parameter_is_another_row_and_fails_the_check(fake_run, tmp_path, capsys):
@@ -310,14 +297,19 @@ def test_a_method_run_with_another_parameter_is_another_row_and_fails_the_check(
             "instead" in capsys.readouterr().err)
 
 
-def test_noprop_ct_a_few_points_worse_fails_the_check(ct_baseline, tmp_path, monkeypatch):
-    """A NoProp-CT that still learns, only worse (its code now has a smaller learning rate), fails the check too."""
+def test_noprop_ct_broken_through_its_code_fails_the_check(ct_baseline, tmp_path, capsys, monkeypatch):
+    """The regression check catches a NoProp-CT whose code changed what it learns (its default learning rate)
+    in the same row: here a break of only a few points, so a NoProp-CT that no longer learns at all (the
+    learning rate 0 of the original deliberate break) falls further through the same check. (A changed
+    parameter is another configuration and fails as one: the fake-method test above.)"""
     from noprop_bench_plugins.methods.noprop_ct import NoPropCT
 
+    assert json.loads(ct_baseline.read_text())["rows"]["mnist5k / NoProp-CT (one-hot) [steps=50]"]["accuracy_mean"] > 25
     monkeypatch.setitem(NoPropCT.defaults, "lr", DEGRADED_LR)
-    code, table = ct_check(ct_baseline, tmp_path, "")
+    code, table = ct_check(ct_baseline, tmp_path)
     fell = float(re.search(r"accuracy fell ([0-9.]+) points", table).group(1))
     assert code == 3 and DEGRADED_FALL[0] <= fell <= DEGRADED_FALL[1], table
+    assert "mnist5k / NoProp-CT (one-hot) [steps=50]: accuracy fell" in capsys.readouterr().err
 
 
 def test_a_run_with_a_failed_trial_says_it_did_not_check_or_save_the_baseline(fake_run, tmp_path, capsys):
