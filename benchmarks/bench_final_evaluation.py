@@ -7,7 +7,7 @@ method's own sweep and 5 inference runs, and must give identical accuracies. Rou
 the two; the ratio of the medians of the evaluation seconds is printed and stored in ``extra_info``.
 Backbone noprop_cnn (mnist5k's default; the gain grows with the backbone's share of the cost, e.g.
 resnet18 or a GPU); full size: the method's defaults (CT: 1000-step inference, sweep of 2..1000 steps;
-DT: 10 blocks); smoke size: CT at 10 inference steps and two sweep points, DT with 3 blocks.
+DT: 10 blocks); smoke size: CT at 10 inference steps and two sweep points, DT with 3 blocks, 2 runs.
 
     NOPROP_BENCH_FULL=1 pytest benchmarks/bench_final_evaluation.py -s
 """
@@ -29,11 +29,12 @@ def data():
     return RunData.load(MNIST5k(), torch.device("cpu"))
 
 
-def _evaluation(data, method: str, backbone: str, params: dict, share: bool, monkeypatch):
+def _evaluation(data, method: str, backbone: str, params: dict, runs: int, share: bool, monkeypatch):
     cls = load_plugins().method(method)
     spec = TrialSpec(method=cls, params=cls.resolve_params(params), dataset="mnist5k",
                      backbone=backbone, budget=Budget.parse("2steps"), seed=0, batch_size=32,
-                     device=torch.device("cpu"), augment="none", checkpoints=0, inference_sweep=True)
+                     device=torch.device("cpu"), augment="none", checkpoints=0, inference_sweep=True,
+                     inference_runs=runs)
     with monkeypatch.context() as patch:
         if not share:
             patch.setattr(Method, "reuses_features", lambda self: False)
@@ -45,15 +46,16 @@ def _evaluation(data, method: str, backbone: str, params: dict, share: bool, mon
 
 @pytest.mark.parametrize("method", ["noprop_ct", "noprop_dt"])
 def test_final_evaluation_shares_the_backbone(benchmark, data, smoke, monkeypatch, method):
-    backbone, params, rounds = "noprop_cnn", {}, 3  # the method's defaults (CT: 1000 steps, sweep of 2..1000)
+    backbone, params, runs, rounds = "noprop_cnn", {}, 5, 3  # the defaults (CT: 1000 steps, sweep of 2..1000)
     if smoke:
-        params, rounds = ({"sweep_steps": "2,5", "steps": 10} if method == "noprop_ct" else {"blocks": 3}), 1
+        params = {"sweep_steps": "2,5", "steps": 10} if method == "noprop_ct" else {"blocks": 3}
+        runs, rounds = 2, 1
     seconds = {True: [], False: []}
     results = {}
 
     def one_round():
         for share in (False, True):
-            elapsed, accuracies = _evaluation(data, method, backbone, params, share, monkeypatch)
+            elapsed, accuracies = _evaluation(data, method, backbone, params, runs, share, monkeypatch)
             seconds[share].append(elapsed)
             results.setdefault(share, accuracies)
 
@@ -62,6 +64,6 @@ def test_final_evaluation_shares_the_backbone(benchmark, data, smoke, monkeypatc
     shared, whole = statistics.median(seconds[True]), statistics.median(seconds[False])
     benchmark.extra_info.update({"shared_s": shared, "recomputed_s": whole, "speedup": whole / shared,
                                  "method": method, "backbone": backbone, "params": params, "rounds": rounds})
-    print(f"\nfinal evaluation of {method} ({backbone}, {params or 'default parameters'}, 5 runs): "
+    print(f"\nfinal evaluation of {method} ({backbone}, {params or 'default parameters'}, {runs} runs): "
           f"recomputed {whole:.1f} s, shared {shared:.1f} s: {whole / shared:.2f}x "
           f"(medians of {rounds} alternating rounds)")
