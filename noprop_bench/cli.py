@@ -222,7 +222,7 @@ def _plan(args, registry, device, command) -> tuple:
     augment = args.augment or dataset.augment
     settings = chosen_settings(device.type, args.precision, args.channels_last, args.compile, args.cudnn_benchmark)
     speed = settings.identity()
-    specs = [TrialSpec(method=cls, params=params, dataset=args.dataset, backbone=backbone,
+    specs = [TrialSpec(method=cls, params=params, dataset=dataset.spec, backbone=backbone,
                        budget=paper_budget(cls.name, dataset) if paper_epochs else budget,
                        seed=seed, batch_size=args.batch_size, device=device, augment=augment,
                        inference_runs=args.inference_runs, checkpoints=args.checkpoints,
@@ -319,7 +319,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         say(estimate_text(pending, RunData.load(dataset, device, val_split=args.val_split)))
     if jobs:
         budgets = ", ".join(dict.fromkeys(str(spec.budget) for spec in specs))
-        say(f"{len(jobs)} trial(s) on {args.dataset}, budget {budgets} each, backbone {specs[0].backbone}, "
+        say(f"{len(jobs)} trial(s) on {dataset.spec}, budget {budgets} each, backbone {specs[0].backbone}, "
             f"device {device}, {specs[0].speed.describe()}, executor {executor.spec_text}")
 
     progress = Progress(len(jobs))

@@ -103,6 +103,13 @@ class Dataset:
     def display_name(self) -> str:
         return self.label or self.name
 
+    @property
+    def spec(self) -> str:
+        """``NAME`` or ``NAME:ARGUMENT``, as trial records name the dataset: the same text must mean the same
+        data from any working directory (a worker's, a later run's), so a dataset taking a path makes
+        ``self.argument`` absolute."""
+        return self.name if self.argument is None else f"{self.name}:{self.argument}"
+
     def load(self, split: str) -> Split:
         """The whole ``split`` (``"train"`` or ``"test"``) as uint8 images and labels."""
         raise NotImplementedError

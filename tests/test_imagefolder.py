@@ -1,5 +1,6 @@
 """``imagefolder:PATH`` on small trees of real PNG and JPEG files."""
 
+import json
 import os
 from pathlib import Path
 
@@ -218,6 +219,26 @@ def test_end_to_end_training_run(tmp_path, capsys):
               "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "trials.jsonl").exists()
+
+
+def test_a_folder_is_one_dataset_however_its_path_is_spelled(tmp_path, capsys, monkeypatch):
+    """Records name the folder by its absolute path: a relative spelling of it is the same dataset (the
+    rerun skips it), and one relative path from another working directory is another folder."""
+    write_tree(tmp_path / "tree", per_class=(8, 4), size=(16, 16))
+    (tmp_path / "elsewhere").mkdir()
+    write_tree(tmp_path / "elsewhere" / "tree", per_class=(8, 4), size=(16, 16), seed=1)
+    run = ["--methods", "backprop", "--backbone", "noprop_cnn", "--budget", "2steps", "--seeds", "1",
+           "--batch-size", "4", "--checkpoints", "0", "--out", str(tmp_path / "out")]
+    for cwd, spelling in ((tmp_path, "tree"), (tmp_path, str(tmp_path / "tree")), (tmp_path / "elsewhere", "tree")):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*run, "--dataset", f"imagefolder:{spelling}"])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("skip ") == 1
+    records = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
+    assert [r["dataset"] for r in records] == [f"imagefolder:{tmp_path / 'tree'}",
+                                               f"imagefolder:{tmp_path / 'elsewhere' / 'tree'}"]
 
 
 def test_the_first_decode_says_what_it_does_and_a_cached_load_says_nothing(tmp_path, capsys, monkeypatch):

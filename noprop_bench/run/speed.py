@@ -386,7 +386,7 @@ def speed_main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text)
     (out / "speed.json").write_text(json.dumps({"device": device_name(device), "backbone": backbone,
-                                                "dataset": args.dataset, "batch_size": args.batch_size,
+                                                "dataset": dataset.spec, "batch_size": args.batch_size,
                                                 "rows": rows}, indent=1, default=str))
     print(text)
     say(f"written to {out}/ (speed.md, speed.json)")

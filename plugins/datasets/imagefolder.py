@@ -35,7 +35,8 @@ class ImageFolder(Dataset):
 
     def __init__(self, argument=None, root=None, download=True):
         super().__init__(argument, root=root, download=download)
-        self.path = Path(argument).expanduser()
+        self.path = Path(argument).expanduser().absolute()  # the same folder in records, workers and reruns
+        self.argument = str(self.path)
         self.files = {split: _scan_split(self.path, split) for split in SPLITS}
         train, test = (sorted(self.files[split]) for split in SPLITS)
         if train != test:
