@@ -269,6 +269,61 @@ def test_a_job_stopped_alone_is_one_interrupted_trial_one_that_saw_ctrl_c_stops_
         assert [(r["status"], r["steps"]) for r in delivered] == [("interrupted", 7), ("ok", 7)]
 
 
+@pytest.mark.parametrize("engine", ["ray", "submitit"])
+def test_ctrl_c_while_a_finished_trial_is_delivered_keeps_it_and_every_other(engine, tmp_path, monkeypatch):
+    """A Ctrl-C that lands while the host stores a job's record (here: the first thing ``deliver`` does)
+    waits until the record is stored; then the run stops, keeping every other result that had arrived.
+    Before, the job was already out of ``pending`` and its record was lost."""
+    from noprop_bench_plugins.executors import ray as ray_executor
+
+    jobs = [_job(load_plugins()) for _ in range(3)]
+    for index, job in enumerate(jobs):
+        job.header["trial_id"] = f"trial-{index}"
+    finished = {job.header["trial_id"]: dict(job.header, status="ok") for job in jobs}
+    if engine == "ray":
+        fake = types.SimpleNamespace(
+            is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 8},
+            remote=lambda function: types.SimpleNamespace(options=lambda **_: types.SimpleNamespace(
+                remote=lambda job: job.header["trial_id"])),
+            wait=lambda references, num_returns, timeout=None: (list(references)[:num_returns], []),
+            get=lambda reference: finished[reference], cancel=lambda reference, force: None,
+            exceptions=types.SimpleNamespace(TaskCancelledError=type("TaskCancelledError", (Exception,), {})))
+        monkeypatch.setattr(ray_executor, "require_engine", lambda *args: fake)
+        executor = RayExecutor("ray")
+    else:
+        class Handle:
+            job_id = "1_0"
+            paths = types.SimpleNamespace(result_pickle=Path(__file__))  # a result file exists
+
+            def __init__(self, copy):
+                self.trial_id = copy.header["trial_id"]
+
+            def done(self):
+                return True
+
+            def result(self):
+                return finished[self.trial_id]
+
+            def cancel(self, check):
+                pass
+
+        executor = SubmititExecutor("submitit[cluster=local]", cluster="local")
+        executor.out_dir = str(tmp_path)
+        monkeypatch.setattr(executor, "_engine", lambda folder: types.SimpleNamespace(
+            cluster="local", submit=lambda function, copy: Handle(copy)))
+        monkeypatch.setattr(executor, "_slots", lambda threads: 3)
+    delivered = []
+
+    def deliver(job, record):
+        if not delivered:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, just as the host begins to store the first record
+        delivered.append((job.header["trial_id"], record["status"]))
+
+    with pytest.raises(KeyboardInterrupt):
+        executor.run(jobs, deliver, lambda message: None)
+    assert delivered == [("trial-0", "ok"), ("trial-1", "ok"), ("trial-2", "ok")]
+
+
 def test_a_job_whose_worker_never_reported_is_recorded_with_its_identity():
     registry = load_plugins()
     job = _job(registry)
