@@ -30,10 +30,15 @@ def _settings(record: Dict[str, Any], by_device: Optional[bool]) -> Dict[str, An
             "batch_size": record.get("batch_size"), "speed": speed}
 
 
-def _cells(group: List[Dict[str, Any]]):
-    """``(family, row, dataset spec, dataset label, records of the cell)`` in the tables' order."""
-    rows = assign_rows(group)
-    group, rows, _ = drop_duplicate_seeds(group, rows)
+def _tabled(group: List[Dict[str, Any]]):
+    """The records a table is made of (a seed run twice counts once) and their rows."""
+    kept, rows, _ = drop_duplicate_seeds(group, assign_rows(group))
+    return kept, rows
+
+
+def _cells(group: List[Dict[str, Any]], rows: List[str]):
+    """``(family, row, dataset spec, dataset label, records of the cell)`` in the tables' order, from
+    :func:`_tabled`'s records and rows."""
     for family, row in ordered_rows(group, rows):
         for spec, label in dataset_columns(group).items():
             chosen = [r for r, name in zip(group, rows) if name == row and r["dataset"] == spec]
@@ -75,9 +80,9 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
     tables = []
     for group in comparable_groups(records):
         cells = []
-        kept, rows, _ = drop_duplicate_seeds(group, assign_rows(group))
+        kept, rows = _tabled(group)
         older, protocol_rows = older_code_trials(kept), delta_rows(kept, rows)  # the † and the Δ of table1.md
-        for family, row, spec, label, chosen in _cells(group):
+        for family, row, spec, label, chosen in _cells(kept, rows):
             for split, field in SPLITS.items():
                 cell = accuracy_cell(chosen, field)
                 if cell is not None:
@@ -98,12 +103,13 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     tables = []
     for group in comparable_groups(records, by_device=True):
         for kind in dict.fromkeys(memory_kind(r) for r in group):
+            kept, rows = _tabled([r for r in group if memory_kind(r) == kind])
             cells = [{"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
                       "dataset_label": label, "seeds": len(chosen),
                       "peak_memory_gb": _number(field_mean(chosen, "peak_memory_bytes", GB)),
                       "samples_per_second": _number(field_mean(chosen, "samples_per_second")),
                       "seconds_per_epoch": _number(seconds_per_epoch(chosen))}
-                     for family, row, spec, label, chosen in _cells([r for r in group if memory_kind(r) == kind])]
+                     for family, row, spec, label, chosen in _cells(kept, rows)]
             tables.append({**_settings(group[0], True), "memory_kind": kind, "cells": cells})
     return tables
 
