@@ -226,6 +226,10 @@ def test_run_settings_that_differ_are_named_as_they_are():
     with pytest.raises(UsageError, match="the run's datasets \\['imagefolder:/data/x'\\] differs from the "
                                          "baseline's \\['mnist5k'\\]"):
         check_compatible(baseline, record_settings(other_data))
+    folder_baseline = {**summarise([{**r, "dataset": "imagefolder:/home/a/pets"} for r in one_thread]),
+                       "command": baseline["command"]}
+    with pytest.raises(UsageError, match="named by its absolute path: the folder must be at the baseline's path"):
+        check_compatible(folder_baseline, record_settings(other_data))
     # a baseline of methods that do not sample says nothing of inference runs: a sampling method may join
     assert baseline["inference_runs"] is None
     sampling = [{**r, "stochastic": True, "inference_runs": 5} for r in one_thread]

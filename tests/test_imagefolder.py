@@ -222,20 +222,22 @@ def test_end_to_end_training_run(tmp_path, capsys):
 
 
 def test_a_folder_is_one_dataset_however_its_path_is_spelled(tmp_path, capsys, monkeypatch):
-    """Records name the folder by its absolute path: a relative spelling of it is the same dataset (the
-    rerun skips it), and one relative path from another working directory is another folder."""
+    """Records name the folder by its absolute path: relative spellings of it are the same dataset (the
+    reruns skip it), and one relative path from another working directory is another folder."""
     write_tree(tmp_path / "tree", per_class=(8, 4), size=(16, 16))
     (tmp_path / "elsewhere").mkdir()
     write_tree(tmp_path / "elsewhere" / "tree", per_class=(8, 4), size=(16, 16), seed=1)
     run = ["--methods", "backprop", "--backbone", "noprop_cnn", "--budget", "2steps", "--seeds", "1",
            "--batch-size", "4", "--checkpoints", "0", "--out", str(tmp_path / "out")]
-    for cwd, spelling in ((tmp_path, "tree"), (tmp_path, str(tmp_path / "tree")), (tmp_path / "elsewhere", "tree")):
+    spellings = ((tmp_path, "tree"), (tmp_path, str(tmp_path / "tree")), (tmp_path / "elsewhere", "../tree"),
+                 (tmp_path / "elsewhere", "tree"))
+    for cwd, spelling in spellings:
         monkeypatch.chdir(cwd)
         with pytest.raises(SystemExit) as exit_info:
             main([*run, "--dataset", f"imagefolder:{spelling}"])
         assert exit_info.value.code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert err.count("skip ") == 1
+    assert err.count("skip ") == 2
     records = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
     assert [r["dataset"] for r in records] == [f"imagefolder:{tmp_path / 'tree'}",
                                                f"imagefolder:{tmp_path / 'elsewhere' / 'tree'}"]

@@ -349,7 +349,7 @@ def test_channels_last_trains_as_the_default_memory_format_does(cls, params, one
         # terms of opposite signs differs more than the whole)
         for (name, a), (_, b) in zip(twins[0].named_parameters(), twins[1].named_parameters()):
             if step == 0 and a.grad is not None and a.dim() == 4:
-                assert (a.grad - b.grad).norm() <= 1e-4 * a.grad.norm(), name
+                assert (a.grad - b.grad).norm() <= 1e-3 * a.grad.norm(), name  # seen: up to 7e-5
 
 
 def test_compiled_fp32_matches_eager(fake_run, tmp_path):

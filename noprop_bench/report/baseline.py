@@ -220,8 +220,8 @@ def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None
     where no method samples) is not checked."""
     for key in SETTINGS:
         if baseline.get(key) is not None and settings[key] is not None and settings[key] != baseline[key]:
-            spelling = (" (a folder given by another path, relative or absolute, is another dataset here: give it "
-                        "as the baseline does)" if key == "datasets" and all(
+            spelling = (" (a dataset read from a folder is named by its absolute path: the folder must be at the "
+                        "baseline's path, or save a baseline for this one)" if key == "datasets" and all(
                             ":" in "".join(side) for side in (settings[key], baseline[key])) else "")
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
                              f"{baseline[key]!r}{spelling}; rerun with the baseline's settings "

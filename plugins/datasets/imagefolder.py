@@ -35,7 +35,8 @@ class ImageFolder(Dataset):
 
     def __init__(self, argument=None, root=None, download=True):
         super().__init__(argument, root=root, download=download)
-        self.path = Path(argument).expanduser().absolute()  # the same folder in records, workers and reruns
+        # absolute, with "." and ".." taken out: the same folder in records, workers and reruns
+        self.path = Path(os.path.abspath(Path(argument).expanduser()))
         self.argument = str(self.path)
         self.files = {split: _scan_split(self.path, split) for split in SPLITS}
         train, test = (sorted(self.files[split]) for split in SPLITS)
