@@ -275,6 +275,12 @@ def test_cudnn_autotuning_is_refused_off_cuda():
         chosen_settings("cpu", cudnn_benchmark=True)
 
 
+def test_tf32_is_refused_off_cuda():
+    assert chosen_settings("cuda", precision="tf32").precision == "tf32"
+    with pytest.raises(UsageError, match="--precision tf32: TF32 is for CUDA devices only; on cpu give fp32"):
+        chosen_settings("cpu", precision="tf32")
+
+
 
 def test_defaults_per_device_and_bad_values():
     assert chosen_settings("cpu").is_reference

@@ -71,9 +71,13 @@ class SpeedSettings:
         return text + (", cuDNN autotuning" if self.cudnn_benchmark else "")
 
     def check_device(self, device_type: str) -> None:
-        """Refuse settings that mean nothing on ``device_type``: cuDNN autotuning off CUDA."""
+        """Refuse settings that mean nothing on ``device_type``: cuDNN autotuning and TF32 off CUDA (a CPU run
+        labelled tf32 would compute in fp32 and sit in a cell of its own)."""
         if self.cudnn_benchmark and device_type != "cuda":
             raise UsageError(f"--cudnn-benchmark: cuDNN runs on CUDA devices only, not on {device_type}")
+        if self.precision == "tf32" and device_type != "cuda":
+            raise UsageError(f"--precision tf32: TF32 is for CUDA devices only; on {device_type} give fp32 (what "
+                             f"it would compute) or bf16")
 
     @classmethod
     def from_dict(cls, fields: Optional[Dict[str, Any]]) -> "SpeedSettings":
@@ -107,8 +111,8 @@ def chosen_settings(device_type: str, precision: Optional[str] = None, channels_
 def add_speed_arguments(parser) -> None:
     """``--precision``, ``--channels-last``/``--no-channels-last`` and ``--compile`` on an argparse parser."""
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="arithmetic for every method of the run: fp32, tf32 (TF32 matmuls and convolutions "
-                             "on CUDA) or bf16 (autocast); default: fp32 on the CPU, tf32 on CUDA")
+                        help="arithmetic for every method of the run: fp32, tf32 (TF32 matmuls and convolutions; "
+                             "CUDA only) or bf16 (autocast); default: fp32 on the CPU, tf32 on CUDA")
     channels_last = parser.add_mutually_exclusive_group()
     channels_last.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="channels-last memory format for weights and images (default on CUDA, off on the CPU)")
