@@ -27,6 +27,9 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
         assert row["ms_per_step"] > 0 and row["samples_per_second"] == pytest.approx(8000 / row["ms_per_step"])
         assert row["inference_images_per_second_final"] > 0 and row["inference_images_per_second_checkpoint"] > 0
         assert row["ratio_to"] == "backprop" and row["steps_timed"] == 2
+        fastest, slowest = row["ms_per_step_range"]
+        assert fastest <= row["ms_per_step"] <= slowest
+    assert data["interrupted"] is False and data["rows_planned"] == 6
     assert [r["ratio"] for r in rows if r["method"] == "backprop"] == [1.0, 1.0]
     assert rows[2]["checkpoint_setting"] == {"solver": "heun", "steps": 2}
     table = (out / "speed.md").read_text()
@@ -38,6 +41,22 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
     first = rows[0]
     assert f"eager fp32: {first['ms_per_step']:.2f} ms/step" in printed.err
     assert printed.err.count(" ms/step (") == len(rows)
+
+
+def test_disturbed_steps_and_a_busy_machine_are_said_so():
+    """The median hides a step that another process slowed; the row says its steps differed widely, and the
+    caption says when the load average shows other processes competing for the CPU."""
+    from noprop_bench.run.speed import busy_machine_text, render
+
+    row = {"row_label": "Backprop", "settings": "eager fp32", "ms_per_step": 105.5, "samples_per_second": 1213.0,
+           "ratio_to": "backprop", "ratio": 1.0, "inference_images_per_second_final": 900.0,
+           "inference_images_per_second_checkpoint": 900.0, "peak_memory_bytes": 108e6, "compile_fallbacks": {},
+           "ms_per_step_range": [98.0, 691.9]}
+    assert "steps took 98.00-691.90 ms: disturbed, rerun on an idle machine" in render([row], "header")
+    steady = {**row, "ms_per_step_range": [98.0, 110.0]}
+    assert "disturbed" not in render([steady], "header")
+    assert "load average was 3.9 on 2 cores" in busy_machine_text(3.9, 2)
+    assert busy_machine_text(2.2, 2) == "" and busy_machine_text(None, 2) == ""  # this run's own threads
 
 
 def test_large_rates_are_printed_in_plain_digits():
@@ -149,6 +168,8 @@ def test_ctrl_c_keeps_the_rows_already_measured(tmp_path, one_thread, monkeypatc
     rows = json.loads((out / "speed.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["ms_per_step"] > 0
     assert "Interrupted: 1 of the 2 planned rows were measured." in (out / "speed.md").read_text()
+    data = json.loads((out / "speed.json").read_text())
+    assert data["interrupted"] is True and data["rows_planned"] == 2  # a script reading it sees the cut
 
 
 def test_ctrl_c_before_any_trial_exits_130_without_a_traceback(monkeypatch, capsys):
@@ -210,6 +231,8 @@ def test_speed_takes_one_cudnn_autotuning_value_per_run_and_refuses_it_on_the_cp
         build_parser().parse_args(["--cudnn-benchmark", "off,on"])
     with pytest.raises(UsageError, match="--cudnn-benchmark: cuDNN runs on CUDA devices only"):
         settings_grid(build_parser().parse_args(["--cudnn-benchmark"]), "cpu")
+    with pytest.raises(UsageError, match="--precision tf32: TF32 is for CUDA devices only"):
+        settings_grid(build_parser().parse_args(["--precision", "fp32,tf32"]), "cpu")
 
 
 @pytest.mark.parametrize("flag, value", [("--precision", "fp8"), ("--compile", "fast"), ("--channels-last", "yes"),

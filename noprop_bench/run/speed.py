@@ -1,7 +1,8 @@
 """``noprop-bench speed``: what a trial spends its budget and its evaluation on, without training to accuracy.
 
 For each method and each combination of speed settings asked for, on random images of the dataset's
-shape (the dataset is never loaded or downloaded): the median milliseconds of a train step after
+shape (the dataset is never loaded or downloaded, but for an image folder's decoding, cached, to learn
+its shape): the median milliseconds of a train step after
 warm-up (the device synchronised around each step), samples per second, the ratio to backprop (or to
 the first method), inference images per second at the method's final-evaluation setting and at its
 checkpoint setting, and the peak memory of the train steps. Writes ``speed.md`` and ``speed.json``.
@@ -13,6 +14,7 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -50,13 +52,19 @@ INFERENCE_IMAGES = {"cpu": 256}  # CUDA: the evaluation batch the trial would us
 PROFILED_STEPS = 10  # at most; never more than the steps timed
 FIGURES = ("ms_per_step", "samples_per_second", "inference_images_per_second_final",
            "inference_images_per_second_checkpoint", "peak_memory_bytes")
+MEMORY_WORDS = {"cpu_peak_rss": "cpu_peak_rss: the whole process's peak resident set size, interpreter and "
+                                "libraries included",
+                "cuda_max_allocated": "cuda_max_allocated: the most the caching allocator handed out"}
+NOISY_STEPS = 1.5  # a row whose slowest timed step took this many times its fastest says so
+BUSY_LOAD = 1.25  # a 1-minute load average above this many times the cores: other processes competed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noprop-bench speed",
         description="Time each method's train step and inference on random images of the dataset's shape "
-                    "(no dataset is loaded), for every combination of the speed settings given; prints a "
+                    "(no dataset is loaded or downloaded; an imagefolder is decoded once, and cached, to learn its "
+                    "shape), for every combination of the speed settings given; prints a "
                     "markdown table and writes speed.md and speed.json.",
         formatter_class=HelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods, NAME[key=value,...]")
@@ -205,7 +213,8 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     return {
         "method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
         "settings": settings.describe(), **applied.record(),
-        "ms_per_step": 1000 * median, "samples_per_second": batch_size / median,
+        "ms_per_step": 1000 * median, "ms_per_step_range": [1000 * min(times), 1000 * max(times)],
+        "samples_per_second": batch_size / median,
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
         "peak_memory_bytes": peak_bytes, "memory_kind": memory_kind,
@@ -283,6 +292,30 @@ def _cell(value: Optional[float], spec: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(value / scale, spec)
 
 
+def _noisy_steps(row: Dict[str, Any]) -> List[str]:
+    """A note when the timed steps of a row differ widely: something else took the device or the CPU."""
+    fastest, slowest = row.get("ms_per_step_range") or (None, None)
+    if fastest and slowest > NOISY_STEPS * fastest:
+        return [f"steps took {fastest:.2f}-{slowest:.2f} ms: disturbed, rerun on an idle machine"]
+    return []
+
+
+def busy_machine_text(load: Optional[float], cpus: Optional[int]) -> str:
+    """A caption sentence when the machine's load average shows other processes competing for the CPU."""
+    if load is None or not cpus or load <= BUSY_LOAD * cpus:
+        return ""
+    return (f" The machine was busy: its 1-minute load average was {load:.1f} on {cpus} cores, so steps ran "
+            f"slower than on an idle machine; the ratios, measured side by side, hold better than the "
+            f"milliseconds.")
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def render(rows: List[Dict[str, Any]], header: str) -> str:
     frame = pd.DataFrame([{
         "Method": row["row_label"], "Settings": row["settings"], "ms/step": _cell(row["ms_per_step"], ".2f"),
@@ -292,7 +325,8 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
         "inference img/s (checkpoint)": _cell(row["inference_images_per_second_checkpoint"], ".0f"),
         "peak MiB": _cell(row["peak_memory_bytes"], ".1f", 2**20),
         "notes": "; ".join(
-            [f"{k} ran eagerly: {v}" for k, v in row["compile_fallbacks"].items()]
+            _noisy_steps(row)
+            + [f"{k} ran eagerly: {v}" for k, v in row["compile_fallbacks"].items()]
             + [f"{k} not a CUDA graph: {v}" for k, v in row.get("capture_fallbacks", {}).items()]
             + ([f"not measured: {row['error']}"] if row.get("error") else [])),
     } for row in rows])
@@ -377,9 +411,12 @@ def speed_main(argv: Sequence[str]) -> int:
               f"Median of {steps} train steps after {plain_warmup} untimed warm-up step(s)"
               f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
-              f"checkpoint settings; peak memory of the train steps ({'; '.join(kinds)}{pools_note}). "
+              f"checkpoint settings; peak memory of the train steps "
+              f"({'; '.join(MEMORY_WORDS.get(kind, kind) for kind in kinds)}{pools_note}). "
               f"\"vs {rows[0]['ratio_to'] if rows else 'backprop'}\": the row's samples/s over that method's with "
               f"the same settings (above 1 is faster).")
+    load, cpus = _load_average(), os.cpu_count()
+    header += busy_machine_text(load, cpus)
     if interrupted:
         header += f" Interrupted: {len(rows)} of the {len(planned)} planned rows were measured."
     text = render(rows, header) + render_profiles(rows)
@@ -387,6 +424,8 @@ def speed_main(argv: Sequence[str]) -> int:
     (out / "speed.md").write_text(text)
     (out / "speed.json").write_text(json.dumps({"device": device_name(device), "backbone": backbone,
                                                 "dataset": dataset.spec, "batch_size": args.batch_size,
+                                                "interrupted": interrupted, "rows_planned": len(planned),
+                                                "load_average_1min": load, "cpus": cpus,
                                                 "rows": rows}, indent=1, default=str))
     print(text)
     say(f"written to {out}/ (speed.md, speed.json)")
