@@ -192,8 +192,10 @@ def test_images_of_different_sizes(tmp_path):
         ImageFolder(str(tmp_path / "tree")).load("test")
 
 
-@pytest.mark.parametrize("layout", ["missing", "no-test", "loose-file"])
-def test_bad_layouts_exit_2_without_traceback(tmp_path, capsys, layout):
+@pytest.mark.parametrize("layout, says", [("missing", "no such directory"), ("no-test", "it has no test/ folder"),
+                                          ("loose-file", "is not a class folder"), ("a-file", "a file, not a folder"),
+                                          ("empty", "imagefolder needs a folder")])
+def test_bad_layouts_exit_2_without_traceback(tmp_path, capsys, layout, says):
     tree = tmp_path / "tree"
     if layout != "missing":
         write_tree(tree)
@@ -205,10 +207,12 @@ def test_bad_layouts_exit_2_without_traceback(tmp_path, capsys, layout):
         (tree / "test").rmdir()
     if layout == "loose-file":
         (tree / "train" / "readme.txt").write_text("hello")
+    given = {"a-file": tree / "train" / "cat" / "000.png", "empty": ""}.get(layout, tree)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", f"imagefolder:{tree}", "--out", str(tmp_path / "out")])
+        main(["--dataset", f"imagefolder:{given}", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err and str(tree) in err
+    assert exit_info.value.code == 2 and "Traceback" not in err and says in err
+    assert str(Path(given).resolve()) in err if given else "imagefolder:PATH" in err
 
 
 def test_end_to_end_training_run(tmp_path, capsys):
@@ -222,25 +226,27 @@ def test_end_to_end_training_run(tmp_path, capsys):
 
 
 def test_a_folder_is_one_dataset_however_its_path_is_spelled(tmp_path, capsys, monkeypatch):
-    """Records name the folder by its absolute path: relative spellings of it are the same dataset (the
-    reruns skip it), and one relative path from another working directory is another folder."""
+    """Records name the folder by its absolute path, links followed: relative spellings of it and a link to
+    it are the same dataset (the reruns skip it), and one relative path from another working directory is
+    another folder."""
     write_tree(tmp_path / "tree", per_class=(8, 4), size=(16, 16))
     (tmp_path / "elsewhere").mkdir()
     write_tree(tmp_path / "elsewhere" / "tree", per_class=(8, 4), size=(16, 16), seed=1)
     run = ["--methods", "backprop", "--backbone", "noprop_cnn", "--budget", "2steps", "--seeds", "1",
            "--batch-size", "4", "--checkpoints", "0", "--out", str(tmp_path / "out")]
+    (tmp_path / "link").symlink_to(tmp_path / "tree")
     spellings = ((tmp_path, "tree"), (tmp_path, str(tmp_path / "tree")), (tmp_path / "elsewhere", "../tree"),
-                 (tmp_path / "elsewhere", "tree"))
+                 (tmp_path, "link"), (tmp_path / "elsewhere", "tree"))
     for cwd, spelling in spellings:
         monkeypatch.chdir(cwd)
         with pytest.raises(SystemExit) as exit_info:
             main([*run, "--dataset", f"imagefolder:{spelling}"])
         assert exit_info.value.code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert err.count("skip ") == 2
+    assert err.count("skip ") == 3
     records = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
-    assert [r["dataset"] for r in records] == [f"imagefolder:{tmp_path / 'tree'}",
-                                               f"imagefolder:{tmp_path / 'elsewhere' / 'tree'}"]
+    assert [r["dataset"] for r in records] == [f"imagefolder:{(tmp_path / 'tree').resolve()}",
+                                               f"imagefolder:{(tmp_path / 'elsewhere' / 'tree').resolve()}"]
 
 
 def test_the_first_decode_says_what_it_does_and_a_cached_load_says_nothing(tmp_path, capsys, monkeypatch):

@@ -35,8 +35,11 @@ class ImageFolder(Dataset):
 
     def __init__(self, argument=None, root=None, download=True):
         super().__init__(argument, root=root, download=download)
-        # absolute, with "." and ".." taken out: the same folder in records, workers and reruns
-        self.path = Path(os.path.abspath(Path(argument).expanduser()))
+        if not argument.strip():
+            raise UsageError("imagefolder needs a folder: --dataset imagefolder:PATH, with PATH/train/<class>/* "
+                             "and PATH/test/<class>/*")
+        # absolute, links followed, "." and ".." taken out: one folder is one name in records, workers, reruns
+        self.path = Path(argument).expanduser().resolve()
         self.argument = str(self.path)
         self.files = {split: _scan_split(self.path, split) for split in SPLITS}
         train, test = (sorted(self.files[split]) for split in SPLITS)
@@ -45,7 +48,7 @@ class ImageFolder(Dataset):
             raise UsageError(f"imagefolder {self.path}: train and test classes differ: only in train: "
                              f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
         self.classes = tuple(train)
-        self.label = self.path.resolve().name
+        self.label = self.path.name
         self._arrays = None
 
     @property
@@ -115,7 +118,8 @@ def _scan_split(path: Path, split: str) -> Dict[str, List[Tuple[Path, int, int]]
     """``{class: [(file, size, mtime_ns), ...]}`` for ``path/split``, refusing anything but class folders."""
     directory = path / split
     if not directory.is_dir():
-        what = "no such directory" if not path.exists() else f"it has no {split}/ folder"
+        what = ("no such directory" if not path.exists() else "a file, not a folder" if not path.is_dir()
+                else f"it has no {split}/ folder")
         raise UsageError(f"imagefolder {path}: {what}; expected {path}/train/<class>/* and {path}/test/<class>/*")
     classes = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
