@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma-separated methods to compare, each NAME or NAME[key=value,...]")
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name (NAME or NAME:ARGUMENT)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help="dataset name (NAME or NAME:ARGUMENT), e.g. cifar10, or imagefolder:PATH for your own "
+                             "PATH/{train,test}/<class>/* images; --list shows them all")
     parser.add_argument("--backbone", default=None,
                         help="any timm model name, or noprop_cnn (the paper's CNN); every method gets the same "
                              "one. Default: the dataset's choice, resnet18 for all but the embedded mnist5k "
