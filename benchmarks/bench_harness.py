@@ -4,7 +4,10 @@ Both sides train the backprop plugin (backbone ``noprop_cnn``, batch 128, MNIST-
 same number of steps. The bare loop calls ``train_step`` on batches prepared in advance; the runner
 also fetches, normalises and counts batches, reads its clock and checks for divergence. Rounds
 alternate between the two so drifting machine load hits both alike; the overhead is
-``1 - runner samples/s / bare samples/s`` from the medians, stored in ``extra_info`` and printed.
+``1 - runner samples/s / bare samples/s`` from the medians, stored in ``extra_info`` and printed with
+its verdict against ``TARGET_OVERHEAD``. Two full-size runs on the shared 2-core CPU gave 3.8% and -1.7%,
+so at full size (``NOPROP_BENCH_FULL=1``) the assertion is ``REGRESSION_OVERHEAD``: above the noise,
+below what a per-step host synchronisation or copy would cost.
 
     pytest benchmarks/bench_harness.py -s
 """
@@ -21,6 +24,8 @@ from noprop_bench.run.runner import RunData, TrialSpec, build_task, run_trial
 from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 BATCH = 128
+TARGET_OVERHEAD = 0.03  # measured on an idle 2-core CPU: 1.4% (2759 bare against 2720 samples/s)
+REGRESSION_OVERHEAD = 0.10
 
 
 @pytest.fixture(scope="module")
@@ -68,5 +73,9 @@ def test_harness_overhead(benchmark, data, smoke):
     overhead = 1 - runner_rate / bare_rate
     benchmark.extra_info.update({"bare_samples_per_s": bare_rate, "runner_samples_per_s": runner_rate,
                                  "overhead": overhead, "steps": steps, "rounds": rounds})
+    verdict = "meets" if overhead <= TARGET_OVERHEAD else "MISSES"
     print(f"\nharness overhead: bare {bare_rate:.0f} samples/s, runner {runner_rate:.0f} samples/s, "
-          f"overhead {overhead * 100:.1f}% (medians of {rounds} alternating rounds of {steps} steps)")
+          f"overhead {overhead * 100:.1f}% (medians of {rounds} alternating rounds of {steps} steps; {verdict} "
+          f"the {TARGET_OVERHEAD:.0%} target)")
+    if not smoke:
+        assert overhead <= REGRESSION_OVERHEAD
