@@ -212,7 +212,7 @@ def test_bad_layouts_exit_2_without_traceback(tmp_path, capsys, layout, says):
         main(["--dataset", f"imagefolder:{given}", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err and says in err
-    assert str(Path(given).resolve()) in err if given else "imagefolder:PATH" in err
+    assert str(given) in err if given else "imagefolder:PATH" in err
 
 
 def test_end_to_end_training_run(tmp_path, capsys):
@@ -226,9 +226,9 @@ def test_end_to_end_training_run(tmp_path, capsys):
 
 
 def test_a_folder_is_one_dataset_however_its_path_is_spelled(tmp_path, capsys, monkeypatch):
-    """Records name the folder by its absolute path, links followed: relative spellings of it and a link to
-    it are the same dataset (the reruns skip it), and one relative path from another working directory is
-    another folder."""
+    """Records name the folder by its absolute path: relative spellings of it are the same dataset (the
+    reruns skip it); one relative path from another working directory is another folder, and a link is a
+    name of its own (links are not followed: a cluster's nodes may reach their own copies through one)."""
     write_tree(tmp_path / "tree", per_class=(8, 4), size=(16, 16))
     (tmp_path / "elsewhere").mkdir()
     write_tree(tmp_path / "elsewhere" / "tree", per_class=(8, 4), size=(16, 16), seed=1)
@@ -236,17 +236,18 @@ def test_a_folder_is_one_dataset_however_its_path_is_spelled(tmp_path, capsys, m
            "--batch-size", "4", "--checkpoints", "0", "--out", str(tmp_path / "out")]
     (tmp_path / "link").symlink_to(tmp_path / "tree")
     spellings = ((tmp_path, "tree"), (tmp_path, str(tmp_path / "tree")), (tmp_path / "elsewhere", "../tree"),
-                 (tmp_path, "link"), (tmp_path / "elsewhere", "tree"))
+                 (tmp_path / "elsewhere", "tree"), (tmp_path, "link"))
     for cwd, spelling in spellings:
         monkeypatch.chdir(cwd)
         with pytest.raises(SystemExit) as exit_info:
             main([*run, "--dataset", f"imagefolder:{spelling}"])
         assert exit_info.value.code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert err.count("skip ") == 3
+    assert err.count("skip ") == 2
     records = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
-    assert [r["dataset"] for r in records] == [f"imagefolder:{(tmp_path / 'tree').resolve()}",
-                                               f"imagefolder:{(tmp_path / 'elsewhere' / 'tree').resolve()}"]
+    assert [r["dataset"] for r in records] == [f"imagefolder:{tmp_path / 'tree'}",
+                                               f"imagefolder:{tmp_path / 'elsewhere' / 'tree'}",
+                                               f"imagefolder:{tmp_path / 'link'}"]
 
 
 def test_the_first_decode_says_what_it_does_and_a_cached_load_says_nothing(tmp_path, capsys, monkeypatch):

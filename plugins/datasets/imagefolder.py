@@ -38,8 +38,9 @@ class ImageFolder(Dataset):
         if not argument.strip():
             raise UsageError("imagefolder needs a folder: --dataset imagefolder:PATH, with PATH/train/<class>/* "
                              "and PATH/test/<class>/*")
-        # absolute, links followed, "." and ".." taken out: one folder is one name in records, workers, reruns
-        self.path = Path(argument).expanduser().resolve()
+        # absolute, "." and ".." taken out: one name in records, workers and reruns. Links are kept as given: a
+        # cluster's nodes may reach their own copies through one link path, which its target would not name
+        self.path = Path(os.path.abspath(Path(argument).expanduser()))
         self.argument = str(self.path)
         self.files = {split: _scan_split(self.path, split) for split in SPLITS}
         train, test = (sorted(self.files[split]) for split in SPLITS)
@@ -48,7 +49,7 @@ class ImageFolder(Dataset):
             raise UsageError(f"imagefolder {self.path}: train and test classes differ: only in train: "
                              f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
         self.classes = tuple(train)
-        self.label = self.path.name
+        self.label = self.path.resolve().name
         self._arrays = None
 
     @property
