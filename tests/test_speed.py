@@ -55,8 +55,9 @@ def test_disturbed_steps_and_a_busy_machine_are_said_so():
     assert "steps took 98.00-691.90 ms: disturbed, rerun on an idle machine" in render([row], "header")
     steady = {**row, "ms_per_step_range": [98.0, 110.0]}
     assert "disturbed" not in render([steady], "header")
-    assert "load average was 3.9 on 2 cores" in busy_machine_text(3.9, 2)
-    assert busy_machine_text(2.2, 2) == "" and busy_machine_text(None, 2) == ""  # this run's own threads
+    assert "load average reached 3.9 on the 2 cores this process may use" in busy_machine_text(3.9, 2, 2)
+    assert busy_machine_text(2.2, 2, 2) == "" and busy_machine_text(None, 2, 2) == ""  # this run's own threads
+    assert busy_machine_text(3.9, 2, 4) == ""  # four threads of its own on two cores load them about 4
 
 
 def test_large_rates_are_printed_in_plain_digits():

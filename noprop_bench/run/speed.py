@@ -300,20 +300,30 @@ def _noisy_steps(row: Dict[str, Any]) -> List[str]:
     return []
 
 
-def busy_machine_text(load: Optional[float], cpus: Optional[int]) -> str:
-    """A caption sentence when the machine's load average shows other processes competing for the CPU."""
-    if load is None or not cpus or load <= BUSY_LOAD * cpus:
+def busy_machine_text(load: Optional[float], cpus: Optional[int], threads: int) -> str:
+    """A caption sentence when the machine's load average, above what this run's own ``threads`` explain,
+    shows other processes competing for the ``cpus`` this process may use."""
+    if load is None or not cpus or load <= BUSY_LOAD * max(cpus, threads):
         return ""
-    return (f" The machine was busy: its 1-minute load average was {load:.1f} on {cpus} cores, so steps ran "
-            f"slower than on an idle machine; the ratios, measured side by side, hold better than the "
-            f"milliseconds.")
+    return (f" The machine was busy: its 1-minute load average reached {load:.1f} on the {cpus} cores this "
+            f"process may use, so steps may have run slower than on an idle machine; the ratios, measured "
+            f"side by side, hold better than the milliseconds.")
 
 
-def _load_average() -> Optional[float]:
+def load_average() -> Optional[float]:
+    """The 1-minute load average, or None where the platform has none."""
     try:
         return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every platform
+    except (AttributeError, OSError):
         return None
+
+
+def usable_cpus() -> Optional[int]:
+    """The cores this process may run on (its affinity, which containers and schedulers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count()
 
 
 def render(rows: List[Dict[str, Any]], header: str) -> str:
@@ -378,8 +388,10 @@ def speed_main(argv: Sequence[str]) -> int:
     rows = []
     planned = list(itertools.product(grid, methods))
     interrupted = False
+    loads = []  # sampled before each row: a 1-minute average lags, so the highest one is kept
     try:
         for settings, (cls, params) in planned:
+            loads.append(load_average())
             warmup = warmup_steps(plain_warmup, settings)
             say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: {warmup} warm-up + {steps} timed "
                 f"steps ...")
@@ -415,8 +427,10 @@ def speed_main(argv: Sequence[str]) -> int:
               f"({'; '.join(MEMORY_WORDS.get(kind, kind) for kind in kinds)}{pools_note}). "
               f"\"vs {rows[0]['ratio_to'] if rows else 'backprop'}\": the row's samples/s over that method's with "
               f"the same settings (above 1 is faster).")
-    load, cpus = _load_average(), os.cpu_count()
-    header += busy_machine_text(load, cpus)
+    loads.append(load_average())
+    load = max((value for value in loads if value is not None), default=None)
+    cpus = usable_cpus()
+    header += busy_machine_text(load, cpus, torch.get_num_threads())
     if interrupted:
         header += f" Interrupted: {len(rows)} of the {len(planned)} planned rows were measured."
     text = render(rows, header) + render_profiles(rows)
@@ -425,7 +439,7 @@ def speed_main(argv: Sequence[str]) -> int:
     (out / "speed.json").write_text(json.dumps({"device": device_name(device), "backbone": backbone,
                                                 "dataset": dataset.spec, "batch_size": args.batch_size,
                                                 "interrupted": interrupted, "rows_planned": len(planned),
-                                                "load_average_1min": load, "cpus": cpus,
+                                                "load_average_1min_max": load, "cpus": cpus,
                                                 "rows": rows}, indent=1, default=str))
     print(text)
     say(f"written to {out}/ (speed.md, speed.json)")
