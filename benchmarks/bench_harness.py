@@ -75,7 +75,7 @@ def test_harness_overhead(benchmark, data, smoke):
                                  "overhead": overhead, "steps": steps, "rounds": rounds})
     verdict = "meets" if overhead <= TARGET_OVERHEAD else "MISSES"
     print(f"\nharness overhead: bare {bare_rate:.0f} samples/s, runner {runner_rate:.0f} samples/s, "
-          f"overhead {overhead * 100:.1f}% (medians of {rounds} alternating rounds of {steps} steps; {verdict} "
+          f"overhead {overhead * 100:.1f}% (medians of {len(bare)} alternating rounds of {steps} steps; {verdict} "
           f"the {TARGET_OVERHEAD:.0%} target)")
     if not smoke:
         assert overhead <= REGRESSION_OVERHEAD
