@@ -94,8 +94,10 @@ def test_every_executor_gives_the_same_trials_and_accuracies(executor, in_proces
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, tmp_path, keep_threads, capsys):
+    """The first trial kills its worker early, with three trials still to come: they run (the pool starts a
+    new worker), and only the killed trial is lost; a rerun trains it alone."""
     marker = tmp_path / "died-once"
-    command = ["--plugin", "executor_plugins", "--methods", f"backprop,doomed[marker={marker}]",
+    command = ["--plugin", "executor_plugins", "--methods", f"doomed[marker={marker},die_at_seed=0],backprop",
                "--dataset", "mnist5k", "--budget", "640samples", "--seeds", "2", "--checkpoints", "0",
                "--threads", "1", "--device", "cpu", "--executor", executor, "--out", str(tmp_path / "run")]
     assert run(command) == EXIT_TRIAL_FAILED
@@ -103,7 +105,7 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
     first = _records(tmp_path / "run")
     assert len(first) == 4
     failed = [r for r in first if r["status"] != "ok"]
-    assert [(r["method"], r["seed"], r["status"]) for r in failed] == [("doomed", 1, "failed")]
+    assert [(r["method"], r["seed"], r["status"]) for r in failed] == [("doomed", 0, "failed")]
     assert failed[0]["error"]  # the cause, in the engine's words
     if executor.startswith("local"):
         assert "died while running this trial: killed by signal 9 (SIGKILL)" in failed[0]["error"]
@@ -112,11 +114,13 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
         assert "ended without a result (killed, or crashed outside Python" in failed[0]["error"]
         assert "(FINISHED) returned" not in failed[0]["error"]  # not called finished while it was killed
         assert not (tmp_path / "run" / "submitit" / "%j").exists()  # submitit's literal folder template
+    if executor.startswith("local"):  # two workers at the start, and one in place of the killed one
+        assert capsys.readouterr().err.count(" started (pid ") == 3
     capsys.readouterr()
 
     assert run(command) == EXIT_OK
     err = capsys.readouterr().err
-    assert err.count("skip ") == 3 and f"finished 1/1: Doomed [marker={marker}] seed 1: ok" in err
+    assert err.count("skip ") == 3 and f"finished 1/1: Doomed [die_at_seed=0, marker={marker}] seed 0: ok" in err
     second = _records(tmp_path / "run")
     assert len(second) == 5 and second[:4] == first
     latest = latest_per_trial(second)
