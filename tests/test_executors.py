@@ -110,12 +110,12 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
     if executor.startswith("local"):
         assert "died while running this trial: killed by signal 9 (SIGKILL)" in failed[0]["error"]
         assert failed[0]["worker"]["host"] and failed[0]["worker"]["pid"]  # where it died
+        # two workers at the start, and one in place of the killed one
+        assert capsys.readouterr().err.count(" started (pid ") == 3
     if executor.startswith("submitit"):
         assert "ended without a result (killed, or crashed outside Python" in failed[0]["error"]
         assert "(FINISHED) returned" not in failed[0]["error"]  # not called finished while it was killed
         assert not (tmp_path / "run" / "submitit" / "%j").exists()  # submitit's literal folder template
-    if executor.startswith("local"):  # two workers at the start, and one in place of the killed one
-        assert capsys.readouterr().err.count(" started (pid ") == 3
     capsys.readouterr()
 
     assert run(command) == EXIT_OK
