@@ -37,6 +37,7 @@ from ..task import Task
 from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
+from .jobs import cpu_count
 from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .profile import StepProfile, profile_steps
 from .runner import backbone_width
@@ -318,14 +319,6 @@ def load_average() -> Optional[float]:
         return None
 
 
-def usable_cpus() -> Optional[int]:
-    """The cores this process may run on (its affinity, which containers and schedulers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count()
-
-
 def render(rows: List[Dict[str, Any]], header: str) -> str:
     frame = pd.DataFrame([{
         "Method": row["row_label"], "Settings": row["settings"], "ms/step": _cell(row["ms_per_step"], ".2f"),
@@ -429,7 +422,7 @@ def speed_main(argv: Sequence[str]) -> int:
               f"the same settings (above 1 is faster).")
     loads.append(load_average())
     load = max((value for value in loads if value is not None), default=None)
-    cpus = usable_cpus()
+    cpus = cpu_count()
     header += busy_machine_text(load, cpus, torch.get_num_threads())
     if interrupted:
         header += f" Interrupted: {len(rows)} of the {len(planned)} planned rows were measured."
