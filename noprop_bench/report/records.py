@@ -230,7 +230,7 @@ def memory_kind(record: Dict[str, Any]) -> str:
 
 def device_counts(records: Sequence[Dict[str, Any]]) -> Counter:
     """Trials per device name, counted as the tables count them (a duplicate seed once)."""
-    kept, _, _ = drop_duplicate_seeds(records, assign_rows(records))
+    kept, _ = rows_without_duplicate_seeds(records)
     return Counter(device_name(record) for record in kept)
 
 
@@ -437,6 +437,12 @@ def drop_duplicate_seeds(records: Sequence[Dict[str, Any]], rows: Sequence[str]
         last[key] = index
     keep = sorted(last.values())
     return [records[i] for i in keep], [rows[i] for i in keep], notes
+
+
+def rows_without_duplicate_seeds(records: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The records a table is made of (of a seed given twice in a row and dataset, the last) and their rows."""
+    kept, rows, _ = drop_duplicate_seeds(records, assign_rows(records))
+    return kept, rows
 
 
 def markdown(frame, align_first_left: bool = True) -> str:

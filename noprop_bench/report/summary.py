@@ -5,8 +5,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .records import (assign_rows, budget_unit, check_records, comparability, comparable_groups, dataset_columns,
-                      drop_duplicate_seeds, field_mean, mean_and_standard_error, memory_kind, ordered_rows,
+from .records import (budget_unit, check_records, comparability, comparable_groups, dataset_columns, field_mean,
+                      mean_and_standard_error, memory_kind, ordered_rows, rows_without_duplicate_seeds,
                       seconds_per_epoch)
 from . import paper as paper_data
 from .code_versions import older_code_trials
@@ -30,15 +30,9 @@ def _settings(record: Dict[str, Any], by_device: Optional[bool]) -> Dict[str, An
             "batch_size": record.get("batch_size"), "speed": speed}
 
 
-def _tabled(group: List[Dict[str, Any]]):
-    """The records a table is made of (a seed run twice counts once) and their rows."""
-    kept, rows, _ = drop_duplicate_seeds(group, assign_rows(group))
-    return kept, rows
-
-
 def _cells(group: List[Dict[str, Any]], rows: List[str]):
     """``(family, row, dataset spec, dataset label, records of the cell)`` in the tables' order, from
-    :func:`_tabled`'s records and rows."""
+    :func:`~.records.rows_without_duplicate_seeds`."""
     for family, row in ordered_rows(group, rows):
         for spec, label in dataset_columns(group).items():
             chosen = [r for r, name in zip(group, rows) if name == row and r["dataset"] == spec]
@@ -80,7 +74,7 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
     tables = []
     for group in comparable_groups(records):
         cells = []
-        kept, rows = _tabled(group)
+        kept, rows = rows_without_duplicate_seeds(group)
         older, protocol_rows = older_code_trials(kept), delta_rows(kept, rows)  # the † and the Δ of table1.md
         for family, row, spec, label, chosen in _cells(kept, rows):
             for split, field in SPLITS.items():
@@ -103,7 +97,7 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     tables = []
     for group in comparable_groups(records, by_device=True):
         for kind in dict.fromkeys(memory_kind(r) for r in group):
-            kept, rows = _tabled([r for r in group if memory_kind(r) == kind])
+            kept, rows = rows_without_duplicate_seeds([r for r in group if memory_kind(r) == kind])
             cells = [{"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
                       "dataset_label": label, "seeds": len(chosen),
                       "peak_memory_gb": _number(field_mean(chosen, "peak_memory_bytes", GB)),

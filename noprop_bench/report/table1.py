@@ -10,7 +10,7 @@ from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                       family_heading, final_settings_text, format_mean_se, mean_and_standard_error, ordered_rows,
-                      settings_text)
+                      rows_without_duplicate_seeds, settings_text)
 
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
@@ -187,7 +187,7 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
                    current_code: Optional[CodeByMethod] = None) -> str:
     """What the cells are: the statistic, seeds × inference runs, and the shared settings."""
     ok = [r for r in records if r.get("status") == "ok"]
-    kept, rows, _ = drop_duplicate_seeds(ok, assign_rows(ok))  # the records and rows the cells are made of
+    kept, rows = rows_without_duplicate_seeds(ok)  # the records and rows the cells are made of
     what = "Train and test accuracy (%)" if train_columns else "Test accuracy (%)"
     seed_se = SEED_SE_TEXT if _has_seed_se(kept, rows) else ""
     if len({r.get("seed") for r in kept}) == 1 and any(len(r.get("test_acc_runs") or []) > 1 for r in kept):
@@ -241,7 +241,7 @@ def tabled_records(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The ok trials whose values the tables hold: of a seed given twice in a row and dataset, the last."""
     kept = []
     for group in comparable_groups([r for r in records if r.get("status") == "ok"]):
-        kept += drop_duplicate_seeds(group, assign_rows(group))[0]
+        kept += rows_without_duplicate_seeds(group)[0]
     return kept
 
 
