@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from noprop_bench.cli import EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, main, run
-from noprop_bench.executor import TrialJob, execute_job, failed_record
+from noprop_bench.executor import Progress, TrialJob, execute_job, failed_record
 from noprop_bench.plugins import load_plugins
 from noprop_bench.run.store import TrialStore, latest_per_trial
 from noprop_bench_plugins.executors import local as local_executor
@@ -895,3 +895,20 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_finished_trials_and_writing_
     stopped = next(r for r in _records(out) if r["status"] == "interrupted")
     assert stopped["error"] == "stopped by SIGTERM (the job was cancelled)"  # not "by the user"
     assert (out / "table1.md").exists()
+
+
+def test_progress_lines_say_what_became_of_each_trial():
+    """``finished k/N`` only for a trial whose result is kept; a failed or interrupted one is named as such, with
+    what a rerun does about it."""
+    job = TrialJob(spec={}, header={"trial_id": "T1", "row_label": "Backprop", "seed": 2}, data_root=None,
+                   download=False)
+    progress = Progress(total=4)
+    lines = [progress.line(job, {"status": "ok", "test_acc": 97.125, "worker": {"host": "node7"}}),
+             progress.line(job, {"status": "diverged", "error": "NaN loss at step 3"}),
+             progress.line(job, {"status": "failed", "error": "RuntimeError: boom"}),
+             progress.line(job, {"status": "interrupted", "error": "Ctrl-C"})]
+    assert lines == [
+        "finished 1/4: Backprop seed 2: ok, test acc 97.12% (on node7)",
+        "finished 2/4: Backprop seed 2: diverged: NaN loss at step 3",
+        "failed 3/4: Backprop seed 2: RuntimeError: boom; a rerun of this command tries it again",
+        "interrupted 4/4: Backprop seed 2: Ctrl-C; a rerun of this command tries it again"]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..method import settings_suffix
 from .interrupts import CTRL_C_CAUSE, sigterm_noted, stop_cause
+from .store import FINISHED_STATUSES
 
 Deliver = Callable[["TrialJob", Dict[str, Any]], None]
 Say = Callable[[str], None]
@@ -145,7 +146,8 @@ def stop_if_interrupted(record: Dict[str, Any]) -> None:
 
 @dataclass
 class Progress:
-    """Counts delivered records for the host's ``finished k/N`` lines."""
+    """Counts delivered records for the host's ``finished k/N`` lines (``failed k/N`` and ``interrupted k/N`` for
+    trials a rerun tries again)."""
 
     total: int
     done: int = 0
@@ -153,6 +155,11 @@ class Progress:
     def line(self, job: TrialJob, record: Dict[str, Any]) -> str:
         self.done += 1
         status = record.get("status")
-        result = f"ok, test acc {record['test_acc']:.2f}%" if status == "ok" else f"{status}: {record.get('error')}"
         where = (record.get("worker") or {}).get("host")
-        return f"finished {self.done}/{self.total}: {job.describe()}: {result}" + (f" (on {where})" if where else "")
+        on = f" (on {where})" if where else ""
+        if status == "ok":
+            return f"finished {self.done}/{self.total}: {job.describe()}: ok, test acc {record['test_acc']:.2f}%{on}"
+        if status in FINISHED_STATUSES:
+            return f"finished {self.done}/{self.total}: {job.describe()}: {status}: {record.get('error')}{on}"
+        return (f"{status} {self.done}/{self.total}: {job.describe()}: {record.get('error')}{on}; "
+                "a rerun of this command tries it again")
