@@ -910,5 +910,5 @@ def test_progress_lines_say_what_became_of_each_trial():
     assert lines == [
         "finished 1/4: Backprop seed 2: ok, test acc 97.12% (on node7)",
         "finished 2/4: Backprop seed 2: diverged: NaN loss at step 3",
-        "failed 3/4: Backprop seed 2: RuntimeError: boom; a rerun of this command tries it again",
-        "interrupted 4/4: Backprop seed 2: Ctrl-C; a rerun of this command tries it again"]
+        "failed 3/4: Backprop seed 2: RuntimeError: boom; a run resumed in the same --out tries it again",
+        "interrupted 4/4: Backprop seed 2: Ctrl-C; a run resumed in the same --out tries it again"]

@@ -162,4 +162,4 @@ class Progress:
         if status in FINISHED_STATUSES:
             return f"finished {self.done}/{self.total}: {job.describe()}: {status}: {record.get('error')}{on}"
         return (f"{status} {self.done}/{self.total}: {job.describe()}: {record.get('error')}{on}; "
-                "a rerun of this command tries it again")
+                "a run resumed in the same --out tries it again")
