@@ -207,6 +207,10 @@ def _plan(args, registry, device, command) -> tuple:
     _check_counts(args)
     paper_epochs = args.budget.strip() == PAPER_BUDGET
     budget = None if paper_epochs else Budget.parse(args.budget)
+    if budget is not None and budget.name:  # tables group named budgets by name: only the harness names one
+        raise UsageError(f"--budget {args.budget!r}: a name in parentheses is what --budget {PAPER_BUDGET} records "
+                         f"(as in '100epochs ({PAPER_BUDGET})'); give the amount alone, e.g. "
+                         f"{str(Budget(budget.amount, budget.unit))}")
     methods = []
     for name, given in parse_method_list(args.methods):
         cls = registry.method(name)

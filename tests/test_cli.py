@@ -22,6 +22,10 @@ def _exit(args, capsys):
     (["--methods", "linear", "--dataset", "nope"], "unknown dataset 'nope'; available: "),
     (["--methods", "linear", "--backbone", "resnet_nope"], "unknown backbone 'resnet_nope'; any timm model name"),
     (["--methods", "linear", "--budget", "ten"], "budget 'ten' not understood; accepted: SECONDS"),
+    (["--methods", "linear", "--budget", "5epochs (paper)"],
+     "--budget '5epochs (paper)': a name in parentheses is what --budget paper records (as in '100epochs (paper)'); "
+     "give the amount alone, e.g. 5epochs"),
+    (["--methods", "linear", "--budget", "1.5 (quick)"], "give the amount alone, e.g. 1.5s"),
     (["--methods", "linear[lr=fast]"], "parameter lr='fast': expected float"),
     (["--methods", "linear[momentum=1]"], "method 'linear' has no parameter momentum; accepted: embedding, lr"),
     (["--methods", "linear[lr]"], "method parameter 'lr' in 'linear[lr]' not understood; write key=value"),

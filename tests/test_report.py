@@ -522,3 +522,21 @@ def test_report_json_gives_the_difference_to_the_paper_where_table1_does():
               if c["split"] == "test"}
     assert f"{by_row['NoProp-CT (one-hot)']['paper']['delta']:+.2f}" == cells["NoProp-CT (one-hot)"][2]
     assert by_row["NoProp-CT (dim=20)"]["paper"]["delta"] is None  # not run under the protocol: no Δ
+
+
+def test_only_the_papers_named_budget_shares_a_table_across_amounts():
+    """``100epochs (paper)`` and ``4epochs (paper)`` are one protocol; records naming another budget (written by
+    hand: the command line refuses names) keep their amounts apart."""
+    records, _ = load("mixed")
+    base = [r for r in records if r["budget"] == "20000samples"]
+    trials = []
+    for budget in ("1steps (x)", "100steps (x)", "100epochs (paper)", "4epochs (paper)"):
+        for record in base:
+            trial = copy.deepcopy(record)
+            trial.update(budget=budget, budget_unit=budget.split(" ")[0].lstrip("0123456789"),
+                         trial_id=f"{record['trial_id']}-{budget}")
+            trials.append(trial)
+    text = render_table1(trials)
+    assert text.count("| Method") == 3
+    assert "Budget 1steps (x) of training" in text and "Budget 100steps (x) of training" in text
+    assert text.count("Budget the paper's epochs per method") == 1

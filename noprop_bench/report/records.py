@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..method import FAMILIES
+from ..presets import PAPER_BUDGET
 from ..run.jobs import trial_label
 from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
@@ -181,11 +182,10 @@ def comparability(record: Dict[str, Any], by_device: Optional[bool] = None
 
 
 def budget_group(record: Dict[str, Any]) -> str:
-    """The budget trials share a table by: a named budget's name (``100epochs (paper)`` and
-    ``2epochs (paper)`` are both the paper's protocol), else the budget itself."""
+    """The budget trials share a table by: ``paper`` for the paper's epochs (``100epochs (paper)`` and
+    ``2epochs (paper)`` are both its protocol), else the budget itself (any other name stays part of it)."""
     budget = str(record.get("budget"))
-    match = re.search(r"\((\w+)\)\s*$", budget)
-    return match.group(1) if match else budget
+    return PAPER_BUDGET if re.search(rf"\({PAPER_BUDGET}\)\s*$", budget) else budget
 
 
 def comparable_groups(records: Iterable[Dict[str, Any]], by_device: Optional[bool] = None
