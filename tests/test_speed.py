@@ -282,3 +282,20 @@ def test_a_row_line_gives_slow_step_rates_in_significant_figures_not_zero():
            "inference_images_per_second_checkpoint": 175.0, "warmup_seconds": 3.0}
     assert row_summary(row).startswith("2639.17 ms/step (0.379 steps/s)")
     assert row_summary({**row, "ms_per_step": 2.0}).startswith("2.00 ms/step (500 steps/s)")
+
+
+def test_ratios_are_taken_against_plain_backprop_even_when_a_variant_comes_first():
+    from noprop_bench.run.speed import add_ratios
+
+    def row(method, label, params, samples_per_second, settings="eager fp32"):
+        return {"method": method, "row_label": label, "params": params, "param_defaults": {"lr": 0.001},
+                "settings": settings, "samples_per_second": samples_per_second}
+
+    rows = [row("backprop", "Backprop [lr=0.01]", {"lr": 0.01}, 100.0), row("backprop", "Backprop", {"lr": 0.001}, 200.0),
+            row("noprop_dt", "NoProp-DT", {"lr": 0.001}, 300.0), row("backprop", "Backprop", {"lr": 0.001}, 400.0, "bf16")]
+    add_ratios(rows)
+    assert [r["ratio"] for r in rows] == [0.5, 1.0, 1.5, 1.0]
+    assert {r["ratio_to"] for r in rows} == {"backprop"}
+    variants = [row("backprop", "Backprop [lr=0.01]", {"lr": 0.01}, 100.0), row("noprop_dt", "NoProp-DT", {"lr": 0.001}, 50.0)]
+    add_ratios(variants)  # no plain backprop: the first backprop row, named by its label
+    assert [r["ratio"] for r in variants] == [1.0, 0.5] and variants[1]["ratio_to"] == "Backprop [lr=0.01]"

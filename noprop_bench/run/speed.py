@@ -213,7 +213,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     peak_bytes, memory_kind = with_graph_pools(memory.kind, memory.peak_bytes, applied.update_pool_bytes())
     return {
         "method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
-        "settings": settings.describe(), **applied.record(),
+        "param_defaults": dict(cls.defaults), "settings": settings.describe(), **applied.record(),
         "ms_per_step": 1000 * median, "ms_per_step_range": [1000 * min(times), 1000 * max(times)],
         "samples_per_second": batch_size / median,
         "inference_images_per_second_final": final, "inference_images_per_second_checkpoint": checkpoint,
@@ -272,18 +272,23 @@ def render_profiles(rows: List[Dict[str, Any]]) -> str:
 def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
     """The row of a method that could not be measured under ``settings``: what went wrong, no figures."""
     return {"method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
-            "settings": settings.describe(), **settings.as_dict(), "error": first_line(error),
+            "param_defaults": dict(cls.defaults), "settings": settings.describe(), **settings.as_dict(),
+            "error": first_line(error),
             "compile_fallbacks": {}, "capture_fallbacks": {}, **{key: None for key in FIGURES}}
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
-    """Each row's samples/s over the reference's with the same settings: backprop when present, else the
-    first method; None where either was not measured."""
-    methods = [row["method"] for row in rows]
-    reference = "backprop" if "backprop" in methods else methods[0]
+    """Each row's samples/s over the reference's with the same settings: backprop at its default parameters
+    when present, else the first backprop row, else the first row; None where either was not measured.
+    ``ratio_to`` names the reference: its method, or its row label when its parameters are not the defaults."""
+    def plain(row):
+        return row.get("params") == row.get("param_defaults")
+
+    reference = min(rows, key=lambda row: (row["method"] != "backprop", not plain(row), rows.index(row)))
     for row in rows:
-        base = next((r for r in rows if r["method"] == reference and r["settings"] == row["settings"]), None)
-        row["ratio_to"] = reference
+        base = next((r for r in rows if r["row_label"] == reference["row_label"]
+                     and r["settings"] == row["settings"]), None)
+        row["ratio_to"] = reference["method"] if plain(reference) else reference["row_label"]
         measured = base is not None and base["samples_per_second"] and row["samples_per_second"]
         row["ratio"] = row["samples_per_second"] / base["samples_per_second"] if measured else None
 
