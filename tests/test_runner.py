@@ -1,6 +1,7 @@
 """The runner: the clock's fairness, resume, interruption, repeated inference, the table."""
 
 import json
+import time
 
 import fake_plugins
 
@@ -175,3 +176,30 @@ def test_long_stretches_without_checkpoints_still_print_progress(fake_run, capsy
     assert code == 0
     assert err.count("steps) training") == 4  # after steps 1 to 4; the fifth ends the budget
     assert "training done (5 steps); final evaluation on 64 test images ..." in err
+
+
+def test_cpu_peak_memory_leaves_out_what_runs_while_paused():
+    """Checkpoint evaluations pause the trial's memory measure: on the CPU its sampler skips them too, so a
+    plugin predicting in large batches does not inflate the training's peak resident set."""
+    import numpy as np
+
+    from noprop_bench.run.memory import PeakMemory, current_rss_bytes
+
+    size = 300 * 2 ** 20
+    with PeakMemory("cpu", interval=0.005) as memory:
+        before = current_rss_bytes()
+        memory.pause()
+        held = np.ones(size, dtype=np.uint8)  # written, so resident
+        time.sleep(0.1)  # many sampling intervals
+        grown = current_rss_bytes() - before
+        del held
+        memory.resume()
+        time.sleep(0.05)
+    assert grown > size // 2  # the allocation was resident while paused
+    assert memory.peak_bytes - before < size // 4
+    with PeakMemory("cpu", interval=0.005) as counted:  # unpaused, the same allocation counts
+        before = current_rss_bytes()
+        held = np.ones(size, dtype=np.uint8)
+        time.sleep(0.1)
+        del held
+    assert counted.peak_bytes - before > size // 2

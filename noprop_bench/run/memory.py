@@ -32,11 +32,15 @@ class PeakMemory:
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
         self.peak_bytes = 0
         self._stop = threading.Event()
+        self._paused = False
+        self._lock = threading.Lock()  # a sample is taken whole before or after a pause, never across it
         self._thread = None
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            with self._lock:
+                if not self._paused:
+                    self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
 
     def __enter__(self):
         if self.kind == "cuda_max_allocated":
@@ -48,13 +52,22 @@ class PeakMemory:
         return self
 
     def pause(self):
-        """Stop counting (on CUDA: keep the peak so far), e.g. while evaluation runs inside the context."""
+        """Stop counting, keeping the peak so far, e.g. while evaluation runs inside the context. On the CPU
+        memory that the work while paused leaves resident (the allocator may keep what it freed) still counts
+        after :meth:`resume`."""
         if self.kind == "cuda_max_allocated":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        else:
+            with self._lock:
+                self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+                self._paused = True
 
     def resume(self):
         if self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with self._lock:
+                self._paused = False
 
     def __exit__(self, *exc):
         if self.kind == "cuda_max_allocated":
@@ -62,7 +75,8 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            if not self._paused:
+                self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
         return False
 
 
