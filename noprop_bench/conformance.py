@@ -50,7 +50,34 @@ def built_method_fixes(method: Method) -> List[str]:
     initialised = "_modules" in vars(method) and hasattr(method, "task")
     if not initialised or not isinstance(getattr(method, "params", None), dict):
         return [SUPER_INIT_FIX]
-    return []
+    return target_fixes(method)
+
+
+TARGET_HOOKS = ("compile_targets", "capture_targets", "capture_step_targets")
+
+
+def target_path_callable(method: Method, path: str) -> bool:
+    """Whether the dotted attribute ``path`` (e.g. ``model.logits``) of ``method`` is something to call."""
+    target: Any = method
+    for part in path.split("."):
+        target = getattr(target, part, None)
+    return callable(target)
+
+
+def target_fixes(method: Method) -> List[str]:
+    """Paths named by the speed-setting hooks (``compile_targets()`` and the capture hooks) that are not
+    callable attributes of the method: found when it is built, in every mode, not first under ``--compile``."""
+    fixes = []
+    for hook in TARGET_HOOKS:
+        paths = getattr(method, hook)()
+        if not isinstance(paths, (list, tuple)) or not all(isinstance(path, str) for path in paths):
+            fixes.append(f"{hook}() must return a list of attribute names such as ['train_step'], not {paths!r}")
+            continue
+        missing = [path for path in paths if not target_path_callable(method, path)]
+        if missing:
+            fixes.append(f"{hook}() names {', '.join(map(repr, missing))}, which the method has no callable "
+                         f"attribute of; name its methods (e.g. 'train_step', or 'model.forward' for a submodule's)")
+    return fixes
 
 
 def step_metrics_fixes(metrics: Any) -> List[str]:

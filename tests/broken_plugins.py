@@ -85,7 +85,17 @@ class RefusesSeed(_Pixels):
             raise UsageError("refuses_seed cannot train seed 1")
 
 
+class MisspeltTarget(_Pixels):
+    """Names a compile target it does not have: found when it is built, under any speed setting."""
+
+    name, label = "misspelt_target", "MisspeltTarget"
+
+    def compile_targets(self):
+        return ["haed", "train_step"]
+
+
 @hookimpl
 def register_methods(register):
-    for cls in (NoSuperInit, FloatLoss, WrongShape, NaNPredictions, NaNDiagnostic, NoLoss, RefusesSeed):
+    for cls in (NoSuperInit, FloatLoss, WrongShape, NaNPredictions, NaNDiagnostic, NoLoss, RefusesSeed,
+                MisspeltTarget):
         register(cls)

@@ -105,6 +105,21 @@ def test_a_skipped_super_init_is_named_with_its_fix():
     assert "call super().__init__(task, **params) first in __init__" in message
 
 
+def test_speed_hook_targets_must_be_callable_attributes():
+    class Misspelt(HandWritten):
+        name = "misspelt"
+
+        def compile_targets(self):
+            return ["train_step", "weight", "model.logits"]
+
+        def capture_targets(self):
+            return "predict"
+
+    message = _failure(Misspelt)
+    assert "compile_targets() names 'weight', 'model.logits', which the method has no callable attribute of" in message
+    assert "capture_targets() must return a list of attribute names such as ['train_step'], not 'predict'" in message
+
+
 def test_params_that_do_not_resolve_or_serialise():
     assert "must resolve against defaults" in _failure(HandWritten, momentum=0.9)
 

@@ -23,14 +23,16 @@ def _grid(tmp_path, methods, *extra, executor="local"):
 
 
 def test_violations_become_one_line_naming_plugin_class_and_fix(tmp_path, one_thread, capsys):
-    code, records = _grid(tmp_path, "no_super_init,float_loss,wrong_shape,linear")
+    code, records = _grid(tmp_path, "no_super_init,float_loss,wrong_shape,misspelt_target,linear")
     assert code == EXIT_TRIAL_FAILED
     errors = {method: r["error"] for (method, _), r in records.items()}
     assert records[("linear", 0)]["status"] == "ok"
     for method, fix in (("no_super_init", "call super().__init__(task, **params) first in __init__"),
                         ("float_loss", "train_step must return tensors (e.g. loss.detach(), not loss.item())"),
                         ("wrong_shape", "predict must return floating logits of shape [B, num_classes] = [64, 4], "
-                                        "not shape [64, 2]")):
+                                        "not shape [64, 2]"),
+                        ("misspelt_target", "compile_targets() names 'haed', which the method has no callable "
+                                            "attribute of")):
         assert records[(method, 0)]["status"] == "failed"
         assert errors[method].startswith("contract violation: plugin 'broken_plugins', class broken_plugins.")
         assert fix in errors[method]
@@ -82,3 +84,19 @@ def test_only_a_missing_super_init_is_blamed_on_super_init():
     with pytest.raises(UsageError, match="refuses seed 0"):
         build_method(ChecksFirst, tiny_task(seed=0), {})
     assert isinstance(build_method(ChecksFirst, tiny_task(seed=1), {}), ChecksFirst)
+
+
+def test_a_misspelt_compile_target_fails_its_own_trial_and_speed_row_only(tmp_path, one_thread, capsys):
+    """Found when the method is built, so eager runs see it too; under --compile neither the grid nor speed stops."""
+    code, records = _grid(tmp_path, "misspelt_target,linear", "--compile", "default")
+    assert code == EXIT_TRIAL_FAILED
+    assert records[("linear", 0)]["status"] == "ok" and records[("misspelt_target", 0)]["status"] == "failed"
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--plugin", "broken_plugins", "--dataset", "tiny", "--methods",
+                "misspelt_target,no_super_init,linear", "--batch-size", "8", "--steps", "1", "--out", str(out)])
+    assert code == 1
+    rows = {row["method"]: row for row in json.loads((out / "speed.json").read_text())["rows"]}
+    assert rows["linear"]["ms_per_step"] > 0 and rows["linear"]["ratio"] == 1.0  # the first measured row
+    assert "compile_targets() names 'haed'" in rows["misspelt_target"]["error"]
+    assert "call super().__init__(task, **params) first" in rows["no_super_init"]["error"]
+    assert rows["no_super_init"]["error_at"]  # where it was raised, as a trial's record says

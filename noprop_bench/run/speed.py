@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from ..backbones import check_backbone_name, create_backbone
-from ..conformance import loss_fixes, step_metrics_fixes, violation
+from ..conformance import build_method, describe_class, loss_fixes, step_metrics_fixes, violation
 from ..datasets import Normalizer, Split
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter
@@ -37,10 +37,10 @@ from ..task import Task
 from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
-from .jobs import cpu_count
+from .jobs import cpu_count, note_exception
 from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .profile import StepProfile, profile_steps
-from .runner import backbone_width
+from .runner import MethodUsageError, backbone_width
 from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, add_cudnn_benchmark_arguments,
                              apply_speed_settings, backend_flags, default_settings)
 from .store import check_output_directory, device_name
@@ -185,7 +185,10 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with backend_flags(settings):
         torch.manual_seed(0)
-        method = cls(task, **params).to(device)
+        try:
+            method = build_method(cls, task, params).to(device)
+        except UsageError as error:  # the method refused this task: its row fails, as its trial would
+            raise MethodUsageError(f"{describe_class(cls)}: {error}") from None
         method.train()
         applied = apply_speed_settings(method, settings, device.type)
         x = task.normalize(task.train_images[:batch_size])
@@ -271,20 +274,24 @@ def render_profiles(rows: List[Dict[str, Any]]) -> str:
 
 def failed_row(cls, params: Dict[str, Any], settings: SpeedSettings, error: BaseException) -> Dict[str, Any]:
     """The row of a method that could not be measured under ``settings``: what went wrong, no figures."""
-    return {"method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
-            "param_defaults": dict(cls.defaults), "settings": settings.describe(), **settings.as_dict(),
-            "error": first_line(error),
-            "compile_fallbacks": {}, "capture_fallbacks": {}, **{key: None for key in FIGURES}}
+    row = {"method": cls.name, "row_label": row_label_with_settings(cls, params), "params": params,
+           "param_defaults": dict(cls.defaults), "settings": settings.describe(), **settings.as_dict(),
+           "error": first_line(error),
+           "compile_fallbacks": {}, "capture_fallbacks": {}, **{key: None for key in FIGURES}}
+    note_exception(row, error, cls)  # error_at: the method's own line that raised, and the traceback's end
+    return row
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
     """Each row's samples/s over the reference's with the same settings: backprop at its default parameters
-    when present, else the first backprop row, else the first row; None where either was not measured.
+    when present, else the first backprop row, else the first row (measured ones first, in each case); None
+    where either was not measured.
     ``ratio_to`` names the reference: its method, or its row label when its parameters are not the defaults."""
     def plain(row):
         return row.get("params") == row.get("param_defaults")
 
-    reference = min(rows, key=lambda row: (row["method"] != "backprop", not plain(row), rows.index(row)))
+    reference = min(rows, key=lambda row: (row["method"] != "backprop", not plain(row),
+                                           not row.get("samples_per_second"), rows.index(row)))
     for row in rows:
         base = next((r for r in rows if r["row_label"] == reference["row_label"]
                      and r["settings"] == row["settings"]), None)
@@ -400,8 +407,11 @@ def speed_main(argv: Sequence[str]) -> int:
             except (UsageError, KeyboardInterrupt):
                 raise
             except Exception as error:  # noqa: BLE001 - one method's failure is its row; the others still run
-                say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: not measured: {first_line(error)}")
-                rows.append(failed_row(cls, params, settings, error))
+                row = failed_row(cls, params, settings, error)
+                where = f" (raised at {row['error_at']})" if row.get("error_at") else ""
+                say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: not measured: "
+                    f"{first_line(error)}{where}")
+                rows.append(row)
             else:
                 rows.append(row)
                 say(f"{row_label_with_settings(cls, params)}, {settings.describe()}: {row_summary(row)}")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from ..conformance import violation
 from ..errors import UsageError
 from .cuda_graphs import CapturedCall, clone_output, first_line, recording_a_whole_call
 
@@ -200,8 +201,8 @@ def _resolve(method: torch.nn.Module, path: str, kind: str):
     target = method
     for part in filter(None, owner.split(".")):
         target = getattr(target, part)
-    if not callable(getattr(target, name, None)):
-        raise UsageError(f"method {getattr(method, 'name', '?')!r}: {kind} {path!r} is not callable")
+    if not callable(getattr(target, name, None)):  # built methods are checked for this (conformance.target_fixes)
+        raise violation(type(method), [f"{kind} {path!r} is not a callable attribute of the method"])
     return target, name
 
 
