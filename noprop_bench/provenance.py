@@ -3,14 +3,15 @@
 Stored with every trial (``record["code"]``) so a rerun can tell results of other code from its own.
 """
 
+import hashlib
 import subprocess
 import sys
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, entry_points, packages_distributions, version
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-CODE_FIELDS = ("distribution", "version", "git_commit")
+CODE_FIELDS = ("distribution", "version", "git_commit", "source_sha256")
 
 
 ENTRY_POINT_GROUP = "noprop_bench"
@@ -81,10 +82,38 @@ def git_modified(folder: str) -> Optional[bool]:
     return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
+def source_files(module_name: str) -> List[Tuple[str, Path]]:
+    """The Python files of the code a module belongs to, each with its name inside that code: every ``.py``
+    under its top-level package's folders, or the module's own file when it is a module alone."""
+    top = sys.modules.get(module_name.partition(".")[0])
+    folders = getattr(top, "__path__", None)
+    if folders:
+        return sorted((path.relative_to(folder).as_posix(), path)
+                      for folder in map(Path, folders) for path in folder.rglob("*.py"))
+    module_file = getattr(sys.modules.get(module_name), "__file__", None)
+    return [(Path(module_file).name, Path(module_file))] if module_file else []
+
+
+@lru_cache(maxsize=None)
+def source_sha256(module_name: str) -> Optional[str]:
+    """A digest of :func:`source_files` (names and contents), or None when they cannot all be read."""
+    files = source_files(module_name)
+    digest = hashlib.sha256()
+    for name, path in files:
+        try:
+            content = path.read_bytes()
+        except OSError:
+            return None
+        digest.update(name.encode() + b"\0" + len(content).to_bytes(8, "little") + content)
+    return digest.hexdigest() if files else None
+
+
 def code_identity(cls: type) -> Dict[str, Any]:
-    """``{"distribution", "version", "git_commit", "git_modified"}`` of the code that defines ``cls`` (None
-    where unknown). ``git_modified`` says the checkout had uncommitted changes, so the commit alone does not
-    name the code; it is informational and not part of :data:`CODE_FIELDS`."""
+    """``{"distribution", "version", "git_commit", "source_sha256", "git_modified"}`` of the code that defines
+    ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files, taken only when neither a
+    version nor a commit names the code (a module loaded with ``--plugin`` from a plain folder), so an edit to
+    it makes its trials stale. ``git_modified`` says the checkout had uncommitted changes, so the commit alone
+    does not name the code; it is informational and not part of :data:`CODE_FIELDS`."""
     distribution = distribution_of(cls)
     try:
         installed = version(distribution) if distribution else None
@@ -92,8 +121,9 @@ def code_identity(cls: type) -> Dict[str, Any]:
         installed = None
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     folder = str(Path(module_file).parent) if module_file else None
-    return {"distribution": distribution, "version": installed,
-            "git_commit": git_commit(folder) if folder else None,
+    commit = git_commit(folder) if folder else None
+    return {"distribution": distribution, "version": installed, "git_commit": commit,
+            "source_sha256": source_sha256(cls.__module__) if installed is None and commit is None else None,
             "git_modified": git_modified(folder) if folder else None}
 
 
@@ -109,4 +139,6 @@ def describe_code(code: Optional[Mapping[str, Any]]) -> str:
     if code.get("git_commit"):
         modified = " with uncommitted changes" if code.get("git_modified") else ""
         parts.append(f"git {str(code['git_commit'])[:12]}{modified}")
+    if code.get("source_sha256"):
+        parts.append(f"source {str(code['source_sha256'])[:12]}")
     return ", ".join(part for part in parts if part) or "unknown code"

@@ -123,3 +123,45 @@ def test_a_checkout_with_uncommitted_changes_says_so(tmp_path, monkeypatch):
     assert modified["git_commit"] == clean["git_commit"] and modified["git_modified"] is True
     assert describe_code(modified).endswith("with uncommitted changes")
     assert same_code(clean, modified)  # informational: the commit still decides what is stale
+
+
+PLAIN_MODULE = '''
+from noprop_bench import hookimpl
+from fake_plugins import Linear
+
+
+class Edited(Linear):
+    name, label = "edited", "Edited"
+
+
+@hookimpl
+def register_methods(register):
+    register(Edited)
+'''
+
+
+def test_a_plugin_module_in_a_plain_folder_is_named_by_its_source(fake_run, tmp_path, monkeypatch, capsys):
+    """No version or commit names a module loaded with --plugin from a folder outside any checkout: a digest of
+    its source does, so an edit to it retrains its trials instead of keeping the old results."""
+    from noprop_bench.provenance import source_sha256
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    module = folder / "plain_plugin_for_identity.py"
+    module.write_text(PLAIN_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    args = ("--plugin", "plain_plugin_for_identity", "--methods", "edited", "--budget", "64samples",
+            "--checkpoints", "0")
+    assert fake_run(*args)[0] == 0
+    import plain_plugin_for_identity
+
+    code = code_identity(plain_plugin_for_identity.Edited)
+    assert code["git_commit"] is None and code["version"] is None
+    assert re.fullmatch(r"source [0-9a-f]{12}", describe_code(code))
+    assert fake_run(*args)[0] == 0
+    assert "skip Edited (one-hot) seed 0: already finished" in capsys.readouterr().err
+    module.write_text(PLAIN_MODULE.replace("label = \"edited\", \"Edited\"", "label = 'edited', 'Edited'"))
+    source_sha256.cache_clear()  # a new process reads the files afresh
+    assert fake_run(*args)[0] == 0
+    err = capsys.readouterr().err
+    assert "stale Edited (one-hot) seed 0: finished with source" in err and "training it again" in err
