@@ -9,8 +9,8 @@ from ..run.jobs import trial_label
 from . import paper as paper_data
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                      family_heading, field_mean, memory_kind, ordered_rows, seconds_per_epoch, setting_label,
-                      settings_text)
+                      family_heading, field_mean, memory_kind, ordered_rows, rows_without_duplicate_seeds,
+                      seconds_per_epoch, setting_label, settings_text)
 from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se
 
 GB = 1e9
@@ -49,6 +49,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
     """
     rows = assign_rows(records)
     records, rows, _ = drop_duplicate_seeds(records, rows)
+    seeds = len({r["seed"] for r in records})
     columns = dataset_columns(records)
     show_paper = paper and all(memory_kind(r) == "cuda_max_allocated" for r in records)
     headers = []
@@ -65,14 +66,15 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
         line = [row]
         for _, spec, kind in headers:
             cell = [r for r, name in zip(records, rows) if name == row and r["dataset"] == spec]
+            fewer = f" ({len(cell)} of {seeds} seeds)" if len(cell) < seeds else ""
             if not cell:
                 line.append("–")
             elif kind == "memory":
-                line.append(_number(field_mean(cell, "peak_memory_bytes", GB)))
+                line.append(_number(field_mean(cell, "peak_memory_bytes", GB)) + fewer)
             elif kind == "throughput":
-                line.append(_number(field_mean(cell, "samples_per_second")))
+                line.append(_number(field_mean(cell, "samples_per_second")) + fewer)
             elif kind == "epoch":
-                line.append(_number(seconds_per_epoch(cell)))
+                line.append(_number(seconds_per_epoch(cell)) + fewer)
             else:
                 one_hot = cell[0]["row_label"].endswith("(one-hot)")
                 published = paper_data.paper_memory_gb(cell[0]["method"], spec) if one_hot else None
@@ -104,9 +106,21 @@ def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
     seeds = len({r["seed"] for r in records})
     paper_text = (" Paper column: the paper's memory table (one-hot embedding, its own unnamed GPU and batch "
                   "settings), so the comparison is indicative." if paper and kind == "cuda_max_allocated" else "")
+    fewer = (" \"(k of n seeds)\" marks a mean over fewer trials than the table's seeds (the others did not "
+             "finish ok or did not run)." if _has_fewer_seeds(records) else "")
     return (f"Peak memory in GB (10^9 bytes): {_memory_text(kind, records)}. Training throughput "
             f"in samples/s = training samples / training seconds (evaluation excluded); s/epoch = train-set "
-            f"size / throughput. Means over {seeds} seed(s). {settings_text(records)}{paper_text}")
+            f"size / throughput. Means over {seeds} seed(s).{fewer} {settings_text(records)}{paper_text}")
+
+
+def _has_fewer_seeds(records: List[Dict[str, Any]]) -> bool:
+    """Whether a row and dataset of Table 2 holds fewer seeds than the table (duplicate seeds counted once)."""
+    kept, rows = rows_without_duplicate_seeds(records)
+    cells: Dict[Tuple[str, str], set] = {}
+    for record, row in zip(kept, rows):
+        cells.setdefault((row, record["dataset"]), set()).add(record["seed"])
+    seeds = len({r["seed"] for r in kept})
+    return any(len(found) < seeds for found in cells.values())
 
 
 def table2_document(records: List[Dict[str, Any]], paper: bool = False) -> Document:

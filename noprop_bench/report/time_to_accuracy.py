@@ -64,11 +64,13 @@ def format_seconds(seconds: float) -> str:
 def time_to_accuracy_frame(records: List[Dict[str, Any]], targets: Sequence[float]) -> pd.DataFrame:
     """One dataset of one comparable group: a row per method, a column per target.
 
-    A cell is the mean over the seeds that reached the target, with ``(k/n seeds)`` when not all did and
-    ``m ended below`` when m of them finished their budget below it (a passing peak of a noisy curve).
+    A cell is the mean over the seeds that reached the target, with ``(k/n seeds)`` when not all of the
+    table's n seeds did (a seed whose trial did not finish ok counts as not reaching it) and ``m ended below``
+    when m of them finished their budget below it (a passing peak of a noisy curve).
     """
     rows = assign_rows(records)
     records, rows, _ = drop_duplicate_seeds(records, rows)
+    seeds = len({r["seed"] for r in records})
     table = []
     for _, row in ordered_rows(records, rows):
         trials = [r for r, name in zip(records, rows) if name == row]
@@ -80,7 +82,7 @@ def time_to_accuracy_frame(records: List[Dict[str, Any]], targets: Sequence[floa
                 line.append("not reached")
                 continue
             text = format_seconds(float(np.mean(reached)))
-            notes = [f"{len(reached)}/{len(trials)} seeds"] if len(reached) < len(trials) else []
+            notes = [f"{len(reached)}/{seeds} seeds"] if len(reached) < seeds else []
             below = sum(1 for r, t in zip(trials, times) if t is not None and _final_accuracy(r) < target)
             if below:
                 notes.append(f"{below} ended below")
@@ -113,7 +115,8 @@ def time_to_accuracy_document(records: List[Dict[str, Any]], targets: Optional[S
             frame = time_to_accuracy_frame(trials, chosen)
             sections.append(Section(f"{label} ({distinction})" if distinction else label, frame, (
                 "Training seconds (evaluation excluded) until the first test evaluation at or above each "
-                "target, mean over the seeds that reached it; \"not reached\" when no seed did within "
+                "target, mean over the seeds that reached it; \"(k/n seeds)\" when only k of the table's n "
+                "did (a trial that did not finish ok did not), \"not reached\" when no seed did within "
                 "its budget. One evaluation at or above the target counts, even if later ones fall below "
                 "it: \"m ended below\" says how many of the seeds that reached it finished their budget "
                 "below it (Table 1 has the final accuracies). Resolution is the spacing of the test "
