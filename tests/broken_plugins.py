@@ -94,8 +94,23 @@ class MisspeltTarget(_Pixels):
         return ["haed", "train_step"]
 
 
+class ItemInStep(_Pixels):
+    """Reads a number back in its train step: under --compile, torch.compile breaks its graph there."""
+
+    name, label = "item_in_step", "ItemInStep"
+
+    def compile_targets(self):
+        return ["train_step"]
+
+    def train_step(self, x, y):
+        metrics = super().train_step(x, y)
+        if metrics["loss"].item() > 1e6:  # never true; the read alone splits the compiled code
+            metrics["loss"] = metrics["loss"] * 0
+        return metrics
+
+
 @hookimpl
 def register_methods(register):
     for cls in (NoSuperInit, FloatLoss, WrongShape, NaNPredictions, NaNDiagnostic, NoLoss, RefusesSeed,
-                MisspeltTarget):
+                MisspeltTarget, ItemInStep):
         register(cls)

@@ -100,3 +100,18 @@ def test_a_misspelt_compile_target_fails_its_own_trial_and_speed_row_only(tmp_pa
     assert "compile_targets() names 'haed'" in rows["misspelt_target"]["error"]
     assert "call super().__init__(task, **params) first" in rows["no_super_init"]["error"]
     assert rows["no_super_init"]["error_at"]  # where it was raised, as a trial's record says
+
+
+def test_graph_breaks_under_compile_are_recorded_said_and_listed_with_the_tables(tmp_path, one_thread, capsys):
+    """A compiled target that torch.compile splits runs partly eagerly: the caption's "compile default" does
+    not say so, so the record keeps the breaks, the run prints them, and both tables list the trial."""
+    code, records = _grid(tmp_path, "item_in_step", "--compile", "default", "--checkpoints", "0")
+    assert code == 0
+    breaks = records[("item_in_step", 0)]["speed_settings"]["graph_breaks"]
+    assert sum(breaks.values()) >= 1 and any("item()" in reason for reason in breaks)
+    assert "warning: ItemInStep seed 0: torch.compile split the compiled code at" in capsys.readouterr().err
+    out = tmp_path / "local"
+    for table, title in (("table1.md", "Warnings of trials in the table:"), ("table2.md", "Speed settings not applied in full:")):
+        text = (out / table).read_text()
+        assert title in text and "ItemInStep seed 0 on Tiny: torch.compile split the compiled code at" in text, table
+    assert "Some trials ran part of their code eagerly despite their speed settings" in (out / "table2.md").read_text()

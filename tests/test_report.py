@@ -462,6 +462,29 @@ def test_table1_lists_the_warnings_of_the_trials_it_holds():
         f"- {records[1]['row_label']} seed {records[1]['seed']} on MNIST5k: 3"]
 
 
+def test_warnings_name_their_table_when_there_are_several_and_speed_fallbacks_are_warnings():
+    """Merged runs make one table per speed setting with rows of the same names: a warning says which; a target
+    that ran eagerly under --compile is listed too, and in Table 2, whose throughput it concerns."""
+    eager = copy.deepcopy(load("mnist")[0][:1])
+    compiled = copy.deepcopy(eager)
+    eager[0]["warnings"] = ["2 of 8 checkpoints were evaluated"]
+    compiled[0].update(trial_id="compiled", speed_settings={
+        "precision": "fp32", "compile": "default", "channels_last": False, "cudnn_benchmark": False,
+        "compile_fallbacks": {"train_step": "Unsupported: data-dependent branch"}})
+    label, seed = eager[0]["row_label"], eager[0]["seed"]
+    table1 = render_table1(eager + compiled)
+    assert table1.split("Warnings of trials in the table:\n")[1].split("\n\n")[0].splitlines() == [
+        f"- {label} seed {seed} on MNIST5k (speed settings eager fp32): 2 of 8 checkpoints were evaluated",
+        f"- {label} seed {seed} on MNIST5k (speed settings fp32, compile default): train_step ran eagerly under "
+        f"--compile default: Unsupported: data-dependent branch"]
+    table2 = render_table2(eager + compiled)
+    assert table2.split("Speed settings not applied in full:\n")[1].strip().splitlines() == [
+        f"- {label} seed {seed} on MNIST5k (speed settings fp32, compile default): train_step ran eagerly under "
+        f"--compile default: Unsupported: data-dependent branch"]
+    assert table2.count("Some trials ran part of their code eagerly") == 1  # the compiled table's caption only
+    assert "Warnings of trials" not in render_table1(eager[:0] + compiled[:0] + load("mnist")[0])
+
+
 def test_warnings_of_a_seed_given_twice_are_those_of_the_trial_the_table_holds():
     records = copy.deepcopy(load("mnist")[0])
     earlier = {**copy.deepcopy(records[0]), "trial_id": "an-earlier-copy", "warnings": ["the dropped copy's"]}

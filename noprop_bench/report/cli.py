@@ -51,7 +51,7 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     table1 = render_table1(records, train_columns=train_columns, paper=paper, notes=notes, current_code=current_code,
                            not_run=not_run)
     write_text(out / "table1.md", table1)
-    write_text(out / "table2.md", render_table2(records, paper=paper))
+    write_text(out / "table2.md", render_table2(records, paper=paper, current_code=current_code))
     write_text(out / "time_to_accuracy.md", render_time_to_accuracy(records, targets))
     write_curves_csv(records, out / "curves.csv")
     if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):

@@ -18,7 +18,7 @@ import numpy as np
 from ..method import FAMILIES
 from ..presets import PAPER_BUDGET
 from ..run.jobs import trial_label
-from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
+from ..run.speed_settings import SETTING_FIELDS, SpeedSettings, graph_breaks_text
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
 
 PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
@@ -165,6 +165,21 @@ def speed_text(record: Dict[str, Any]) -> str:
     fields = {key: value for key, value in (record.get("speed_settings") or {}).items()
               if key in SETTING_FIELDS}
     return SpeedSettings.from_dict(fields).describe()
+
+
+def speed_setting_warnings(record: Dict[str, Any]) -> List[str]:
+    """What of the trial's speed settings did not apply in full: targets that fell back to eager (torch.compile
+    or CUDA graph capture) and graph breaks, which its table's caption cannot show."""
+    settings = record.get("speed_settings") or {}
+    if not isinstance(settings, dict):
+        return []
+    texts = [f"{target} ran eagerly under --compile {settings.get('compile')}: {reason}"
+             for target, reason in (settings.get("compile_fallbacks") or {}).items()]
+    texts += [f"{target} was not recorded as a CUDA graph: {reason}"
+              for target, reason in (settings.get("capture_fallbacks") or {}).items()]
+    if settings.get("graph_breaks"):
+        texts.append(graph_breaks_text(settings["graph_breaks"]))
+    return texts
 
 
 def comparability(record: Dict[str, Any], by_device: Optional[bool] = None

@@ -1,6 +1,6 @@
 """Table 1 in the paper's format: rows ``Method (embedding)`` grouped by family, one column per dataset."""
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -9,8 +9,9 @@ from . import paper as paper_data
 from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                      family_heading, final_settings_text, format_mean_se, mean_and_standard_error, ordered_rows,
-                      rows_without_duplicate_seeds, settings_text)
+                      family_heading, final_settings_text, format_mean_se, group_distinctions,
+                      mean_and_standard_error, ordered_rows, rows_without_duplicate_seeds, settings_text,
+                      speed_setting_warnings)
 
 SPLITS = {"train": "train_acc_runs", "test": "test_acc_runs"}
 
@@ -237,14 +238,6 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def tabled_records(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The ok trials whose values the tables hold: of a seed given twice in a row and dataset, the last."""
-    kept = []
-    for group in comparable_groups([r for r in records if r.get("status") == "ok"]):
-        kept += rows_without_duplicate_seeds(group)[0]
-    return kept
-
-
 def _warning_texts(value: Any) -> List[str]:
     """A record's warnings as texts, whatever a plugin stored: a list, one text, or something else."""
     if not value:
@@ -254,17 +247,28 @@ def _warning_texts(value: Any) -> List[str]:
     return [str(value)]
 
 
-def warning_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
-    """A line per warning that a trial in the tables recorded (the harness's, such as checkpoints that fell
-    within one step, and the method's own ``trial_metrics()["warnings"]``, such as NoProp-DT blocks a short
-    budget left untrained): its cell holds a number all the same, so the table says what qualifies it."""
+def trial_warnings(record: Dict[str, Any]) -> List[str]:
+    """Every warning a trial recorded: the harness's (such as checkpoints that fell within one step), the
+    method's own ``trial_metrics()["warnings"]`` (such as NoProp-DT blocks a short budget left untrained), and
+    speed settings that did not apply in full."""
+    metrics = record.get("method_metrics")
+    return (_warning_texts(record.get("warnings")) + (
+        _warning_texts(metrics.get("warnings")) if isinstance(metrics, dict) else []) + speed_setting_warnings(record))
+
+
+def warning_lines(records: Sequence[Dict[str, Any]], texts: Callable[[Dict[str, Any]], List[str]] = trial_warnings,
+                  by_device: Optional[bool] = None) -> List[str]:
+    """A line per warning (``texts`` of a record) of each trial whose values a table holds (of a seed given
+    twice in a row and dataset, the last): its cell holds a number all the same, so the table says what
+    qualifies it. With several tables (split as ``by_device`` says), each line names its table's settings."""
+    groups = comparable_groups([r for r in records if r.get("status") == "ok"], by_device)
     lines = []
-    for record in tabled_records(records):
-        metrics = record.get("method_metrics")
-        warnings = _warning_texts(record.get("warnings")) + (
-            _warning_texts(metrics.get("warnings")) if isinstance(metrics, dict) else [])
-        dataset = record.get("dataset_label") or record.get("dataset")
-        lines += [f"{trial_label(record)} seed {record.get('seed')} on {dataset}: {warning}" for warning in warnings]
+    for group, distinction in zip(groups, group_distinctions(groups, by_device)):
+        where = f" ({distinction})" if distinction else ""
+        for record in rows_without_duplicate_seeds(group)[0]:
+            dataset = record.get("dataset_label") or record.get("dataset")
+            lines += [f"{trial_label(record)} seed {record.get('seed')} on {dataset}{where}: {warning}"
+                      for warning in texts(record)]
     return lines
 
 

@@ -1,17 +1,18 @@
 """Table 2 (peak memory, throughput, time per epoch) and the inference-settings sweep table."""
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 
 from ..run.jobs import trial_label
 from . import paper as paper_data
+from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
 from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
                       family_heading, field_mean, memory_kind, ordered_rows, rows_without_duplicate_seeds,
-                      seconds_per_epoch, setting_label, settings_text)
-from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se
+                      seconds_per_epoch, setting_label, settings_text, speed_setting_warnings)
+from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se, warning_lines
 
 GB = 1e9
 MEMORY_KINDS = {
@@ -41,15 +42,19 @@ def _number(value: float) -> str:
     return f"{value:.3f}"
 
 
-def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataFrame:
+def table2_frame(records: List[Dict[str, Any]], paper: bool = False,
+                 current_code: Optional[CodeByMethod] = None) -> pd.DataFrame:
     """Rows as Table 1; per dataset: peak memory (GB), samples/s and s/epoch, each a mean over seeds.
 
     ``records`` must be one comparable group with one memory kind. With ``paper`` (CUDA memory only), the
-    paper's memory for the one-hot rows is shown next to ours.
+    paper's memory for the one-hot rows is shown next to ours. Rows with trials of other code than
+    ``current_code`` (see ``code_versions.older_code_trials``) are marked as in Table 1.
     """
     rows = assign_rows(records)
     records, rows, _ = drop_duplicate_seeds(records, rows)
     seeds = len({r["seed"] for r in records})
+    older = older_code_trials(records, current_code)
+    marked = {row for record, row in zip(records, rows) if str(record.get("trial_id")) in older}
     columns = dataset_columns(records)
     show_paper = paper and all(memory_kind(r) == "cuda_max_allocated" for r in records)
     headers = []
@@ -63,7 +68,7 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False) -> pd.DataF
         if family != current_family:
             table.append([family_heading(family)] + [""] * len(headers))
             current_family = family
-        line = [row]
+        line = [f"{row} {OLDER_CODE_MARK}" if row in marked else row]
         for _, spec, kind in headers:
             cell = [r for r, name in zip(records, rows) if name == row and r["dataset"] == spec]
             fewer = f" ({len(cell)} of {seeds} seeds)" if len(cell) < seeds else ""
@@ -101,7 +106,8 @@ def _memory_text(kind: str, records: List[Dict[str, Any]]) -> str:
     return text
 
 
-def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
+def table2_caption(records: List[Dict[str, Any]], paper: bool = False,
+                   current_code: Optional[CodeByMethod] = None) -> str:
     kind = memory_kind(records[0])
     seeds = len({r["seed"] for r in records})
     paper_text = (" Paper column: the paper's memory table (one-hot embedding, its own unnamed GPU and batch "
@@ -110,7 +116,17 @@ def table2_caption(records: List[Dict[str, Any]], paper: bool = False) -> str:
              "finish ok or did not run)." if _has_fewer_seeds(records) else "")
     return (f"Peak memory in GB (10^9 bytes): {_memory_text(kind, records)}. Training throughput "
             f"in samples/s = training samples / training seconds (evaluation excluded); s/epoch = train-set "
-            f"size / throughput. Means over {seeds} seed(s).{fewer} {settings_text(records)}{paper_text}")
+            f"size / throughput. Means over {seeds} seed(s).{fewer} {settings_text(records)}{paper_text}"
+            f"{older_code_note(records, current_code)}{speed_warnings_note(records)}")
+
+
+def speed_warnings_note(records: List[Dict[str, Any]]) -> str:
+    """A caption sentence when some trials did not run under their speed settings in full (listed below the
+    tables): their throughput is partly eager."""
+    if not any(speed_setting_warnings(record) for record in records):
+        return ""
+    return (" Some trials ran part of their code eagerly despite their speed settings (listed below the "
+            "tables): their throughput is not all the settings' own.")
 
 
 def _has_fewer_seeds(records: List[Dict[str, Any]]) -> bool:
@@ -123,8 +139,10 @@ def _has_fewer_seeds(records: List[Dict[str, Any]]) -> bool:
     return any(len(found) < seeds for found in cells.values())
 
 
-def table2_document(records: List[Dict[str, Any]], paper: bool = False) -> Document:
-    """Table 2 as structure: one table per comparable group, device and memory kind (kinds are never mixed)."""
+def table2_document(records: List[Dict[str, Any]], paper: bool = False,
+                    current_code: Optional[CodeByMethod] = None) -> Document:
+    """Table 2 as structure: one table per comparable group, device and memory kind (kinds are never mixed),
+    with the trials whose speed settings did not apply in full listed below."""
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
     sections = []
@@ -133,13 +151,17 @@ def table2_document(records: List[Dict[str, Any]], paper: bool = False) -> Docum
         for record in group:
             by_kind.setdefault(memory_kind(record), []).append(record)
         for kind_records in by_kind.values():
-            sections.append(Section(None, table2_frame(kind_records, paper=paper), table2_caption(kind_records, paper)))
-    return Document("Table 2: peak memory and training time", sections, "No trial finished successfully.")
+            sections.append(Section(None, table2_frame(kind_records, paper, current_code),
+                                    table2_caption(kind_records, paper, current_code)))
+    return Document("Table 2: peak memory and training time", sections, "No trial finished successfully.",
+                    [("Speed settings not applied in full:",
+                      warning_lines(ok, speed_setting_warnings, by_device=True))])
 
 
-def render_table2(records: List[Dict[str, Any]], paper: bool = False) -> str:
+def render_table2(records: List[Dict[str, Any]], paper: bool = False,
+                  current_code: Optional[CodeByMethod] = None) -> str:
     """Markdown Table 2 (see :func:`table2_document`)."""
-    return to_markdown(table2_document(records, paper))
+    return to_markdown(table2_document(records, paper, current_code))
 
 
 # -- inference sweep --------------------------------------------------------------------------------

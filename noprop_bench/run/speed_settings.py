@@ -206,6 +206,22 @@ def _resolve(method: torch.nn.Module, path: str, kind: str):
     return target, name
 
 
+def _graph_break_counts() -> Dict[str, int]:
+    """torch.compile's process-wide graph-break counts, by the first line of each reason."""
+    counts: Dict[str, int] = {}
+    for reason, count in dict(getattr(torch._dynamo.utils, "counters", {}).get("graph_break", {})).items():
+        line = str(reason).strip().splitlines()[0] if str(reason).strip() else "unknown"
+        counts[line] = counts.get(line, 0) + int(count)
+    return counts
+
+
+def graph_breaks_text(breaks: Dict[str, int]) -> str:
+    """``torch.compile split the compiled code at 2 graph break(s) ...``: what a record's ``graph_breaks`` means."""
+    reasons = "; ".join(f"{reason} ({count}x)" for reason, count in breaks.items())
+    return (f"torch.compile split the compiled code at {sum(breaks.values())} graph break(s), where it ran "
+            f"eagerly: {reasons}")
+
+
 class AppliedSpeed:
     """What :func:`apply_speed_settings` did to one method: what was compiled, what fell back and why."""
 
@@ -216,6 +232,7 @@ class AppliedSpeed:
         self.captured: List[str] = []
         self.capture_fallbacks: Dict[str, str] = {}
         self.captured_calls: Dict[str, CapturedCall] = {}
+        self._graph_breaks_before = _graph_break_counts() if settings.compile != "none" else None
 
     def capturing(self, method: torch.nn.Module, path: str, function: Callable, update: bool) -> CapturedCall:
         """``function`` (the attribute ``path`` of ``method``) wrapped to be recorded as CUDA graphs."""
@@ -241,11 +258,23 @@ class AppliedSpeed:
         past the recordings held) and the device memory the graphs held at the end reserve."""
         record = {**self.settings.as_dict(), "compiled": list(self.compiled), "compile_fallbacks": dict(self.fallbacks),
                   "captured": list(self.captured), "capture_fallbacks": dict(self.capture_fallbacks)}
+        breaks = self.graph_breaks()
+        if breaks:
+            record["graph_breaks"] = breaks
         if self.captured_calls:
             record["capture_counts"] = {path: {"recordings": call.recorded, "replays": call.replays,
                                                "eager_calls": call.eager_calls, "pool_bytes": call.pool_bytes}
                                         for path, call in self.captured_calls.items()}
         return record
+
+    def graph_breaks(self) -> Dict[str, int]:
+        """Graph breaks torch.compile met in this method's code since the settings were applied, by reason
+        (first line of torch's message): each splits a compiled target, and the code at it runs eagerly."""
+        if self._graph_breaks_before is None:
+            return {}
+        now = _graph_break_counts()
+        return {reason: count - self._graph_breaks_before.get(reason, 0) for reason, count in now.items()
+                if count > self._graph_breaks_before.get(reason, 0)}
 
     def update_pool_bytes(self) -> int:
         """Device memory reserved for the graphs of the recorded training updates (see ``Recording``)."""
