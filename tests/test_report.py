@@ -563,3 +563,16 @@ def test_only_the_papers_named_budget_shares_a_table_across_amounts():
     assert text.count("| Method") == 3
     assert "Budget 1steps (x) of training" in text and "Budget 100steps (x) of training" in text
     assert text.count("Budget the paper's epochs per method") == 1
+
+
+def test_captions_say_how_far_trials_ran_past_their_budget():
+    """A trial ends with the step that reaches its budget: a method with slow steps trains longer, which a
+    caption naming the budget alone hides."""
+    from noprop_bench.report.records import overshoot_text
+
+    records = [{"budget": "1s", "train_seconds": 1.2}, {"budget": "1s", "train_seconds": 1.5}]
+    assert overshoot_text(records) == " (trials spent 1.2-1.5s: each ends with the step that reaches the budget)"
+    assert overshoot_text([{"budget": "60s", "train_seconds": 60.4}]) == ""  # within 1%
+    assert overshoot_text([{"budget": "300samples", "samples": 384}]) == (
+        " (trials spent 384 samples: each ends with the step that reaches the budget)")
+    assert overshoot_text([{"budget": "100epochs (paper)", "epochs": 130.0}]) == ""  # amounts differ per method

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..method import FAMILIES
 from ..presets import PAPER_BUDGET
+from ..errors import UsageError
+from ..run.budget import Budget
 from ..run.jobs import trial_label
 from ..run.speed_settings import SETTING_FIELDS, SpeedSettings, graph_breaks_text
 from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
@@ -270,13 +272,36 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
         epochs = "; ".join(f"{dataset}: {', '.join(texts)}" if len(by_dataset) > 1 else ", ".join(texts)
                            for dataset, texts in by_dataset.items())
         budget = f"the paper's epochs per method ({epochs})"
-    shared = f"Budget {budget} of training per trial; backbone {backbone}; batch size {batch}"
+    shared = f"Budget {budget} of training per trial{overshoot_text(records)}; backbone {backbone}; batch size {batch}"
     devices = device_counts(records)
     if len(devices) == 1:
         return f"{shared}; device {next(iter(devices))}. Speed settings: {speed}."
     listed = ", ".join(f"{name} ({n} trial{'s' * (n != 1)})" for name, n in sorted(devices.items()))
     return (f"{shared}. Devices: {listed}: the group mixes device types; {_mixed_devices_text(records[0])} "
             f"Speed settings: {speed}.")
+
+
+SPENT_FIELDS = {"seconds": "train_seconds", "samples": "samples", "steps": "steps", "epochs": "epochs"}
+
+
+def overshoot_text(records: Sequence[Dict[str, Any]]) -> str:
+    """`` (trials spent 60.2-61.9 s: ...)`` when a trial of one budget spent more than 1% over it (a trial
+    ends with the step that reaches its budget, so a slow step overshoots further); "" otherwise."""
+    try:
+        budget = Budget.parse(str(records[0].get("budget")))
+    except UsageError:
+        return ""
+    if budget.name or any(str(r.get("budget")) != str(records[0].get("budget")) for r in records):
+        return ""
+    spent = [float(r[SPENT_FIELDS[budget.unit]]) for r in records
+             if isinstance(r.get(SPENT_FIELDS[budget.unit]), (int, float))]
+    if not spent or max(spent) <= 1.01 * budget.amount:
+        return ""
+    unit = {"seconds": "s"}.get(budget.unit, f" {budget.unit}")
+    figure = "{:.3g}" if budget.unit in ("seconds", "epochs") else "{:.0f}"
+    low, high = figure.format(min(spent)), figure.format(max(spent))
+    amount = high if low == high else f"{low}-{high}"
+    return f" (trials spent {amount}{unit}: each ends with the step that reaches the budget)"
 
 
 def setting_label(setting: Any) -> str:
