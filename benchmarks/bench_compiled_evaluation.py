@@ -25,7 +25,7 @@ from noprop_bench_plugins.methods.noprop_dt import NoPropDT
 TARGET_SPEEDUP = 1.5  # a 5 s trial on the 2-core CPU went from 21.1 s to 6.8 s of evaluation (3.1x)
 
 
-def _at_the_training_batch_only(method, x):
+def _at_the_training_batch_only(method, x, compiled=True):
     """The warm-up's inference before: once, at the training batch, on an ordinary tensor."""
     setting = method.checkpoint_setting()
     if method.reuses_features():
@@ -44,7 +44,7 @@ def _compiled_trial(smoke: bool, two_sizes: bool, monkeypatch) -> dict:
     torch._dynamo.reset()
     with monkeypatch.context() as patch, torch._inductor.config.patch(fx_graph_cache=False):
         if not two_sizes:
-            patch.setattr(runner, "_inference_at_two_sizes", _at_the_training_batch_only)
+            patch.setattr(runner, "_warm_up_inference", _at_the_training_batch_only)
         record = run_trial(spec, RunData.load(dataset, torch.device("cpu")))
     assert record["status"] == "ok", record.get("error")
     return record

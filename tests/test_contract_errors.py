@@ -29,14 +29,16 @@ def test_violations_become_one_line_naming_plugin_class_and_fix(tmp_path, one_th
     assert records[("linear", 0)]["status"] == "ok"
     for method, fix in (("no_super_init", "call super().__init__(task, **params) first in __init__"),
                         ("float_loss", "train_step must return tensors (e.g. loss.detach(), not loss.item())"),
-                        ("wrong_shape", "predict must return floating logits of shape [B, num_classes] = [64, 4], "
-                                        "not shape [64, 2]"),
+                        ("wrong_shape", "predict must return floating logits of shape [B, num_classes] = [8, 4], "
+                                        "not shape [8, 2]"),
                         ("misspelt_target", "compile_targets() names 'haed', which the method has no callable "
                                             "attribute of")):
         assert records[(method, 0)]["status"] == "failed"
         assert errors[method].startswith("contract violation: plugin 'broken_plugins', class broken_plugins.")
         assert fix in errors[method]
         assert "\n" not in errors[method]
+    # a wrong predict is found by the warm-up's inference probe, before any of the budget is spent
+    assert records[("wrong_shape", 0)]["steps"] == 0
     printed = capsys.readouterr().err
     assert "_modules" not in printed and "Traceback" not in printed
     assert f"failed: {errors['no_super_init']}" in printed

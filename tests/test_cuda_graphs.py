@@ -760,10 +760,10 @@ def test_with_new_recordings_paused_a_held_signature_replays_and_a_new_one_runs_
 
 
 def test_the_warm_up_inference_records_no_cuda_graph():
-    from noprop_bench.run.runner import _inference_at_two_sizes
+    from noprop_bench.run.runner import _warm_up_inference
 
     method, x, record, call, _ = _ct_with_stand_in()
     method.integrate = call  # as apply_speed_settings wraps a capture target
     with torch.inference_mode():
-        _inference_at_two_sizes(method, x)()
+        _warm_up_inference(method, x, compiled=True)()
     assert record.recordings == 0 and call.replays == 0

@@ -13,7 +13,7 @@ import torch
 
 from ..backbones import create_backbone, feature_dim
 from ..conformance import (MISSING_LOSS_WARNING, ContractViolation, build_method, describe_class,
-                           loss_fixes, step_metrics_fixes, violation)
+                           logits_fixes, loss_fixes, step_metrics_fixes, violation)
 from .budget import Budget, ClockReads, TrainingClock
 from .cuda_graphs import no_new_recordings
 from ..datasets import BatchStream, Dataset, Normalizer, Split, layout_fixes
@@ -205,22 +205,31 @@ def build_task(spec: TrialSpec, data: RunData) -> Task:
     )
 
 
-def _inference_at_two_sizes(method: Method, x: torch.Tensor) -> Callable[[], None]:
-    """The inference path at the checkpoint setting on two batch sizes of ``x``: torch.compile then makes
-    the batch dimension dynamic, and every evaluation batch size reuses that graph. Call it under
-    ``inference_mode``: the clones are then inference tensors, as evaluation batches are. Whole calls
-    are not recorded as CUDA graphs here: evaluations run on other batch shapes."""
+PROBE_IMAGES = 8  # images of the eager warm-up's inference probe
+
+
+def _warm_up_inference(method: Method, x: torch.Tensor, compiled: bool) -> Callable[[], None]:
+    """The inference path at the checkpoint setting, checked against the contract, so a ``predict`` that
+    returns the wrong thing fails the trial before its budget is spent, not at its first evaluation.
+
+    Compiled, it runs on two batch sizes of ``x``: torch.compile then makes the batch dimension dynamic, and
+    every evaluation batch size reuses that graph; eager, on a few images. Call it under ``inference_mode``:
+    the clones are then inference tensors, as evaluation batches are. Whole calls are not recorded as CUDA
+    graphs here: evaluations run on other batch shapes."""
     setting = method.checkpoint_setting()
-    sizes = sorted({max(2, len(x) // 2), len(x)})
+    sizes = sorted({max(2, len(x) // 2), len(x)}) if compiled else [min(len(x), PROBE_IMAGES)]
 
     def inference():
         with no_new_recordings():
             for size in sizes:
                 images = x[:size].clone()
                 if method.reuses_features():
-                    method.predict_from_features(method.features(images), **setting)
+                    logits = method.predict_from_features(method.features(images), **setting)
                 else:
-                    method.predict(images, **setting)
+                    logits = method.predict(images, **setting)
+                fixes = logits_fixes(logits, size, method.task.num_classes)
+                if fixes:
+                    raise violation(type(method), fixes)
 
     return inference
 
@@ -421,7 +430,7 @@ class _TrialRun:
         self.speed = apply_speed_settings(method, spec.speed, torch.device(spec.device).type, self.say)
         x, y = data.normalize(data.train.images[:batch_size]), data.train.labels[:batch_size]
         # under --compile the inference path is compiled now too, not during the evaluations
-        inference = _inference_at_two_sizes(method, x) if spec.speed.compile != "none" else None
+        inference = _warm_up_inference(method, x, compiled=spec.speed.compile != "none")
         timing = warm_up(method, x, y, inference=inference, synchronize=self.clock.synchronize,
                          method_calls=bool(self.speed.captured))
         record["warmup_seconds"] = timing["warmup_seconds"]
