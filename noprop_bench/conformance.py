@@ -111,10 +111,14 @@ def logits_fixes(logits: Any, batch: int, num_classes: int, device: Optional[tor
     if not isinstance(logits, torch.Tensor):
         return [f"predict must return a tensor of {expected}, not {type(logits).__name__}"]
     fixes = []
-    if tuple(logits.shape) != (batch, num_classes):
-        fixes.append(f"predict must return {expected}, not shape {list(logits.shape)}")
-    if not logits.is_floating_point():
-        fixes.append(f"predict must return {expected}, not dtype {logits.dtype}")
+    if tuple(logits.shape) == (batch,) and not logits.is_floating_point():
+        fixes.append(f"predict must return {expected}, not class indices (shape {list(logits.shape)}, dtype "
+                     f"{logits.dtype}): return the scores before argmax; the harness takes the argmax")
+    else:
+        if tuple(logits.shape) != (batch, num_classes):
+            fixes.append(f"predict must return {expected}, not shape {list(logits.shape)}")
+        if not logits.is_floating_point():
+            fixes.append(f"predict must return {expected}, not dtype {logits.dtype}")
     if device is not None and logits.device.type != torch.device(device).type:
         fixes.append(f"predict must return its logits on task.device ({device}), not on {logits.device}")
     return fixes

@@ -185,8 +185,10 @@ def test_predict_shape_and_determinism():
             import numpy as np
             return super().predict(x) + torch.from_numpy(np.random.randn(len(x), self.task.num_classes)).float()
 
-    message = _failure(WrongShape)
-    assert "predict must return floating logits of shape [B, num_classes] = [8, 3], not shape [8]" in message
+    message = _failure(WrongShape)  # class indices: one fix that says so, not a shape and a dtype complaint
+    assert ("predict must return floating logits of shape [B, num_classes] = [8, 3], not class indices (shape [8], "
+            "dtype torch.int64): return the scores before argmax") in message
+    assert "not dtype" not in message
     assert "set stochastic = True" in _failure(SecretlyStochastic)
     assert "set stochastic = False" in _failure(NotStochastic)
     assert "draw randomness from torch's generator" in _failure(UsesNumpyRandomness)
