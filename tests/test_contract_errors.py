@@ -104,16 +104,16 @@ def test_a_misspelt_compile_target_fails_its_own_trial_and_speed_row_only(tmp_pa
     assert rows["no_super_init"]["error_at"]  # where it was raised, as a trial's record says
 
 
-def test_graph_breaks_under_compile_are_recorded_said_and_listed_with_the_tables(tmp_path, one_thread, capsys):
-    """A compiled target that torch.compile splits runs partly eagerly: the caption's "compile default" does
-    not say so, so the record keeps the breaks, the run prints them, and both tables list the trial."""
+def test_graph_breaks_under_compile_are_recorded_with_the_trial_and_counted_by_speed(tmp_path, one_thread):
+    """What torch.compile could not trace in a compiled target (here a number read back) is kept with the
+    trial, by reason, for a plugin author to look into; speed's notes count the breaks."""
     code, records = _grid(tmp_path, "item_in_step", "--compile", "default", "--checkpoints", "0")
     assert code == 0
     breaks = records[("item_in_step", 0)]["speed_settings"]["graph_breaks"]
-    assert sum(breaks.values()) >= 1 and any("item()" in reason for reason in breaks)
-    assert "warning: ItemInStep seed 0: torch.compile split the compiled code at" in capsys.readouterr().err
-    out = tmp_path / "local"
-    for table, title in (("table1.md", "Warnings of trials in the table:"), ("table2.md", "Speed settings not applied in full:")):
-        text = (out / table).read_text()
-        assert title in text and "ItemInStep seed 0 on Tiny: torch.compile split the compiled code at" in text, table
-    assert "Some trials ran part of their code eagerly despite their speed settings" in (out / "table2.md").read_text()
+    assert any("item()" in reason for reason in breaks) and all(count >= 1 for count in breaks.values())
+    out = tmp_path / "speed"
+    assert run(["speed", "--plugin", "fake_plugins", "--plugin", "broken_plugins", "--dataset", "tiny", "--methods",
+                "item_in_step", "--compile", "default", "--batch-size", "8", "--steps", "1", "--out", str(out)]) == 0
+    row = json.loads((out / "speed.json").read_text())["rows"][0]
+    assert any("item()" in reason for reason in row["graph_breaks"])
+    assert f"{sum(row['graph_breaks'].values())} graph break(s)" in (out / "speed.md").read_text()

@@ -23,7 +23,7 @@ from .evaluation import (Diverged, EvaluationBatches, FeatureBatches, ImagesDone
 from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, stratified_indices, stratified_subset,
                               train_accuracy_split)
 from .memory import PeakMemory, with_graph_pools
-from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags, graph_breaks_text
+from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
 from .warmup import warm_up
 from ..method import Method, row_label_with_settings, splits_features
 from ..provenance import code_identity
@@ -435,9 +435,6 @@ class _TrialRun:
                          method_calls=bool(self.speed.captured))
         record["warmup_seconds"] = timing["warmup_seconds"]
         record["compile_seconds"] = timing["first_step_seconds"] if spec.speed.compile != "none" else 0.0
-        breaks = self.speed.graph_breaks()
-        if breaks:
-            self.say(f"warning: {spec.describe()}: {graph_breaks_text(breaks)}")
 
     def _update_counts(self):
         record = self.record

@@ -42,7 +42,7 @@ from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .profile import StepProfile, profile_steps
 from .runner import MethodUsageError, backbone_width
 from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, add_cudnn_benchmark_arguments,
-                             apply_speed_settings, backend_flags, default_settings, graph_breaks_text)
+                             apply_speed_settings, backend_flags, default_settings)
 from .store import check_output_directory, device_name
 from .warmup import WARMUP_STEPS
 
@@ -343,7 +343,7 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
             _noisy_steps(row)
             + [f"{k} ran eagerly: {v}" for k, v in row["compile_fallbacks"].items()]
             + [f"{k} not a CUDA graph: {v}" for k, v in row.get("capture_fallbacks", {}).items()]
-            + ([graph_breaks_text(row["graph_breaks"])] if row.get("graph_breaks") else [])
+            + ([f"{sum(row['graph_breaks'].values())} graph break(s)"] if row.get("graph_breaks") else [])
             + ([f"not measured: {row['error']}"] if row.get("error") else [])),
     } for row in rows])
     table = frame.to_markdown(index=False, disable_numparse=True, colalign=["left"] * 2 + ["right"] * 6 + ["left"])

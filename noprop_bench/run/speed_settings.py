@@ -215,13 +215,6 @@ def _graph_break_counts() -> Dict[str, int]:
     return counts
 
 
-def graph_breaks_text(breaks: Dict[str, int]) -> str:
-    """``torch.compile split the compiled code at 2 graph break(s) ...``: what a record's ``graph_breaks`` means."""
-    reasons = "; ".join(f"{reason} ({count}x)" for reason, count in breaks.items())
-    return (f"torch.compile split the compiled code at {sum(breaks.values())} graph break(s), where it ran "
-            f"eagerly: {reasons}")
-
-
 class AppliedSpeed:
     """What :func:`apply_speed_settings` did to one method: what was compiled, what fell back and why."""
 
@@ -269,7 +262,9 @@ class AppliedSpeed:
 
     def graph_breaks(self) -> Dict[str, int]:
         """Graph breaks torch.compile met in this method's code since the settings were applied, by reason
-        (first line of torch's message): each splits a compiled target, and the code at it runs eagerly."""
+        (first line of torch's message): each splits a compiled target, and what dynamo could not trace there
+        runs in Python (``Tensor.item()``, a data-dependent branch; ``backward()`` itself is handed to
+        autograd, whose graphs are compiled too)."""
         if self._graph_breaks_before is None:
             return {}
         now = _graph_break_counts()
