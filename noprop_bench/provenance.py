@@ -82,16 +82,29 @@ def git_modified(folder: str) -> Optional[bool]:
     return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
+def package_folders(module_name: str) -> List[str]:
+    """The folders of the top-level package ``module_name`` belongs to; empty for a module alone."""
+    top = sys.modules.get(module_name.partition(".")[0])
+    return [str(folder) for folder in getattr(top, "__path__", None) or []]
+
+
+SKIPPED_PARTS = ("__pycache__", "site-packages", "dist-packages")
+
+
 def source_files(module_name: str) -> List[Tuple[str, Path]]:
     """The Python files of the code a module belongs to, each with its name inside that code: every ``.py``
-    under its top-level package's folders, or the module's own file when it is a module alone."""
-    top = sys.modules.get(module_name.partition(".")[0])
-    folders = getattr(top, "__path__", None)
+    under its top-level package's folders (hidden folders and caches left out), or, for a module alone,
+    every ``.py`` beside it (what it may import from its folder)."""
+    folders = package_folders(module_name)
     if folders:
-        return sorted((path.relative_to(folder).as_posix(), path)
-                      for folder in map(Path, folders) for path in folder.rglob("*.py"))
+        return sorted((path.relative_to(folder).as_posix(), path) for folder in map(Path, folders)
+                      for path in folder.rglob("*.py")
+                      if not any(part.startswith(".") or part in SKIPPED_PARTS
+                                 for part in path.relative_to(folder).parts[:-1]))
     module_file = getattr(sys.modules.get(module_name), "__file__", None)
-    return [(Path(module_file).name, Path(module_file))] if module_file else []
+    if not module_file:
+        return []
+    return sorted((path.name, path) for path in Path(module_file).parent.glob("*.py"))
 
 
 @lru_cache(maxsize=None)
@@ -110,9 +123,9 @@ def source_sha256(module_name: str) -> Optional[str]:
 
 def code_identity(cls: type) -> Dict[str, Any]:
     """``{"distribution", "version", "git_commit", "source_sha256", "git_modified"}`` of the code that defines
-    ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files, taken only when neither a
-    version nor a commit names the code (a module loaded with ``--plugin`` from a plain folder), so an edit to
-    it makes its trials stale. ``git_modified`` says the checkout had uncommitted changes, so the commit alone
+    ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files (:func:`source_files`), taken
+    only when neither a version nor a commit names the code (a module loaded with ``--plugin`` from a plain
+    folder), so an edit to it, or to a module beside it, makes its trials stale. ``git_modified`` says the checkout had uncommitted changes, so the commit alone
     does not name the code; it is informational and not part of :data:`CODE_FIELDS`."""
     distribution = distribution_of(cls)
     try:

@@ -166,3 +166,7 @@ def test_a_plugin_module_in_a_plain_folder_is_named_by_its_source(fake_run, tmp_
     assert fake_run(*args)[0] == 0
     err = capsys.readouterr().err
     assert "stale Edited (one-hot) seed 0: finished with source" in err and "training it again" in err
+    digest = source_sha256("plain_plugin_for_identity")
+    (folder / "plain_helper_for_identity.py").write_text("WIDTH = 3\n")  # what the plugin may import beside it
+    source_sha256.cache_clear()
+    assert source_sha256("plain_plugin_for_identity") != digest

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..method import settings_suffix
+from ..provenance import package_folders
 from .interrupts import CTRL_C_CAUSE, sigterm_noted, stop_cause
 from .store import FINISHED_STATUSES
 
@@ -121,8 +122,7 @@ def note_exception(record: Dict[str, Any], error: BaseException, code_of: Option
 def _code_of(cls: Optional[type]) -> Callable[[str], bool]:
     """Whether a file is part of the code that defines ``cls``: its top-level package's folder, or its module
     file alone (the folder of a lone module may hold anything, a virtual environment included)."""
-    top = sys.modules.get(cls.__module__.split(".")[0]) if cls is not None else None
-    folders = [os.path.abspath(path) + os.sep for path in getattr(top, "__path__", None) or []]
+    folders = [os.path.abspath(path) + os.sep for path in package_folders(cls.__module__)] if cls is not None else []
     if folders:
         return lambda path: any(path.startswith(folder) for folder in folders)
     try:
