@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from noprop_bench import Method, UsageError
 from noprop_bench.cli import EXIT_TRIAL_FAILED, run
-from noprop_bench.conformance import build_method
+from noprop_bench.conformance import ContractViolation, build_method
 from noprop_bench.testing.tiny import tiny_task
 
 
@@ -117,3 +118,26 @@ def test_graph_breaks_under_compile_are_recorded_with_the_trial_and_counted_by_s
     row = json.loads((out / "speed.json").read_text())["rows"][0]
     assert any("item()" in reason for reason in row["graph_breaks"])
     assert f"{sum(row['graph_breaks'].values())} graph break(s)" in (out / "speed.md").read_text()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_warm_up_inference_probe_checks_each_pass_against_its_own_images(batch, compiled):
+    """Whatever the training batch (one image included), the probe's passes compare logits with the images
+    they were given; a wrong predict is named."""
+    from noprop_bench.run.runner import _warm_up_inference
+    from noprop_bench.testing.tiny import ConformanceMethod
+
+    task = tiny_task()
+    method = build_method(ConformanceMethod, task, ConformanceMethod.resolve_params({}))
+    x = task.normalize(task.train_images[:batch])
+    sizes = []
+    predict = method.predict
+    method.predict = lambda images, **setting: sizes.append(len(images)) or predict(images, **setting)
+    with torch.inference_mode():
+        _warm_up_inference(method, x, compiled)()
+    expected = {1: [1], 2: [2], 9: [4, 9]}[batch] if compiled else [min(batch, 8)]
+    assert sizes == expected  # compiled: two sizes where the batch has them, for a batch-dynamic graph
+    method.predict = lambda images, **setting: predict(images, **setting)[:, :2]
+    with pytest.raises(ContractViolation, match=r"not shape \[\d+, 2\]"), torch.inference_mode():
+        _warm_up_inference(method, x, compiled)()

@@ -217,7 +217,7 @@ def _warm_up_inference(method: Method, x: torch.Tensor, compiled: bool) -> Calla
     the clones are then inference tensors, as evaluation batches are. Whole calls are not recorded as CUDA
     graphs here: evaluations run on other batch shapes."""
     setting = method.checkpoint_setting()
-    sizes = sorted({max(2, len(x) // 2), len(x)}) if compiled else [min(len(x), PROBE_IMAGES)]
+    sizes = sorted({min(len(x), max(2, len(x) // 2)), len(x)}) if compiled else [min(len(x), PROBE_IMAGES)]
 
     def inference():
         with no_new_recordings():
