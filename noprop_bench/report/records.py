@@ -298,7 +298,7 @@ def overshoot_text(records: Sequence[Dict[str, Any]]) -> str:
     if not spent or max(spent) <= 1.01 * budget.amount:
         return ""
     unit = {"seconds": "s"}.get(budget.unit, f" {budget.unit}")
-    figure = "{:.3g}" if budget.unit in ("seconds", "epochs") else "{:.0f}"
+    figure = {"seconds": "{:.1f}" if max(spent) >= 10 else "{:.2f}", "epochs": "{:.2f}"}.get(budget.unit, "{:.0f}")
     low, high = figure.format(min(spent)), figure.format(max(spent))
     amount = high if low == high else f"{low}-{high}"
     return f" (trials spent {amount}{unit}: each ends with the step that reaches the budget)"
