@@ -5,7 +5,7 @@ these at the start of every trial, so a broken plugin fails with one line naming
 and the fix instead of an error from deep inside torch.
 """
 
-from typing import Any, Dict, List, Mapping, Optional, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 
@@ -56,12 +56,14 @@ def built_method_fixes(method: Method) -> List[str]:
 TARGET_HOOKS = ("compile_targets", "capture_targets", "capture_step_targets")
 
 
-def target_path_callable(method: Method, path: str) -> bool:
-    """Whether the dotted attribute ``path`` (e.g. ``model.logits``) of ``method`` is something to call."""
-    target: Any = method
-    for part in path.split("."):
-        target = getattr(target, part, None)
-    return callable(target)
+def resolve_target(method: Method, path: str) -> Optional[Tuple[Any, str]]:
+    """The object owning the dotted attribute ``path`` (e.g. ``model.logits``) of ``method`` and the attribute's
+    name, or None when the path does not lead to something to call."""
+    owner_path, _, name = path.rpartition(".")
+    owner: Any = method
+    for part in filter(None, owner_path.split(".")):
+        owner = getattr(owner, part, None)
+    return (owner, name) if callable(getattr(owner, name, None)) else None
 
 
 def target_fixes(method: Method) -> List[str]:
@@ -73,7 +75,7 @@ def target_fixes(method: Method) -> List[str]:
         if not isinstance(paths, (list, tuple)) or not all(isinstance(path, str) for path in paths):
             fixes.append(f"{hook}() must return a list of attribute names such as ['train_step'], not {paths!r}")
             continue
-        missing = [path for path in paths if not target_path_callable(method, path)]
+        missing = [path for path in paths if resolve_target(method, path) is None]
         if missing:
             fixes.append(f"{hook}() names {', '.join(map(repr, missing))}, which the method has no callable "
                          f"attribute of; name its methods (e.g. 'train_step', or 'model.forward' for a submodule's)")

@@ -50,9 +50,8 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False,
     paper's memory for the one-hot rows is shown next to ours. Rows with trials of other code than
     ``current_code`` (see ``code_versions.older_code_trials``) are marked as in Table 1.
     """
-    rows = assign_rows(records)
-    records, rows, _ = drop_duplicate_seeds(records, rows)
-    seeds = len({r["seed"] for r in records})
+    records, rows = rows_without_duplicate_seeds(records)
+    cell_seeds, seeds = _seeds_per_cell(records, rows)
     older = older_code_trials(records, current_code)
     marked = {row for record, row in zip(records, rows) if str(record.get("trial_id")) in older}
     columns = dataset_columns(records)
@@ -71,7 +70,8 @@ def table2_frame(records: List[Dict[str, Any]], paper: bool = False,
         line = [f"{row} {OLDER_CODE_MARK}" if row in marked else row]
         for _, spec, kind in headers:
             cell = [r for r, name in zip(records, rows) if name == row and r["dataset"] == spec]
-            fewer = f" ({len(cell)} of {seeds} seeds)" if len(cell) < seeds else ""
+            held = cell_seeds.get((row, spec), 0)
+            fewer = f" ({held} of {seeds} seeds)" if held < seeds else ""
             if not cell:
                 line.append("–")
             elif kind == "memory":
@@ -129,14 +129,19 @@ def speed_warnings_note(records: List[Dict[str, Any]]) -> str:
             "tables): their throughput is not all the settings' own.")
 
 
+def _seeds_per_cell(records: List[Dict[str, Any]], rows: List[str]) -> Tuple[Dict[Tuple[str, str], int], int]:
+    """Seeds per ``(row, dataset)`` of Table 2 (records without duplicate seeds, with their rows), and the
+    table's seeds."""
+    cells: Dict[Tuple[str, str], set] = {}
+    for record, row in zip(records, rows):
+        cells.setdefault((row, record["dataset"]), set()).add(record["seed"])
+    return {cell: len(found) for cell, found in cells.items()}, len({r["seed"] for r in records})
+
+
 def _has_fewer_seeds(records: List[Dict[str, Any]]) -> bool:
     """Whether a row and dataset of Table 2 holds fewer seeds than the table (duplicate seeds counted once)."""
-    kept, rows = rows_without_duplicate_seeds(records)
-    cells: Dict[Tuple[str, str], set] = {}
-    for record, row in zip(kept, rows):
-        cells.setdefault((row, record["dataset"]), set()).add(record["seed"])
-    seeds = len({r["seed"] for r in kept})
-    return any(len(found) < seeds for found in cells.values())
+    cells, seeds = _seeds_per_cell(*rows_without_duplicate_seeds(records))
+    return any(found < seeds for found in cells.values())
 
 
 def table2_document(records: List[Dict[str, Any]], paper: bool = False,

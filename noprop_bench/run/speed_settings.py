@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ..conformance import violation
+from ..conformance import resolve_target, violation
 from ..errors import UsageError
 from .cuda_graphs import CapturedCall, clone_output, first_line, recording_a_whole_call
 
@@ -197,13 +197,10 @@ class CompiledCall:
 def _resolve(method: torch.nn.Module, path: str, kind: str):
     """The object owning the attribute ``path`` (dotted, e.g. ``model.logits``) and the attribute's name;
     ``kind`` (e.g. ``compile target``) names the path in the error when it is not callable."""
-    owner, _, name = path.rpartition(".")
-    target = method
-    for part in filter(None, owner.split(".")):
-        target = getattr(target, part)
-    if not callable(getattr(target, name, None)):  # built methods are checked for this (conformance.target_fixes)
+    resolved = resolve_target(method, path)
+    if resolved is None:  # built methods are checked for this (conformance.target_fixes)
         raise violation(type(method), [f"{kind} {path!r} is not a callable attribute of the method"])
-    return target, name
+    return resolved
 
 
 def _graph_break_counts() -> Dict[str, int]:
