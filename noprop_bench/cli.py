@@ -22,7 +22,7 @@ from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter
 from .method import row_label_with_settings
 from .run.interrupts import forget_sigterm, note_sigterm
-from .run.jobs import Progress, TrialJob, import_root, trial_label
+from .run.jobs import Progress, TrialJob, delivery_problem, failed_record, import_root, trial_label
 from .run.resume import pending_specs
 from .plugins import load_plugins
 from .provenance import code_identity
@@ -332,8 +332,15 @@ def run(argv: Optional[List[str]] = None) -> int:
     current_code = {spec.method.name: code_identity(spec.method) for spec in specs}
 
     delivered = set()
+    by_executor = f"executor {executor.spec_text!r}"
 
     def deliver(job: TrialJob, record) -> None:
+        if job.trial_id in delivered:
+            say(f"warning: {by_executor} delivered {job.describe()} again; the first record is kept")
+            return
+        problem = delivery_problem(job, record)
+        if problem:  # stored as this trial's failure, so the run and a rerun see it
+            record = failed_record(job, f"{by_executor} delivered {problem}")
         store.append(record)
         delivered.add(job.trial_id)
         if record["status"] in FINISHED_STATUSES:
@@ -350,7 +357,17 @@ def run(argv: Optional[List[str]] = None) -> int:
     try:
         if jobs:
             with sigterm_as_ctrl_c():
-                executor.run(jobs, deliver, say)
+                try:
+                    executor.run(jobs, deliver, say)
+                    cause = f"{by_executor} returned without delivering this trial"
+                except (UsageError, KeyboardInterrupt):
+                    raise
+                except Exception as error:  # noqa: BLE001 - the executor's own failure: keep what it delivered
+                    say(f"{by_executor} failed: {type(error).__name__}: {error}")
+                    cause = f"{by_executor} failed before delivering this trial: {type(error).__name__}: {error}"
+                for job in jobs:
+                    if job.trial_id not in delivered:
+                        deliver(job, failed_record(job, cause))
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")

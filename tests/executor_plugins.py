@@ -5,6 +5,7 @@ import signal
 from pathlib import Path
 
 from noprop_bench import hookimpl
+from noprop_bench.executor import Executor, execute_job
 from noprop_bench_plugins.methods.backprop import Backprop
 
 
@@ -29,9 +30,39 @@ class Doomed(Backprop):
         return super().train_step(x, y)
 
 
+class Sloppy(Executor):
+    """An executor with the mistakes a new one may make (``mode``): it skips the last job (``skip``), raises
+    after the first (``raise``), delivers a bare dict (``bare``), the second job's record for the first
+    (``swap``), or every record twice (``twice``)."""
+
+    name = "sloppy"
+    defaults = {"mode": "skip"}
+
+    def run(self, jobs, deliver, say):
+        mode = self.options["mode"]
+        records = [execute_job(job) for job in jobs[:1 if mode == "raise" else None]]
+        if mode == "skip":
+            records, jobs = records[:-1], jobs[:-1]
+        for number, (job, record) in enumerate(zip(jobs, records)):
+            if mode == "bare":
+                record = {"status": "ok"}
+            if mode == "swap" and number == 0:
+                record = records[1]
+            deliver(job, record)
+            if mode == "twice":
+                deliver(job, record)
+        if mode == "raise":
+            raise ConnectionError("lost the queue after the first job")
+
+
 @hookimpl
 def register_methods(register):
     register(Doomed)
+
+
+@hookimpl
+def register_executors(register):
+    register(Sloppy)
 
 
 def worker_that_answers_at_once(connection, environment, threads):

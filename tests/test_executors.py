@@ -912,3 +912,32 @@ def test_progress_lines_say_what_became_of_each_trial():
         "finished 2/4: Backprop seed 2: diverged: NaN loss at step 3",
         "failed 3/4: Backprop seed 2: RuntimeError: boom; a run resumed in the same --out tries it again",
         "interrupted 4/4: Backprop seed 2: Ctrl-C; a run resumed in the same --out tries it again"]
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("skip", {0: "ok", 1: "failed"}), ("raise", {0: "ok", 1: "failed"}), ("bare", {0: "failed", 1: "failed"}),
+    ("swap", {0: "failed", 1: "ok"}), ("twice", {0: "ok", 1: "ok"})])
+def test_what_an_executor_delivers_wrongly_or_not_at_all_is_recorded_not_lost(mode, expected, tmp_path, one_thread,
+                                                                               capsys):
+    """A trial an executor never delivers, or delivers as something other than its record, is a failed trial
+    of this run (the grid says so and a rerun trains it); an executor that raises keeps what it delivered;
+    a second delivery of one trial is ignored."""
+    out = tmp_path / mode
+    code = run(["--plugin", "fake_plugins", "--plugin", "executor_plugins", "--dataset", "tiny", "--methods", "linear",
+                "--budget", "64samples", "--seeds", "2", "--checkpoints", "0", "--executor", f"sloppy[mode={mode}]",
+                "--out", str(out)])
+    records = _records(out)
+    assert {r["seed"]: r["status"] for r in records} == expected and len(records) == 2
+    assert code == (EXIT_OK if "failed" not in expected.values() else EXIT_TRIAL_FAILED)
+    err = capsys.readouterr().err
+    causes = {"skip": "executor 'sloppy[mode=skip]' returned without delivering this trial",
+              "raise": "executor 'sloppy[mode=raise]' failed before delivering this trial: ConnectionError: lost the "
+                       "queue after the first job",
+              "bare": "executor 'sloppy[mode=bare]' delivered the record of trial None, not of this trial",
+              "swap": "executor 'sloppy[mode=swap]' delivered the record of trial"}
+    if mode in causes:
+        failed = [r for r in records if r["status"] == "failed"]
+        assert all(causes[mode] in r["error"] for r in failed), [r["error"] for r in failed]
+        assert (out / "table1.md").exists() and "Traceback" not in err
+    if mode == "twice":
+        assert err.count("delivered Linear (one-hot) seed 0 again; the first record is kept") == 1

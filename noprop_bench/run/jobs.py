@@ -144,6 +144,23 @@ def stop_if_interrupted(record: Dict[str, Any]) -> None:
         raise KeyboardInterrupt
 
 
+RECORD_STATUSES = ("ok", "diverged", "failed", "interrupted")
+
+
+def delivery_problem(job: TrialJob, record: Any) -> Optional[str]:
+    """What is wrong with a record an executor delivered for ``job`` (None when nothing is): not a dict, another
+    trial's, no known status, or ``ok`` without a test accuracy."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__} instead of the record execute_job returns"
+    if record.get("trial_id") != job.trial_id:
+        return f"the record of trial {record.get('trial_id')!r}, not of this trial ({job.trial_id})"
+    if record.get("status") not in RECORD_STATUSES:
+        return f"a record with status {record.get('status')!r} (one of {', '.join(RECORD_STATUSES)} expected)"
+    if record["status"] == "ok" and not isinstance(record.get("test_acc"), (int, float)):
+        return "an ok record without a test accuracy"
+    return None
+
+
 @dataclass
 class Progress:
     """Counts delivered records for the host's ``finished k/N`` lines (``failed k/N`` and ``interrupted k/N`` for

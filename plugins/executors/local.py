@@ -22,10 +22,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.run.interrupts import (STOP_SIGNAL, signal_held, stop_cause, stop_trial_on,
-                                         ctrl_c_held as whole_messages)  # whole_messages: a message goes whole
-from noprop_bench.executor import (Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
-                                   interrupted, stop_if_interrupted)
+from noprop_bench.executor import (STOP_SIGNAL, Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
+                                   interrupted, signal_held, stop_cause, stop_if_interrupted, stop_trial_on)
+from noprop_bench.executor import ctrl_c_held as whole_messages  # whole_messages: a message goes whole
 
 
 def visible_gpus() -> List[str]:

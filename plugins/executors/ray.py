@@ -13,9 +13,8 @@ import time
 from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import (ClusterExecutor, TrialJob, execute_job, failed_record, interrupted, require_engine,
-                                   stop_if_interrupted)
-from noprop_bench.run.interrupts import ctrl_c_held, forget_pending_stop, stop_cause, stop_trial_on
+from noprop_bench.executor import (ClusterExecutor, TrialJob, ctrl_c_held, execute_job, failed_record, forget_pending_stop,
+                                   interrupted, require_engine, stop_cause, stop_if_interrupted, stop_trial_on)
 
 
 class RayExecutor(ClusterExecutor):

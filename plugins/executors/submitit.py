@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, execute_job, failed_record, interrupted,
-                                   require_engine, stop_if_interrupted)
-from noprop_bench.run.interrupts import (ctrl_c_held, note_sigterm, note_time_limit, stop_cause, stop_trial,
-                                         stop_trial_on)
+from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, ctrl_c_held, execute_job, failed_record,
+                                   interrupted, note_sigterm, note_time_limit, require_engine, stop_cause, stop_if_interrupted,
+                                   stop_trial, stop_trial_on)
 
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
