@@ -47,7 +47,7 @@ def test_the_imagefolder_dataset_passes(tmp_path, monkeypatch):
     check_dataset(ImageFolder, argument=str(tmp_path / "tree"))
 
 
-@pytest.mark.parametrize("options", [{}, {"workers": 2}], ids=["in-process", "workers=2"])
+@pytest.mark.parametrize("options", [{}, {"workers": 2}, {"workers": "2"}], ids=["in-process", "workers=2", "text"])
 def test_the_local_executor_passes(options):
     check_executor(REGISTRY.executors["local"], **options)
 

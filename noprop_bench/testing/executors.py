@@ -40,6 +40,8 @@ def check_executor(cls: Type[Executor], **options: Any) -> None:
     if not cls.name:
         fixes.append("set the class attribute name = 'my_executor'")
     reject_unknown_names(options, cls.defaults, f"executor {cls.name!r}", "option")
+    # options as the command line hands them: text is converted to each default's type
+    options = {**options, **cls.resolve_options({key: value for key, value in options.items() if isinstance(value, str)})}
     executor = cls(cls.name, **options)
     try:
         executor.check_available()
