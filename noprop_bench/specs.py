@@ -43,6 +43,8 @@ def parse_method_spec(text: str, what: str = "method") -> Tuple[str, Dict[str, s
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise UsageError(f"{what} parameter {item!r} in {text!r} not understood; write key=value")
+        if key.strip() in params:
+            raise UsageError(f"{what} parameter {key.strip()!r} is given twice in {text!r}; give it once")
         params[key.strip()] = value.strip()
     return name, params
 

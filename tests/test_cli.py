@@ -29,6 +29,8 @@ def _exit(args, capsys):
     (["--methods", "linear[lr=fast]"], "parameter lr='fast': expected float"),
     (["--methods", "linear[momentum=1]"], "method 'linear' has no parameter momentum; accepted: embedding, lr"),
     (["--methods", "linear[lr]"], "method parameter 'lr' in 'linear[lr]' not understood; write key=value"),
+    (["--methods", "linear[lr=0.1,lr=0.2]"], "method parameter 'lr' is given twice in 'linear[lr=0.1,lr=0.2]'"),
+    (["--methods", "linear", "--executor", "local[workers=1,workers=2]"], "executor parameter 'workers' is given twice"),
     (["--methods", "linear", "--seeds", "0"], "--seeds 0: must be a whole number of at least 1"),
     (["--methods", "linear", "--val-split", "1.5"], "--val-split 1.5: must be a fraction in [0, 1)"),
     (["--methods", "linear", "--plugin", "no_such_module_xyz"], "--plugin no_such_module_xyz: cannot import it"),
