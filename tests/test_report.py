@@ -580,3 +580,13 @@ def test_captions_say_how_far_trials_ran_past_their_budget():
     assert overshoot_text([{"budget": "300samples", "samples": 384}]) == (
         " (trials spent 384 samples: each ends with the step that reaches the budget)")
     assert overshoot_text([{"budget": "100epochs (paper)", "epochs": 130.0}]) == ""  # amounts differ per method
+
+
+def test_a_trial_not_in_the_tables_names_its_budget_when_no_table_has_it():
+    records = copy.deepcopy(load("mnist")[0][:2])
+    records[1].update(status="failed", error="RuntimeError: boom", budget="1024samples", trial_id="other")
+    listed = render_table1(records).split("Not in the table:\n")[1].strip().splitlines()
+    assert listed == [f"- {records[1]['row_label']} seed {records[1]['seed']} on MNIST5k with budget 1024samples: "
+                      f"failed (RuntimeError: boom)"]
+    records[1]["budget"] = records[0]["budget"]  # one of the tables': no need to say it
+    assert "with budget" not in render_table1(records)

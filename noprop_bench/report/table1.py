@@ -229,12 +229,15 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     for a trial that never reported (its worker died, or it was interrupted) has no dataset label of its
     own: another record's label for the same dataset is used."""
     labels = {r.get("dataset"): r["dataset_label"] for r in records if r.get("dataset_label")}
+    tabled_budgets = {str(r.get("budget")) for r in records if r.get("status") == "ok"}
     lines = []
     for record in records:
         if record.get("status") != "ok":
             dataset = record.get("dataset_label") or labels.get(record.get("dataset"), record.get("dataset"))
+            # a budget no table has: said, so the line is not read as a trial of the tables above
+            budget = f" with budget {record.get('budget')}" if str(record.get("budget")) not in tabled_budgets else ""
             lines.append(f"{trial_label(record)} seed {record.get('seed')} on "
-                         f"{dataset}: {record.get('status')} ({record.get('error')})")
+                         f"{dataset}{budget}: {record.get('status')} ({record.get('error')})")
     return lines
 
 
