@@ -331,20 +331,32 @@ def run(argv: Optional[List[str]] = None) -> int:
     progress = Progress(len(jobs))
     current_code = {spec.method.name: code_identity(spec.method) for spec in specs}
 
-    delivered = set()
+    delivered = {}  # trial id -> the record stored for it
     by_executor = f"executor {executor.spec_text!r}"
+    host_errors = []  # what deliver itself raised (the store's disk, say): never blamed on the executor
 
     def deliver(job: TrialJob, record) -> None:
-        if job.trial_id in delivered:
-            say(f"warning: {by_executor} delivered {job.describe()} again; the first record is kept")
+        try:
+            _store_delivered(job, record)
+        except Exception as error:
+            host_errors.append(error)
+            raise
+
+    def _store_delivered(job: TrialJob, record) -> None:
+        first = delivered.get(job.trial_id)
+        if first is not None and record is not first and record != first:
+            say(f"warning: {by_executor} delivered {job.describe()} again with another record; the first is kept")
             return
-        problem = delivery_problem(job, record)
-        if problem:  # stored as this trial's failure, so the run and a rerun see it
-            record = failed_record(job, f"{by_executor} delivered {problem}")
-        store.append(record)
-        delivered.add(job.trial_id)
+        if first is None:
+            problem = delivery_problem(job, record)
+            if problem:  # stored as this trial's failure, so the run and a rerun see it
+                record = failed_record(job, f"{by_executor} delivered {problem}")
+        store.append(record)  # the same record again (an executor's recovery after Ctrl-C) is stored again
+        delivered[job.trial_id] = record
         if record["status"] in FINISHED_STATUSES:
             store.forget_record_file(record)
+        if first is not None:
+            return
         say(progress.line(job, record))
         try:
             registry.hook.trial_finished(record=record, out_dir=str(out))
@@ -363,7 +375,11 @@ def run(argv: Optional[List[str]] = None) -> int:
                 except (UsageError, KeyboardInterrupt):
                     raise
                 except Exception as error:  # noqa: BLE001 - the executor's own failure: keep what it delivered
+                    if any(error is raised for raised in host_errors):
+                        raise
                     say(f"{by_executor} failed: {type(error).__name__}: {error}")
+                    if isinstance(error.__context__, KeyboardInterrupt):  # it failed while stopping for Ctrl-C
+                        raise error.__context__ from error
                     cause = f"{by_executor} failed before delivering this trial: {type(error).__name__}: {error}"
                 for job in jobs:
                     if job.trial_id not in delivered:

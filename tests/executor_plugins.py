@@ -33,7 +33,8 @@ class Doomed(Backprop):
 class Sloppy(Executor):
     """An executor with the mistakes a new one may make (``mode``): it skips the last job (``skip``), raises
     after the first (``raise``), delivers a bare dict (``bare``), the second job's record for the first
-    (``swap``), or every record twice (``twice``)."""
+    (``swap``), every record twice (``twice``, as an executor's recovery after Ctrl-C may), or a changed
+    record after each (``changed``)."""
 
     name = "sloppy"
     defaults = {"mode": "skip"}
@@ -51,6 +52,8 @@ class Sloppy(Executor):
             deliver(job, record)
             if mode == "twice":
                 deliver(job, record)
+            if mode == "changed":
+                deliver(job, {**record, "test_acc": 0.0})
         if mode == "raise":
             raise ConnectionError("lost the queue after the first job")
 

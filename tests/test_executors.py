@@ -916,7 +916,7 @@ def test_progress_lines_say_what_became_of_each_trial():
 
 @pytest.mark.parametrize("mode, expected", [
     ("skip", {0: "ok", 1: "failed"}), ("raise", {0: "ok", 1: "failed"}), ("bare", {0: "failed", 1: "failed"}),
-    ("swap", {0: "failed", 1: "ok"}), ("twice", {0: "ok", 1: "ok"})])
+    ("swap", {0: "failed", 1: "ok"}), ("twice", {0: "ok", 1: "ok"}), ("changed", {0: "ok", 1: "ok"})])
 def test_what_an_executor_delivers_wrongly_or_not_at_all_is_recorded_not_lost(mode, expected, tmp_path, one_thread,
                                                                                capsys):
     """A trial an executor never delivers, or delivers as something other than its record, is a failed trial
@@ -939,5 +939,21 @@ def test_what_an_executor_delivers_wrongly_or_not_at_all_is_recorded_not_lost(mo
         failed = [r for r in records if r["status"] == "failed"]
         assert all(causes[mode] in r["error"] for r in failed), [r["error"] for r in failed]
         assert (out / "table1.md").exists() and "Traceback" not in err
-    if mode == "twice":
-        assert err.count("delivered Linear (one-hot) seed 0 again; the first record is kept") == 1
+    if mode == "twice":  # the same record again is stored once and counted once
+        assert "again" not in err and "finished 3/2" not in err
+    if mode == "changed":
+        assert err.count("delivered Linear (one-hot) seed 0 again with another record; the first is kept") == 1
+        assert all(r["test_acc"] > 0 for r in records)
+
+
+def test_a_failure_of_the_hosts_own_store_is_not_blamed_on_the_executor(tmp_path, one_thread, monkeypatch, capsys):
+    from noprop_bench.run.store import TrialStore
+
+    def full_disk(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TrialStore, "append", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run(["--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--budget", "64samples",
+             "--checkpoints", "0", "--out", str(tmp_path / "run")])
+    assert "executor 'local' failed" not in capsys.readouterr().err

@@ -590,3 +590,5 @@ def test_a_trial_not_in_the_tables_names_its_budget_when_no_table_has_it():
                       f"failed (RuntimeError: boom)"]
     records[1]["budget"] = records[0]["budget"]  # one of the tables': no need to say it
     assert "with budget" not in render_table1(records)
+    records[0]["budget"], records[1]["budget"] = "100epochs (paper)", "2epochs (paper)"  # one protocol, one table
+    assert "with budget" not in render_table1(records)

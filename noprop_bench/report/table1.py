@@ -8,8 +8,8 @@ from ..run.jobs import trial_label
 from . import paper as paper_data
 from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
-from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                      family_heading, final_settings_text, format_mean_se, group_distinctions,
+from .records import (assign_rows, budget_group, check_records, comparable_groups, dataset_columns,
+                      drop_duplicate_seeds, family_heading, final_settings_text, format_mean_se, group_distinctions,
                       mean_and_standard_error, ordered_rows, rows_without_duplicate_seeds, settings_text,
                       speed_setting_warnings)
 
@@ -229,13 +229,13 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     for a trial that never reported (its worker died, or it was interrupted) has no dataset label of its
     own: another record's label for the same dataset is used."""
     labels = {r.get("dataset"): r["dataset_label"] for r in records if r.get("dataset_label")}
-    tabled_budgets = {str(r.get("budget")) for r in records if r.get("status") == "ok"}
+    tabled_budgets = {budget_group(r) for r in records if r.get("status") == "ok"}
     lines = []
     for record in records:
         if record.get("status") != "ok":
             dataset = record.get("dataset_label") or labels.get(record.get("dataset"), record.get("dataset"))
             # a budget no table has: said, so the line is not read as a trial of the tables above
-            budget = f" with budget {record.get('budget')}" if str(record.get("budget")) not in tabled_budgets else ""
+            budget = f" with budget {record.get('budget')}" if budget_group(record) not in tabled_budgets else ""
             lines.append(f"{trial_label(record)} seed {record.get('seed')} on "
                          f"{dataset}{budget}: {record.get('status')} ({record.get('error')})")
     return lines
