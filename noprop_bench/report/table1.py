@@ -235,7 +235,8 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
         if record.get("status") != "ok":
             dataset = record.get("dataset_label") or labels.get(record.get("dataset"), record.get("dataset"))
             # a budget no table has: said, so the line is not read as a trial of the tables above
-            budget = f" with budget {record.get('budget')}" if budget_group(record) not in tabled_budgets else ""
+            other = tabled_budgets and budget_group(record) not in tabled_budgets
+            budget = f" with budget {record.get('budget')}" if other else ""
             lines.append(f"{trial_label(record)} seed {record.get('seed')} on "
                          f"{dataset}{budget}: {record.get('status')} ({record.get('error')})")
     return lines
