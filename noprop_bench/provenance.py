@@ -125,8 +125,9 @@ def code_identity(cls: type) -> Dict[str, Any]:
     """``{"distribution", "version", "git_commit", "source_sha256", "git_modified"}`` of the code that defines
     ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files (:func:`source_files`), taken
     only when neither a version nor a commit names the code (a module loaded with ``--plugin`` from a plain
-    folder), so an edit to it, or to a module beside it, makes its trials stale. ``git_modified`` says the checkout had uncommitted changes, so the commit alone
-    does not name the code; it is informational and not part of :data:`CODE_FIELDS`."""
+    folder), so an edit to it, or to a module beside it, makes its trials stale. ``git_modified`` says the
+    checkout had uncommitted changes, so the commit alone does not name the code; it is informational and not
+    part of :data:`CODE_FIELDS`."""
     distribution = distribution_of(cls)
     try:
         installed = version(distribution) if distribution else None

@@ -309,6 +309,15 @@ class MethodUsageError(Exception):
     """A :class:`UsageError` raised while the method was built: this trial fails, the grid goes on."""
 
 
+def build_trial_method(cls: Type[Method], task: Task, params: Dict[str, Any]) -> Method:
+    """``build_method`` for one trial (or speed row): a :class:`UsageError` of the method's own becomes a
+    :class:`MethodUsageError` naming its plugin, so only that trial fails."""
+    try:
+        return build_method(cls, task, params)
+    except UsageError as error:
+        raise MethodUsageError(f"{describe_class(cls)}: {error}") from None
+
+
 class _TrialRun:
     """The mutable state of one trial while it trains, so ``run_trial`` only handles outcomes."""
 
@@ -337,10 +346,7 @@ class _TrialRun:
         setup_started = time.perf_counter()
         seed_everything(spec.seed)
         task = build_task(spec, data)
-        try:
-            self.method = method = build_method(spec.method, task, spec.params).to(spec.device)
-        except UsageError as error:
-            raise MethodUsageError(f"{describe_class(spec.method)}: {error}") from None
+        self.method = method = build_trial_method(spec.method, task, spec.params).to(spec.device)
         method.train()
         record["params_total"] = sum(p.numel() for p in method.parameters())
         record["params_trainable"] = sum(p.numel() for p in method.parameters() if p.requires_grad)

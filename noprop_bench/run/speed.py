@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from ..backbones import check_backbone_name, create_backbone
-from ..conformance import build_method, describe_class, loss_fixes, step_metrics_fixes, violation
+from ..conformance import loss_fixes, step_metrics_fixes, violation
 from ..datasets import Normalizer, Split
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter
@@ -40,7 +40,7 @@ from .evaluation_plan import evaluation_batch_size, evaluation_batches
 from .jobs import cpu_count, note_exception
 from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .profile import StepProfile, profile_steps
-from .runner import MethodUsageError, backbone_width
+from .runner import backbone_width, build_trial_method
 from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, add_cudnn_benchmark_arguments,
                              apply_speed_settings, backend_flags, default_settings)
 from .store import check_output_directory, device_name
@@ -185,10 +185,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with backend_flags(settings):
         torch.manual_seed(0)
-        try:
-            method = build_method(cls, task, params).to(device)
-        except UsageError as error:  # the method refused this task: its row fails, as its trial would
-            raise MethodUsageError(f"{describe_class(cls)}: {error}") from None
+        method = build_trial_method(cls, task, params).to(device)  # a method's refusal fails its row alone
         method.train()
         applied = apply_speed_settings(method, settings, device.type)
         x = task.normalize(task.train_images[:batch_size])
