@@ -368,6 +368,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     executor.out_dir = str(out)
     try:
         if jobs:
+            out.mkdir(parents=True, exist_ok=True)  # an executor may keep its files there before the first record
             with sigterm_as_ctrl_c():
                 try:
                     executor.run(jobs, deliver, say)

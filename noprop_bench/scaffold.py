@@ -17,7 +17,11 @@ KINDS = {
                                                   "--budget 2000samples"},
     "dataset": {"check": "check_dataset", "usage": "noprop-bench --methods backprop --dataset {name} "
                                                    "--budget 2000samples"},
+    "executor": {"check": "check_executor", "usage": "noprop-bench --methods backprop,noprop_fm --dataset mnist5k "
+                                                     "--budget 2000samples --executor {name}[workers=2]"},
 }
+# files beyond the common ones and the kind's __init__.py and test
+EXTRA_FILES = {"executor": {"executor/__main__.py.tmpl": "{name}/__main__.py"}}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -25,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noprop-bench new-plugin",
         description="Write a ready plugin distribution: pyproject.toml with the noprop_bench entry point, a "
-                    "Method (or Dataset) skeleton whose docstrings explain each hook, a test calling the "
+                    "Method, Dataset or Executor skeleton that already works and whose docstrings explain each "
+                    "hook, a test calling the "
                     "conformance check (noprop_bench.testing) and a README. Then: pip install -e PATH; "
                     "pytest PATH; noprop-bench --list.")
     parser.add_argument("name", metavar="NAME",
@@ -50,7 +55,7 @@ def check_name(name: str, kind: str = "method") -> None:
     if importlib.util.find_spec(name) is not None:
         raise UsageError(f"plugin name {name!r}: a Python module of that name already exists here; choose another")
     registry = load_plugins()
-    taken = registry.methods if kind == "method" else registry.datasets
+    taken = registry.table(kind)
     if name in taken:
         raise UsageError(f"plugin name {name!r}: plugin {registry.provider[f'{kind}:{name}']!r} already provides a "
                          f"{kind} of that name; choose another")
@@ -69,7 +74,8 @@ def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path
               "usage": KINDS[kind]["usage"].format(name=name)}
     layout: Dict[str, str] = {"common/pyproject.toml.tmpl": "pyproject.toml", "common/README.md.tmpl": "README.md",
                               f"{kind}/__init__.py.tmpl": f"{name}/__init__.py",
-                              f"{kind}/test.py.tmpl": f"tests/test_{name}.py"}
+                              f"{kind}/test.py.tmpl": f"tests/test_{name}.py",
+                              **{source: target.format(name=name) for source, target in EXTRA_FILES.get(kind, {}).items()}}
     templates = files(__package__) / "templates"
     written = []
     for source, target in layout.items():
@@ -89,7 +95,8 @@ def new_plugin_main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     directory = Path(args.dir or f"noprop-bench-{args.name.replace('_', '-')}")
     render_plugin(args.name, directory, args.kind)
-    print(f"wrote a {args.kind} plugin distribution for {args.name!r} in {directory}/. Next:\n"
+    article = "an" if args.kind[0] in "aeiou" else "a"
+    print(f"wrote {article} {args.kind} plugin distribution for {args.name!r} in {directory}/. Next:\n"
           f"  pip install -e {directory}\n  pytest {directory}\n  noprop-bench --list\n"
           f"  {KINDS[args.kind]['usage'].format(name=args.name)}")
     return 0

@@ -87,6 +87,65 @@ def test_a_new_dataset_plugin_passes_the_dataset_check(tmp_path, monkeypatch):
     check_dataset(ScaffoldedData)
 
 
+def test_a_new_executor_plugin_passes_the_executor_check_and_runs_a_grid(tmp_path, monkeypatch, one_thread,
+                                                                        capsys):
+    """The template runs each trial in a process of its own (``python -m PACKAGE``), so that process must find
+    the package too: it is put on PYTHONPATH, as an installed distribution would be found."""
+    from noprop_bench.testing import check_executor
+
+    written = render_plugin("scaffolded_exec", tmp_path / "dist", kind="executor")
+    assert sorted(p.relative_to(tmp_path / "dist").as_posix() for p in written) == [
+        "README.md", "pyproject.toml", "scaffolded_exec/__init__.py", "scaffolded_exec/__main__.py",
+        "tests/test_scaffolded_exec.py"]
+    assert "check_executor(ScaffoldedExec)" in (tmp_path / "dist" / "tests" / "test_scaffolded_exec.py").read_text()
+    for path in written:  # the test file too, which this test does not run
+        if path.suffix == ".py":
+            compile(path.read_text(), str(path), "exec")
+    monkeypatch.syspath_prepend(str(tmp_path / "dist"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "dist"), *sys.path]))
+    from scaffolded_exec import ScaffoldedExec
+
+    check_executor(ScaffoldedExec)
+    _ctrl_c_delivers_every_job_once(ScaffoldedExec, tmp_path / "stopped")
+
+    out = tmp_path / "run"
+    # the plugin is found through --plugin here (not installed); a worker process loads it the same way
+    common = ["--plugin", "scaffolded_exec", "--methods", "backprop", "--dataset", "mnist5k", "--budget",
+              "128samples", "--checkpoints", "0", "--device", "cpu", "--out", str(out)]
+    assert run([*common, "--seeds", "2", "--executor", "scaffolded_exec[workers=2]"]) == 0
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["status"], r["executor"]) for r in sorted(records, key=lambda r: r["seed"])] == [
+        (0, "ok", "scaffolded_exec[workers=2]"), (1, "ok", "scaffolded_exec[workers=2]")]
+    assert len({r["worker"]["pid"] for r in records}) == 2  # each trial in a process of its own
+    assert not list(out.glob(".scaffolded_exec-*"))  # its job and record files are cleaned up
+
+
+def _ctrl_c_delivers_every_job_once(executor_class, out_dir):
+    """Ctrl-C just after the second of three trials started: both running trials are asked to stop and
+    the third never starts; every job is delivered once, and the interrupt goes on to the host."""
+    from noprop_bench.testing.executors import conformance_jobs
+
+    executor = executor_class(executor_class.name, workers=2)
+    executor.out_dir = str(out_dir)
+    out_dir.mkdir()
+    jobs = conformance_jobs(seeds=3, executor=executor.spec_text, out_dir=executor.out_dir)
+    delivered = []
+
+    def say(message):
+        if message.startswith(f"{executor_class.name}: started") and message.endswith("seed 1"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        executor.run(jobs, lambda job, record: delivered.append((job.trial_id, record["trial_id"], record["status"])),
+                     say)
+    assert sorted(trial for trial, _, _ in delivered) == sorted(job.trial_id for job in jobs)
+    assert all(trial == record_trial for trial, record_trial, _ in delivered)
+    statuses = dict((trial, status) for trial, _, status in delivered)
+    assert statuses[jobs[2].trial_id] == "interrupted"
+    assert {statuses[jobs[0].trial_id], statuses[jobs[1].trial_id]} <= {"ok", "interrupted"}
+    assert not list(out_dir.glob(".scaffolded_exec-*"))
+
+
 @pytest.mark.parametrize("args,message", [
     (["new-plugin", "My-Method"], "use lower case letters, digits and underscores"),
     (["new-plugin", "json"], "a Python module of that name already exists"),
