@@ -90,6 +90,32 @@ def test_keep_stale_marks_trials_of_other_code_even_when_every_trial_of_the_meth
     assert "†" not in (report_out / "table1.md").read_text()
 
 
+def test_table_2_and_report_json_mark_the_trials_table_1_marks_when_devices_split_table_2(fake_run, tmp_path):
+    """Under a sample budget Table 1 holds both devices in one table, Table 2 one table per device: a
+    trial of older code alone on its device is still older than its method's newest trial in Table 1."""
+    args = ("--methods", "linear", "--budget", "128samples", "--seeds", "2", "--checkpoints", "0")
+    code, out = fake_run(*args)
+    assert code == 0
+
+    def seed_0_older_elsewhere(record):
+        if record["seed"] == 0:
+            record["code"] = {**record["code"], "version": "0.0.9"}
+            record["environment"] = {**record["environment"], "device_name": "cpu (another machine)"}
+
+    _rewrite(out, seed_0_older_elsewhere)
+    from noprop_bench.report.cli import report_main
+    report_out = tmp_path / "report"
+    assert report_main([str(out), "--out", str(report_out), "--format", "md,json"]) == 0
+    table1, table2 = (report_out / "table1.md").read_text(), (report_out / "table2.md").read_text()
+    assert table1.count("Linear (one-hot) †") == 1 and table2.count("Linear (one-hot) †") == 1
+    assert table2.count("| Linear (one-hot) ") == 2  # one row per device's table, the older code's marked
+    assert "Linear (one-hot) seed 0 (" in table2 and "Linear (one-hot) seed 1 (" not in table2
+    summary = json.loads((report_out / "report.json").read_text())
+    marks = {table["device"]: [cell["older_code"] for cell in table["cells"]] for table in summary["table2"]}
+    assert marks == {"cpu (another machine)": [True], summary["table2"][1]["device"]: [False]}
+    assert [cell["older_code"] for cell in summary["table1"][0]["cells"]] == [True]
+
+
 def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
     args = ("--methods", "linear", "--budget", "128samples", "--seeds", "1", "--checkpoints", "0")
     code, out = fake_run(*args)

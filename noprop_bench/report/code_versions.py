@@ -21,19 +21,23 @@ def reference_code(records: Sequence[Dict[str, Any]], current: Optional[CodeByMe
     return newest
 
 
-def older_code_trials(records: Sequence[Dict[str, Any]], current: Optional[CodeByMethod] = None) -> Set[str]:
-    """Ids of the trials whose recorded code differs from their method's :func:`reference_code`.
+def older_code_trials(records: Sequence[Dict[str, Any]], current: Optional[CodeByMethod] = None,
+                      among: Optional[Sequence[Dict[str, Any]]] = None) -> Set[str]:
+    """Ids of the trials whose recorded code differs from their method's :func:`reference_code` in ``among``
+    (by default ``records``; Table 2 passes the trials of the Table 1 table that holds its own, so both
+    tables mark the same trials).
 
     Records without a ``code`` field (older runs) are never marked: their code is unknown, not older.
     """
-    reference = reference_code(records, current)
+    reference = reference_code(records if among is None else among, current)
     return {str(r.get("trial_id")) for r in records
             if r.get("code") and not same_code(r["code"], reference[r["method"]])}
 
 
-def older_code_note(records: Sequence[Dict[str, Any]], current: Optional[CodeByMethod] = None) -> str:
+def older_code_note(records: Sequence[Dict[str, Any]], current: Optional[CodeByMethod] = None,
+                    among: Optional[Sequence[Dict[str, Any]]] = None) -> str:
     """The caption sentence for the marked rows, or "" when no trial ran other code."""
-    older = older_code_trials(records, current)
+    older = older_code_trials(records, current, among)
     if not older:
         return ""
     labels: List[str] = []

@@ -11,7 +11,7 @@ from .records import (budget_unit, check_records, comparability, comparable_grou
 from . import paper as paper_data
 from .code_versions import older_code_trials
 from .table1 import SPLITS, delta_rows, not_ok_lines, table1_caption, warning_lines
-from .tables import GB
+from .tables import GB, by_memory_kind, table1_groups_of
 
 SUMMARY_FORMAT = "noprop-bench report summary"
 SUMMARY_VERSION = 1
@@ -93,13 +93,18 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
 
 def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per Table 2 table (comparable group on one device, one memory kind), a cell per row and
-    dataset: means over seeds."""
+    dataset: means over seeds, and ``older_code`` where a trial of the cell ran older code (``†`` in
+    ``table2.md``, judged as in Table 1)."""
     tables = []
+    table1_trials = table1_groups_of(records)
     for group in comparable_groups(records, by_device=True):
-        for kind in dict.fromkeys(memory_kind(r) for r in group):
-            kept, rows = rows_without_duplicate_seeds([r for r in group if memory_kind(r) == kind])
+        older = older_code_trials(group, among=table1_trials[comparability(group[0])])  # the † of table2.md
+        for kind_records in by_memory_kind(group):
+            kind = memory_kind(kind_records[0])
+            kept, rows = rows_without_duplicate_seeds(kind_records)
             cells = [{"family": family, "row": row, "method": chosen[0]["method"], "dataset": spec,
                       "dataset_label": label, "seeds": len(chosen),
+                      "older_code": any(str(r.get("trial_id")) in older for r in chosen),
                       "peak_memory_gb": _number(field_mean(chosen, "peak_memory_bytes", GB)),
                       "samples_per_second": _number(field_mean(chosen, "samples_per_second")),
                       "seconds_per_epoch": _number(seconds_per_epoch(chosen))}

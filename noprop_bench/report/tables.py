@@ -9,7 +9,7 @@ from ..run.jobs import trial_label
 from . import paper as paper_data
 from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
-from .records import (assign_rows, check_records, comparable_groups, dataset_columns, drop_duplicate_seeds,
+from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns, drop_duplicate_seeds,
                       family_heading, field_mean, memory_kind, ordered_rows, rows_without_duplicate_seeds,
                       seconds_per_epoch, setting_label, settings_text, speed_setting_warnings)
 from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se, warning_lines
@@ -43,16 +43,18 @@ def _number(value: float) -> str:
 
 
 def table2_frame(records: List[Dict[str, Any]], paper: bool = False,
-                 current_code: Optional[CodeByMethod] = None) -> pd.DataFrame:
+                 current_code: Optional[CodeByMethod] = None,
+                 among: Optional[List[Dict[str, Any]]] = None) -> pd.DataFrame:
     """Rows as Table 1; per dataset: peak memory (GB), samples/s and s/epoch, each a mean over seeds.
 
     ``records`` must be one comparable group with one memory kind. With ``paper`` (CUDA memory only), the
     paper's memory for the one-hot rows is shown next to ours. Rows with trials of other code than
-    ``current_code`` (see ``code_versions.older_code_trials``) are marked as in Table 1.
+    ``current_code`` (see ``code_versions.older_code_trials``) are marked as in Table 1: the newest code is
+    that of ``among`` (the trials of Table 1's table, see :func:`table1_groups_of`) where given.
     """
     records, rows = rows_without_duplicate_seeds(records)
     cell_seeds, seeds = _seeds_per_cell(records, rows)
-    older = older_code_trials(records, current_code)
+    older = older_code_trials(records, current_code, among)
     marked = {row for record, row in zip(records, rows) if str(record.get("trial_id")) in older}
     columns = dataset_columns(records)
     show_paper = paper and all(memory_kind(r) == "cuda_max_allocated" for r in records)
@@ -107,7 +109,8 @@ def _memory_text(kind: str, records: List[Dict[str, Any]]) -> str:
 
 
 def table2_caption(records: List[Dict[str, Any]], paper: bool = False,
-                   current_code: Optional[CodeByMethod] = None) -> str:
+                   current_code: Optional[CodeByMethod] = None,
+                   among: Optional[List[Dict[str, Any]]] = None) -> str:
     kind = memory_kind(records[0])
     seeds = len({r["seed"] for r in records})
     paper_text = (" Paper column: the paper's memory table (one-hot embedding, its own unnamed GPU and batch "
@@ -117,7 +120,7 @@ def table2_caption(records: List[Dict[str, Any]], paper: bool = False,
     return (f"Peak memory in GB (10^9 bytes): {_memory_text(kind, records)}. Training throughput "
             f"in samples/s = training samples / training seconds (evaluation excluded); s/epoch = train-set "
             f"size / throughput. Means over {seeds} seed(s).{fewer} {settings_text(records)}{paper_text}"
-            f"{older_code_note(records, current_code)}{speed_warnings_note(records)}")
+            f"{older_code_note(records, current_code, among)}{speed_warnings_note(records)}")
 
 
 def speed_warnings_note(records: List[Dict[str, Any]]) -> str:
@@ -150,17 +153,30 @@ def table2_document(records: List[Dict[str, Any]], paper: bool = False,
     with the trials whose speed settings did not apply in full listed below."""
     records, _ = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
+    table1_trials = table1_groups_of(ok)
     sections = []
     for group in comparable_groups(ok, by_device=True):
-        by_kind: Dict[str, List[Dict[str, Any]]] = {}
-        for record in group:
-            by_kind.setdefault(memory_kind(record), []).append(record)
-        for kind_records in by_kind.values():
-            sections.append(Section(None, table2_frame(kind_records, paper, current_code),
-                                    table2_caption(kind_records, paper, current_code)))
+        among = table1_trials[comparability(group[0])]
+        for kind_records in by_memory_kind(group):
+            sections.append(Section(None, table2_frame(kind_records, paper, current_code, among),
+                                    table2_caption(kind_records, paper, current_code, among)))
     return Document("Table 2: peak memory and training time", sections, "No trial finished successfully.",
                     [("Speed settings not applied in full:",
                       warning_lines(ok, speed_setting_warnings, by_device=True))])
+
+
+def table1_groups_of(ok: List[Dict[str, Any]]) -> Dict[Tuple, List[Dict[str, Any]]]:
+    """The trials of each Table 1 table (duplicate seeds dropped, as its cells are made), by comparability:
+    a Table 2 table is part of one, and judges older code against the same trials."""
+    return {comparability(group[0]): rows_without_duplicate_seeds(group)[0] for group in comparable_groups(ok)}
+
+
+def by_memory_kind(group: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """A Table 2 group split by how its memory was measured (kinds are never mixed in a table)."""
+    kinds: Dict[str, List[Dict[str, Any]]] = {}
+    for record in group:
+        kinds.setdefault(memory_kind(record), []).append(record)
+    return list(kinds.values())
 
 
 def render_table2(records: List[Dict[str, Any]], paper: bool = False,
