@@ -19,3 +19,7 @@ def __getattr__(name):
 
         return getattr(frames, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(RESULTS_API))

@@ -113,6 +113,11 @@ def test_json_summary_matches_the_markdown_tables(tmp_path):
     ct = next(c for c in cells if c["row"] == "NoProp-CT (one-hot)" and c["split"] == "test"
               and c["dataset"] == "mnist5k")
     assert ct["seeds"] == 2 and ct["n"] == 6  # 2 seeds x 3 inference runs
+    for table in summary["table1"]:  # a table's seeds are the n of "(k of n seeds)"
+        for cell in table["cells"]:
+            line = next(l for l in table1.splitlines() if l.startswith(f"| {cell['row']} "))
+            fewer = re.search(r"\((\d+) of (\d+) seeds\)", line)
+            assert (int(fewer.group(2)) if fewer else cell["seeds"]) == table["seeds"]
     seed_means = [sum(ct["values"][:3]) / 3, sum(ct["values"][3:]) / 3]
     assert ct["se_over_seed_means"] == pytest.approx(abs(seed_means[0] - seed_means[1]) / 2)
     assert len(summary["table2"]) == len(table2_document(records).sections)

@@ -42,6 +42,42 @@ def test_the_package_exports_the_loaders():
     assert {"load_trials", "load_runs", "load_curves"} <= set(noprop_bench.__all__)
     with pytest.raises(AttributeError):
         noprop_bench.load_nothing  # noqa: B018
+    assert {"load_trials", "load_runs", "load_curves", "Method"} <= set(dir(noprop_bench))  # tab completion
+
+
+def test_directories_may_come_as_one_list_or_as_a_runs_trials_file_and_a_wrong_path_says_what_is_wrong(tmp_path):
+    runs = ["results/mnist5k-noprop_ct-backprop-noprop_cnn-120s", "results/mnist5k-all-methods-noprop_cnn-60s"]
+    expected = frames.load_trials(*runs)
+    pd.testing.assert_frame_equal(frames.load_trials(runs), expected)
+    pd.testing.assert_frame_equal(frames.load_trials(Path(p) for p in runs), expected)
+    from_file = frames.load_trials(f"{runs[0]}/trials.jsonl", runs[1])
+    assert list(from_file["trial_id"]) == list(expected["trial_id"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError) as wrong:
+        frames.load_runs(runs[0], "results/no-such-run", str(tmp_path / "empty"), str(tmp_path / "a-file"))
+    assert ("results/no-such-run does not exist; no trials.jsonl in " in str(wrong.value)
+            and "a-file is a file, not a run directory" in str(wrong.value))
+    with pytest.raises(TypeError):
+        frames.load_trials([])
+
+
+def test_the_table_column_groups_trials_as_table_1_does():
+    """Two runs of other budgets and backbones loaded together: one ``table`` value per Table 1 table, and
+    Table 1's cells are the means of load_runs grouped by table, row and dataset."""
+    from noprop_bench.report.table1 import table1_document
+
+    runs = ["results/mnist5k-noprop_ct-backprop-noprop_cnn-120s", "results/mnist5k-noprop_ct-backprop-resnet18-120s",
+            "results/mnist5k-all-methods-noprop_cnn-60s"]
+    final = frames.load_runs(*runs).query("evaluation == 'final'")
+    assert final["table"].nunique() == len(table1_document(load_records(runs)[0]).sections) == 3
+    assert final.groupby("run_dir")["table"].nunique().eq(1).all()
+    means = final.groupby(["table", "row", "dataset"])["test_acc"].mean()
+    table = Path(runs[1], "table1.md").read_text()
+    resnet18 = means[means.index.get_level_values(0).str.contains("backbone resnet18")]
+    assert len(resnet18) == 2
+    for (_, row, _), mean in resnet18.items():
+        assert re.search(rf"\| {re.escape(row)} +\| +{mean:.2f} ±", table), row
 
 
 def test_load_trials_one_row_per_trial_with_documented_dtypes():

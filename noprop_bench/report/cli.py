@@ -28,9 +28,9 @@ def write_run_outputs(out_dir, records: Optional[List[Dict[str, Any]]] = None,
     """Write table1.md, table2.md, time_to_accuracy.md, curves.csv, figure3.png/.svg (and inference_sweep.md
     when a trial has a sweep) into ``out_dir``; return the Table 1 markdown.
 
-    ``records`` default to ``out_dir/trials.jsonl`` (latest record per trial). ``targets`` are accuracies in
-    percent (``"90,95,97"`` or numbers); None uses each dataset's defaults. ``train_columns`` None shows train
-    accuracy wherever it was measured. ``notes`` (what a loader skipped) are listed under Table 1.
+    ``records`` default to ``out_dir/trials.jsonl`` (the record that stands for each trial). ``targets`` are
+    accuracies in percent (``"90,95,97"`` or numbers); None uses each dataset's defaults. ``train_columns``
+    None shows train accuracy wherever it was measured. ``notes`` (what a loader skipped) are listed under Table 1.
     ``current_code`` (method name → code identity), given by a run, marks the trials it kept that ran other code.
     ``not_run`` lines (planned trials that never began) are listed with the trials not in the table.
     """

@@ -1,8 +1,9 @@
 """Results as pandas DataFrames: one row per trial, per inference run, or per curve point.
 
 ``load_trials``, ``load_runs`` and ``load_curves`` read run directories through the same loader as every
-report (:func:`records.load_records`: latest record per trial, a trial copied into two directories counted
-once, unreadable lines skipped with a warning), so a frame and a table never disagree on what a run holds.
+report (:func:`records.load_records`: the record that stands for each trial, i.e. its last finished one, else
+its last; a trial copied into two directories counted once; unreadable lines skipped with a warning), so a
+frame and a table never disagree on what a run holds.
 
 Fields a record does not have are missing values; fields this module does not know (added by newer
 versions or by plugins) are kept: a nested object becomes dotted columns (``params.embedding``,
@@ -10,6 +11,7 @@ versions or by plugins) are kept: a nested object becomes dotted columns (``para
 """
 
 import json
+import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -19,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from ..run.store import TRIALS_FILE
-from .records import SOURCE_FIELD, assign_rows, device_name, load_records, point_setting, setting_label, speed_text
+from .records import (SOURCE_FIELD, assign_rows, comparability, device_name, load_records, point_setting, setting_label,
+                      speed_text)
 
 # column -> (dtype, meaning); the columns of every frame come first, in this order
 IDENTITY_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
@@ -41,6 +44,9 @@ IDENTITY_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("batch_size", ("Int64", "training batch size")),
     ("device", ("string", "device name as the tables group by, e.g. NVIDIA H100 or cpu (x86_64, ...)")),
     ("speed", ("string", "speed settings, e.g. eager fp32 or bf16, channels-last, compile default")),
+    ("table", ("string", "which Table 1 table the trial is in: the settings its trials share (budget, backbone, "
+                         "device when the budget is in seconds, batch size, speed); group by table, row and "
+                         "dataset for Table 1's cells, and by device too for Table 2's")),
 ])
 
 TRIAL_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
@@ -56,7 +62,8 @@ TRIAL_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("setup_seconds", ("float64", "model construction time (s)")),
     ("data_load_seconds", ("float64", "dataset loading time (s)")),
     ("samples_per_second", ("float64", "training samples / training seconds")),
-    ("seconds_per_epoch", ("float64", "train-split size / throughput (s)")),
+    ("seconds_per_epoch", ("float64", "train-split size / throughput (s); Table 2's s/epoch is the train-split "
+                                      "size / the mean samples_per_second over seeds, not this column's mean")),
     ("peak_memory_bytes", ("Int64", "peak memory during training (bytes), of kind memory_kind")),
     ("memory_kind", ("string", "cuda_max_allocated, cuda_max_allocated_and_graph_pools or cpu_peak_rss")),
     ("params_total", ("Int64", "parameter count")),
@@ -165,10 +172,19 @@ def _identity(record: Dict[str, Any], row: str) -> Dict[str, Any]:
     """Who a row belongs to: the identity columns, then the method's parameters as ``params.*``."""
     identity = {name: record.get(name) for name in IDENTITY_COLUMNS}
     identity.update(run_dir=record.get(SOURCE_FIELD), row=row, device=device_name(record),
-                    speed=speed_text(record))
+                    speed=speed_text(record), table=table_text(record))
     params = record.get("params")
     identity.update(flatten(params if isinstance(params, dict) else {}, "params."))
     return identity
+
+
+def table_text(record: Dict[str, Any]) -> str:
+    """The ``table`` column: the settings a Table 1 table's trials share, e.g.
+    ``budget 60s; backbone noprop_cnn; device cpu (...); batch size 128; eager fp32``."""
+    budget, backbone, device, batch, speed = comparability(record)
+    parts = [f"budget {budget}", f"backbone {backbone}", *([f"device {device}"] if device is not None else []),
+             f"batch size {batch}", speed]
+    return "; ".join(parts)
 
 
 def trial_rows(record: Dict[str, Any], row: str) -> List[Dict[str, Any]]:
@@ -232,17 +248,33 @@ def curves_frame(records: Iterable[Dict[str, Any]]) -> pd.DataFrame:
 
 
 # -- the public loaders -----------------------------------------------------------------------------
-def read_records(dirs: Sequence[Any], warn: bool = True) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """The reportable records of the run directories (each tagged with the directory it came from) and
-    a note per thing skipped; each note is also a warning when ``warn``. A directory without a
-    ``trials.jsonl`` is a :class:`FileNotFoundError` (a mistyped path, not an empty run)."""
-    if not dirs:
+def run_directories(dirs: Sequence[Any]) -> List[Path]:
+    """The run directories named by ``dirs``: paths, lists of paths (``load_trials(runs)`` as well as
+    ``load_trials(*runs)``), or a run's ``trials.jsonl`` itself. A missing one is a :class:`FileNotFoundError`
+    saying whether the path does not exist or holds no ``trials.jsonl`` (a mistyped path, not an empty run)."""
+    paths: List[Path] = []
+    for item in dirs:
+        if isinstance(item, Iterable) and not isinstance(item, (str, bytes, os.PathLike)):
+            paths.extend(run_directories(list(item)))
+            continue
+        path = Path(item)
+        paths.append(path.parent if path.name == TRIALS_FILE and path.is_file() else path)
+    if not paths:
         raise TypeError("give at least one run directory")
-    missing = [str(d) for d in dirs if not (Path(d) / TRIALS_FILE).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no {TRIALS_FILE} in {', '.join(missing)}: each directory must be a run "
-                                f"directory written by noprop-bench")
-    records, notes = load_records(dirs)
+    problems = [f"{path} does not exist" if not path.exists() else f"{path} is a file, not a run directory"
+                if not path.is_dir() else f"no {TRIALS_FILE} in {path}"
+                for path in paths if not (path / TRIALS_FILE).is_file()]
+    if problems:
+        raise FileNotFoundError(f"{'; '.join(problems)}: each must be a run directory written by noprop-bench "
+                                f"(the --out of a run, holding {TRIALS_FILE})")
+    return paths
+
+
+def read_records(dirs: Sequence[Any], warn: bool = True) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The reportable records of the run directories (each tagged with the directory it came from; see
+    :func:`run_directories` for what ``dirs`` may hold) and a note per thing skipped; each note is also a
+    warning when ``warn``."""
+    records, notes = load_records(run_directories(dirs))
     if warn:
         for note in notes:
             warnings.warn(note, stacklevel=3)
@@ -250,7 +282,8 @@ def read_records(dirs: Sequence[Any], warn: bool = True) -> Tuple[List[Dict[str,
 
 
 def load_trials(*dirs) -> pd.DataFrame:
-    """One row per trial of the run directories ``dirs`` (latest record per trial), every status.
+    """One row per trial of the run directories ``dirs`` (the record that stands for each trial: its last
+    finished one, else its last), every status. ``dirs`` may also be one list of directories.
 
     Columns: :data:`TRIAL_COLUMNS` with their dtypes, then every other field of the records, nested
     objects as dotted columns (``params.embedding``, ``environment.torch``, ``method_metrics.gamma0``).

@@ -102,8 +102,8 @@ def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List
 
 
 def load_records(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """Reportable records of every ``DIR/trials.jsonl`` (latest record per trial, its directory in
-    ``SOURCE_FIELD``), and notes on what was skipped.
+    """Reportable records of every ``DIR/trials.jsonl`` (the record that stands for each trial, see
+    ``store.latest_per_trial``; its directory in ``SOURCE_FIELD``), and notes on what was skipped.
 
     A trial found in two directories (same id, same device) is counted once, from the last directory
     given, so a copied run cannot pass for extra seeds.

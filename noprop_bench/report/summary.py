@@ -86,8 +86,8 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
                                   **({"paper": _paper_cell(chosen[0], spec, split, cell["mean"],
                                                            row in protocol_rows)} if paper else {})})
         train_columns = any(cell["split"] == "train" for cell in cells)
-        tables.append({**_settings(group[0], None), "caption": table1_caption(group, train_columns, paper),
-                       "cells": cells})
+        tables.append({**_settings(group[0], None), "seeds": len({r["seed"] for r in kept}),
+                       "caption": table1_caption(group, train_columns, paper), "cells": cells})
     return tables
 
 
@@ -109,7 +109,8 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                       "samples_per_second": _number(field_mean(chosen, "samples_per_second")),
                       "seconds_per_epoch": _number(seconds_per_epoch(chosen))}
                      for family, row, spec, label, chosen in _cells(kept, rows)]
-            tables.append({**_settings(group[0], True), "memory_kind": kind, "cells": cells})
+            tables.append({**_settings(group[0], True), "memory_kind": kind, "seeds": len({r["seed"] for r in kept}),
+                           "cells": cells})
     return tables
 
 
