@@ -107,6 +107,7 @@ def test_a_new_executor_plugin_passes_the_executor_check_and_runs_a_grid(tmp_pat
 
     check_executor(ScaffoldedExec)
     _ctrl_c_delivers_every_job_once(ScaffoldedExec, tmp_path / "stopped")
+    _a_job_that_cannot_launch_fails_alone(ScaffoldedExec, tmp_path / "unlaunched")
 
     out = tmp_path / "run"
     # the plugin is found through --plugin here (not installed); a worker process loads it the same way
@@ -118,6 +119,8 @@ def test_a_new_executor_plugin_passes_the_executor_check_and_runs_a_grid(tmp_pat
         (0, "ok", "scaffolded_exec[workers=2]"), (1, "ok", "scaffolded_exec[workers=2]")]
     assert len({r["worker"]["pid"] for r in records}) == 2  # each trial in a process of its own
     assert not list(out.glob(".scaffolded_exec-*"))  # its job and record files are cleaned up
+    logs = sorted(path.stem for path in (out / "scaffolded_exec-logs").iterdir())
+    assert logs == sorted(r["trial_id"] for r in records)  # each trial's output, kept
 
 
 def _ctrl_c_delivers_every_job_once(executor_class, out_dir):
@@ -132,7 +135,7 @@ def _ctrl_c_delivers_every_job_once(executor_class, out_dir):
     delivered = []
 
     def say(message):
-        if message.startswith(f"{executor_class.name}: started") and message.endswith("seed 1"):
+        if message.startswith(f"{executor_class.name}: started") and " seed 1 " in message:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -144,6 +147,25 @@ def _ctrl_c_delivers_every_job_once(executor_class, out_dir):
     assert statuses[jobs[2].trial_id] == "interrupted"
     assert {statuses[jobs[0].trial_id], statuses[jobs[1].trial_id]} <= {"ok", "interrupted"}
     assert not list(out_dir.glob(".scaffolded_exec-*"))
+
+
+def _a_job_that_cannot_launch_fails_alone(executor_class, out_dir):
+    from noprop_bench.testing.executors import conformance_jobs
+
+    class CannotLaunch(executor_class):
+        def launch(self, job, folder, slot):
+            raise PermissionError("the queue refused the job")
+
+    executor = CannotLaunch(executor_class.name, workers=1)
+    executor.out_dir = str(out_dir)
+    out_dir.mkdir()
+    jobs = conformance_jobs(seeds=2, executor=executor.spec_text, out_dir=executor.out_dir)
+    delivered = []
+    executor.run(jobs, lambda job, record: delivered.append((job.trial_id, record["status"], record["error"])),
+                 lambda message: None)
+    assert [trial for trial, _, _ in delivered] == [job.trial_id for job in jobs]
+    assert {(status, error) for _, status, error in delivered} == {
+        ("failed", "scaffolded_exec could not launch it: the queue refused the job")}
 
 
 @pytest.mark.parametrize("args,message", [
