@@ -167,6 +167,23 @@ def _a_job_that_cannot_launch_fails_alone(executor_class, out_dir):
     assert {(status, error) for _, status, error in delivered} == {
         ("failed", "scaffolded_exec could not launch it: the queue refused the job")}
 
+    class DiesAtOnce(executor_class):  # a job whose process ends without a record, saying why in its log
+        def launch(self, job, folder, slot):
+            with open(self.log_file(job), "ab") as log:
+                return subprocess.Popen([sys.executable, "-c", "print('CUDA error: out of memory'); exit(3)"],
+                                        stdout=log, stderr=subprocess.STDOUT)
+
+    executor = DiesAtOnce(executor_class.name, workers=2)
+    executor.out_dir = str(out_dir)
+    delivered.clear()
+    executor.run(jobs, lambda job, record: delivered.append((job.trial_id, record["status"], record["error"],
+                                                             record["worker"]["pid"])), lambda message: None)
+    assert sorted(trial for trial, *_ in delivered) == sorted(job.trial_id for job in jobs)
+    for trial, status, error, pid in delivered:
+        assert status == "failed" and pid
+        assert error == (f"the trial's process ended without a record (exit status 3); the end of "
+                         f"{out_dir.resolve()}/scaffolded_exec-logs/{trial}.log: CUDA error: out of memory")
+
 
 @pytest.mark.parametrize("args,message", [
     (["new-plugin", "My-Method"], "use lower case letters, digits and underscores"),
