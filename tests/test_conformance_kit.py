@@ -47,7 +47,7 @@ def test_the_imagefolder_dataset_passes(tmp_path, monkeypatch):
     check_dataset(ImageFolder, argument=str(tmp_path / "tree"))
 
 
-@pytest.mark.parametrize("options", [{}, {"workers": 2}, {"workers": "2"}], ids=["in-process", "workers=2", "text"])
+@pytest.mark.parametrize("options", [{}, {"workers": 2}, {"workers": "0"}], ids=["in-process", "workers=2", "text"])
 def test_the_local_executor_passes(options):
     check_executor(REGISTRY.executors["local"], **options)
 
@@ -304,3 +304,21 @@ def test_an_executor_that_loses_a_record_is_named():
 
     with pytest.raises(AssertionError, match="run\\(\\) must call deliver\\(job, record\\) exactly once per job"):
         check_executor(Forgetful)
+
+
+def test_an_executor_that_swallows_ctrl_c_is_named():
+    class Deaf(Executor):
+        name = "deaf"
+
+        def run(self, jobs, deliver, say):
+            for job in jobs:
+                try:
+                    deliver(job, execute_job(job, progress=say))
+                except KeyboardInterrupt:
+                    pass
+
+    with pytest.raises(AssertionError, match="on Ctrl-C .* run\\(\\) must stop its jobs, deliver each one not yet "
+                                             "delivered .* and raise it again; it returned"):
+        check_executor(Deaf)
+    check_executor(Deaf, interrupt=False)  # the rest of the contract it keeps
+

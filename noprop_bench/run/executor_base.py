@@ -56,8 +56,9 @@ class Executor:
 
         A delivered record of a trial interrupted by Ctrl-C stops the run (:func:`stop_if_interrupted`: one
         stopped alone, by a SIGTERM to its worker or its job's time limit, does not).
-        On ``KeyboardInterrupt`` stop the workers, deliver an ``interrupted`` record for each job that had
-        not finished (after delivering those that had), and re-raise.
+        On ``KeyboardInterrupt`` stop the workers, deliver each job that had begun (its record if it has one,
+        else :func:`interrupted`), and re-raise; a job that never began may be left undelivered (the host
+        lists it as not run) or delivered as interrupted.
         """
         raise NotImplementedError
 

@@ -1,9 +1,10 @@
 """``check_executor``: an executor plugin runs a tiny grid and hands every record back exactly once."""
 
 import json
+import signal
 import tempfile
 import unittest
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 
@@ -33,9 +34,10 @@ def conformance_jobs(seeds: int = 2, executor: str = "local", out_dir: Optional[
     return jobs
 
 
-def check_executor(cls: Type[Executor], **options: Any) -> None:
-    """Run two tiny CPU trials through ``cls(**options)``; an ``AssertionError`` lists a fix for each
-    violation. Skips (``unittest.SkipTest``, which pytest honours) when the executor's engine is missing."""
+def check_executor(cls: Type[Executor], interrupt: bool = True, **options: Any) -> None:
+    """Run two tiny CPU trials through ``cls(**options)``, then (with ``interrupt``) three more with a Ctrl-C
+    to the host after the first is delivered; an ``AssertionError`` lists a fix for each violation. Skips
+    (``unittest.SkipTest``, which pytest honours) when the executor's engine is missing."""
     fixes: List[str] = []
     if not cls.name:
         fixes.append("set the class attribute name = 'my_executor'")
@@ -56,22 +58,67 @@ def check_executor(cls: Type[Executor], **options: Any) -> None:
         jobs = conformance_jobs(executor=executor.spec_text, out_dir=out_dir)
         executor.run(jobs, lambda job, record: delivered.append({"job": job.trial_id, "record": record}),
                      lambda message: None)
+    _check_deliveries(jobs, delivered, fixes)
+    if interrupt and not fixes:
+        _check_ctrl_c(cls, options, fixes)
+    if fixes:
+        lines = "\n".join(f"  - {fix}" for fix in fixes)
+        raise AssertionError(f"{describe_class(cls)} breaks the executor contract; to fix:\n{lines}")
+
+
+def _check_deliveries(jobs: List[TrialJob], delivered: List[Dict[str, Any]], fixes: List[str],
+                      statuses: Tuple[str, ...] = ("ok",), all_jobs: bool = True) -> None:
     wanted = [job.trial_id for job in jobs]
     got = [item["job"] for item in delivered]
-    if sorted(got) != sorted(wanted):
+    if all_jobs and sorted(got) != sorted(wanted):
         fixes.append(f"run() must call deliver(job, record) exactly once per job; jobs {wanted}, delivered {got}")
+    # again with the same record is allowed after Ctrl-C (one stopped while being stored is stored again)
+    records_of = {job: [item["record"] for item in delivered if item["job"] == job] for job in got}
+    if not all_jobs and (any(records != records[:1] * len(records) for records in records_of.values())
+                         or not set(got) <= set(wanted)):
+        fixes.append(f"after Ctrl-C, run() must deliver only the jobs it was given, each once (or again with the "
+                     f"same record); jobs {wanted}, delivered {got}")
     for item in delivered:
         record = item["record"]
         if not isinstance(record, dict) or record.get("trial_id") != item["job"]:
             fixes.append("deliver each job with its own record (the dict execute_job(job) returns)")
             continue
-        if record.get("status") != "ok":
-            fixes.append(f"the tiny trial {record.get('trial_id')} must finish ok through execute_job; got "
-                         f"{record.get('status')}: {record.get('error')}")
+        if record.get("status") not in statuses:
+            fixes.append(f"the tiny trial {record.get('trial_id')} must finish {' or '.join(statuses)} through "
+                         f"execute_job; got {record.get('status')}: {record.get('error')}")
         try:
             json.dumps(record)
         except (TypeError, ValueError) as error:
             fixes.append(f"deliver records as plain JSON data, as execute_job returns them: {error}")
-    if fixes:
-        lines = "\n".join(f"  - {fix}" for fix in fixes)
-        raise AssertionError(f"{describe_class(cls)} breaks the executor contract; to fix:\n{lines}")
+
+
+def _check_ctrl_c(cls: Type[Executor], options: Dict[str, Any], fixes: List[str]) -> None:
+    """Ctrl-C to the host (a SIGINT to this process) once the first record is delivered: ``run`` must raise
+    the ``KeyboardInterrupt`` again, having delivered no job twice and each record ok or interrupted (a job
+    that never began may go undelivered: the host lists it as not run)."""
+    executor = cls(cls.name, **options)
+    executor.check_available()
+    executor.device_type("cpu")
+    delivered: List[Dict[str, Any]] = []
+
+    def deliver(job: TrialJob, record: Dict[str, Any]) -> None:
+        delivered.append({"job": job.trial_id, "record": record})
+        if len(delivered) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    # Python's own Ctrl-C handler, also where this process was started with SIGINT ignored (in the background)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            executor.out_dir = out_dir
+            jobs = conformance_jobs(seeds=3, executor=executor.spec_text, out_dir=out_dir)
+            try:
+                executor.run(jobs, deliver, lambda message: None)
+            except KeyboardInterrupt:
+                pass
+            else:
+                fixes.append("on Ctrl-C (KeyboardInterrupt) run() must stop its jobs, deliver each one not yet "
+                             "delivered (its record, or interrupted(job)) and raise it again; it returned")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _check_deliveries(jobs, delivered, fixes, statuses=("ok", "interrupted"), all_jobs=False)
