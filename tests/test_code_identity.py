@@ -116,6 +116,37 @@ def test_table_2_and_report_json_mark_the_trials_table_1_marks_when_devices_spli
     assert [cell["older_code"] for cell in summary["table1"][0]["cells"]] == [True]
 
 
+def test_a_duplicate_seed_dropped_from_table_1_still_sets_the_newest_code(fake_run, tmp_path):
+    """The same seeds on two machines under a sample budget: Table 1 keeps one trial per seed, from the last
+    directory given (here the older code's). The newest code is still the other machine's, so the kept
+    trials are marked and the newer machine's Table 2 is not."""
+    import shutil
+
+    args = ("--methods", "linear", "--budget", "128samples", "--seeds", "2", "--checkpoints", "0")
+    code, newer = fake_run(*args)
+    assert code == 0
+    older = tmp_path / "older"
+    shutil.copytree(newer, older)
+
+    def older_elsewhere(record):
+        record["code"] = {**record["code"], "version": "0.0.9"}
+        record["environment"] = {**record["environment"], "device_name": "cpu (another machine)"}
+        record["finished_at"] = "2000-01-01T00:00:00+00:00"
+
+    _rewrite(older, older_elsewhere)
+    from noprop_bench.report.cli import report_main
+    report_out = tmp_path / "report"
+    assert report_main([str(newer), str(older), "--out", str(report_out), "--format", "md,json"]) == 0
+    table1, table2 = (report_out / "table1.md").read_text(), (report_out / "table2.md").read_text()
+    assert "Linear (one-hot) †" in table1 and "(0.0.9" in table1
+    sections = table2.split("| Method")[1:]
+    assert len(sections) == 2
+    assert ["†" in section.split("\n\n")[0] for section in sections] == [False, True]  # newer machine's first
+    summary = json.loads((report_out / "report.json").read_text())
+    assert [[cell["older_code"] for cell in table["cells"]] for table in summary["table2"]] == [[False], [True]]
+    assert [cell["older_code"] for cell in summary["table1"][0]["cells"]] == [True]
+
+
 def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
     args = ("--methods", "linear", "--budget", "128samples", "--seeds", "1", "--checkpoints", "0")
     code, out = fake_run(*args)

@@ -75,7 +75,7 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
     for group in comparable_groups(records):
         cells = []
         kept, rows = rows_without_duplicate_seeds(group)
-        older, protocol_rows = older_code_trials(kept), delta_rows(kept, rows)  # the † and the Δ of table1.md
+        older, protocol_rows = older_code_trials(kept, among=group), delta_rows(kept, rows)  # table1.md's † and Δ
         for family, row, spec, label, chosen in _cells(kept, rows):
             for split, field in SPLITS.items():
                 cell = accuracy_cell(chosen, field)

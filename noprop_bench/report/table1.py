@@ -91,9 +91,9 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
     the difference (ours − paper) of the means. Duplicate seeds of a cell are dropped, noted in ``notes``.
     Rows with trials that ran other code than ``current_code`` (see :func:`older_code_trials`) are marked.
     """
-    ok = [r for r in records if r.get("status") == "ok"]
-    rows = assign_rows(ok)
-    ok, rows, duplicate_notes = drop_duplicate_seeds(ok, rows)
+    group = [r for r in records if r.get("status") == "ok"]
+    rows = assign_rows(group)
+    ok, rows, duplicate_notes = drop_duplicate_seeds(group, rows)
     if notes is not None:
         notes.extend(duplicate_notes)
     columns = dataset_columns(ok)
@@ -116,7 +116,7 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
                 if protocol_rows:
                     headers.append((f"{label} {split} Δ", "delta", spec, split))
     cell_seeds, group_seeds = seeds_per_cell(ok, rows)
-    older = older_code_trials(ok, current_code)
+    older = older_code_trials(ok, current_code, among=group)  # a dropped duplicate may hold the newest code
     marked = {row for record, row in zip(ok, rows) if str(record.get("trial_id")) in older}
     table = []
     current_family = None
@@ -197,7 +197,7 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
                f"{_runs_text(kept)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
                f"single value.{seed_se}{_fewer_seeds_text(kept, rows, train_columns)} "
-               f"{settings_text(kept)}{older_code_note(kept, current_code)}")
+               f"{settings_text(kept)}{older_code_note(kept, current_code, among=ok)}")
     final = final_settings_text(kept)
     caption += f" Inference (solver and steps): {final}." if final else ""
     caption += preset_text(ok)

@@ -9,9 +9,10 @@ from ..run.jobs import trial_label
 from . import paper as paper_data
 from .code_versions import OLDER_CODE_MARK, CodeByMethod, older_code_note, older_code_trials
 from .document import Document, Section, to_markdown
-from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns, drop_duplicate_seeds,
-                      family_heading, field_mean, memory_kind, ordered_rows, rows_without_duplicate_seeds,
-                      seconds_per_epoch, setting_label, settings_text, speed_setting_warnings)
+from .records import (assign_rows, check_records, comparability, comparable_groups, dataset_columns,
+                      drop_duplicate_seeds, family_heading, field_mean, memory_kind, ordered_rows,
+                      rows_without_duplicate_seeds, seconds_per_epoch, setting_label, settings_text,
+                      speed_setting_warnings)
 from .table1 import SEED_SE_TEXT, format_cell, shows_seed_se, warning_lines
 
 GB = 1e9
@@ -166,9 +167,9 @@ def table2_document(records: List[Dict[str, Any]], paper: bool = False,
 
 
 def table1_groups_of(ok: List[Dict[str, Any]]) -> Dict[Tuple, List[Dict[str, Any]]]:
-    """The trials of each Table 1 table (duplicate seeds dropped, as its cells are made), by comparability:
-    a Table 2 table is part of one, and judges older code against the same trials."""
-    return {comparability(group[0]): rows_without_duplicate_seeds(group)[0] for group in comparable_groups(ok)}
+    """The trials of each Table 1 table (duplicate seeds included: one dropped may hold its method's newest
+    code), by comparability: a Table 2 table is part of one, and judges older code against the same trials."""
+    return {comparability(group[0]): group for group in comparable_groups(ok)}
 
 
 def by_memory_kind(group: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
