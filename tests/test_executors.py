@@ -32,8 +32,8 @@ needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="no Ray wheel for this Pytho
 
 # 2 methods x 2 seeds on the embedded MNIST sample, at a sample budget: deterministic on the CPU.
 # One thread per trial everywhere, so every executor computes with the same reductions. NoProp-FM samples
-# at inference (its runs must agree too); 5 Euler steps instead of 20 keep its evaluation short.
-GRID = ["--methods", "backprop,noprop_fm[eval_steps=5]", "--dataset", "mnist5k", "--budget", "2048samples",
+# at inference (its runs must agree too); 5 Euler steps instead of 1000 keep its final evaluation short.
+GRID = ["--methods", "backprop,noprop_fm[steps=5]", "--dataset", "mnist5k", "--budget", "2048samples",
         "--seeds", "2", "--checkpoints", "0", "--inference-runs", "2", "--threads", "1", "--device", "cpu"]
 EXECUTORS = [
     pytest.param("local[workers=2]", id="local-workers"),
