@@ -17,8 +17,8 @@ KINDS = {
                                                   "--budget 2000samples"},
     "dataset": {"check": "check_dataset", "usage": "noprop-bench --methods backprop --dataset {name} "
                                                    "--budget 2000samples"},
-    "executor": {"check": "check_executor", "usage": "noprop-bench --methods backprop,noprop_fm --dataset mnist5k "
-                                                     "--budget 2000samples --executor {name}[workers=2]"},
+    "executor": {"check": "check_executor", "usage": "noprop-bench --methods backprop --seeds 2 --dataset mnist5k "
+                                                     "--budget 2000samples --executor '{name}[workers=2]'"},
 }
 # files beyond the common ones and the kind's __init__.py and test
 EXTRA_FILES = {"executor": {"executor/__main__.py.tmpl": "{name}/__main__.py"}}
@@ -75,7 +75,8 @@ def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path
     layout: Dict[str, str] = {"common/pyproject.toml.tmpl": "pyproject.toml", "common/README.md.tmpl": "README.md",
                               f"{kind}/__init__.py.tmpl": f"{name}/__init__.py",
                               f"{kind}/test.py.tmpl": f"tests/test_{name}.py",
-                              **{source: target.format(name=name) for source, target in EXTRA_FILES.get(kind, {}).items()}}
+                              **{source: target.format(name=name)
+                                 for source, target in EXTRA_FILES.get(kind, {}).items()}}
     templates = files(__package__) / "templates"
     written = []
     for source, target in layout.items():

@@ -317,8 +317,23 @@ def test_an_executor_that_swallows_ctrl_c_is_named():
                 except KeyboardInterrupt:
                     pass
 
-    with pytest.raises(AssertionError, match="on Ctrl-C .* run\\(\\) must stop its jobs, deliver each one not yet "
-                                             "delivered .* and raise it again; it returned"):
+    with pytest.raises(AssertionError, match="on Ctrl-C .* run\\(\\) must stop its jobs, deliver each one that began "
+                                             "and is not yet delivered .* and raise it again; it returned"):
         check_executor(Deaf)
     check_executor(Deaf, interrupt=False)  # the rest of the contract it keeps
+
+
+def test_an_executor_that_drops_a_begun_job_at_ctrl_c_is_named():
+    class Hasty(Executor):
+        """Begins every trial before delivering any, and at Ctrl-C re-raises without delivering the rest."""
+        name = "hasty"
+
+        def run(self, jobs, deliver, say):
+            records = [execute_job(job, progress=say) for job in jobs]
+            for job, record in zip(jobs, records):
+                deliver(job, record)
+
+    with pytest.raises(AssertionError, match="after Ctrl-C, run\\(\\) must deliver each job that began .* these "
+                                             "began and were not delivered: \\['"):
+        check_executor(Hasty)
 

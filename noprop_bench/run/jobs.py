@@ -10,11 +10,12 @@ record saying why (:func:`failed_record`).
 import inspect
 import os
 import platform
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..method import settings_suffix
 from ..provenance import package_folders
@@ -83,6 +84,26 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def visible_gpus() -> List[str]:
+    """The GPU ids this process may hand out to workers, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    """How a worker process ended, from its exit code (negative: the signal that killed it)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:  # a real-time signal, which has no name
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
 
 
 def worker_identity() -> Dict[str, Any]:

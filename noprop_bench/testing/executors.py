@@ -4,6 +4,7 @@ import json
 import signal
 import tempfile
 import unittest
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -20,11 +21,13 @@ from .tiny import ConformanceDataset, ConformanceMethod
 PLUGIN_MODULE = __name__.rpartition(".")[0] + ".tiny"  # the tiny method and dataset, loaded by every worker
 
 
-def conformance_jobs(seeds: int = 2, executor: str = "local", out_dir: Optional[str] = None) -> List[TrialJob]:
-    """Trial jobs of the tiny conformance method on the tiny dataset (a 96-sample budget each)."""
+def conformance_jobs(seeds: int = 2, executor: str = "local", out_dir: Optional[str] = None,
+                     began_dir: str = "") -> List[TrialJob]:
+    """Trial jobs of the tiny conformance method on the tiny dataset (a 96-sample budget each); with
+    ``began_dir``, each trial that begins leaves a file ``seed-N`` there."""
     jobs = []
     for seed in range(seeds):
-        spec = TrialSpec(method=ConformanceMethod, params=dict(ConformanceMethod.defaults),
+        spec = TrialSpec(method=ConformanceMethod, params={**ConformanceMethod.defaults, "began_dir": began_dir},
                          dataset=ConformanceDataset.name, backbone="noprop_cnn", budget=Budget.parse("96samples"),
                          seed=seed, batch_size=16, device=torch.device("cpu"), augment="none", checkpoints=1,
                          eval_batch_size=64)
@@ -43,7 +46,8 @@ def check_executor(cls: Type[Executor], interrupt: bool = True, **options: Any) 
         fixes.append("set the class attribute name = 'my_executor'")
     reject_unknown_names(options, cls.defaults, f"executor {cls.name!r}", "option")
     # options as the command line hands them: text is converted to each default's type
-    options = {**options, **cls.resolve_options({key: value for key, value in options.items() if isinstance(value, str)})}
+    text = {key: value for key, value in options.items() if isinstance(value, str)}
+    options = {**options, **cls.resolve_options(text)}
     executor = cls(cls.name, **options)
     try:
         executor.check_available()
@@ -94,8 +98,8 @@ def _check_deliveries(jobs: List[TrialJob], delivered: List[Dict[str, Any]], fix
 
 def _check_ctrl_c(cls: Type[Executor], options: Dict[str, Any], fixes: List[str]) -> None:
     """Ctrl-C to the host (a SIGINT to this process) once the first record is delivered: ``run`` must raise
-    the ``KeyboardInterrupt`` again, having delivered no job twice and each record ok or interrupted (a job
-    that never began may go undelivered: the host lists it as not run)."""
+    the ``KeyboardInterrupt`` again, having delivered every job that began (a job that never began may go
+    undelivered: the host lists it as not run), none twice, each ok or interrupted."""
     executor = cls(cls.name, **options)
     executor.check_available()
     executor.device_type("cpu")
@@ -111,14 +115,22 @@ def _check_ctrl_c(cls: Type[Executor], options: Dict[str, Any], fixes: List[str]
     try:
         with tempfile.TemporaryDirectory() as out_dir:
             executor.out_dir = out_dir
-            jobs = conformance_jobs(seeds=3, executor=executor.spec_text, out_dir=out_dir)
+            began_dir = Path(out_dir, "began")
+            began_dir.mkdir()
+            jobs = conformance_jobs(seeds=3, executor=executor.spec_text, out_dir=out_dir, began_dir=str(began_dir))
             try:
                 executor.run(jobs, deliver, lambda message: None)
             except KeyboardInterrupt:
                 pass
             else:
-                fixes.append("on Ctrl-C (KeyboardInterrupt) run() must stop its jobs, deliver each one not yet "
-                             "delivered (its record, or interrupted(job)) and raise it again; it returned")
+                fixes.append("on Ctrl-C (KeyboardInterrupt) run() must stop its jobs, deliver each one that began "
+                             "and is not yet delivered (its record, or interrupted(job)) and raise it again; it "
+                             "returned")
+            began = {job.trial_id for job in jobs if (began_dir / f"seed-{job.header['seed']}").exists()}
     finally:
         signal.signal(signal.SIGINT, previous)
+    undelivered = sorted(began - {item["job"] for item in delivered})
+    if undelivered:
+        fixes.append(f"after Ctrl-C, run() must deliver each job that began (its record, or interrupted(job)); "
+                     f"these began and were not delivered: {undelivered}")
     _check_deliveries(jobs, delivered, fixes, statuses=("ok", "interrupted"), all_jobs=False)

@@ -1,5 +1,6 @@
 """Tiny synthetic data for the conformance checks: a task, batches, and a plugin the executor check runs."""
 
+from pathlib import Path
 from typing import Tuple
 
 import torch
@@ -66,10 +67,12 @@ class ConformanceMethod(Method):
 
     name = "conformance_linear"
     label = "Conformance"
-    defaults = {"lr": 0.1}
+    defaults = {"lr": 0.1, "began_dir": ""}  # began_dir: where each trial that begins leaves a file seed-N
 
     def __init__(self, task, **params):
         super().__init__(task, **params)
+        if self.params.get("began_dir"):  # subclasses may have defaults of their own
+            Path(self.params["began_dir"], f"seed-{task.seed}").touch()
         self.layer = nn.Linear(task.image_dim, task.num_classes).to(task.device)
         self.optimizer = torch.optim.SGD(self.parameters(), lr=self.params["lr"])
 

@@ -22,26 +22,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from noprop_bench import UsageError, hookimpl
-from noprop_bench.executor import (STOP_SIGNAL, Executor, TrialJob, WorkerCache, cpu_count, execute_job, failed_record,
-                                   interrupted, signal_held, stop_cause, stop_if_interrupted, stop_trial_on)
+from noprop_bench.executor import (STOP_SIGNAL, Executor, TrialJob, WorkerCache, cpu_count, describe_exit, execute_job,
+                                   failed_record, interrupted, signal_held, stop_cause, stop_if_interrupted,
+                                   stop_trial_on, visible_gpus)
 from noprop_bench.executor import ctrl_c_held as whole_messages  # whole_messages: a message goes whole
-
-
-def visible_gpus() -> List[str]:
-    """The GPU ids this process may hand out, as ``CUDA_VISIBLE_DEVICES`` names them."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
-    return [str(index) for index in range(torch.cuda.device_count())]
-
-
-def describe_exit(exitcode: Optional[int]) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit status {exitcode}"
 
 
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
