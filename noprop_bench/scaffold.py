@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "conformance check (noprop_bench.testing) and a README. Then: pip install -e PATH; "
                     "pytest PATH; noprop-bench --list.")
     parser.add_argument("name", metavar="NAME",
-                        help="the plugin's name: the method or dataset name on the command line and its Python "
-                             "package (lower case letters, digits, underscores)")
+                        help="the plugin's name: the method, dataset or executor name on the command line and "
+                             "its Python package (lower case letters, digits, underscores)")
     parser.add_argument("--dir", default=None, metavar="PATH",
                         help="where to write the distribution (default: ./noprop-bench-NAME, with NAME's "
                              "underscores as hyphens); must not exist or be empty")
