@@ -57,8 +57,9 @@ def check_name(name: str, kind: str = "method") -> None:
     registry = load_plugins()
     taken = registry.table(kind)
     if name in taken:
-        raise UsageError(f"plugin name {name!r}: plugin {registry.provider[f'{kind}:{name}']!r} already provides a "
-                         f"{kind} of that name; choose another")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UsageError(f"plugin name {name!r}: plugin {registry.provider[f'{kind}:{name}']!r} already provides "
+                         f"{article} {kind} of that name; choose another")
     if registry.plugin_manager.has_plugin(name) or name in registry.broken:
         raise UsageError(f"plugin name {name!r}: an installed plugin already has that name (its entry point in "
                          f"the noprop_bench group); choose another")

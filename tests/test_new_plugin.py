@@ -190,6 +190,7 @@ def _a_job_that_cannot_launch_fails_alone(executor_class, out_dir):
     (["new-plugin", "json"], "a Python module of that name already exists"),
     (["new-plugin", "backprop"], "plugin 'backprop' already provides a method of that name"),
     (["new-plugin", "mnist5k", "--kind", "dataset"], "plugin 'mnist5k' already provides a dataset of that name"),
+    (["new-plugin", "local", "--kind", "executor"], "already provides an executor of that name"),
     (["new-plugin", "backprop", "--kind", "dataset"], "an installed plugin already has that name"),
     (["new-plugin", "fine_name", "--dir", "."], "exists and is not an empty folder"),
     (["new-plugin", "fine_name", "--dir", "something/sub"], "--dir something/sub: cannot write pyproject.toml there"),
