@@ -15,7 +15,8 @@ from typing import List, Optional
 import torch
 
 from .backbones import check_backbone_name
-from .report.baseline import check_compatible, compare, load_baseline, regressions, save_baseline, spec_settings
+from .report.baseline import (SETTINGS, check_compatible, compare, load_baseline, record_settings, regressions,
+                              save_baseline, spec_settings)
 from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
@@ -308,7 +309,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         _check_baseline_target(args)
     baseline = load_baseline(args.baseline) if args.baseline else None  # bad file: fail before training
     if baseline:
-        check_compatible(baseline, spec_settings(specs))
+        check_compatible(baseline, spec_settings(specs, threads=executor.threads_per_trial(args.threads)))
     if args.targets is not None:
         parse_targets(args.targets)  # bad input: fail before training, not when the tables are written
 
@@ -319,6 +320,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         say(f"recorded {trial_label(record)} seed {record.get('seed')}: it finished after the last run's "
             f"host had stopped")
     pending = pending_specs(specs, store.read()[0], args.keep_stale, say, str(store.path))
+    if baseline:  # a kept trial keeps the threads it ran with: refuse now, not after the others trained
+        _check_kept_trials(baseline, store, [spec for spec in specs if spec not in pending])
     problems = []
     jobs = [_job(spec, args, executor) for spec in pending]
     if jobs and args.preset:
@@ -412,6 +415,9 @@ def run(argv: Optional[List[str]] = None) -> int:
             where = (f" (raised at {record['error_at']}; its traceback is in {store.path})"
                      if record.get("error_at") else "")
             say(f"  {trial_label(record)} seed {record['seed']}: {record['status']}: {record['error']}{where}")
+        if args.baseline and all(record["status"] in FINISHED_STATUSES for record in problems):
+            code = _check_baseline(args, baseline, store, specs, command, say)  # a diverged row fails it
+            return code if code != EXIT_OK else EXIT_TRIAL_FAILED  # diverged in rows the baseline lacks
         skipped = [f"the check against --baseline {args.baseline}" if args.baseline else "",
                    f"--save-baseline {args.save_baseline}" if args.save_baseline else ""]
         if any(skipped):
@@ -447,6 +453,21 @@ def _check_baseline_target(args) -> None:
     check_output_directory(target.parent, "--save-baseline")
 
 
+def _check_kept_trials(baseline, store: TrialStore, kept_specs) -> None:
+    """Refuse, before training, a --baseline run whose --out already holds finished trials (kept, not trained
+    again) of other settings than the baseline's: the torch threads, which only a trial's record knows."""
+    if not kept_specs:
+        return
+    wanted = {spec.trial_id for spec in kept_specs}
+    kept = [r for r in latest_per_trial(store.read()[0]) if r.get("trial_id") in wanted]
+    if not kept:
+        return
+    try:
+        check_compatible(baseline, {**dict.fromkeys(SETTINGS), "threads": record_settings(kept)["threads"]})
+    except UsageError as error:
+        raise UsageError(f"--out {store.directory} already holds finished trials of this run: {error}") from None
+
+
 def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say) -> int:
     wanted = {spec.trial_id for spec in specs}
     records = [r for r in latest_per_trial(store.read()[0]) if r.get("trial_id") in wanted]
@@ -463,7 +484,7 @@ def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say)
         print(text)
         failed = regressions(comparison)
         if len(failed):
-            say(f"regression against {args.baseline}: {len(failed)} row(s) got worse: "
+            say(f"regression against {args.baseline}: {len(failed)} row(s) failed the check: "
                 + "; ".join(f"{row['row']}: {row['verdict']}" for _, row in failed.iterrows()))
             code = EXIT_REGRESSION
         else:

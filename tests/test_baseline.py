@@ -87,7 +87,7 @@ def test_a_method_twice_as_slow_fails(fake_run, baseline, tmp_path, capsys, monk
     assert code == 3
     err = capsys.readouterr().err
     assert f"tiny / Sleepy{SETTINGS}: throughput relative to steady fell to" in err
-    assert "Steady" not in err.split("got worse:")[1]
+    assert "Steady" not in err.split("failed the check:")[1]
 
 
 def test_a_method_that_stops_learning_fails(fake_run, baseline, tmp_path, capsys, monkeypatch):
@@ -127,10 +127,18 @@ def test_a_run_with_other_seeds_augmentation_or_speed_settings_is_refused_before
 
 
 def test_a_cpu_run_with_another_thread_count_is_not_compared(fake_run, baseline, tmp_path):
-    # CPU results are deterministic for a seed and a thread count, not across thread counts
+    """CPU results are deterministic for a seed and a thread count, not across thread counts: refused before
+    training, as the executor knows the threads its trials get; and a rerun into an --out whose finished
+    trials ran with other threads (they are kept, not trained again) is refused before training too."""
     with pytest.raises(UsageError, match=re.escape("threads 2 differs from the baseline's 1")):
         fake_run("--methods", SAME, *RUN, "--threads", "2", "--baseline", str(baseline), out=tmp_path / "two")
-    assert (tmp_path / "two" / "trials.jsonl").exists()  # the trials it ran are kept
+    assert not (tmp_path / "two").exists()
+    code, _ = fake_run("--methods", SAME, *RUN, "--threads", "2", out=tmp_path / "two")
+    assert code == 0
+    with pytest.raises(UsageError, match=re.escape(f"--out {tmp_path / 'two'} already holds finished trials of "
+                                                   f"this run: the run's threads 2 differs from the baseline's 1")):
+        fake_run("--methods", SAME, *RUN, "--threads", "1", "--baseline", str(baseline), out=tmp_path / "two")
+    assert len((tmp_path / "two" / "trials.jsonl").read_text().splitlines()) == 4  # nothing trained again
 
 
 def test_a_baseline_saved_before_a_setting_was_stored_is_not_checked_on_it(fake_run, baseline, tmp_path):
@@ -198,6 +206,9 @@ def test_a_baseline_is_saved_only_when_every_trial_finished_ok(tmp_path):
     (lambda b: b.update(rows={}), "rows must be a non-empty object"),
     (lambda b: b.pop("reference_method"), "reference_method must be a method name"),
     (lambda b: b.update(tolerance={"throughput_ratio": "0.6"}), "tolerance throughput_ratio must be a number"),
+    (lambda b: b.update(tolerance={"accuracy_floor_points": -5}), "tolerance accuracy_floor_points must not be "
+                                                                    "negative"),
+    (lambda b: b.update(tolerance={"throughput_ratio": 1.5}), "throughput_ratio must be at most 1"),
 ])
 def test_a_hand_edited_baseline_missing_a_field_is_refused_before_training(tmp_path, edit, problem):
     """Before, every trial trained and then the comparison raised a KeyError (exit 1, no regression.md)."""
@@ -221,7 +232,9 @@ def test_run_settings_that_differ_are_named_as_they_are():
     mixed = [one_thread[0], {**one_thread[1], "environment": {"device": "cpu", "threads": 2}}]  # a resumed run
     with pytest.raises(UsageError, match="the run's threads \\[1, 2\\] differs from the baseline's 1") as refused:
         check_compatible(baseline, record_settings(mixed))
-    assert "--out" not in str(refused.value)  # rerun there and every trial is skipped: the baseline against itself
+    # the baseline's --out is not suggested (rerun there and every trial is skipped: the baseline against
+    # itself), a new one is (this run's kept trials keep their threads)
+    assert "/tmp/base-run" not in str(refused.value) and "rerun into a new --out" in str(refused.value)
     other_data = [{**r, "dataset": "imagefolder:/data/x"} for r in one_thread]
     with pytest.raises(UsageError, match="the run's datasets \\['imagefolder:/data/x'\\] differs from the "
                                          "baseline's \\['mnist5k'\\]"):
@@ -246,14 +259,19 @@ def test_relative_speed_needs_one_reference_row():
     assert all(row["relative_throughput"] is None for row in two["rows"].values())
 
 
-def test_unreadable_baseline_is_bad_input(tmp_path, capsys):
+@pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), (b"\xff\xfe{}", "not valid JSON"),
+                                              (None, "cannot be read (Is a directory)")])
+def test_unreadable_baseline_is_bad_input(tmp_path, capsys, content, message):
     from noprop_bench.cli import main
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    if content is None:
+        bad.mkdir()
+    else:
+        bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SystemExit) as stopped:
         main(["--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear", "--baseline", str(bad)])
     assert stopped.value.code == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 # lr 1e-3 -> 8.5e-4 costs NoProp-CT about 6 points at this budget (measured: 40.75 -> 34.80 % on a 2-core x86_64
@@ -326,6 +344,52 @@ def test_a_run_with_a_failed_trial_says_it_did_not_check_or_save_the_baseline(fa
                        "--save-baseline", str(tmp_path / "new.json"), out=tmp_path / "diverging")
     assert code == 1 and ("(a diverged trial is kept as finished: another --out, or other settings, trains it anew)"
                           in capsys.readouterr().err)
+
+
+def test_a_row_that_diverged_fails_the_check_and_rows_the_baseline_lacks_are_listed_unchecked(fake_run, tmp_path,
+                                                                                                capsys):
+    run = ("--budget", "64samples", "--checkpoints", "0", "--threads", "1")
+    base = tmp_path / "base.json"
+    code, _ = fake_run("--methods", "linear", *run, "--save-baseline", str(base))
+    assert code == 0
+    code, diverged = fake_run("--methods", "linear,nan_loss", *run, out=tmp_path / "first")
+    assert code == 1
+    nan = next(json.loads(line) for line in (diverged / "trials.jsonl").read_text().splitlines()
+               if '"nan_loss"' in line)
+    assert nan["status"] == "diverged"
+    capsys.readouterr()
+    # the baseline lacks the diverging row: listed, not checked; the run still exits 1 for its diverged trial
+    code, out = fake_run("--methods", "linear,nan_loss", *run, "--baseline", str(base), out=tmp_path / "lacking")
+    table = (out / "regression.md").read_text()
+    assert code == 1 and "no regression against" in capsys.readouterr().err
+    assert "not in the baseline: not checked (diverged (1 of 1 trials))" in table
+    # with a row for it (as when it learned once), the diverged row is a regression: exit 3
+    saved = json.loads(base.read_text())
+    (linear,) = saved["rows"].values()
+    saved["rows"][f"{nan['dataset']} / {nan['row_label']}"] = {**linear, "method": "nan_loss"}
+    base.write_text(json.dumps(saved))
+    code, out = fake_run("--methods", "linear,nan_loss", *run, "--baseline", str(base), out=tmp_path / "diverging")
+    assert code == 3
+    assert "no trial finished ok in this run: diverged (1 of 1 trials)" in (out / "regression.md").read_text()
+    assert "row(s) failed the check" in capsys.readouterr().err
+
+
+def test_rows_of_the_reference_method_with_other_parameters_leave_its_default_row_the_reference():
+    from noprop_bench.report.baseline import summarise
+
+    def record(seed, method, params, speed):
+        defaults = {"lr": 1e-3}
+        return {**_ct_record(seed, params["lr"], 90.0, samples_per_second=speed, method=method),
+                "params": params, "param_defaults": defaults}
+
+    default, variant, ct = (record(0, "backprop", {"lr": 1e-3}, 1000.0), record(0, "backprop", {"lr": 1e-2}, 500.0),
+                            record(0, "noprop_ct", {"lr": 1e-3}, 2000.0))
+    speeds = lambda records: sorted(row["relative_throughput"] for row in summarise(records)["rows"].values())  # noqa
+    assert speeds([default, variant, ct]) == [0.5, 1.0, 2.0]  # relative to backprop at its defaults
+    assert speeds([variant, ct]) == [1.0, 4.0]  # its only row
+    other_variant = record(0, "backprop", {"lr": 1e-1}, 250.0)
+    assert [row["relative_throughput"] for row in summarise([variant, other_variant, ct])["rows"].values()] == [
+        None, None, None]  # two variants and no default: which one would be a guess
 
 
 def test_a_mixed_thread_count_is_never_saved_and_a_null_seed_spread_falls_back(tmp_path):

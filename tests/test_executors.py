@@ -173,7 +173,7 @@ def test_local_workers_split_the_cpu_fairly(monkeypatch):
     assert executor.threads_per_trial(None) == 5  # 16 cores / 3 workers, rounded down
     assert executor.threads_per_trial(2) == 2  # --threads wins
     assert LocalExecutor(workers=32).threads_per_trial(None) == 1
-    assert LocalExecutor().threads_per_trial(None) is None  # in-process: torch's own choice
+    assert LocalExecutor().threads_per_trial(None) == torch.get_num_threads()  # in-process: this process's
 
 
 def test_more_cpu_workers_than_cores_are_warned_of(monkeypatch):

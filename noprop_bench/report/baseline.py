@@ -66,8 +66,9 @@ def record_settings(records: List[Dict[str, Any]]) -> Dict[str, Any]:
             if device_type == "cpu" else None}
 
 
-def spec_settings(specs: List[Any]) -> Dict[str, Any]:
-    """The :data:`SETTINGS` of a run about to start, from its trial specs (as its records will hold them)."""
+def spec_settings(specs: List[Any], threads: Optional[int] = None) -> Dict[str, Any]:
+    """The :data:`SETTINGS` of a run about to start, from its trial specs (as its records will hold them);
+    ``threads`` where the executor knows them before the trials run (None: checked after them)."""
     first = specs[0]
     sampled = [spec.inference_runs for spec in specs if spec.method.stochastic]
     return {"datasets": sorted({spec.dataset for spec in specs}),
@@ -76,7 +77,10 @@ def spec_settings(specs: List[Any]) -> Dict[str, Any]:
             "inference_runs": max(sampled) if sampled else None,
             "device_type": first.device.type, "speed": first.speed.describe(),
             "augment": {spec.dataset: spec.augment for spec in specs},
-            "threads": None}  # known only where the trials run (a worker may set its own); checked after them
+            "threads": threads if first.device.type == "cpu" else None}
+
+
+NOT_CHECKED = "not in the baseline: not checked"
 
 
 def _mean_se_n(values: List[float]) -> Tuple[float, float, int]:
@@ -106,8 +110,15 @@ def not_ok_rows(records: List[Dict[str, Any]]) -> Dict[str, str]:
             for key, statuses in outcomes.items() if any(status != "ok" for status in statuses)}
 
 
+def _at_defaults(record: Dict[str, Any]) -> bool:
+    """Whether a trial ran its method at the defaults it stated (records made before they were stored: yes)."""
+    defaults = record.get("param_defaults")
+    return not isinstance(defaults, dict) or record.get("params") == defaults
+
+
 def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) -> Dict[str, Any]:
-    """Per-row accuracy and throughput of the ``ok`` trials; throughput relative to ``reference``."""
+    """Per-row accuracy and throughput of the ``ok`` trials; throughput relative to the row of ``reference``
+    at its default parameters (or to its only row)."""
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
         raise UsageError("no trial finished ok, so there is nothing to compare or save")
@@ -116,7 +127,8 @@ def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) ->
     for record, key in ((r, keys[id(r)]) for r in ok):
         row = rows.setdefault(key, {
             "accuracies": [], "seed_means": [], "samples_per_second": [], "method": record["method"],
-            "dataset": record["dataset"]})
+            "dataset": record["dataset"], "defaults": True})
+        row["defaults"] &= _at_defaults(record)
         row["accuracies"].extend(record["test_acc_runs"])
         row["seed_means"].append(float(np.mean(record["test_acc_runs"])))
         row["samples_per_second"].append(record["samples_per_second"])
@@ -126,13 +138,15 @@ def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) ->
         row["accuracy_mean"], row["accuracy_se"], row["accuracy_n"] = _mean_se_n(row.pop("accuracies"))
         _, row["accuracy_seed_se"], row["accuracy_seeds"] = _mean_se_n(row.pop("seed_means"))
         row["samples_per_second"] = float(np.median(row["samples_per_second"]))
+        at_defaults = row.pop("defaults")
         if row["method"] == reference:
-            speeds.setdefault(row["dataset"], []).append(row["samples_per_second"])
+            speeds.setdefault(row["dataset"], []).append((not at_defaults, row["samples_per_second"]))
     for row in rows.values():
-        # one reference row per dataset, or no relative speed: with two configurations of the reference
-        # method, which one the others are relative to would be a guess
-        base = speeds.get(row["dataset"], [])
-        row["relative_throughput"] = row["samples_per_second"] / base[0] if len(base) == 1 else None
+        # the reference method at its default parameters; failing that, its one configuration: with two
+        # others, which one the rest are relative to would be a guess
+        base = sorted(speeds.get(row["dataset"], []))
+        chosen = base[0][1] if base and (len(base) == 1 or base[0][0] != base[1][0]) else None
+        row["relative_throughput"] = row["samples_per_second"] / chosen if chosen else None
     return {"format": FORMAT_VERSION, "reference_method": reference, **record_settings(records), "rows": rows}
 
 
@@ -161,11 +175,13 @@ def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str
 
 def load_baseline(path) -> Dict[str, Any]:
     try:
-        baseline = json.loads(Path(path).read_text())
+        baseline = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"--baseline {path}: no such file (write one with --save-baseline)") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"--baseline {path}: not valid JSON ({error})") from None
+    except OSError as error:  # a directory, no permission
+        raise UsageError(f"--baseline {path}: cannot be read ({error.strerror or error})") from None
     if not isinstance(baseline, dict) or "rows" not in baseline:
         raise UsageError(f"--baseline {path}: not a noprop-bench baseline (a JSON object with rows, written by "
                          f"--save-baseline)")
@@ -209,6 +225,10 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
         no_cap = value is None and field == "accuracy_cap_points"
         if field in DEFAULT_TOLERANCE and not _is_number(value) and not no_cap:
             return f"tolerance {field} must be a number"
+        if field in DEFAULT_TOLERANCE and _is_number(value) and value < 0:
+            return f"tolerance {field} must not be negative"
+    if _is_number(tolerance.get("throughput_ratio")) and tolerance["throughput_ratio"] > 1:
+        return "tolerance throughput_ratio must be at most 1 (0 checks no throughput)"
     return None
 
 
@@ -223,9 +243,12 @@ def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None
             spelling = (" (a dataset read from a folder is named by its absolute path: the folder must be at the "
                         "baseline's path, or save a baseline for this one)" if key == "datasets" and all(
                             ":" in "".join(side) for side in (settings[key], baseline[key])) else "")
+            kept = (" (trials already finished in --out keep the threads they ran with: rerun into a new --out)"
+                    if key == "threads" else "")
+            command = _without_save_baseline(baseline.get("command") or "")
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
-                             f"{baseline[key]!r}{spelling}; rerun with the baseline's settings "
-                             f"({_without_save_baseline(baseline.get('command', ''))})")
+                             f"{baseline[key]!r}{spelling}; rerun with the baseline's settings"
+                             f"{f' ({command})' if command else ''}{kept}")
 
 
 def _without_save_baseline(command: str) -> str:
@@ -280,6 +303,8 @@ def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataF
                                                        f"with other parameters)" if instead else ""))
             now = {}
         else:
+            if key in unfinished:
+                problems.append(f"not every trial finished ok in this run: {unfinished[key]}")
             allowed = accuracy_allowance(then, tolerance)
             if now["accuracy_mean"] < then["accuracy_mean"] - allowed:
                 problems.append(f"accuracy fell {then['accuracy_mean'] - now['accuracy_mean']:.2f} points "
@@ -298,6 +323,13 @@ def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataF
             "rel. speed now": _ratio(now.get("relative_throughput")),
             "verdict": "; ".join(problems) or "ok",
         })
+    for key in dict.fromkeys([*current["rows"], *unfinished]):
+        if key not in baseline["rows"]:
+            now = current["rows"].get(key, {})
+            table.append({"row": key, "accuracy then": "–", "allowed fall (points)": "–",
+                          "accuracy now": f"{now['accuracy_mean']:.2f} ± {now['accuracy_se']:.2f}" if now else "–",
+                          "rel. speed then": "–", "rel. speed now": _ratio(now.get("relative_throughput")),
+                          "verdict": NOT_CHECKED + (f" ({unfinished[key]})" if key in unfinished else "")})
     return pd.DataFrame(table)
 
 
@@ -306,4 +338,5 @@ def _ratio(value: Optional[float]) -> str:
 
 
 def regressions(comparison: pd.DataFrame) -> pd.DataFrame:
-    return comparison[comparison["verdict"] != "ok"]
+    """The rows that fail the check (a row the baseline does not have is listed, not failed)."""
+    return comparison[(comparison["verdict"] != "ok") & ~comparison["verdict"].str.startswith(NOT_CHECKED)]

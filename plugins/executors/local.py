@@ -88,8 +88,10 @@ class LocalExecutor(Executor):
         return self.device
 
     def threads_per_trial(self, requested: Optional[int]) -> Optional[int]:
-        if requested or self.workers == 0 or self.device == "cuda":
+        if requested or self.device == "cuda":
             return requested
+        if self.workers == 0:  # in this process, with its threads
+            return torch.get_num_threads()
         return max(1, cpu_count() // self.workers)
 
     def run(self, jobs: List[TrialJob], deliver, say) -> None:
