@@ -826,6 +826,45 @@ def test_submitit_refuses_to_fall_back_to_this_machine_without_slurm(monkeypatch
     SubmititExecutor("submitit[cluster=local]", cluster="local").check_available()  # asked for: fine
 
 
+@needs_submitit
+@pytest.mark.parametrize("spec, message", [
+    ("submitit[cluster=local,timeout_min=-5]", "timeout_min must be a positive number of minutes"),
+    ("submitit[cluster=local,cpus_per_task=-2]", "cpus_per_task must not be negative"),
+    ("submitit[cluster=local,gpus_per_node=-1,array_parallelism=-1]", "gpus_per_node, array_parallelism must not "
+                                                                       "be negative"),
+    ("submitit[cluster=local,gpus_per_node=1]", "cluster=local runs the jobs on this machine, which has no CUDA"),
+])
+def test_submitit_refuses_resources_it_cannot_have_before_any_job(spec, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--methods", "backprop", "--dataset", "mnist5k", "--executor", spec, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_crashed_submitit_job_is_failed_with_its_exception_not_submitits_banner():
+    from noprop_bench_plugins.executors import submitit as submitit_executor
+
+    class Crashed:
+        job_id, state = "42", "FAILED"
+
+        class paths:
+            stderr = "OUT/submitit/42/42_0_log.err"
+
+        def result(self):
+            raise RuntimeError("Job (task=0) failed during processing with trace:\n----------------------\n"
+                               "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                               "RuntimeError: set_num_threads expects a positive integer\n")
+
+    job = TrialJob(spec={}, header={"trial_id": "T"}, data_root=None, download=False)
+    record = submitit_executor.SubmititExecutor._result(job, Crashed())
+    assert record["status"] == "failed"
+    assert ("job 42 (FAILED) returned no result: RuntimeError: Job (task=0) failed during processing with trace: "
+            "RuntimeError: set_num_threads expects a positive integer; its log: OUT/submitit/42/42_0_log.err"
+            ) == record["error"]
+
+
 def test_submitit_local_cluster_runs_one_job_per_core_share(monkeypatch):
     from noprop_bench_plugins.executors import submitit as submitit_executor
 

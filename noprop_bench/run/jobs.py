@@ -109,7 +109,8 @@ def describe_exit(exitcode: Optional[int]) -> str:
 def worker_identity() -> Dict[str, Any]:
     """Where a trial ran: host, process, and the scheduler's job id when there is one."""
     identity = {"host": platform.node(), "pid": os.getpid()}
-    for variable, key in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
+    for variable, key in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id"),
+                          ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
                           ("CUDA_VISIBLE_DEVICES", "cuda_visible_devices")):
         if os.environ.get(variable):
             identity[key] = os.environ[variable]

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import torch
+
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, ctrl_c_held, execute_job, failed_record,
                                    interrupted, note_sigterm, note_time_limit, require_engine, stop_cause, stop_if_interrupted,
@@ -46,6 +48,13 @@ class SubmititExecutor(ClusterExecutor):
         # submitit's "debug" cluster is left out: it runs jobs inside this process and opens pdb on errors
         if self.options["cluster"] not in ("auto", "slurm", "local"):
             raise UsageError(f"--executor {self.spec_text}: cluster must be auto (SLURM), slurm or local")
+        negative = [key for key in ("gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism")
+                    if self.options[key] < 0]
+        if negative:
+            raise UsageError(f"--executor {self.spec_text}: {', '.join(negative)} must not be negative (0 leaves "
+                             f"it to SLURM's default)")
+        if self.options["timeout_min"] <= 0:
+            raise UsageError(f"--executor {self.spec_text}: timeout_min must be a positive number of minutes")
 
     @property
     def runs_here(self) -> bool:
@@ -57,6 +66,9 @@ class SubmititExecutor(ClusterExecutor):
         if not self.runs_here and shutil.which("srun") is None:
             raise UsageError(f"--executor {self.spec_text}: no SLURM here (srun is not on PATH); run the command "
                              f"on a SLURM login node, or add cluster=local to run the jobs on this machine")
+        if self.runs_here and self.options["gpus_per_node"] > 0 and not torch.cuda.is_available():
+            raise UsageError(f"--executor {self.spec_text}: cluster=local runs the jobs on this machine, which has "
+                             f"no CUDA device; use gpus_per_node=0 (or --device cpu)")
 
     def threads_per_trial(self, requested):
         # on this machine the jobs share its cores, one thread each unless told otherwise
@@ -166,14 +178,16 @@ class SubmititExecutor(ClusterExecutor):
         try:
             return handle.result()
         except Exception as error:  # the job died, timed out or was cancelled: only this trial is lost
-            first_lines = " ".join(str(error).strip().splitlines()[:2])
+            # submitit's message opens with a banner; its traceback's last line names the exception
+            lines = [line.strip() for line in str(error).splitlines() if line.strip().strip("-")]
+            cause = " ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else " ".join(lines)
             state = handle.state
             what = f"job {handle.job_id} ({state}) returned no result"
             if state in ENDED_STATES and not handle.paths.result_pickle.exists():
                 # the engine saw its process end but not how, and Python wrote nothing (an error would be there)
                 what = (f"job {handle.job_id} ended without a result (killed, or crashed outside Python; "
                         f"submitit's state: {state})")
-            return failed_record(job, f"{what}: {type(error).__name__}: {first_lines}; its log: "
+            return failed_record(job, f"{what}: {type(error).__name__}: {cause}; its log: "
                                       f"{handle.paths.stderr}")
 
 
