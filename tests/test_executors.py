@@ -841,6 +841,8 @@ def test_submitit_refuses_resources_it_cannot_have_before_any_job(spec, message,
     assert stopped.value.code == EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    if "gpus_per_node=1" in spec:  # unless the run asks for the CPU
+        assert SubmititExecutor(spec, cluster="local", gpus_per_node=1).device_type("cpu") == "cpu"
 
 
 def test_a_crashed_submitit_job_is_failed_with_its_exception_not_submitits_banner():

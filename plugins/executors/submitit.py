@@ -66,9 +66,13 @@ class SubmititExecutor(ClusterExecutor):
         if not self.runs_here and shutil.which("srun") is None:
             raise UsageError(f"--executor {self.spec_text}: no SLURM here (srun is not on PATH); run the command "
                              f"on a SLURM login node, or add cluster=local to run the jobs on this machine")
-        if self.runs_here and self.options["gpus_per_node"] > 0 and not torch.cuda.is_available():
+
+    def device_type(self, requested: str) -> str:
+        device = super().device_type(requested)  # --device cpu asks for no GPU
+        if self.runs_here and device == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--executor {self.spec_text}: cluster=local runs the jobs on this machine, which has "
-                             f"no CUDA device; use gpus_per_node=0 (or --device cpu)")
+                             f"no CUDA device; use gpus_per_node=0 or --device cpu")
+        return device
 
     def threads_per_trial(self, requested):
         # on this machine the jobs share its cores, one thread each unless told otherwise
