@@ -136,8 +136,10 @@ def test_a_cpu_run_with_another_thread_count_is_not_compared(fake_run, baseline,
     code, _ = fake_run("--methods", SAME, *RUN, "--threads", "2", out=tmp_path / "two")
     assert code == 0
     with pytest.raises(UsageError, match=re.escape(f"--out {tmp_path / 'two'} already holds finished trials of "
-                                                   f"this run: the run's threads 2 differs from the baseline's 1")):
+                                                   f"this run, kept with the threads they ran with: the run's "
+                                                   f"threads 2 differs from the baseline's 1")) as refused:
         fake_run("--methods", SAME, *RUN, "--threads", "1", "--baseline", str(baseline), out=tmp_path / "two")
+    assert str(refused.value).endswith("; or rerun into a new --out")
     assert len((tmp_path / "two" / "trials.jsonl").read_text().splitlines()) == 4  # nothing trained again
 
 
@@ -232,9 +234,7 @@ def test_run_settings_that_differ_are_named_as_they_are():
     mixed = [one_thread[0], {**one_thread[1], "environment": {"device": "cpu", "threads": 2}}]  # a resumed run
     with pytest.raises(UsageError, match="the run's threads \\[1, 2\\] differs from the baseline's 1") as refused:
         check_compatible(baseline, record_settings(mixed))
-    # the baseline's --out is not suggested (rerun there and every trial is skipped: the baseline against
-    # itself), a new one is (this run's kept trials keep their threads)
-    assert "/tmp/base-run" not in str(refused.value) and "rerun into a new --out" in str(refused.value)
+    assert "--out" not in str(refused.value)  # rerun there and every trial is skipped: the baseline against itself
     other_data = [{**r, "dataset": "imagefolder:/data/x"} for r in one_thread]
     with pytest.raises(UsageError, match="the run's datasets \\['imagefolder:/data/x'\\] differs from the "
                                          "baseline's \\['mnist5k'\\]"):
@@ -363,6 +363,14 @@ def test_a_row_that_diverged_fails_the_check_and_rows_the_baseline_lacks_are_lis
     table = (out / "regression.md").read_text()
     assert code == 1 and "no regression against" in capsys.readouterr().err
     assert "not in the baseline: not checked (diverged (1 of 1 trials))" in table
+    # rerun into the same --out: the diverged trial is kept as finished, and still exits 1
+    assert fake_run("--methods", "linear,nan_loss", *run, "--baseline", str(base), out=tmp_path / "lacking")[0] == 1
+    # with --save-baseline too: compared, not saved, and said so
+    new = tmp_path / "new.json"
+    code, _ = fake_run("--methods", "linear,nan_loss", *run, "--baseline", str(base), "--save-baseline", str(new),
+                       out=tmp_path / "both")
+    assert code == 1 and not new.exists()
+    assert f"not done, as not every trial finished ok: --save-baseline {new}" in capsys.readouterr().err
     # with a row for it (as when it learned once), the diverged row is a regression: exit 3
     saved = json.loads(base.read_text())
     (linear,) = saved["rows"].values()
@@ -372,6 +380,9 @@ def test_a_row_that_diverged_fails_the_check_and_rows_the_baseline_lacks_are_lis
     assert code == 3
     assert "no trial finished ok in this run: diverged (1 of 1 trials)" in (out / "regression.md").read_text()
     assert "row(s) failed the check" in capsys.readouterr().err
+    # no trial of the run finished ok at all: still compared, every row failing
+    code, out = fake_run("--methods", "nan_loss", *run, "--baseline", str(base), out=tmp_path / "all-diverged")
+    assert code == 3 and "no trial finished ok in this run: diverged" in (out / "regression.md").read_text()
 
 
 def test_rows_of_the_reference_method_with_other_parameters_leave_its_default_row_the_reference():

@@ -227,14 +227,14 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were on PATH
     executor = SubmititExecutor("submitit[...]", cluster="slurm", partition="gpu", gpus_per_node=1,
                                 timeout_min=600, cpus_per_task=8, mem_gb=32, array_parallelism=4, account="lab",
-                                gres="gpu:a100:1", setup="module load cuda/12; source ~/env/bin/activate")
+                                setup="module load cuda/12; source ~/env/bin/activate")
     assert "slurm_qos" not in executor._parameters()  # unset options are left to submitit and the cluster
     engine = executor._engine(str(tmp_path / "%j"))  # submitit rejects unknown parameter names here
     assert engine.cluster == "slurm"
     script = engine._executor._make_submission_file_text(command="python -m noprop_bench_job", uid="0")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --account=lab",
-                 "#SBATCH --gres=gpu:a100:1", "\nmodule load cuda/12\nsource ~/env/bin/activate\n"):
+                 "\nmodule load cuda/12\nsource ~/env/bin/activate\n"):
         assert line in script
     assert engine._executor.parameters["array_parallelism"] == 4
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
+from ..method import settings_suffix
 from .records import assign_rows, speed_text
 
 FORMAT_VERSION = 1
@@ -112,8 +113,8 @@ def not_ok_rows(records: List[Dict[str, Any]]) -> Dict[str, str]:
 
 def _at_defaults(record: Dict[str, Any]) -> bool:
     """Whether a trial ran its method at the defaults it stated (records made before they were stored: yes)."""
-    defaults = record.get("param_defaults")
-    return not isinstance(defaults, dict) or record.get("params") == defaults
+    defaults, params = record.get("param_defaults"), record.get("params")
+    return not isinstance(defaults, dict) or not isinstance(params, dict) or settings_suffix(params, defaults) == ""
 
 
 def summarise(records: List[Dict[str, Any]], reference: Optional[str] = None) -> Dict[str, Any]:
@@ -243,12 +244,10 @@ def check_compatible(baseline: Dict[str, Any], settings: Dict[str, Any]) -> None
             spelling = (" (a dataset read from a folder is named by its absolute path: the folder must be at the "
                         "baseline's path, or save a baseline for this one)" if key == "datasets" and all(
                             ":" in "".join(side) for side in (settings[key], baseline[key])) else "")
-            kept = (" (trials already finished in --out keep the threads they ran with: rerun into a new --out)"
-                    if key == "threads" else "")
             command = _without_save_baseline(baseline.get("command") or "")
             raise UsageError(f"the run's {key.replace('_', ' ')} {settings[key]!r} differs from the baseline's "
                              f"{baseline[key]!r}{spelling}; rerun with the baseline's settings"
-                             f"{f' ({command})' if command else ''}{kept}")
+                             f"{f' ({command})' if command else ''}")
 
 
 def _without_save_baseline(command: str) -> str:
@@ -285,7 +284,8 @@ def accuracy_allowance(then: Dict[str, Any], tolerance: Dict[str, Any]) -> float
 
 def compare(records: List[Dict[str, Any]], baseline: Dict[str, Any]) -> pd.DataFrame:
     """One row per baseline row: the figures then and now, and a verdict (``ok`` / what regressed)."""
-    current = summarise(records, reference=baseline["reference_method"])
+    ok = any(record.get("status") == "ok" for record in records)  # else every row fails as not finished ok
+    current = summarise(records, reference=baseline["reference_method"]) if ok else {"rows": {}}
     tolerance = {**DEFAULT_TOLERANCE, **baseline.get("tolerance", {})}
     check_compatible(baseline, record_settings(records))
     unfinished = not_ok_rows(records)
