@@ -48,6 +48,7 @@ DEFAULT_SEEDS = 1
 DEFAULT_EXECUTOR = "local"
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, EXIT_REGRESSION = 0, 1, 2, 3
+DIVERGED_IS_KEPT = "a diverged trial is kept as finished: another --out, or other settings, trains it anew"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,8 +420,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         if args.baseline and all(record["status"] in FINISHED_STATUSES for record in problems):
             code = _check_baseline(args, baseline, store, specs, command, say, save=False)  # a diverged row fails
             if args.save_baseline:
-                say(f"not done, as not every trial finished ok: --save-baseline {args.save_baseline} (a diverged "
-                    f"trial is kept as finished: another --out, or other settings, trains it anew)")
+                say(f"not done, as not every trial finished ok: --save-baseline {args.save_baseline} "
+                    f"({DIVERGED_IS_KEPT})")
             return code
         skipped = [f"the check against --baseline {args.baseline}" if args.baseline else "",
                    f"--save-baseline {args.save_baseline}" if args.save_baseline else ""]
@@ -429,7 +430,7 @@ def run(argv: Optional[List[str]] = None) -> int:
             if any(record["status"] not in FINISHED_STATUSES for record in problems):
                 notes.append("rerun the same command: failed and interrupted trials are trained again")
             if any(record["status"] in FINISHED_STATUSES for record in problems):
-                notes.append("a diverged trial is kept as finished: another --out, or other settings, trains it anew")
+                notes.append(DIVERGED_IS_KEPT)
             say(f"not done, as not every trial finished ok: {' and '.join(filter(None, skipped))} "
                 f"({'; '.join(notes)})")
         return EXIT_TRIAL_FAILED
