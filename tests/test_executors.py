@@ -211,6 +211,17 @@ def test_local_workers_never_share_a_gpu(monkeypatch):
         LocalExecutor("local[workers=3]", workers=3).device_type("auto")
 
 
+def test_a_record_names_the_slurm_job_and_array_it_ran_in(monkeypatch):
+    """A job of an array logs under OUT/submitit/<array job id>_<task id>/: the record holds both ids."""
+    from noprop_bench.executor import worker_identity
+
+    for variable, value in (("SLURM_JOB_ID", "1002"), ("SLURM_ARRAY_JOB_ID", "1000"), ("SLURM_ARRAY_TASK_ID", "2")):
+        monkeypatch.setenv(variable, value)
+    identity = worker_identity()
+    assert (identity["slurm_job_id"], identity["slurm_array_job_id"], identity["slurm_array_task_id"]) == (
+        "1002", "1000", "2")
+
+
 def test_cluster_executors_decide_the_device_from_the_resources_they_request():
     assert SubmititExecutor().device_type("auto") == "cpu"
     assert SubmititExecutor(gpus_per_node=1).device_type("auto") == "cuda"
