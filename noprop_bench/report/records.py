@@ -38,8 +38,10 @@ RENAMED_LABELS = {
 
 # -- statistics -------------------------------------------------------------------------------------
 def mean_and_standard_error(values: Iterable[float]) -> Tuple[float, float, int]:
-    """Mean, standard error of the mean (sample s.d. / sqrt(n)) and n; s.e. is NaN for n < 2."""
-    values = np.asarray(list(values), dtype=float)
+    """Mean, standard error of the mean (sample s.d. / sqrt(n)) and n; s.e. is NaN for n < 2. The values are
+    summed in sorted order, so the figures (and their last printed digit) do not depend on the order the
+    trials were recorded in, which differs between executors."""
+    values = np.sort(np.asarray(list(values), dtype=float))
     if len(values) == 0:
         return float("nan"), float("nan"), 0
     se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
@@ -227,7 +229,7 @@ def field_mean(records: Sequence[Dict[str, Any]], field: str, scale: float = 1.0
     """The mean of ``field`` over the records that hold a number there, divided by ``scale``; NaN if none do."""
     values = [r.get(field) for r in records]
     values = [float(v) / scale for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return float(np.mean(values)) if values else float("nan")
+    return float(np.mean(sorted(values))) if values else float("nan")  # sorted: the same whatever the order
 
 
 def seconds_per_epoch(records: Sequence[Dict[str, Any]]) -> float:
