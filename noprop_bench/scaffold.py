@@ -48,6 +48,11 @@ def class_name(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_") if part)
 
 
+def with_article(kind: str) -> str:
+    """``a method``, ``a dataset``, ``an executor``."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def check_name(name: str, kind: str = "method") -> None:
     if not _NAME.match(name) or keyword.iskeyword(name):
         raise UsageError(f"plugin name {name!r}: use lower case letters, digits and underscores, starting with a "
@@ -57,9 +62,8 @@ def check_name(name: str, kind: str = "method") -> None:
     registry = load_plugins()
     taken = registry.table(kind)
     if name in taken:
-        article = "an" if kind[0] in "aeiou" else "a"
         raise UsageError(f"plugin name {name!r}: plugin {registry.provider[f'{kind}:{name}']!r} already provides "
-                         f"{article} {kind} of that name; choose another")
+                         f"{with_article(kind)} of that name; choose another")
     if registry.plugin_manager.has_plugin(name) or name in registry.broken:
         raise UsageError(f"plugin name {name!r}: an installed plugin already has that name (its entry point in "
                          f"the noprop_bench group); choose another")
@@ -97,8 +101,7 @@ def new_plugin_main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     directory = Path(args.dir or f"noprop-bench-{args.name.replace('_', '-')}")
     render_plugin(args.name, directory, args.kind)
-    article = "an" if args.kind[0] in "aeiou" else "a"
-    print(f"wrote {article} {args.kind} plugin distribution for {args.name!r} in {directory}/. Next:\n"
+    print(f"wrote {with_article(args.kind)} plugin distribution for {args.name!r} in {directory}/. Next:\n"
           f"  pip install -e {directory}\n  pytest {directory}\n  noprop-bench --list\n"
           f"  {KINDS[args.kind]['usage'].format(name=args.name)}")
     return 0
