@@ -15,8 +15,8 @@ from typing import List, Optional
 import torch
 
 from .backbones import check_backbone_name
-from .report.baseline import (SETTINGS, check_compatible, compare, load_baseline, not_ok_rows, record_settings,
-                              regressions, save_baseline, spec_settings)
+from .report.baseline import (SETTINGS, check_compatible, compare, environment_differences, load_baseline,
+                              not_ok_rows, record_settings, regressions, save_baseline, spec_settings)
 from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help="training budget per trial: SECONDS of training work (evaluation excluded), "
                              "Nsamples / Nsteps (deterministic on the CPU, for regression checks), Nepochs (passes "
-                             "over the training split; for noprop_dt summed over its blocks), or paper: each "
+                             "over the training split; for noprop_dt summed over its blocks, unless schedule=parallel trains every block on every batch), or paper: each "
                              "method's epochs from the paper's table for the dataset's kind (MNIST, CIFAR-10 or "
                              "CIFAR-100). Training time is measured and reported whatever the unit")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
@@ -488,8 +488,15 @@ def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say,
                 say(f"--save-baseline {args.save_baseline}: not written, as the comparison was refused")
             raise
         text = comparison.to_markdown(index=False)
-        (store.directory / "regression.md").write_text(f"# Against {args.baseline}\n\n{text}\n")
+        differences = environment_differences(baseline, records)
+        caveat = (f"This run's environment differs from the baseline's: {'; '.join(differences)}. Results "
+                  f"reproduce exactly only in the baseline's environment: a small move in accuracy may be the "
+                  f"environment's, not the code's." if differences else "")
+        (store.directory / "regression.md").write_text(f"# Against {args.baseline}\n\n{text}\n"
+                                                       + (f"\n{caveat}\n" if caveat else ""))
         print(text)
+        if caveat:
+            say(f"note: {caveat}")
         failed = regressions(comparison)
         if len(failed):
             say(f"regression against {args.baseline}: {len(failed)} row(s) failed the check: "

@@ -74,6 +74,44 @@ def test_same_code_passes(fake_run, baseline, tmp_path, capsys):
     assert "| ok" in (out / "regression.md").read_text()
 
 
+def test_a_baseline_records_its_environment_and_a_run_in_another_is_compared_with_a_note(fake_run, baseline,
+                                                                                        tmp_path, capsys):
+    """Across torch versions or CPU instruction sets, CPU kernels round differently: the check still runs (the
+    tolerances absorb rounding), but says so, so a failing row is not blamed on the code alone."""
+    from noprop_bench.run.store import cpu_capability
+    saved = json.loads(baseline.read_text())
+    assert saved["environment"] == {"torch": torch.__version__, "cpu_capability": cpu_capability()}
+    code, out = fake_run("--methods", SAME, *RUN, "--baseline", str(baseline), out=tmp_path / "same")
+    assert code == 0 and "environment differs" not in capsys.readouterr().err
+    assert "environment differs" not in (out / "regression.md").read_text()
+
+    other = tmp_path / "other-machine.json"
+    other.write_text(json.dumps({**saved, "environment": {"torch": "2.0.1", "cpu_capability": "AVX2"}}))
+    code, out = fake_run("--methods", SAME, *RUN, "--baseline", str(other), out=tmp_path / "same")  # reruns nothing
+    note = (f"environment differs from the baseline's: torch {torch.__version__} (baseline: 2.0.1); CPU kernels "
+            f"{cpu_capability()} (baseline: AVX2).")
+    assert code == 0 and note in capsys.readouterr().err
+    assert note in (out / "regression.md").read_text()
+
+
+def test_an_environment_field_known_to_one_side_only_is_no_difference():
+    from noprop_bench.report.baseline import environment_differences, record_environment
+
+    records = [{**_ct_record(seed, 1e-3, 97.0), "environment": {"device": "cpu", "torch": "2.11.0"}}
+               for seed in (0, 1)]
+    assert record_environment(records) == {"torch": "2.11.0"}  # records made before cpu_capability was stored
+    assert environment_differences({"environment": {"torch": "2.11.0", "cpu_capability": "AVX2"}}, records) == []
+    assert environment_differences({}, records) == []  # a baseline saved before environments were
+    resumed = [records[0], {**records[1], "environment": {"device": "cpu", "torch": "2.14.1"}}]
+    assert environment_differences({"environment": {"torch": "2.11.0"}}, resumed) == \
+        ["torch 2.11.0 and 2.14.1 (baseline: 2.11.0)"]
+    on_gpu = [{**r, "environment": {"device": "cuda:0", "device_name": "NVIDIA H100", "cpu_capability": "AVX2",
+                                    "torch": "2.11.0"}} for r in records]
+    assert record_environment(on_gpu) == {"torch": "2.11.0", "device_name": "NVIDIA H100"}  # the GPU, not the CPU
+    assert environment_differences({"environment": {"device_name": "NVIDIA A100"}}, on_gpu) == \
+        ["GPU NVIDIA H100 (baseline: NVIDIA A100)"]
+
+
 def test_a_method_twice_as_slow_fails(fake_run, baseline, tmp_path, capsys, monkeypatch):
     original = fake_plugins.Sleepy.train_step
 
@@ -211,6 +249,7 @@ def test_a_baseline_is_saved_only_when_every_trial_finished_ok(tmp_path):
     (lambda b: b.update(tolerance={"accuracy_floor_points": -5}), "tolerance accuracy_floor_points must not be "
                                                                     "negative"),
     (lambda b: b.update(tolerance={"throughput_ratio": 1.5}), "throughput_ratio must be at most 1"),
+    (lambda b: b.update(environment="torch 2.11"), "environment must be an object"),
 ])
 def test_a_hand_edited_baseline_missing_a_field_is_refused_before_training(tmp_path, edit, problem):
     """Before, every trial trained and then the comparison raised a KeyError (exit 1, no regression.md)."""

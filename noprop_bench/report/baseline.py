@@ -83,6 +83,32 @@ def spec_settings(specs: List[Any], threads: Optional[int] = None) -> Dict[str, 
 
 NOT_CHECKED = "not in the baseline: not checked"
 
+# what a run is not refused for, but is told of: results reproduce exactly only where these are the same
+ENVIRONMENT = {"torch": "torch", "cpu_capability": "CPU kernels", "device_name": "GPU"}
+
+
+def record_environment(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The torch version and the machine's kind its trials ran with: the instruction set of torch's CPU kernels
+    on the CPU, the GPU's name on a GPU; a field the trials disagree on lists every value, one they lack is
+    left out."""
+    environments = [r.get("environment") or {} for r in records]
+    on_gpu = any(str(e.get("device", "cpu")).split(":")[0] != "cpu" for e in environments)
+    fields = [field for field in ENVIRONMENT if field != ("cpu_capability" if on_gpu else "device_name")]
+    shared = {field: _one_or_all(e.get(field) for e in environments) for field in fields}
+    return {field: value for field, value in shared.items() if value is not None}
+
+
+def environment_differences(baseline: Dict[str, Any], records: List[Dict[str, Any]]) -> List[str]:
+    """What differs between the baseline's environment and the run's, e.g. ``torch 2.11.0 (baseline:
+    2.14.1)``; empty where nothing known to both differs (baselines saved before this was stored know none)."""
+    then, now = baseline.get("environment") or {}, record_environment(records)
+    return [f"{ENVIRONMENT[field]} {_listed(now[field])} (baseline: {_listed(then[field])})"
+            for field in ENVIRONMENT if field in then and field in now and then[field] != now[field]]
+
+
+def _listed(value: Any) -> str:
+    return " and ".join(map(str, value)) if isinstance(value, list) else str(value)
+
 
 def _mean_se_n(values: List[float]) -> Tuple[float, float, int]:
     """Mean, standard error of the mean (0 for a single value) and count."""
@@ -169,6 +195,7 @@ def save_baseline(records: List[Dict[str, Any]], path, command: str) -> Dict[str
         row.update({key: float(f"{value:.6g}") for key, value in row.items() if isinstance(value, float)})
     baseline["tolerance"] = dict(DEFAULT_TOLERANCE)
     baseline["command"] = command
+    baseline["environment"] = record_environment(records)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(baseline, indent=2, sort_keys=True) + "\n")
     return baseline
@@ -219,6 +246,8 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
         for field in ("accuracy_seed_se", "relative_throughput"):
             if row.get(field) is not None and not _is_number(row[field]):
                 return f"row {key!r}: {field} must be a number or null"
+    if not isinstance(baseline.get("environment", {}), dict):
+        return "environment must be an object"
     tolerance = baseline.get("tolerance", {})
     if not isinstance(tolerance, dict):
         return "tolerance must be an object"

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .interrupts import ctrl_c_held
 
@@ -51,7 +51,15 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        # the instruction set torch picked its CPU kernels for: their float rounding, hence CPU results, follow it
+        "cpu_capability": cpu_capability(),
     }
+
+
+def cpu_capability() -> Optional[str]:
+    """The CPU instruction set torch dispatches its kernels for (e.g. ``AVX512``), None where torch cannot say."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if get else None
 
 
 SLOW_APPEND_VARIABLE = "NOPROP_BENCH_TEST_SLOW_APPEND"  # tests only: seconds to pause in the middle of a line
