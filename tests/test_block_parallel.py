@@ -68,6 +68,10 @@ def test_parallel_schedule_trains_every_block_each_step(one_thread):
     metrics = method.trial_metrics()
     assert metrics["block_steps"] == [1, 1, 1] and metrics["blocks_trained_per_step"] == 3
     assert metrics["schedule"] == "parallel"
+    # every block's activations at once: not the one-at-a-time memory the sequential schedule has
+    assert metrics["memory_note"].startswith("every block's activations and gradients at once")
+    sequential = NoPropDT(task, blocks=3).trial_metrics()["memory_note"]
+    assert sequential.startswith("one block's activations and gradients at a time")
 
 
 def test_parallel_cannot_offload():

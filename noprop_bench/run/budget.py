@@ -18,7 +18,8 @@ class Budget:
 
     One epoch is one pass over the training split, for every method: ``len(train)`` training samples.
     For NoProp-DT, which trains one block per step, the passes are summed over its blocks (so under
-    ``schedule=sequential`` each of T blocks sees ``epochs / T`` passes of its own). ``name`` is set when
+    ``schedule=sequential`` each of T blocks sees ``epochs / T`` passes of its own; under
+    ``schedule=parallel`` every block trains on every batch and sees all ``epochs``). ``name`` is set when
     the amount came from a named budget such as ``paper`` (the paper's epochs per method and dataset).
     """
 

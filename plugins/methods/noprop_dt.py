@@ -40,8 +40,10 @@ class NoPropDT(Method):
     * ``parallel``: every block on every batch, in one vectorised step (``parts/noprop_dt_parallel.py``);
       the shared classifier and embedding step once per batch.
 
-    The budget covers all blocks either way: the harness's "epochs" are passes over the data summed
-    over blocks; ``trial_metrics()`` gives the passes each block saw. A budget is not rounded to whole
+    The budget counts the training batches fed, whatever the schedule: under ``sequential`` and
+    ``random`` the harness's "epochs" are passes over the data summed over blocks (each block sees about
+    ``epochs / T`` of its own); under ``parallel`` every block sees every batch, so each sees all of
+    them. ``trial_metrics()`` gives the passes each block saw. A budget is not rounded to whole
     cycles: when some block got less than one pass over the training split (under a short budget,
     late blocks, block T included, may get none), the trial records a warning in
     ``method_metrics["warnings"]`` and the run prints it.
@@ -290,6 +292,9 @@ class NoPropDT(Method):
             "backbone_passes_per_test_batch": self.T * (2 if self.params["embedding"] == "prototype" else 1),
             "memory_note": ("one block's activations, gradients, parameters and AdamW moments on the device at a "
                             "time; the other blocks wait in host memory" if self.offload else
+                            "every block's activations and gradients at once (schedule=parallel), with all "
+                            "blocks' parameters and AdamW moments: as much as training them end to end"
+                            if self.parallel is not None else
                             "one block's activations and gradients at a time; all blocks' parameters and "
                             "AdamW moments stay resident, and count in the peak"),
             "block_moves": self.offload.moves if self.offload else 0,
