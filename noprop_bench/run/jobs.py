@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..method import settings_suffix
 from ..provenance import package_folders
+from .budget import Budget
 from .interrupts import CTRL_C_CAUSE, sigterm_noted, stop_cause
 from .store import FINISHED_STATUSES
 
@@ -50,6 +51,13 @@ class TrialJob:
 
     def describe(self) -> str:
         return f"{trial_label(self.header)} seed {self.header['seed']}"
+
+    @property
+    def budget_seconds(self) -> Optional[float]:
+        """The seconds of training a seconds budget gives the trial (warm-up, loading and evaluation come on
+        top); None for a budget of samples, steps or epochs, whose duration is not known before it runs."""
+        budget = Budget.parse(self.spec["budget"])
+        return budget.amount if budget.unit == "seconds" else None
 
 
 def trial_label(record: Dict[str, Any], fallback_defaults: Optional[Dict[str, Any]] = None) -> str:

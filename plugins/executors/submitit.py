@@ -110,7 +110,24 @@ class SubmititExecutor(ClusterExecutor):
             raise UsageError(f"--executor {self.spec_text}: {error}") from None
         return executor
 
+    def check_time_limit(self, jobs: List[TrialJob], say) -> None:
+        """Refuse a seconds budget that alone fills a job's ``timeout_min`` (every job would be stopped at its
+        limit, and a rerun would only start it again); warn when it leaves under a quarter of the limit for
+        loading, warm-up and evaluation. Other budgets' durations are not known before they run."""
+        seconds = max((job.budget_seconds for job in jobs if job.budget_seconds is not None), default=None)
+        limit = self.options["timeout_min"] * 60
+        if seconds is None or seconds <= 0.75 * limit:
+            return
+        if seconds >= limit:
+            raise UsageError(f"--executor {self.spec_text}: a trial's budget of {seconds:g} s of training alone "
+                             f"fills a job's time limit (timeout_min={self.options['timeout_min']}, {limit:g} s), "
+                             f"so every job would be stopped before it finished; raise timeout_min")
+        say(f"warning: a trial's budget of {seconds:g} s of training leaves {limit - seconds:g} s of a job's time "
+            f"limit (timeout_min={self.options['timeout_min']}) for loading, warm-up and evaluation; a job stopped "
+            f"at its limit starts again from the beginning when rerun, so raise timeout_min if that is too little")
+
     def run(self, jobs: List[TrialJob], deliver, say) -> None:
+        self.check_time_limit(jobs, say)
         out_dir = str(Path(self.out_dir).resolve())  # jobs may start in another directory, on another node
         folder = self.options["folder"] or f"{out_dir}/submitit/%j"
         engine = self._engine(folder)
