@@ -319,9 +319,21 @@ def test_cli_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("setting", [{}, {"solver": "euler", "steps": 5}, {"solver": "heun", "steps": 10},
                                      {"ablate_z": True}])
-def test_prediction_from_shared_features_is_the_same_prediction(trained, setting):
+def test_prediction_from_shared_features_is_algorithm_2_on_the_images(trained, setting):
+    """Both ways into inference (the images, or their cached features) give the classifier's logits on z_1
+    integrated as Algorithm 2 reads, step by step from the images' backbone features (or on fresh noise)."""
     method, x, _ = trained
-    assert torch.equal(*predictions_whole_and_shared(method, x[:200], **setting))
+    x = x[:200]
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        if setting.get("ablate_z"):
+            z = torch.randn(len(x), method.embedding.weight.shape[1])
+        else:
+            z = _integrate_step_by_step(method, method.model.features(x), setting.get("solver", method.params["solver"]),
+                                        setting.get("steps", method.params["steps"]))
+        reference = method.classifier(z)
+    whole, shared = predictions_whole_and_shared(method, x, **setting)
+    assert torch.equal(whole, reference) and torch.equal(shared, reference)
 
 
 def _integrate_step_by_step(method, features, solver, steps):

@@ -226,12 +226,41 @@ def test_cli_end_to_end(tmp_path):
     assert "NoProp-FM (dim=20)" in (out / "table1.md").read_text()
 
 
+def _flow_step_by_step(method, x, solver, steps):
+    """z_1 from z_0 ~ N(0, I) by Euler or Heun on v(z, x, t) = logits . W_Embed, each time's embedding computed
+    inside the loop."""
+    W = method.embedding.weight
+    features = method.model.features(x)
+
+    def v(z, t):
+        return method.model.logits(features, z, method.model.time_features(torch.tensor([t]))) @ W
+
+    z = torch.randn(len(x), W.shape[1])
+    h = 1.0 / steps
+    for k in range(steps):
+        f0 = v(z, k * h)
+        z = z + h * f0 if solver == "euler" else z + 0.5 * h * (f0 + v(z + h * f0, (k + 1) * h))
+    return z
+
+
 @pytest.mark.parametrize("setting", [{}, {"solver": "heun", "steps": 3}, {"ablate_z": True}])
-def test_prediction_from_shared_features_is_the_same_prediction(setting):
+def test_prediction_from_shared_features_is_the_nearest_embedding_of_the_integrated_flow(setting):
+    """Both ways into inference (the images, or their cached features) score each class by minus the squared
+    distance from z_1, integrated step by step from the images (or fresh noise), to its embedding."""
     task = make_task()
     method = make_method(task).eval()
     x, _ = first_batch(task)
-    assert torch.equal(*predictions_whole_and_shared(method, x, **setting))
+    W = method.embedding.weight
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        z = (torch.randn(len(x), W.shape[1]) if setting.get("ablate_z") else
+             _flow_step_by_step(method, x, setting.get("solver", method.params["solver"]),
+                                setting.get("steps", method.params["steps"])))
+        reference = -((z[:, None, :] - W[None, :, :]) ** 2).sum(dim=2)
+    whole, shared = predictions_whole_and_shared(method, x, **setting)
+    # the grid's times are computed once, with linspace, and the distances by cdist: float rounding only
+    torch.testing.assert_close(whole, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_the_record_counts_the_label_paths_backbone_passes():
