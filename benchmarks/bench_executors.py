@@ -56,7 +56,8 @@ def test_executor_wall_time(benchmark, smoke, tmp_path):
             accuracies.setdefault(executor, _accuracies(out))
 
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    assert all(found == accuracies["local"] for found in accuracies.values())
+    if len(executors) > 1:  # (the smoke pass has the in-process executor alone: nothing to compare it with)
+        assert all(found == accuracies["local"] for found in accuracies.values())
     local = statistics.median(walls["local"])
     lines = []
     for executor, seconds in walls.items():
