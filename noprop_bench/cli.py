@@ -371,6 +371,7 @@ def run(argv: Optional[List[str]] = None) -> int:
             problems.append(record)
 
     executor.out_dir = str(out)
+    made_out = not out.exists()
     try:
         if jobs:
             out.mkdir(parents=True, exist_ok=True)  # an executor may keep its files there before the first record
@@ -378,7 +379,11 @@ def run(argv: Optional[List[str]] = None) -> int:
                 try:
                     executor.run(jobs, deliver, say)
                     cause = f"{by_executor} returned without delivering this trial"
-                except (UsageError, KeyboardInterrupt):
+                except UsageError:
+                    if made_out and not any(out.iterdir()):  # refused before anything was kept: leave no trace
+                        out.rmdir()
+                    raise
+                except KeyboardInterrupt:
                     raise
                 except Exception as error:  # noqa: BLE001 - the executor's own failure: keep what it delivered
                     if any(error is raised for raised in host_errors):

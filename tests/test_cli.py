@@ -205,7 +205,8 @@ def test_ctrl_c_while_the_tables_are_written_keeps_every_trial_and_says_how_to_w
     ("scalar_means", "dataset 'tiny' breaks the dataset contract in its train split: mean and std need one value per "
                      "channel (1), as a tuple such as (0.5,); got 0.5 and tensor(0.2000)"),
 ])
-def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load, expected, monkeypatch, capsys):
+def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load, expected, monkeypatch, capsys,
+                                                                     tmp_path):
     import torch
     import fake_plugins
     from noprop_bench.datasets import Split
@@ -230,9 +231,10 @@ def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load
     if broken_load in ("three_means", "scalar_means"):
         monkeypatch.setattr(fake_plugins.Tiny, "mean", (0.5,) * 3 if broken_load == "three_means" else 0.5)
         monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3 if broken_load == "three_means" else torch.tensor(0.2))
-    code, err = _exit(["--methods", "linear", "--budget", "64samples"], capsys)
+    code, err = _exit(["--methods", "linear", "--budget", "64samples", "--out", str(tmp_path / "run")], capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before any trial: no empty run directory is left behind
 
 
 def test_a_failed_trial_says_which_line_of_the_plugin_raised_and_keeps_the_innermost_frames(fake_run, capsys):
