@@ -242,10 +242,18 @@ def test_a_baseline_is_saved_only_when_every_trial_finished_ok(tmp_path):
 
 
 @pytest.mark.parametrize("edit, problem", [
-    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].pop("accuracy_se"), "accuracy_se must be a number"),
+    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].pop("accuracy_se"), "accuracy_se must be a finite number"),
+    # NaN compares false with everything: the row passed as "no regression" whatever the run measured
+    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(accuracy_mean=float("nan")),
+     "accuracy_mean must be a finite number"),
+    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(accuracy_se=-50.0), "accuracy_se must not be negative"),
+    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(relative_throughput=float("inf")),
+     "relative_throughput must be a finite number or null"),
+    (lambda b: b.update(tolerance={"accuracy_floor_points": float("nan")}), "tolerance accuracy_floor_points must be a "
+                                                                            "finite number"),
     (lambda b: b.update(rows={}), "rows must be a non-empty object"),
     (lambda b: b.pop("reference_method"), "reference_method must be a method name"),
-    (lambda b: b.update(tolerance={"throughput_ratio": "0.6"}), "tolerance throughput_ratio must be a number"),
+    (lambda b: b.update(tolerance={"throughput_ratio": "0.6"}), "tolerance throughput_ratio must be a finite number"),
     (lambda b: b.update(tolerance={"accuracy_floor_points": -5}), "tolerance accuracy_floor_points must not be "
                                                                     "negative"),
     (lambda b: b.update(tolerance={"throughput_ratio": 1.5}), "throughput_ratio must be at most 1"),

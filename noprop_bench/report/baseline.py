@@ -224,7 +224,8 @@ def load_baseline(path) -> Dict[str, Any]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: a NaN accuracy or tolerance would compare as "no regression" with anything."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
@@ -239,13 +240,16 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
             return f"row {key!r} must be an object"
         for field in ("accuracy_mean", "accuracy_se"):
             if not _is_number(row.get(field)):
-                return f"row {key!r}: {field} must be a number"
+                return f"row {key!r}: {field} must be a finite number"
+        for field in ("accuracy_se", "accuracy_seed_se", "relative_throughput"):
+            if _is_number(row.get(field)) and row[field] < 0:
+                return f"row {key!r}: {field} must not be negative"
         for field in ("method", "dataset"):
             if not isinstance(row.get(field), str):
                 return f"row {key!r}: {field} must be a string"
         for field in ("accuracy_seed_se", "relative_throughput"):
             if row.get(field) is not None and not _is_number(row[field]):
-                return f"row {key!r}: {field} must be a number or null"
+                return f"row {key!r}: {field} must be a finite number or null"
     if not isinstance(baseline.get("environment", {}), dict):
         return "environment must be an object"
     tolerance = baseline.get("tolerance", {})
@@ -254,7 +258,7 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
     for field, value in tolerance.items():
         no_cap = value is None and field == "accuracy_cap_points"
         if field in DEFAULT_TOLERANCE and not _is_number(value) and not no_cap:
-            return f"tolerance {field} must be a number"
+            return f"tolerance {field} must be a finite number"
         if field in DEFAULT_TOLERANCE and _is_number(value) and value < 0:
             return f"tolerance {field} must not be negative"
     if _is_number(tolerance.get("throughput_ratio")) and tolerance["throughput_ratio"] > 1:
