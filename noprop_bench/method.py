@@ -1,6 +1,7 @@
 """The contract a method plugin implements."""
 
 import json
+import math
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -22,9 +23,11 @@ def coerce_value(key: str, text: str, default: Any) -> Any:
                 return False
             raise ValueError(text)
         if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
+            value = int(text)
+        elif isinstance(default, float):
+            value = float(text)
+        else:
+            return text
     except ValueError:
         kind = ("true/false" if isinstance(default, bool) else "a whole number (int)" if isinstance(default, int)
                 else type(default).__name__)
@@ -32,7 +35,11 @@ def coerce_value(key: str, text: str, default: Any) -> Any:
         if isinstance(default, int) and not isinstance(default, bool) and _whole(text) is not None:
             hint = f"; write {_whole(text)}"
         raise UsageError(f"parameter {key}={text!r}: expected {kind}, as its default {default!r}{hint}") from None
-    return text
+    if isinstance(value, float) and not math.isfinite(value):  # NaN or inf would only fail once training had begun
+        raise UsageError(f"parameter {key}={text}: must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+        raise UsageError(f"parameter {key}={text}: too large a number")  # beyond what a tensor or a C loop holds
+    return value
 
 
 def _whole(text: str) -> Optional[int]:

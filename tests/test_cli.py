@@ -28,6 +28,12 @@ def _exit(args, capsys):
     (["--methods", "linear", "--budget", "1.5 (quick)"], "give the amount alone, e.g. 1.5s"),
     (["--methods", "linear[lr=fast]"], "parameter lr='fast': expected float"),
     (["--methods", "linear[momentum=1]"], "method 'linear' has no parameter momentum; accepted: embedding, lr"),
+    # refused before training, not as a failed or diverged trial once it has begun
+    (["--methods", "linear[lr=nan]"], "parameter lr=nan: must be a finite number"),
+    (["--methods", "noprop_fm[lr=1e309]"], "parameter lr=1e309: must be a finite number"),
+    (["--methods", "noprop_ct[steps=99999999999999999999]"], "parameter steps=99999999999999999999: too large"),
+    (["--methods", "linear", "--budget", "99999999999999999999999999samples"],
+     "budget '99999999999999999999999999samples': too large a number"),
     (["--methods", "linear[lr]"], "method parameter 'lr' in 'linear[lr]' not understood; write key=value"),
     (["--methods", "linear[lr=0.1,lr=0.2]"], "method parameter 'lr' is given twice in 'linear[lr=0.1,lr=0.2]'"),
     (["--methods", "linear", "--executor", "local[workers=1,workers=2]"], "executor parameter 'workers' is given twice"),

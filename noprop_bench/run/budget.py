@@ -1,5 +1,6 @@
 """Training budgets and the clock that spends them."""
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ class Budget:
         if unit != "seconds":
             if not amount.is_integer():
                 raise UsageError(f"budget {text!r}: a count of {unit} must be a whole number")
-            amount = int(amount)
+            amount = int(match.group(1).split(".")[0])  # exactly as written: a float would round a long count
+        if amount >= 2 ** 63 or not math.isfinite(amount):
+            raise UsageError(f"budget {text!r}: too large a number")
         return cls(amount, unit, match.group(3))
 
     def __str__(self) -> str:
