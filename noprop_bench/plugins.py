@@ -2,9 +2,12 @@
 
 import difflib
 import importlib
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Type
 
 import pluggy
@@ -145,6 +148,23 @@ def _not_built_in(entry_point) -> bool:
     return getattr(distribution, "name", None) != BUILT_IN_DISTRIBUTION
 
 
+def _import_plugin_module(module_name: str):
+    """Import a ``--plugin`` module as ``python -m`` would find it: from the current directory too, which an
+    installed console script leaves off ``sys.path`` (workers get the directory with the job)."""
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        name = Path(module_name).stem if module_name.endswith(".py") else Path(module_name).name
+        raise UsageError(f"--plugin {module_name}: give the module's import name ({name}), not a path; run from the "
+                         f"directory that holds it, or add that directory to PYTHONPATH")
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        top, here = module_name.split(".")[0], os.getcwd()
+        if error.name != top or here in sys.path or not (Path(f"{top}.py").is_file() or Path(top).is_dir()):
+            raise
+        sys.path.insert(0, here)
+        return importlib.import_module(module_name)
+
+
 def load_plugins(modules: Optional[List[str]] = None) -> Registry:
     """Load every installed plugin of the ``noprop_bench`` entry-point group (the built-ins first), then
     ``modules``.
@@ -176,7 +196,9 @@ def load_plugins(modules: Optional[List[str]] = None) -> Registry:
             _add_plugin(pm, registry, plugin, plugin_name)
     for module_name in modules or []:
         try:
-            module = importlib.import_module(module_name)
+            module = _import_plugin_module(module_name)
+        except UsageError:
+            raise
         except Exception as error:
             raise UsageError(f"--plugin {module_name}: cannot import it ({type(error).__name__}: {error})") from None
         if not pm.is_registered(module):

@@ -255,3 +255,43 @@ def test_a_misspelt_hook_or_a_hook_not_marked_is_named_not_silently_ignored(tmp_
                                            "functions with @hookimpl"):
         registry = load_plugins(["unmarked"])
     assert "mine_b" not in registry.methods
+
+
+HERE_PLUGIN = '''
+from noprop_bench import hookimpl
+from noprop_bench_plugins.methods.backprop import Backprop
+
+
+class HereMethod(Backprop):
+    name = "here_method"
+    label = "A method from the working directory"
+
+
+@hookimpl
+def register_methods(register):
+    register(HereMethod)
+'''
+
+
+def test_a_plugin_module_in_the_working_directory_loads_as_python_m_would_find_it(tmp_path, monkeypatch, capsys):
+    """The installed console script does not put the working directory on sys.path (python -m does): a
+    module written there, as the README's ad-hoc route has it, failed with ModuleNotFoundError."""
+    from noprop_bench.cli import run
+    from noprop_bench.errors import UsageError
+
+    (tmp_path / "here_plugin.py").write_text(HERE_PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        assert run(["--plugin", "here_plugin", "--list"]) == 0
+        assert "here_method" in capsys.readouterr().out
+        from noprop_bench.run.jobs import import_root
+        assert import_root("here_plugin") == str(tmp_path)  # what worker processes are told to import it from
+    finally:
+        sys.modules.pop("here_plugin", None)
+    for path in ("./here_plugin.py", "here_plugin.py", str(tmp_path / "here_plugin")):
+        with pytest.raises(UsageError, match=f"--plugin {path}: give the module's import name \\(here_plugin\\), "
+                                             f"not a path"):
+            run(["--plugin", path, "--list"])
+    with pytest.raises(UsageError, match="--plugin not_here_plugin: cannot import it \\(ModuleNotFoundError"):
+        run(["--plugin", "not_here_plugin", "--list"])
