@@ -97,6 +97,22 @@ def test_one_long_inference_run_says_how_far_it_is_batch_by_batch(fake_run, monk
                      + [f"train inference run 1/1: {n}/{train_images} images" for n in range(16, train_images, 16)])
 
 
+def test_one_batch_longer_than_the_heartbeat_still_says_how_far_its_pass_is(fake_run, monkeypatch, capsys):
+    """On the CPU one evaluation batch may hold the whole test split (1,000 images): a pass that is a single
+    slow batch said nothing until it ended, however long it ran."""
+    from noprop_bench.run import runner, ticker
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(runner, "FINAL_PROGRESS_AFTER_SECONDS", float("inf"))  # no per-run lines
+    monkeypatch.setattr(ticker, "TICK_SECONDS", 0.05)
+    code, _ = fake_run("--methods", "steady[predict_sleep=1.0,step_sleep=0]", "--budget", "2steps",
+                       "--checkpoints", "0")  # its 64 test images in one batch, which sleeps 1 s
+    assert code == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "final evaluation, " in line]
+    assert 2 <= len(lines) <= 6  # about one per 0.2 s of the 1-s batch: the pass is no longer silent
+    assert all("final evaluation, test inference run 1/1: 0/64 images (" in line for line in lines)
+
+
 def test_checkpoints_that_fell_within_one_step_are_noted(fake_run, capsys):
     code, out = fake_run("--methods", "linear", "--budget", "3steps", "--checkpoints", "8")
     record = _records(out)[0]

@@ -3,6 +3,7 @@
 import dataclasses
 import gc
 import random
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, strat
                               train_accuracy_split)
 from .memory import PeakMemory, with_graph_pools
 from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
+from .ticker import ticking
 from .warmup import warm_up
 from ..method import Method, row_label_with_settings, splits_features
 from ..provenance import code_identity
@@ -329,6 +331,8 @@ class _TrialRun:
         self.steps = self.samples = 0
         self.test_features: Optional[FeatureBatches] = None
         self.evaluation_started = self.evaluation_said_at = 0.0  # the final evaluation's start, last line
+        self.evaluation_pass: Optional[Tuple[str, int, int]] = None  # (what, images done, images) of the pass
+        self.evaluation_lock = threading.Lock()  # the tick's progress lines and the passes' own
         self.speed = None
         self.checkpoint_test = stratified_subset(data.test, spec.checkpoint_size)
         if torch.device(spec.device).type == "cuda":
@@ -495,7 +499,9 @@ class _TrialRun:
         self.say(f"{self.spec.describe()}: training done ({self.steps} steps); final evaluation on "
                  f"{len(self.data.test)} test images ...")
         started = self.evaluation_said_at = time.perf_counter()
-        self._fitting_memory(self._final_accuracies)
+        with ticking(self._say_pass_progress):  # one batch may outlast the heartbeat (a whole split on the CPU)
+            self._fitting_memory(self._final_accuracies)
+        self.evaluation_pass = None
         self.test_features = None
         spec, data, record = self.spec, self.data, self.record
         record["eval_seconds"] += time.perf_counter() - started
@@ -551,22 +557,36 @@ class _TrialRun:
     def _evaluation_progress(self, what: str) -> None:
         """A line per inference run once a final evaluation has run for a while (a 1000-step sampler on
         the CPU takes minutes), so a long one is not silent."""
-        now = time.perf_counter()
-        if now - self.evaluation_started >= FINAL_PROGRESS_AFTER_SECONDS:
-            self.evaluation_said_at = now
-            self.say(f"{self.spec.describe()}: final evaluation, {what} ({now - self.evaluation_started:.0f}s so far)")
+        with self.evaluation_lock:
+            now = time.perf_counter()
+            if now - self.evaluation_started >= FINAL_PROGRESS_AFTER_SECONDS:
+                self.evaluation_said_at = now
+                self.say(f"{self.spec.describe()}: final evaluation, {what} ({now - self.evaluation_started:.0f}s "
+                         f"so far)")
 
     def _progress_reporter(self, what: str, images: int) -> ImagesDone:
         """The progress of one pass of the final evaluation: a line with the images done whenever
-        :data:`HEARTBEAT_SECONDS` have passed since the evaluation last said anything, so that one long
-        inference run is not silent either."""
+        :data:`HEARTBEAT_SECONDS` have passed since the evaluation last said anything, after a batch or,
+        from a background tick, during one, so that one long inference run is not silent either."""
+        self.evaluation_pass = (what, 0, images)
+
         def report(done: int) -> None:
+            self.evaluation_pass = (what, done, images)
+            self._say_pass_progress()
+        return report
+
+    def _say_pass_progress(self) -> None:
+        """The running pass's images done, if the evaluation has said nothing for :data:`HEARTBEAT_SECONDS`
+        (called after each batch, and every second by the tick during the final evaluation)."""
+        with self.evaluation_lock:
             now = time.perf_counter()
-            if done < images and now - self.evaluation_said_at >= HEARTBEAT_SECONDS:
+            if self.evaluation_pass is None or now - self.evaluation_said_at < HEARTBEAT_SECONDS:
+                return
+            what, done, images = self.evaluation_pass
+            if done < images:
                 self.evaluation_said_at = now
                 self.say(f"{self.spec.describe()}: final evaluation, {what}: {done}/{images} images "
                          f"({now - self.evaluation_started:.0f}s so far)")
-        return report
 
     def _sweep_point(self, setting: Dict[str, Any], runs: int) -> Dict[str, Any]:
         spec = self.spec
