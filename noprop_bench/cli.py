@@ -20,10 +20,12 @@ from .report.baseline import (SETTINGS, check_compatible, compare, environment_d
 from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
-from .help_format import HelpFormatter
+from .help_format import HelpFormatter, non_empty
 from .method import row_label_with_settings
+from .run.executor_base import ClusterExecutor
 from .run.interrupts import forget_sigterm, note_sigterm
-from .run.jobs import Progress, TrialJob, delivery_problem, failed_record, import_root, trial_label
+from .run.jobs import (Progress, TrialJob, delivery_problem, failed_record, import_root, threads_beyond_cores,
+                       trial_label)
 from .run.resume import pending_specs
 from .plugins import load_plugins
 from .provenance import code_identity
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
                         help="dataset name (NAME or NAME:ARGUMENT), e.g. cifar10, or imagefolder:PATH for your own "
                              "PATH/{train,test}/<class>/* images; --list shows them all")
-    parser.add_argument("--backbone", default=None,
+    parser.add_argument("--backbone", type=non_empty, default=None,
                         help="any timm model name, or noprop_cnn (the paper's CNN); every method gets the same "
                              "one. Default: the dataset's choice, resnet18 for all but the embedded mnist5k "
                              "sample, which uses noprop_cnn. For images of at most 64 px the stem is adapted: 3x3 stride-1 first "
@@ -125,20 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch in each trial (default: torch's choice in-process; an equal "
                              "share of the cores per worker with local[workers=N])")
-    parser.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="NAME[key=value,...]",
+    parser.add_argument("--executor", type=non_empty, default=DEFAULT_EXECUTOR, metavar="NAME[key=value,...]",
                         help="where trials run: local (this process, one after another), local[workers=N] (N "
                              "worker processes, one GPU or an equal CPU share each), submitit[partition=P,"
                              "gpus_per_node=1,timeout_min=M] (one SLURM job per trial; cluster=local runs "
                              "them here), ray[address=auto,gpus=1] (one Ray task per trial); --list shows "
                              "every executor and its options. Results and resume are the same whichever "
                              "executor ran a trial")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", type=non_empty, default=None,
                         help="output directory (default results/<dataset>-<timestamp>); reuse it to resume")
     parser.add_argument("--keep-stale", action="store_true",
                         help="on resume, keep finished trials whose method code differs from the installed one "
                              "(another distribution version or git commit) instead of training them again; "
                              "their rows are marked † in table1.md")
-    parser.add_argument("--data-root", default=None,
+    parser.add_argument("--data-root", type=non_empty, default=None,
                         help="where datasets are stored or downloaded (default: $NOPROP_BENCH_DATA, else "
                              "$XDG_CACHE_HOME/noprop-bench or ~/.cache/noprop-bench)")
     parser.add_argument("--no-download", action="store_true", help="never download datasets")
@@ -146,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import MODULE as a plugin (repeatable), for plugins not installed as a distribution")
     parser.add_argument("--targets", default=None, metavar="ACC,ACC,...",
                         help="accuracy thresholds (%%) for the time-to-accuracy table; default: per dataset")
-    parser.add_argument("--baseline", metavar="FILE",
+    parser.add_argument("--baseline", type=non_empty, metavar="FILE",
                         help="compare the finished run with this baseline; exit 3 with a table of what regressed "
                              "(also in OUT/regression.md) when accuracy or relative throughput fell beyond the "
                              "tolerances stated in FILE. The run must share the baseline's datasets, budget, "
                              "backbone, batch size, seeds, inference runs, device type, speed settings, "
                              "augmentation and threads (exit 2 otherwise)")
-    parser.add_argument("--save-baseline", metavar="FILE",
+    parser.add_argument("--save-baseline", type=non_empty, metavar="FILE",
                         help="write a baseline from this run's trials to FILE, when every trial finished ok; use a "
                              "sample budget and --threads, which make CPU results reproducible")
     parser.add_argument("--preset", choices=PRESETS, default=None,
@@ -304,6 +306,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     executor = _pick_executor(args, registry)
+    if not isinstance(executor, ClusterExecutor) and threads_beyond_cores(args.threads):  # its trials run here
+        say(f"warning: {threads_beyond_cores(args.threads)}")
     device = torch.device(executor.device_type(args.device))
     dataset, specs = _plan(args, registry, device, command)
     if args.save_baseline:

@@ -1,4 +1,4 @@
-"""The ``--help`` layout of the command-line parsers."""
+"""The ``--help`` layout of the command-line parsers, and the argument types they share."""
 
 import argparse
 
@@ -11,3 +11,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def non_empty(text: str) -> str:
+    """An argparse ``type`` for paths and names: an empty string (an unset shell variable, say) is refused
+    rather than quietly taken for the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave the option out for its default)")
+    return text

@@ -10,6 +10,7 @@ from string import Template
 from typing import Dict, List, Optional, Sequence
 
 from .errors import UsageError
+from .help_format import non_empty
 from .plugins import load_plugins
 
 KINDS = {
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("name", metavar="NAME",
                         help="the plugin's name: the method, dataset or executor name on the command line and "
                              "its Python package (lower case letters, digits, underscores)")
-    parser.add_argument("--dir", default=None, metavar="PATH",
+    parser.add_argument("--dir", type=non_empty, default=None, metavar="PATH",
                         help="where to write the distribution (default: ./noprop-bench-NAME, with NAME's "
                              "underscores as hyphens); must not exist or be empty")
     parser.add_argument("--kind", choices=sorted(KINDS), default="method",

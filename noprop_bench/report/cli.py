@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import UsageError
+from ..help_format import non_empty
 from .exports import FORMATS, parse_formats, require_parquet, write_frames, write_html, write_json, write_text
 from ..run.store import TRIALS_FILE, check_output_directory
 from .code_versions import CodeByMethod
@@ -85,7 +86,7 @@ def build_report_parser() -> argparse.ArgumentParser:
                     "datasets merge into one Table 1 with a column per dataset; trials with a different budget, "
                     "backbone, device, batch size or speed settings go to separate tables.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, each holding a trials.jsonl")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", type=non_empty, default=None,
                         help="where to write the reports (default: DIR itself when one DIR is given, "
                              "else ./report)")
     parser.add_argument("--paper", action="store_true",

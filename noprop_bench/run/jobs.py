@@ -86,6 +86,15 @@ def import_root(module_name: str) -> Optional[str]:
     return root
 
 
+def threads_beyond_cores(threads: Optional[int]) -> str:
+    """A warning when ``--threads`` asks for more torch threads than this process has cores ("" if not):
+    the threads then wait for cores, and every step runs slower than with fewer."""
+    if not threads or threads <= cpu_count():
+        return ""
+    return (f"--threads {threads} is more than the {cpu_count()} CPU core(s) this process may use: the threads "
+            f"wait for cores, which slows training (a seconds budget buys less)")
+
+
 def cpu_count() -> int:
     """Cores this process may use (the scheduler's affinity mask where there is one)."""
     try:

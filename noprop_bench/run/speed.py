@@ -29,7 +29,7 @@ from ..backbones import check_backbone_name, create_backbone
 from ..conformance import loss_fixes, step_metrics_fixes, violation
 from ..datasets import Normalizer, Split
 from ..errors import EXIT_INTERRUPTED, UsageError
-from ..help_format import HelpFormatter
+from ..help_format import HelpFormatter, non_empty
 from ..method import row_label_with_settings
 from ..plugins import load_plugins
 from ..specs import parse_dataset_spec, parse_method_list
@@ -37,7 +37,7 @@ from ..task import Task
 from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
-from .jobs import cpu_count, note_exception
+from .jobs import cpu_count, note_exception, threads_beyond_cores
 from .memory import WITH_GRAPH_POOLS, PeakMemory, with_graph_pools
 from .profile import StepProfile, profile_steps
 from .runner import backbone_width, build_trial_method
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods, NAME[key=value,...]")
     parser.add_argument("--dataset", default="mnist5k", help="whose image shape and class count to use")
-    parser.add_argument("--backbone", default=None, help="timm model name or noprop_cnn; default: the dataset's")
+    parser.add_argument("--backbone", type=non_empty, default=None, help="timm model name or noprop_cnn; default: the dataset's")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to time the methods; auto: CUDA when there is a GPU, else the CPU")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after timing, profile a few more train steps of each row (torch.profiler) and list "
                              "its N operators with the most own time (device time on CUDA), with the device's "
                              "busy time per step; 0: no profile")
-    parser.add_argument("--out", default=None, help="directory for speed.md and speed.json "
+    parser.add_argument("--out", type=non_empty, default=None, help="directory for speed.md and speed.json "
                                                     "(default results/speed-<dataset>-<timestamp>)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE as a plugin")
     return parser
@@ -368,6 +368,8 @@ def speed_main(argv: Sequence[str]) -> int:
             raise UsageError(f"{flag} {value}: must be a whole number of at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if threads_beyond_cores(args.threads):
+        say(f"warning: {threads_beyond_cores(args.threads)}")
     if args.profile < 0:
         raise UsageError(f"--profile {args.profile}: must be 0 (no profile) or a number of operators to list")
     if args.device == "cuda" and not torch.cuda.is_available():
