@@ -409,6 +409,15 @@ def test_helpers():
         parse_targets("120")
 
 
+def test_a_byte_order_mark_an_editor_saved_does_not_cost_the_first_record(tmp_path):
+    from noprop_bench.run.store import TrialStore
+
+    good = (TESTS / "fixtures/report/mnist/trials.jsonl").read_bytes()
+    (tmp_path / "trials.jsonl").write_bytes(b"\xef\xbb\xbf" + good)
+    records, skipped = TrialStore(tmp_path).read()
+    assert skipped == [] and records == TrialStore(TESTS / "fixtures/report/mnist").read()[0]
+
+
 def test_report_skips_a_line_that_is_not_text_and_refuses_a_directory_of_records(tmp_path, capsys):
     damaged = tmp_path / "damaged"
     damaged.mkdir()

@@ -186,7 +186,8 @@ class TrialStore:
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    # an editor may have saved the file with a byte-order mark: it is not part of the record
+                    record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
                 except UnicodeDecodeError:
                     skipped.append(f"{self.path}:{number}: not UTF-8 text (a damaged or foreign line)")
                     continue
