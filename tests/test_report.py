@@ -342,6 +342,17 @@ def test_sample_budget_table1_spans_devices(budget, unit, word):
     assert "; device " not in text
 
 
+def test_report_json_names_the_devices_of_a_table_that_a_sample_budget_did_not_split():
+    """report.json's Table 1 said device null where the markdown caption named the device."""
+    from noprop_bench.report.summary import summary
+
+    spanning = summary(on_two_devices("20000samples", "samples"))["table1"]
+    assert len(spanning) == 1 and spanning[0]["device"] is None
+    assert spanning[0]["devices"] == {A100: 4, H100: 2}
+    one = summary([r for r in on_two_devices("20000samples", "samples") if r["seed"] < 2])["table1"]
+    assert one[0]["device"] == A100 and one[0]["devices"] == {A100: 4}
+
+
 def test_seconds_budget_table1_splits_devices():
     text = render_table1(on_two_devices("60s", "seconds"))
     assert text.count("| Method") == 2

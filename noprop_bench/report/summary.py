@@ -5,8 +5,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .records import (budget_unit, check_records, comparability, comparable_groups, dataset_columns, field_mean,
-                      mean_and_standard_error, memory_kind, ordered_rows, rows_without_duplicate_seeds,
+from .records import (budget_unit, check_records, comparability, comparable_groups, dataset_columns, device_counts,
+                      field_mean, mean_and_standard_error, memory_kind, ordered_rows, rows_without_duplicate_seeds,
                       seconds_per_epoch)
 from . import paper as paper_data
 from .code_versions import older_code_trials
@@ -86,7 +86,11 @@ def table1_summary(records: List[Dict[str, Any]], paper: bool = False) -> List[D
                                   **({"paper": _paper_cell(chosen[0], spec, split, cell["mean"],
                                                            row in protocol_rows)} if paper else {})})
         train_columns = any(cell["split"] == "train" for cell in cells)
-        tables.append({**_settings(group[0], None), "seeds": len({r["seed"] for r in kept}),
+        settings = _settings(group[0], None)
+        devices = device_counts(group)
+        if settings["device"] is None and len(devices) == 1:  # a table not split by device still ran on one
+            settings["device"] = next(iter(devices))
+        tables.append({**settings, "devices": dict(sorted(devices.items())), "seeds": len({r["seed"] for r in kept}),
                        "caption": table1_caption(group, train_columns, paper), "cells": cells})
     return tables
 
