@@ -21,7 +21,6 @@ from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter, non_empty
-from .method import row_label_with_settings
 from .run.executor_base import ClusterExecutor
 from .run.interrupts import forget_sigterm, note_sigterm
 from .run.jobs import (Progress, TrialJob, delivery_problem, failed_record, import_root, threads_beyond_cores,
@@ -40,7 +39,7 @@ from .run.runner import RunData, TrialSpec, backbone_width, trial_header
 from .presets import (PAPER_BUDGET, PRESETS, apply_preset, explicit_options, method_override, paper_budget,
                       preset_method_params)
 from .run.speed_settings import add_speed_arguments, chosen_settings
-from .specs import parse_dataset_spec, parse_method_list, parse_method_spec
+from .specs import distinct_methods, parse_dataset_spec, parse_method_list, parse_method_spec
 
 # the no-argument demo: about two minutes on a 2-core CPU; the paper's statistics need --seeds 3
 DEFAULT_METHODS = "noprop_ct,backprop"
@@ -215,15 +214,11 @@ def _plan(args, registry, device, command) -> tuple:
         raise UsageError(f"--budget {args.budget!r}: a name in parentheses is what --budget {PAPER_BUDGET} records "
                          f"(as in '100epochs ({PAPER_BUDGET})'); give the amount alone, e.g. "
                          f"{str(Budget(budget.amount, budget.unit))}")
-    methods = []
-    for name, given in parse_method_list(args.methods):
-        cls = registry.method(name)
-        params = cls.resolve_params(preset_method_params(name, given) if args.preset else given)
-        if (cls, params) not in methods:
-            methods.append((cls, params))
-        else:
-            print(f"note: --methods names {row_label_with_settings(cls, params)} ({name}) more than once with the same "
-                  f"parameters; it runs once", file=sys.stderr)
+    methods = distinct_methods(
+        ((name, registry.method(name), registry.method(name).resolve_params(
+            preset_method_params(name, given) if args.preset else given))
+         for name, given in parse_method_list(args.methods)),
+        lambda message: print(message, file=sys.stderr))
     dataset_name, argument = parse_dataset_spec(args.dataset)
     dataset = registry.dataset(dataset_name)(argument, root=args.data_root, download=not args.no_download)
     backbone = args.backbone or dataset.default_backbone

@@ -1,9 +1,10 @@
 """Parsing the command line's method and dataset specifications."""
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import UsageError
+from .method import row_label_with_settings
 
 _METHOD = re.compile(r"^([A-Za-z_][\w\-]*)(?:\[(.*)\])?$")
 
@@ -65,3 +66,17 @@ def parse_dataset_spec(text: str) -> Tuple[str, Optional[str]]:
         raise UsageError(f"dataset {text!r} not understood; a dataset takes its argument after a colon "
                          f"(NAME:ARGUMENT, e.g. imagefolder:/data/pets), not in brackets")
     return name, (argument if sep else None)
+
+
+def distinct_methods(resolved: Iterable[Tuple[str, type, Dict[str, Any]]], say: Callable[[str], None]
+                     ) -> List[Tuple[type, Dict[str, Any]]]:
+    """``(class, params)`` of each ``(name, class, params)`` once, in order: a method named again with the same
+    parameters would only repeat a row, so it is dropped with a note."""
+    methods: List[Tuple[type, Dict[str, Any]]] = []
+    for name, cls, params in resolved:
+        if (cls, params) not in methods:
+            methods.append((cls, params))
+        else:
+            say(f"note: --methods names {row_label_with_settings(cls, params)} ({name}) more than once with the same "
+                f"parameters; it runs once")
+    return methods

@@ -219,6 +219,15 @@ def test_speed_channels_last_flags_match_the_main_command(tmp_path):
         assert [s.channels_last for s in grid] == expected
 
 
+def test_a_method_given_twice_is_one_row_as_in_the_main_command(tmp_path, one_thread, capsys):
+    out = tmp_path / "speed"
+    code = run(["speed", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods", "linear,linear[lr=0.05],linear",
+                "--batch-size", "8", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    assert len(json.loads((out / "speed.json").read_text())["rows"]) == 1  # lr=0.05 is linear's default
+    assert capsys.readouterr().err.count("more than once with the same parameters; it runs once") == 2
+
+
 def test_a_setting_given_twice_is_one_row():
     grid = settings_grid(build_parser().parse_args(["--precision", "fp32,bf16,fp32", "--compile", "none,none"]), "cpu")
     assert [(s.precision, s.compile) for s in grid] == [("fp32", "none"), ("bf16", "none")]

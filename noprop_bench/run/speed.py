@@ -32,7 +32,7 @@ from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter, non_empty
 from ..method import row_label_with_settings
 from ..plugins import load_plugins
-from ..specs import parse_dataset_spec, parse_method_list
+from ..specs import distinct_methods, parse_dataset_spec, parse_method_list
 from ..task import Task
 from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
@@ -377,8 +377,8 @@ def speed_main(argv: Sequence[str]) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     registry = load_plugins(args.plugin)
-    methods = [(registry.method(name), registry.method(name).resolve_params(given))
-               for name, given in parse_method_list(args.methods)]
+    methods = distinct_methods(((name, registry.method(name), registry.method(name).resolve_params(given))
+                                for name, given in parse_method_list(args.methods)), say)
     dataset_name, argument = parse_dataset_spec(args.dataset)
     dataset = registry.dataset(dataset_name)(argument, download=False)
     backbone = args.backbone or dataset.default_backbone
