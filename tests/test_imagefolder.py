@@ -111,11 +111,12 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
     tree = tmp_path / "deep"
     pixels = (np.arange(48, dtype=np.uint32).reshape(6, 8) * 1365).astype(np.uint16)  # 0 .. 64155
     for split in ("train", "test"):
-        (tree / split / "a").mkdir(parents=True)
-        Image.fromarray(pixels).save(tree / split / "a" / "000.png")
+        for name in ("a", "b"):  # two classes, as classification needs
+            (tree / split / name).mkdir(parents=True)
+            Image.fromarray(pixels).save(tree / split / name / "000.png")
     assert Image.open(tree / "train" / "a" / "000.png").mode == "I;16"
     images = ImageFolder(str(tree)).load("train").images
-    assert images.shape == (1, 1, 6, 8)
+    assert images.shape == (2, 1, 6, 8)
     assert images[0, 0].tolist() == np.round(pixels.astype(np.float64) / 257).astype(np.uint8).tolist()
 
 
@@ -141,8 +142,9 @@ def test_a_sixteen_bit_png_that_an_older_pillow_opens_as_32_bit_is_scaled_too(tm
 def test_images_without_a_fixed_range_are_refused(tmp_path, pixels, what):
     tree = tmp_path / "wide"
     for split in ("train", "test"):
-        (tree / split / "a").mkdir(parents=True)
-        Image.fromarray(pixels).save(tree / split / "a" / "000.tiff")
+        for name in ("a", "b"):
+            (tree / split / name).mkdir(parents=True)
+            Image.fromarray(pixels).save(tree / split / name / "000.tiff")
     with pytest.raises(UsageError, match=f"000.tiff holds {what} grayscale pixels"):
         ImageFolder(str(tree)).load("train")
 
@@ -163,6 +165,13 @@ def test_classes_must_agree(tmp_path):
     write_tree(tmp_path / "tree")
     (tmp_path / "tree" / "test" / "dog").rename(tmp_path / "tree" / "test" / "wolf")
     with pytest.raises(UsageError, match="only in train: dog; only in test: wolf"):
+        ImageFolder(str(tmp_path / "tree"))
+
+
+def test_one_class_is_refused(tmp_path):
+    """Every prediction is right with one class: a run reported 100.00% for it."""
+    write_tree(tmp_path / "tree", classes=("cat",))
+    with pytest.raises(UsageError, match="one class \\(cat\\); classification needs at least two class folders"):
         ImageFolder(str(tmp_path / "tree"))
 
 

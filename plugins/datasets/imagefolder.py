@@ -48,6 +48,9 @@ class ImageFolder(Dataset):
             only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
             raise UsageError(f"imagefolder {self.path}: train and test classes differ: only in train: "
                              f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
+        if len(train) < 2:  # every prediction would be right: an accuracy of 100% that says nothing
+            raise UsageError(f"imagefolder {self.path}: one class ({train[0]}); classification needs at least two "
+                             f"class folders in train/ and test/")
         self.classes = tuple(train)
         self.label = self.path.resolve().name
         self._arrays = None
