@@ -25,7 +25,7 @@ from .evaluation_plan import (DEFAULT_CHECKPOINT_SIZE, evaluation_batches, strat
                               train_accuracy_split)
 from .memory import PeakMemory, with_graph_pools
 from .speed_settings import SpeedSettings, apply_speed_settings, backend_flags
-from .ticker import ticking
+from .ticker import one_at_a_time, ticking
 from .warmup import warm_up
 from ..method import Method, row_label_with_settings, splits_features
 from ..provenance import code_identity
@@ -324,7 +324,8 @@ class _TrialRun:
     """The mutable state of one trial while it trains, so ``run_trial`` only handles outcomes."""
 
     def __init__(self, spec: TrialSpec, data: RunData, record: Dict[str, Any], say):
-        self.spec, self.data, self.record, self.say = spec, data, record, say
+        self.spec, self.data, self.record = spec, data, record
+        self.say = one_at_a_time(say)  # the final evaluation's tick speaks from another thread (a worker's pipe)
         self.clock = TrainingClock(spec.device)
         self.memory = PeakMemory(spec.device)
         self.method: Optional[Method] = None

@@ -2,7 +2,9 @@
 
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 TICK_SECONDS = 1.0
 
@@ -29,3 +31,14 @@ def ticking(tick: Callable[[], None], every: Optional[float] = None) -> Iterator
     finally:
         stop.set()
         thread.join()
+
+
+def one_at_a_time(say: Callable[[str], T]) -> Callable[[str], T]:
+    """``say`` behind a lock, for a ``say`` that a tick and the main thread share: a worker's ``say`` sends on a
+    pipe, and two threads sending at once could interleave their bytes."""
+    lock = threading.RLock()
+
+    def said(message: str) -> T:
+        with lock:
+            return say(message)
+    return said
