@@ -301,8 +301,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     executor = _pick_executor(args, registry)
-    if not isinstance(executor, ClusterExecutor) and threads_beyond_cores(args.threads):  # its trials run here
-        say(f"warning: {threads_beyond_cores(args.threads)}")
+    crowded = threads_beyond_cores(args.threads, "which slows training (a seconds budget buys less)")
+    if crowded and getattr(executor, "runs_here", not isinstance(executor, ClusterExecutor)):  # trials run here
+        say(f"warning: {crowded}")
     device = torch.device(executor.device_type(args.device))
     dataset, specs = _plan(args, registry, device, command)
     if args.save_baseline:

@@ -17,5 +17,6 @@ def non_empty(text: str) -> str:
     """An argparse ``type`` for paths and names: an empty string (an unset shell variable, say) is refused
     rather than quietly taken for the default."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty (leave the option out for its default)")
+        raise argparse.ArgumentTypeError("must not be empty (an unset shell variable?): give a value, or leave the "
+                                         "option out")
     return text

@@ -272,6 +272,17 @@ def test_a_hand_edited_baseline_missing_a_field_is_refused_before_training(tmp_p
         load_baseline(path)
 
 
+def test_a_hand_edited_baseline_with_a_huge_integer_is_read_not_a_traceback(tmp_path):
+    """JSON integers have no size limit; a finiteness check through numpy raised TypeError on one."""
+    from noprop_bench.report.baseline import load_baseline, save_baseline
+
+    path = tmp_path / "b.json"
+    saved = save_baseline([_ct_record(seed, 1e-3, 97.0) for seed in (0, 1)], path, "noprop-bench ...")
+    saved["rows"]["mnist5k / NoProp-CT (one-hot)"]["accuracy_mean"] = 10 ** 20
+    path.write_text(json.dumps(saved))
+    assert load_baseline(path)["rows"]["mnist5k / NoProp-CT (one-hot)"]["accuracy_mean"] == 10 ** 20
+
+
 def test_run_settings_that_differ_are_named_as_they_are():
     from noprop_bench.errors import UsageError
     from noprop_bench.report.baseline import check_compatible, record_settings, summarise

@@ -338,14 +338,15 @@ def test_an_empty_path_or_name_is_refused_not_taken_for_the_default(command, cap
     with pytest.raises(SystemExit) as stopped:
         main(command if command[0] in ("speed", "report", "new-plugin") else ["--plugin", "fake_plugins", *command])
     assert stopped.value.code == 2
-    assert "must not be empty (leave the option out for its default)" in capsys.readouterr().err
+    assert "must not be empty (an unset shell variable?): give a value, or leave the option out" in \
+        capsys.readouterr().err
 
 
 def test_more_threads_than_cores_are_warned_of(fake_run, monkeypatch, capsys):
     from noprop_bench.run import jobs
 
     monkeypatch.setattr(jobs, "cpu_count", lambda: 2)
-    assert jobs.threads_beyond_cores(2) == "" and jobs.threads_beyond_cores(None) == ""
+    assert jobs.threads_beyond_cores(2, "") == "" and jobs.threads_beyond_cores(None, "") == ""
     code, _ = fake_run("--methods", "linear", "--budget", "2steps", "--checkpoints", "0", "--threads", "3")
     assert code == 0
     assert ("warning: --threads 3 is more than the 2 CPU core(s) this process may use: the threads wait for cores"

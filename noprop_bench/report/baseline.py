@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import UsageError
 from ..method import settings_suffix
-from .records import assign_rows, speed_text
+from .records import assign_rows, is_finite_number, speed_text
 
 FORMAT_VERSION = 1
 DEFAULT_TOLERANCE = {
@@ -223,11 +223,6 @@ def load_baseline(path) -> Dict[str, Any]:
     return baseline
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float: a NaN accuracy or tolerance would compare as "no regression" with anything."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
 def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
     """What makes a baseline unusable, found before training rather than after it; None when nothing."""
     rows = baseline.get("rows")
@@ -239,16 +234,16 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
         if not isinstance(row, dict):
             return f"row {key!r} must be an object"
         for field in ("accuracy_mean", "accuracy_se"):
-            if not _is_number(row.get(field)):
+            if not is_finite_number(row.get(field)):
                 return f"row {key!r}: {field} must be a finite number"
         for field in ("accuracy_se", "accuracy_seed_se", "relative_throughput"):
-            if _is_number(row.get(field)) and row[field] < 0:
+            if is_finite_number(row.get(field)) and row[field] < 0:
                 return f"row {key!r}: {field} must not be negative"
         for field in ("method", "dataset"):
             if not isinstance(row.get(field), str):
                 return f"row {key!r}: {field} must be a string"
         for field in ("accuracy_seed_se", "relative_throughput"):
-            if row.get(field) is not None and not _is_number(row[field]):
+            if row.get(field) is not None and not is_finite_number(row[field]):
                 return f"row {key!r}: {field} must be a finite number or null"
     if not isinstance(baseline.get("environment", {}), dict):
         return "environment must be an object"
@@ -257,11 +252,11 @@ def _malformed(baseline: Dict[str, Any]) -> Optional[str]:
         return "tolerance must be an object"
     for field, value in tolerance.items():
         no_cap = value is None and field == "accuracy_cap_points"
-        if field in DEFAULT_TOLERANCE and not _is_number(value) and not no_cap:
+        if field in DEFAULT_TOLERANCE and not is_finite_number(value) and not no_cap:
             return f"tolerance {field} must be a finite number"
-        if field in DEFAULT_TOLERANCE and _is_number(value) and value < 0:
+        if field in DEFAULT_TOLERANCE and is_finite_number(value) and value < 0:
             return f"tolerance {field} must not be negative"
-    if _is_number(tolerance.get("throughput_ratio")) and tolerance["throughput_ratio"] > 1:
+    if is_finite_number(tolerance.get("throughput_ratio")) and tolerance["throughput_ratio"] > 1:
         return "tolerance throughput_ratio must be at most 1 (0 checks no throughput)"
     return None
 

@@ -59,8 +59,12 @@ def format_mean_se(values: Sequence[float], digits: int = 2) -> str:
 
 
 # -- loading and checking ---------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """An int, or a finite float (NaN and infinities compare false with everything, so no check can hold
+    them); never a bool. JSON integers of any size are finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def check_record(record: Any) -> Optional[str]:
@@ -72,7 +76,7 @@ def check_record(record: Any) -> Optional[str]:
         return f"missing field(s) {', '.join(missing)}"
     if record["status"] == "ok":
         runs = record.get("test_acc_runs")
-        if not isinstance(runs, list) or not runs or not all(_is_number(v) for v in runs):
+        if not isinstance(runs, list) or not runs or not all(is_finite_number(v) for v in runs):
             return "status ok but test_acc_runs is not a non-empty list of numbers"
     return None
 

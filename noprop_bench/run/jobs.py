@@ -86,13 +86,13 @@ def import_root(module_name: str) -> Optional[str]:
     return root
 
 
-def threads_beyond_cores(threads: Optional[int]) -> str:
-    """A warning when ``--threads`` asks for more torch threads than this process has cores ("" if not):
-    the threads then wait for cores, and every step runs slower than with fewer."""
+def threads_beyond_cores(threads: Optional[int], effect: str) -> str:
+    """A warning when ``--threads`` asks for more torch threads than this process has cores ("" if not): the
+    threads then wait for cores, with ``effect`` (what that costs the command)."""
     if not threads or threads <= cpu_count():
         return ""
     return (f"--threads {threads} is more than the {cpu_count()} CPU core(s) this process may use: the threads "
-            f"wait for cores, which slows training (a seconds budget buys less)")
+            f"wait for cores, {effect}")
 
 
 def cpu_count() -> int:

@@ -368,8 +368,9 @@ def speed_main(argv: Sequence[str]) -> int:
             raise UsageError(f"{flag} {value}: must be a whole number of at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if threads_beyond_cores(args.threads):
-        say(f"warning: {threads_beyond_cores(args.threads)}")
+    crowded = threads_beyond_cores(args.threads, "which lowers every row's measured throughput")
+    if crowded:
+        say(f"warning: {crowded}")
     if args.profile < 0:
         raise UsageError(f"--profile {args.profile}: must be 0 (no profile) or a number of operators to list")
     if args.device == "cuda" and not torch.cuda.is_available():

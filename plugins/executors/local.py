@@ -110,7 +110,8 @@ class LocalExecutor(Executor):
     def oversubscription(self, threads: Optional[int], running: int) -> str:
         """What to warn of when ``running`` CPU workers of ``threads`` threads each want more cores than
         there are: concurrent trials then slow each other down, and a seconds budget buys each less."""
-        if self.device == "cuda" or not threads or running * threads <= cpu_count():
+        # one trial's threads beyond the cores are the host's warning (it gives it for every executor here)
+        if self.device == "cuda" or not threads or running < 2 or running * threads <= cpu_count():
             return ""
         return (f"{running} workers × {threads} thread(s) on {cpu_count()} CPU core(s): the trials share cores, "
                 f"so each runs slower than alone and its samples/s (and what a seconds budget buys) is lower; "
