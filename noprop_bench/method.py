@@ -32,14 +32,22 @@ def coerce_value(key: str, text: str, default: Any) -> Any:
         kind = ("true/false" if isinstance(default, bool) else "a whole number (int)" if isinstance(default, int)
                 else type(default).__name__)
         hint = ""
-        if isinstance(default, int) and not isinstance(default, bool) and _whole(text) is not None:
-            hint = f"; write {_whole(text)}"
+        whole = _whole(text)
+        if isinstance(default, int) and not isinstance(default, bool) and whole is not None and _fits(whole):
+            hint = f"; write {whole}"
         raise UsageError(f"parameter {key}={text!r}: expected {kind}, as its default {default!r}{hint}") from None
-    if isinstance(value, float) and not math.isfinite(value):  # NaN or inf would only fail once training had begun
+    # NaN or inf would only fail (or diverge) once training had begun; a default that is itself not finite
+    # (inf meaning "no limit", say) allows them
+    if isinstance(value, float) and not math.isfinite(value) and math.isfinite(default):
         raise UsageError(f"parameter {key}={text}: must be a finite number")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
-        raise UsageError(f"parameter {key}={text}: too large a number")  # beyond what a tensor or a C loop holds
+    if isinstance(value, int) and not _fits(value):  # beyond what a tensor or a C loop holds
+        raise UsageError(f"parameter {key}={text}: beyond 64 bits (from -2**63 to 2**63 - 1)")
     return value
+
+
+def _fits(value: int) -> bool:
+    """Whether a whole number fits a signed 64-bit integer."""
+    return -2 ** 63 <= value < 2 ** 63
 
 
 def _whole(text: str) -> Optional[int]:

@@ -151,7 +151,7 @@ def _not_built_in(entry_point) -> bool:
 def _import_plugin_module(module_name: str):
     """Import a ``--plugin`` module as ``python -m`` would find it: from the current directory too, which an
     installed console script leaves off ``sys.path`` (workers get the directory with the job)."""
-    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+    if os.sep in module_name or "/" in module_name or (module_name.endswith(".py") and Path(module_name).is_file()):
         name = Path(module_name).stem if module_name.endswith(".py") else Path(module_name).name
         raise UsageError(f"--plugin {module_name}: give the module's import name ({name}), not a path; run from the "
                          f"directory that holds it, or add that directory to PYTHONPATH")
@@ -161,7 +161,7 @@ def _import_plugin_module(module_name: str):
         top, here = module_name.split(".")[0], os.getcwd()
         if error.name != top or here in sys.path or not (Path(f"{top}.py").is_file() or Path(top).is_dir()):
             raise
-        sys.path.insert(0, here)
+        sys.path.append(here)  # last: a file here must not shadow a module imported later (submitit, timm, ...)
         return importlib.import_module(module_name)
 
 

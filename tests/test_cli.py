@@ -31,7 +31,9 @@ def _exit(args, capsys):
     # refused before training, not as a failed or diverged trial once it has begun
     (["--methods", "linear[lr=nan]"], "parameter lr=nan: must be a finite number"),
     (["--methods", "noprop_fm[lr=1e309]"], "parameter lr=1e309: must be a finite number"),
-    (["--methods", "noprop_ct[steps=99999999999999999999]"], "parameter steps=99999999999999999999: too large"),
+    (["--methods", "noprop_ct[steps=99999999999999999999]"], "parameter steps=99999999999999999999: beyond 64 bits"),
+    (["--methods", "noprop_ct[steps=1e20]"], "parameter steps='1e20': expected a whole number (int), as its default "
+                                            "1000\n"),  # no "write 100000000000000000000": that is refused too
     (["--methods", "linear", "--budget", "99999999999999999999999999samples"],
      "budget '99999999999999999999999999samples': too large a number"),
     (["--methods", "linear[lr]"], "method parameter 'lr' in 'linear[lr]' not understood; write key=value"),
@@ -340,6 +342,16 @@ def test_an_empty_path_or_name_is_refused_not_taken_for_the_default(command, cap
     assert stopped.value.code == 2
     assert "must not be empty (an unset shell variable?): give a value, or leave the option out" in \
         capsys.readouterr().err
+
+
+def test_method_parameters_are_refused_only_where_they_cannot_work():
+    from noprop_bench import UsageError
+    from noprop_bench.method import coerce_value
+
+    assert coerce_value("offset", str(-2 ** 63), 0) == -2 ** 63 and coerce_value("n", str(2 ** 63 - 1), 0) == 2 ** 63 - 1
+    assert coerce_value("max_norm", "inf", float("inf")) == float("inf")  # inf is the default: "no limit"
+    with pytest.raises(UsageError, match="must be a finite number"):
+        coerce_value("lr", "inf", 1e-3)
 
 
 def test_more_threads_than_cores_are_warned_of(fake_run, monkeypatch, capsys):

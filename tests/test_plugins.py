@@ -287,6 +287,7 @@ def test_a_plugin_module_in_the_working_directory_loads_as_python_m_would_find_i
         assert "here_method" in capsys.readouterr().out
         from noprop_bench.run.jobs import import_root
         assert import_root("here_plugin") == str(tmp_path)  # what worker processes are told to import it from
+        assert sys.path[-1] == str(tmp_path)  # searched last, so its files shadow no module imported later
     finally:
         sys.modules.pop("here_plugin", None)
     for path in ("./here_plugin.py", "here_plugin.py", str(tmp_path / "here_plugin")):

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import platform
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -39,12 +40,15 @@ def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]
     if threads:
         torch.set_num_threads(threads)
 
+    sending = threading.Lock()  # the final evaluation's progress tick sends from a thread of its own
+
     def send(message) -> None:
-        if STOP_SIGNAL is None:
-            connection.send(message)
-            return
-        with signal_held(STOP_SIGNAL):  # a message goes whole
-            connection.send(message)
+        with sending:
+            if STOP_SIGNAL is None:
+                connection.send(message)
+                return
+            with signal_held(STOP_SIGNAL):  # a message goes whole
+                connection.send(message)
 
     while True:
         job = connection.recv()
