@@ -326,6 +326,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         _check_kept_trials(baseline, store, [spec for spec in specs if spec.trial_id not in pending_ids])
     problems = []
     jobs = [_job(spec, args, executor) for spec in pending]
+    if jobs:
+        executor.check_jobs(jobs, say)
     if jobs and args.preset:
         say(estimate_text(pending, RunData.load(dataset, device, val_split=args.val_split)))
     if jobs:
@@ -371,7 +373,8 @@ def run(argv: Optional[List[str]] = None) -> int:
             problems.append(record)
 
     executor.out_dir = str(out)
-    made_out = not out.exists()
+    # the outermost directory this run will make, if any: what a refusal before any trial takes away again
+    made = next((path for path in reversed([out, *out.parents]) if not path.exists()), None)
     try:
         if jobs:
             out.mkdir(parents=True, exist_ok=True)  # an executor may keep its files there before the first record
@@ -380,8 +383,7 @@ def run(argv: Optional[List[str]] = None) -> int:
                     executor.run(jobs, deliver, say)
                     cause = f"{by_executor} returned without delivering this trial"
                 except UsageError:
-                    if made_out and not any(out.iterdir()):  # refused before anything was kept: leave no trace
-                        out.rmdir()
+                    _remove_empty_up_to(out, made)  # refused before anything was kept: leave no trace
                     raise
                 except KeyboardInterrupt:
                     raise
@@ -477,6 +479,18 @@ def _check_kept_trials(baseline, store: TrialStore, kept_specs) -> None:
     except UsageError as error:
         raise UsageError(f"--out {store.directory} already holds finished trials of this run, kept with the threads "
                          f"they ran with: {error}; or rerun into a new --out") from None
+
+
+def _remove_empty_up_to(directory: Path, outermost: Optional[Path]) -> None:
+    """Remove ``directory`` and its parents up to ``outermost`` (None: nothing) while they are empty."""
+    if outermost is None:
+        return
+    for path in [directory, *directory.parents]:
+        if not path.is_dir() or any(path.iterdir()):
+            return
+        path.rmdir()
+        if path == outermost:
+            return
 
 
 def _check_baseline(args, baseline, store: TrialStore, specs, command: str, say, save: bool = True) -> int:

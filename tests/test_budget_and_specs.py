@@ -53,3 +53,17 @@ def test_method_specs_with_parameters():
 def test_malformed_method_specs(text):
     with pytest.raises(UsageError):
         parse_method_list(text)
+
+
+@pytest.mark.parametrize("text, written", [("120", "120s"), ("0.5", "0.5s"), ("1000000", "1000000s"),
+                                           ("1234.5678", "1234.5678s"), ("9007199254740993steps",
+                                                                          "9007199254740993steps")])
+def test_a_budget_is_written_exactly_and_reads_back_the_same(text, written):
+    """Workers parse the budget's text again: ``1e+06s`` was refused there, and 1234.5678 s ran as 1234.57."""
+    budget = Budget.parse(text)
+    assert str(budget) == written and Budget.parse(str(budget)) == budget
+
+
+def test_a_count_with_a_fraction_is_refused_however_long():
+    with pytest.raises(UsageError, match="must be a whole number"):
+        Budget.parse("9007199254740993.5steps")  # 2**53 + 1.5: as a float, the fraction vanished

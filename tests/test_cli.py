@@ -239,10 +239,10 @@ def test_a_dataset_that_fails_to_load_is_one_line_naming_the_dataset(broken_load
     if broken_load in ("three_means", "scalar_means"):
         monkeypatch.setattr(fake_plugins.Tiny, "mean", (0.5,) * 3 if broken_load == "three_means" else 0.5)
         monkeypatch.setattr(fake_plugins.Tiny, "std", (0.2,) * 3 if broken_load == "three_means" else torch.tensor(0.2))
-    code, err = _exit(["--methods", "linear", "--budget", "64samples", "--out", str(tmp_path / "run")], capsys)
+    code, err = _exit(["--methods", "linear", "--budget", "64samples", "--out", str(tmp_path / "a" / "run")], capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()  # refused before any trial: no empty run directory is left behind
+    assert tmp_path.exists() and not (tmp_path / "a").exists()  # refused before any trial: nothing it made is left
 
 
 def test_a_failed_trial_says_which_line_of_the_plugin_raised_and_keeps_the_innermost_frames(fake_run, capsys):

@@ -863,11 +863,12 @@ def test_submitit_refuses_a_seconds_budget_that_fills_a_jobs_time_limit(tmp_path
     """Every job would be stopped at its limit, and a rerun would only start it again from the beginning."""
     with pytest.raises(SystemExit) as stopped:
         main(["--methods", "backprop", "--dataset", "mnist5k", "--budget", "120", "--device", "cpu",
-              "--executor", "submitit[cluster=local,timeout_min=2]", "--out", str(tmp_path / "run")])
+              "--executor", "submitit[cluster=local,timeout_min=2]", "--out", str(tmp_path / "a" / "run")])
     assert stopped.value.code == EXIT_USAGE
-    assert ("a trial's budget of 120 s of training alone fills a job's time limit (timeout_min=2, 120 s)"
-            in capsys.readouterr().err)
-    assert not (tmp_path / "run").exists()  # refused before any job, leaving no empty run directory
+    err = capsys.readouterr().err
+    assert "a trial's budget of 120 s of training alone fills a job's time limit (timeout_min=2, 120 s)" in err
+    assert "trial(s) on" not in err  # before the run is announced
+    assert not (tmp_path / "a").exists()  # refused before the run directory (or its parent) was made
 
 
 def test_submitit_warns_when_a_seconds_budget_leaves_little_of_a_jobs_time_limit(monkeypatch):
@@ -876,13 +877,13 @@ def test_submitit_warns_when_a_seconds_budget_leaves_little_of_a_jobs_time_limit
     long, short, counted = (dataclasses.replace(_job(load_plugins()), spec={**_job(load_plugins()).spec,
                                                                              "budget": budget})
                             for budget in ("100s", "60s", "100000samples"))
-    executor.check_time_limit([short, long], said.append)
+    executor.check_jobs([short, long], said.append)
     assert said == ["warning: a trial's budget of 100 s of training leaves 20 s of a job's time limit "
                     "(timeout_min=2) for loading, warm-up and evaluation; a job stopped at its limit starts again "
                     "from the beginning when rerun, so raise timeout_min if that is too little"]
     said.clear()
-    executor.check_time_limit([short], said.append)  # 60 of 120 s: room enough
-    executor.check_time_limit([counted], said.append)  # a sample budget's duration is not known beforehand
+    executor.check_jobs([short], said.append)  # 60 of 120 s: room enough
+    executor.check_jobs([counted], said.append)  # a sample budget's duration is not known beforehand
     assert said == [] and counted.budget_seconds is None and long.budget_seconds == 100
 
 

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
@@ -18,9 +19,9 @@ class Budget:
     """How much training each trial gets: ``amount`` of ``unit`` (seconds, samples, steps or epochs).
 
     One epoch is one pass over the training split, for every method: ``len(train)`` training samples.
-    For NoProp-DT, which trains one block per step, the passes are summed over its blocks (so under
-    ``schedule=sequential`` each of T blocks sees ``epochs / T`` passes of its own; under
-    ``schedule=parallel`` every block trains on every batch and sees all ``epochs``). ``name`` is set when
+    For NoProp-DT, which trains one block per batch under its sequential and random schedules, the passes
+    are summed over its blocks (under ``schedule=sequential`` each of T blocks sees ``epochs / T`` passes of
+    its own); under ``schedule=parallel`` every block trains on every batch and sees all ``epochs``. ``name`` is set when
     the amount came from a named budget such as ``paper`` (the paper's epochs per method and dataset).
     """
 
@@ -42,16 +43,19 @@ class Budget:
         unit = "seconds" if unit in ("s", "sec", "seconds") else unit
         amount = float(match.group(1))
         if unit != "seconds":
-            if not amount.is_integer():
+            whole, _, fraction = match.group(1).partition(".")
+            if fraction.strip("0"):
                 raise UsageError(f"budget {text!r}: a count of {unit} must be a whole number")
-            amount = int(match.group(1).split(".")[0])  # exactly as written: a float would round a long count
+            amount = int(whole)  # exactly as written: a float would round a long count
         if amount >= 2 ** 63 or not math.isfinite(amount):
             raise UsageError(f"budget {text!r}: too large a number")
         return cls(amount, unit, match.group(3))
 
     def __str__(self) -> str:
         """``120s``, ``500steps``, ``20epochs``; a named budget adds its name: ``100epochs (paper)``."""
-        text = f"{self.amount:g}s" if self.unit == "seconds" else f"{self.amount}{self.unit}"
+        # seconds as the shortest exact decimal, never an exponent: the text goes to workers and is parsed again
+        text = (f"{np.format_float_positional(self.amount, trim='-')}s" if self.unit == "seconds"
+                else f"{self.amount}{self.unit}")
         return f"{text} ({self.name})" if self.name else text
 
     @property

@@ -51,6 +51,10 @@ class Executor:
         """CPU threads each trial gets; ``None`` leaves torch's choice."""
         return requested
 
+    def check_jobs(self, jobs: List[TrialJob], say: Say) -> None:
+        """Refuse with a :class:`UsageError`, before the run directory is made or anything trains, jobs this
+        executor could never finish (a budget longer than a job's time limit, say); warn through ``say``."""
+
     def run(self, jobs: List[TrialJob], deliver: Deliver, say: Say) -> None:
         """Run every job, calling ``deliver(job, record)`` in the host process once per job.
 

@@ -110,7 +110,7 @@ class SubmititExecutor(ClusterExecutor):
             raise UsageError(f"--executor {self.spec_text}: {error}") from None
         return executor
 
-    def check_time_limit(self, jobs: List[TrialJob], say) -> None:
+    def check_jobs(self, jobs: List[TrialJob], say) -> None:
         """Refuse a seconds budget that alone fills a job's ``timeout_min`` (every job would be stopped at its
         limit, and a rerun would only start it again); warn when it leaves under a quarter of the limit for
         loading, warm-up and evaluation. Other budgets' durations are not known before they run."""
@@ -127,7 +127,6 @@ class SubmititExecutor(ClusterExecutor):
             f"at its limit starts again from the beginning when rerun, so raise timeout_min if that is too little")
 
     def run(self, jobs: List[TrialJob], deliver, say) -> None:
-        self.check_time_limit(jobs, say)
         out_dir = str(Path(self.out_dir).resolve())  # jobs may start in another directory, on another node
         folder = self.options["folder"] or f"{out_dir}/submitit/%j"
         engine = self._engine(folder)
