@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help="training budget per trial: SECONDS of training work (evaluation excluded), "
                              "Nsamples / Nsteps (deterministic on the CPU, for regression checks), Nepochs (passes "
-                             "over the training split; for noprop_dt summed over its blocks, unless schedule=parallel trains every block on every batch), or paper: each "
+                             "over the training split; for noprop_dt summed over its blocks, unless "
+                             "schedule=parallel trains every block on every batch), or paper: each "
                              "method's epochs from the paper's table for the dataset's kind (MNIST, CIFAR-10 or "
                              "CIFAR-100). Training time is measured and reported whatever the unit")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
@@ -384,8 +385,6 @@ def run(argv: Optional[List[str]] = None) -> int:
                     cause = f"{by_executor} returned without delivering this trial"
                 except UsageError:
                     _remove_empty_up_to(out, made)  # refused before anything was kept: leave no trace
-                    raise
-                except KeyboardInterrupt:
                     raise
                 except Exception as error:  # noqa: BLE001 - the executor's own failure: keep what it delivered
                     if any(error is raised for raised in host_errors):

@@ -246,7 +246,8 @@ def test_a_baseline_is_saved_only_when_every_trial_finished_ok(tmp_path):
     # NaN compares false with everything: the row passed as "no regression" whatever the run measured
     (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(accuracy_mean=float("nan")),
      "accuracy_mean must be a finite number"),
-    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(accuracy_se=-50.0), "accuracy_se must not be negative"),
+    (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(accuracy_se=-50.0),
+     "accuracy_se must not be negative"),
     (lambda b: b["rows"]["mnist5k / NoProp-CT (one-hot)"].update(relative_throughput=float("inf")),
      "relative_throughput must be a finite number or null"),
     (lambda b: b.update(tolerance={"accuracy_floor_points": float("nan")}), "tolerance accuracy_floor_points must be a "

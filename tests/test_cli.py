@@ -348,7 +348,8 @@ def test_method_parameters_are_refused_only_where_they_cannot_work():
     from noprop_bench import UsageError
     from noprop_bench.method import coerce_value
 
-    assert coerce_value("offset", str(-2 ** 63), 0) == -2 ** 63 and coerce_value("n", str(2 ** 63 - 1), 0) == 2 ** 63 - 1
+    assert coerce_value("offset", str(-2 ** 63), 0) == -2 ** 63
+    assert coerce_value("n", str(2 ** 63 - 1), 0) == 2 ** 63 - 1
     assert coerce_value("max_norm", "inf", float("inf")) == float("inf")  # inf is the default: "no limit"
     with pytest.raises(UsageError, match="must be a finite number"):
         coerce_value("lr", "inf", 1e-3)

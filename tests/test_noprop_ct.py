@@ -329,7 +329,8 @@ def test_prediction_from_shared_features_is_algorithm_2_on_the_images(trained, s
         if setting.get("ablate_z"):
             z = torch.randn(len(x), method.embedding.weight.shape[1])
         else:
-            z = _integrate_step_by_step(method, method.model.features(x), setting.get("solver", method.params["solver"]),
+            solver = setting.get("solver", method.params["solver"])
+            z = _integrate_step_by_step(method, method.model.features(x), solver,
                                         setting.get("steps", method.params["steps"]))
         reference = method.classifier(z)
     whole, shared = predictions_whole_and_shared(method, x, **setting)

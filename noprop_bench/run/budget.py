@@ -21,8 +21,9 @@ class Budget:
     One epoch is one pass over the training split, for every method: ``len(train)`` training samples.
     For NoProp-DT, which trains one block per batch under its sequential and random schedules, the passes
     are summed over its blocks (under ``schedule=sequential`` each of T blocks sees ``epochs / T`` passes of
-    its own); under ``schedule=parallel`` every block trains on every batch and sees all ``epochs``. ``name`` is set when
-    the amount came from a named budget such as ``paper`` (the paper's epochs per method and dataset).
+    its own); under ``schedule=parallel`` every block trains on every batch and sees all ``epochs``.
+    ``name`` is set when the amount came from a named budget such as ``paper`` (the paper's epochs per
+    method and dataset).
     """
 
     amount: float

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods, NAME[key=value,...]")
     parser.add_argument("--dataset", default="mnist5k", help="whose image shape and class count to use")
-    parser.add_argument("--backbone", type=non_empty, default=None, help="timm model name or noprop_cnn; default: the dataset's")
+    parser.add_argument("--backbone", type=non_empty, default=None,
+                        help="timm model name or noprop_cnn; default: the dataset's")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to time the methods; auto: CUDA when there is a GPU, else the CPU")
