@@ -6,8 +6,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .records import (budget_unit, check_records, comparability, comparable_groups, dataset_columns, device_counts,
-                      field_mean, mean_and_standard_error, memory_kind, ordered_rows, rows_without_duplicate_seeds,
-                      seconds_per_epoch)
+                      field_mean, is_finite_number, mean_and_standard_error, memory_kind, ordered_rows,
+                      rows_without_duplicate_seeds, seconds_per_epoch)
 from . import paper as paper_data
 from .code_versions import older_code_trials
 from .table1 import SPLITS, delta_rows, not_ok_lines, table1_caption, warning_lines
@@ -19,9 +19,7 @@ SUMMARY_VERSION = 1
 
 def _number(value: Any) -> Optional[float]:
     """JSON has no NaN: a missing or non-finite number is null."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-        return float(value)
-    return None
+    return float(value) if is_finite_number(value) else None
 
 
 def _settings(record: Dict[str, Any], by_device: Optional[bool]) -> Dict[str, Any]:
