@@ -2,14 +2,22 @@
 
 from typing import Tuple, Union
 
-import timm
 import torch
 from torch import nn
 
-from . import paper_cnn  # noqa: F401  (registers ``noprop_cnn`` with timm)
+from . import paper_cnn
 from .errors import UsageError
 
 SMALL_IMAGE_MAX_SIDE = 64
+PAPER_CNN = "noprop_cnn"
+
+
+def timm_with_paper_cnn():
+    """timm, with ``noprop_cnn`` registered. Imported on first use only: timm loads torchvision and torch's
+    compiler stack, seconds that every process of a run on the paper CNN (its default) would otherwise pay."""
+    import timm
+    paper_cnn.register_with_timm()
+    return timm
 
 
 def _adapt_stem_for_small_images(model: nn.Module) -> bool:
@@ -41,7 +49,7 @@ def _adapt_stem_for_small_images(model: nn.Module) -> bool:
 
 def check_backbone_name(name: str) -> None:
     """Raise a :class:`UsageError` naming what is accepted unless timm knows ``name``."""
-    if name not in timm.list_models():
+    if name != PAPER_CNN and name not in timm_with_paper_cnn().list_models():
         raise UsageError(
             f"unknown backbone {name!r}; any timm model name is accepted, e.g. resnet18, resnet50, "
             f"noprop_cnn (`python -c 'import timm; print(timm.list_models())'` lists all)"
@@ -56,13 +64,16 @@ def create_backbone(name: str, in_chans: int, image_size: Union[int, Tuple[int, 
     The returned module maps ``[B, C, H, W]`` to ``[B, num_features]``.
     """
     check_backbone_name(name)
+    if name == PAPER_CNN:  # what timm.create_model would build, without importing timm
+        return paper_cnn.noprop_cnn(num_classes=0, in_chans=in_chans, img_size=image_size)
+    timm = timm_with_paper_cnn()
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
                                   img_size=image_size)
     except TypeError:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
     longest_side = image_size if isinstance(image_size, int) else max(image_size)
-    if longest_side <= SMALL_IMAGE_MAX_SIDE and name != "noprop_cnn":
+    if longest_side <= SMALL_IMAGE_MAX_SIDE:
         _adapt_stem_for_small_images(model)
     return model
 

@@ -1,4 +1,5 @@
-"""The paper's small CNN image path (Li, Teh, Pascanu 2025, Figure 6), registered as timm model ``noprop_cnn``.
+"""The paper's small CNN image path (Li, Teh, Pascanu 2025, Figure 6), timm model ``noprop_cnn`` once
+:func:`register_with_timm` has run.
 
 Three unpadded 3x3 convolutions (32, 64, 128 channels) with ReLU, 2x2 max-pooling after the first and
 the third, dropout 0.2 after each, then flatten -> FC(256) -> ReLU (the continuous-time image path).
@@ -11,7 +12,6 @@ from typing import Tuple, Union
 
 import torch
 from torch import nn
-from timm.models import register_model
 
 
 def _side_after_convs(side: int) -> int:
@@ -57,9 +57,15 @@ def ending_without_activation(backbone: nn.Module, width: int) -> bool:
     return True
 
 
-@register_model
 def noprop_cnn(pretrained: bool = False, **kwargs) -> NoPropCNN:
     """The paper's small CNN (Figure 6 image path); accepts ``in_chans`` and ``img_size``."""
     if pretrained:
         raise ValueError("noprop_cnn has no pretrained weights")
     return NoPropCNN(**kwargs)
+
+
+def register_with_timm() -> None:
+    """Make ``timm.create_model("noprop_cnn", ...)`` and ``timm.list_models()`` know the paper CNN (once)."""
+    from timm.models import is_model, register_model
+    if not is_model("noprop_cnn"):
+        register_model(noprop_cnn)

@@ -1,15 +1,18 @@
+import subprocess
+import sys
+
 import pytest
-import timm
 import torch
 from torch import nn
 
-from noprop_bench.backbones import create_backbone, feature_dim
+from noprop_bench.backbones import create_backbone, feature_dim, timm_with_paper_cnn
 from noprop_bench.datasets import BatchStream, Normalizer, Split, crop_flip
 from noprop_bench.run.runner import hold_out
 from noprop_bench_plugins.datasets.mnist5k import MNIST5k
 
 
 def test_paper_cnn_is_a_timm_model_with_the_papers_parameter_count():
+    timm = timm_with_paper_cnn()
     assert "noprop_cnn" in timm.list_models()
     # the image path of the paper's Figure 6 under unpadded 3x3 convolutions (reference section 5.3)
     mnist = timm.create_model("noprop_cnn", num_classes=0, in_chans=1, img_size=28)
@@ -17,6 +20,40 @@ def test_paper_cnn_is_a_timm_model_with_the_papers_parameter_count():
     assert sum(p.numel() for p in mnist.parameters()) == 320 + 18496 + 73856 + (128 * 4 * 4 * 256 + 256)
     assert sum(p.numel() for p in cifar.parameters()) == 896 + 18496 + 73856 + (128 * 5 * 5 * 256 + 256)
     assert mnist(torch.zeros(3, 1, 28, 28)).shape == (3, 256)
+
+
+@pytest.mark.parametrize("in_chans, image_size", [(1, 28), (3, 32), (3, (32, 48))])
+def test_the_paper_cnn_built_without_timm_is_the_one_timm_builds(in_chans, image_size):
+    """``create_backbone("noprop_cnn")`` skips timm (it takes seconds to import); same seed, same network."""
+    torch.manual_seed(0)
+    direct = create_backbone("noprop_cnn", in_chans=in_chans, image_size=image_size)
+    torch.manual_seed(0)
+    through_timm = timm_with_paper_cnn().create_model("noprop_cnn", pretrained=False, num_classes=0,
+                                                      in_chans=in_chans, img_size=image_size)
+    assert type(direct) is type(through_timm) and repr(direct) == repr(through_timm)
+    theirs = through_timm.state_dict()
+    assert all(torch.equal(value, theirs[name]) for name, value in direct.state_dict().items())
+    assert direct.state_dict().keys() == theirs.keys()
+
+
+def test_the_command_line_and_a_paper_cnn_trial_import_neither_timm_nor_torchvision():
+    """Both take seconds to import (with torch's compiler stack): ``--help``, ``--list``, a report and every
+    worker of a run on the default backbone would pay for them; a resnet backbone still loads timm."""
+    script = """
+import sys
+from noprop_bench.backbones import create_backbone
+from noprop_bench.cli import build_parser
+build_parser()
+from noprop_bench.plugins import load_plugins
+registry = load_plugins()
+create_backbone("noprop_cnn", in_chans=1, image_size=28)
+heavy = ("timm", "torchvision", "torchdiffeq", "torch._dynamo")
+print(sorted(name for name in heavy if name in sys.modules))
+create_backbone("resnet18", in_chans=1, image_size=28)
+print(sorted(name for name in heavy if name in sys.modules))
+"""
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert lines[:2] == ["[]", "['timm', 'torch._dynamo', 'torchvision']"]
 
 
 def test_backbones_take_images_that_are_not_square():

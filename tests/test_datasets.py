@@ -176,7 +176,7 @@ def test_fashion_mnist_from_a_system_directory_without_download(tmp_path, monkey
     dataset = FashionMNIST(root=str(tmp_path / "root"), download=True)  # a download attempt would fail
     train = dataset.load("train")
     assert train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
-    assert dataset.classes[0] == "T-shirt/top" and dataset.num_classes == 10
+    assert dataset.classes == tuple(tvd.FashionMNIST.classes) and dataset.num_classes == 10
 
 
 @pytest.mark.parametrize("download", [False, True])
@@ -242,6 +242,14 @@ def test_cifar_pickled_batches(tmp_path, trust_written_cifar, cls):
     assert test.labels.tolist() == labels
     assert dataset.augment == "crop_flip" and dataset.image_shape == (3, 32, 32)
     assert len(dataset.classes) == len(set(dataset.classes)) == (100 if cls is CIFAR100 else 10)
+
+
+def test_the_datasets_name_their_torchvision_classes_without_importing_torchvision_first():
+    """``source`` names torchvision's class and imports it on first use; Fashion-MNIST's class names, written
+    out so as not to import torchvision to list them, are torchvision's."""
+    assert [cls.source for cls in (tvds.MNIST, tvds.FashionMNIST, tvds.CIFAR10, tvds.CIFAR100)] == [
+        tvd.MNIST, tvd.FashionMNIST, tvd.CIFAR10, tvd.CIFAR100]
+    assert tvds.FashionMNIST.classes == tuple(tvd.FashionMNIST.classes)
 
 
 def test_cifar_classes_match_the_published_meta_names():

@@ -1,6 +1,7 @@
 """Trial records: the append-only ``trials.jsonl`` store, trial identity for resume, environment capture."""
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -36,16 +37,13 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device) -> Dict[str, Any]:
     """Library versions and the machine, stored with every trial."""
-    import pluggy
-    import timm
-    import torchvision
-
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "pluggy": pluggy.__version__,
+        # read from the installed distributions: importing torchvision or timm would take seconds
+        "torchvision": _installed_version("torchvision"),
+        "timm": _installed_version("timm"),
+        "pluggy": _installed_version("pluggy"),
         "platform": platform.platform(),
         "host": platform.node(),
         "device": str(device),
@@ -54,6 +52,13 @@ def environment(device: torch.device) -> Dict[str, Any]:
         # the instruction set torch picked its CPU kernels for: their float rounding, hence CPU results, follow it
         "cpu_capability": cpu_capability(),
     }
+
+
+def _installed_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def cpu_capability() -> Optional[str]:

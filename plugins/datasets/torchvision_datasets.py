@@ -19,8 +19,6 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torchvision.datasets as tvd
-from torchvision.datasets.utils import check_integrity, extract_archive
 
 from noprop_bench import Dataset, Split, UsageError, hookimpl
 from noprop_bench.data_root import ENV_VAR, data_root, publish
@@ -40,6 +38,18 @@ telephone television tiger tractor train trout tulip turtle wardrobe whale willo
 
 # What torchvision raises when files are missing, corrupt or cannot be downloaded (URLError is an OSError).
 _LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, AssertionError)
+
+
+class TorchvisionClass:
+    """A torchvision dataset class, named here and imported on first use: importing torchvision takes seconds
+    (it loads torch's compiler stack), which every run would pay for merely listing these datasets."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, instance, owner):
+        import torchvision.datasets
+        return getattr(torchvision.datasets, self.name)
 
 
 class TorchvisionDataset(Dataset):
@@ -182,12 +192,14 @@ class PickledCifar(TorchvisionDataset):
         archive = root / self.source.filename
         folder = self.folder(root)
         if archive.is_file() and any(not (folder / name).exists() for name in self.expected_files()):
+            from torchvision.datasets.utils import check_integrity, extract_archive
             if not check_integrity(str(archive), self.source.tgz_md5):
                 raise UsageError(f"{self.name}: {archive} is truncated or corrupt (checksum differs from "
                                  f"torchvision's record); delete it and download again")
             extract_archive(str(archive), str(root))
 
     def corrupt_files(self, root):
+        from torchvision.datasets.utils import check_integrity
         folder = self.folder(root)
         return [folder / name for name, md5 in self._checked_files()
                 if (folder / name).exists() and not check_integrity(str(folder / name), md5)]
@@ -199,7 +211,7 @@ class PickledCifar(TorchvisionDataset):
 class MNIST(IdxDataset):
     name = "mnist"
     label = "MNIST"
-    source = tvd.MNIST
+    source = TorchvisionClass("MNIST")
     classes = tuple(str(digit) for digit in range(10))
     image_shape = (1, 28, 28)
     mean, std = (0.1307,), (0.3081,)
@@ -208,8 +220,8 @@ class MNIST(IdxDataset):
 class FashionMNIST(IdxDataset):
     name = "fashion_mnist"
     label = "F-MNIST"
-    source = tvd.FashionMNIST
-    classes = tuple(tvd.FashionMNIST.classes)
+    source = TorchvisionClass("FashionMNIST")
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
     image_shape = (1, 28, 28)
     mean, std = (0.2860,), (0.3530,)
     extra_dirs = (DEBIAN_FASHION_MNIST,)
@@ -219,7 +231,7 @@ class FashionMNIST(IdxDataset):
 class CIFAR10(PickledCifar):
     name = "cifar10"
     label = "CIFAR-10"
-    source = tvd.CIFAR10
+    source = TorchvisionClass("CIFAR10")
     classes = CIFAR10_CLASSES
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -227,7 +239,7 @@ class CIFAR10(PickledCifar):
 class CIFAR100(PickledCifar):
     name = "cifar100"
     label = "CIFAR-100"
-    source = tvd.CIFAR100
+    source = TorchvisionClass("CIFAR100")
     classes = CIFAR100_CLASSES
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 

@@ -12,7 +12,6 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from noprop_bench import UsageError
 from noprop_bench_plugins.parts.noprop import CTModel, sinusoidal_embedding
@@ -92,6 +91,10 @@ class LatentDynamics:
         self.adjoint = False
         self.reset_counts()
         self.limit(0)
+        # counted outside torch.compile: traced, the counts would become guarded constants, and every solver
+        # step would compile its caller once more. Disabled here, not with a decorator on the class: that would
+        # import torch._dynamo (seconds) in every process that loads this plugin, compiled or not.
+        self._count_evaluation = torch.compiler.disable(self._count_evaluation)
 
     def reset_counts(self):
         self.nfe_forward = 0
@@ -112,10 +115,8 @@ class LatentDynamics:
         modules = (m.label_path, m.fuse_label, m.time_path, m.fuse_time, m.rest)
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
-    @torch.compiler.disable
     def _count_evaluation(self, backward: bool) -> None:
-        """Count one evaluation and hold it to the limit. Outside torch.compile: traced, the counts would
-        become guarded constants, and every solver step would compile its caller once more."""
+        """Count one evaluation and hold it to the limit (run outside torch.compile: see ``__init__``)."""
         if backward:
             self.nfe_backward += 1
         else:
@@ -153,6 +154,8 @@ def solve(dynamics: LatentDynamics, z0: torch.Tensor, settings: SolverSettings, 
     ``seminorm`` the adaptive backward solve leaves those parameter-like integrals out of its error
     control (Kidger et al. 2021). Each direction may take at most ``settings.max_nfe`` evaluations.
     """
+    from torchdiffeq import odeint, odeint_adjoint  # here: with scipy it costs every process a second to import
+
     t = torch.arange(2.0, dtype=z0.dtype, device=z0.device)  # [0, 1], made on the device: no host copy per solve
     tolerances = {"rtol": settings.rtol, "atol": settings.atol} if settings.adaptive else {}
     dynamics.adjoint = adjoint
