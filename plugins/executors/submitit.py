@@ -146,7 +146,11 @@ class SubmititExecutor(ClusterExecutor):
             while queue or pending:
                 while queue and len(pending) < slots:
                     job, copy = queue.pop(0)
-                    pending.append((job, engine.submit(run_job, copy)))
+                    handle = engine.submit(run_job, copy)
+                    # submitit waits up to 15 s for a finished job's result file, which a cluster's shared
+                    # filesystem may show late; on this machine an ended job has written it or never will
+                    handle._results_timeout_s = 0
+                    pending.append((job, handle))
                 finished = [(job, handle) for job, handle in pending if handle.done()]
                 for job, handle in finished:
                     with ctrl_c_held():  # dropped from pending only once delivered
