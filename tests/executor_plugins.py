@@ -30,6 +30,16 @@ class Doomed(Backprop):
         return super().train_step(x, y)
 
 
+class EnvironmentEcho(Backprop):
+    """Fails as it is built, naming the value of ``$NOPROP_ECHO`` in its process: what environment a worker has."""
+
+    name = "environment_echo"
+    label = "Environment echo"
+
+    def __init__(self, task, **params):
+        raise RuntimeError(f"NOPROP_ECHO={os.environ.get('NOPROP_ECHO')}")
+
+
 class Sloppy(Executor):
     """An executor with the mistakes a new one may make (``mode``): it skips the last job (``skip``), raises
     after the first (``raise``), delivers a bare dict (``bare``), the second job's record for the first
@@ -61,6 +71,7 @@ class Sloppy(Executor):
 @hookimpl
 def register_methods(register):
     register(Doomed)
+    register(EnvironmentEcho)
 
 
 @hookimpl

@@ -131,6 +131,43 @@ def test_a_killed_worker_loses_only_its_trial_and_a_rerun_finishes_it(executor, 
     assert len(latest) == 2 * seeds and {r["status"] for r in latest} == {"ok"}
 
 
+def test_a_worker_has_the_hosts_environment_as_it_is_when_the_worker_starts(tmp_path, monkeypatch, keep_threads):
+    """Workers fork from a server started with the first of them, yet each gets the host's environment at its
+    own start (a data root changed since, say), as a freshly spawned process would."""
+    for value in ("first", "second"):
+        monkeypatch.setenv("NOPROP_ECHO", value)
+        assert run(["--plugin", "executor_plugins", "--methods", "environment_echo", "--dataset", "mnist5k",
+                    "--budget", "64samples", "--checkpoints", "0", "--threads", "1", "--device", "cpu",
+                    "--executor", "local[workers=1]", "--out", str(tmp_path / value)]) == EXIT_TRIAL_FAILED
+        [record] = _records(tmp_path / value)
+        assert f"NOPROP_ECHO={value}" in record["error"]
+
+
+@pytest.mark.skipif(local_executor._start_method() != "forkserver", reason="no fork server on this platform")
+def test_workers_outlive_a_sigterm_that_reaches_their_fork_server(monkeypatch):
+    """A SIGTERM to the whole process group reaches the fork server too. Were it to die of it, every worker
+    would read as dead (exit code 255) while still training, and lose what it measured."""
+    from multiprocessing import forkserver
+    from multiprocessing.connection import wait
+
+    import executor_plugins
+
+    monkeypatch.setattr(local_executor, "_worker_main", executor_plugins.worker_that_answers_at_once)
+    executor = LocalExecutor("local[workers=1]", workers=1)
+    executor.device_type("cpu")
+    worker = local_executor._Pool(executor, 1, lambda message: None)._start(0)
+    try:
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)
+        assert not wait([worker.process.sentinel], timeout=1.0) and worker.process.is_alive()
+        job = TrialJob(spec={}, header={"trial_id": "T1", "row_label": "r", "seed": 0}, data_root=None,
+                       download=False, threads=1, executor="local[workers=1]")
+        worker.connection.send(job)
+        assert worker.connection.recv() == ("record", {"trial_id": "T1", "status": "ok", "error": None})
+    finally:
+        worker.connection.send(None)
+        worker.process.join(timeout=10)
+
+
 @pytest.mark.slow
 def test_resume_works_across_executors(tmp_path, keep_threads, capsys):
     out = str(tmp_path / "run")

@@ -8,6 +8,7 @@ cause, and a fresh worker takes its place. At Ctrl-C the host asks each worker t
 send what it measured (steps, checkpoints), then stops the workers.
 """
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -29,14 +30,46 @@ from noprop_bench.executor import (STOP_SIGNAL, Executor, TrialJob, WorkerCache,
 from noprop_bench.executor import ctrl_c_held as whole_messages  # whole_messages: a message goes whole
 
 
+# what every worker imports before its first trial (torch's optimisers import its compiler stack), imported
+# once by the fork server the workers fork from: seconds less for each worker to start
+FORK_SERVER_PRELOAD = ["torch", "torch._dynamo"]
+
+
+def _start_method() -> str:
+    """``forkserver`` where there is one: a worker forks from a clean server process that has imported torch
+    but initialised neither CUDA nor OpenMP; else ``spawn``. Never a fork of the host, which may have both."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+@contextlib.contextmanager
+def _sigterm_ignored_by_processes_started() -> Iterator[None]:
+    """A process started in the block ignores SIGTERM until it sets a handler of its own (an ignored signal
+    stays ignored across fork and exec), while this one only holds a SIGTERM back until the block ends. For
+    the fork server, started with the first worker: a SIGTERM to the whole process group reaches it too, and
+    its death would read as every worker's (exit code 255) while they still train."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held, not lost, meanwhile
+    handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
     """A worker process: run the jobs it is sent, one at a time, and send back progress and records. The
     host's :data:`STOP_SIGNAL` stops the trial it trains, which then sends what it measured; so does a SIGTERM
     (one sent to the whole process group reaches the workers as well as the host)."""
-    os.environ.update(environment)  # before anything initialises CUDA
+    # the host's environment as it is now (a forked worker would have the fork server's, from its start),
+    # set before anything initialises CUDA
+    os.environ.clear()
+    os.environ.update(environment)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
     if STOP_SIGNAL is not None:
-        stop_trial_on(STOP_SIGNAL, signal.SIGTERM)
+        stop_trial_on(STOP_SIGNAL, signal.SIGTERM)  # SIGTERM was ignored: see the host's _start
     if threads:
         torch.set_num_threads(threads)
 
@@ -138,15 +171,18 @@ class _Pool:
 
     def __init__(self, executor: LocalExecutor, threads: Optional[int], say):
         self.executor, self.threads, self.say = executor, threads, say
-        self.context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
+        self.context = multiprocessing.get_context(_start_method())
+        if self.context.get_start_method() == "forkserver":
+            self.context.set_forkserver_preload(FORK_SERVER_PRELOAD)
         self.gpus = visible_gpus() if executor.device == "cuda" else []
 
     def _start(self, number: int) -> _Worker:
-        environment = {"CUDA_VISIBLE_DEVICES": self.gpus[number]} if self.gpus else {}
+        environment = {**os.environ, **({"CUDA_VISIBLE_DEVICES": self.gpus[number]} if self.gpus else {})}
         host_end, worker_end = self.context.Pipe()
         process = self.context.Process(target=_worker_main, args=(worker_end, environment, self.threads),
                                        name=f"noprop-bench-worker-{number}", daemon=True)
-        process.start()
+        with _sigterm_ignored_by_processes_started():
+            process.start()
         worker_end.close()
         where = f"GPU {self.gpus[number]}" if self.gpus else f"{self.threads or 'default'} CPU thread(s)"
         self.say(f"worker {number} started (pid {process.pid}, {where})")
