@@ -155,8 +155,10 @@ def test_workers_outlive_a_sigterm_that_reaches_their_fork_server(monkeypatch):
     monkeypatch.setattr(local_executor, "_worker_main", executor_plugins.worker_that_answers_at_once)
     executor = LocalExecutor("local[workers=1]", workers=1)
     executor.device_type("cpu")
+    handler = signal.getsignal(signal.SIGTERM)
     worker = local_executor._Pool(executor, 1, lambda message: None)._start(0)
     try:
+        assert signal.getsignal(signal.SIGTERM) is handler  # the host's own handling is left alone
         os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)
         assert not wait([worker.process.sentinel], timeout=1.0) and worker.process.is_alive()
         job = TrialJob(spec={}, header={"trial_id": "T1", "row_label": "r", "seed": 0}, data_root=None,
@@ -164,8 +166,19 @@ def test_workers_outlive_a_sigterm_that_reaches_their_fork_server(monkeypatch):
         worker.connection.send(job)
         assert worker.connection.recv() == ("record", {"trial_id": "T1", "status": "ok", "error": None})
     finally:
-        worker.connection.send(None)
+        try:
+            worker.connection.send(None)
+        except OSError:  # it died: the assertion above says how
+            pass
         worker.process.join(timeout=10)
+
+
+def test_the_fork_servers_preload_ignores_sigterm_in_the_fork_server_only():
+    """Imported anywhere but in the fork server (here: a process of its own), the module leaves SIGTERM alone."""
+    script = ("import signal; import noprop_bench_plugins.executors.fork_server; "
+              "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
 
 
 @pytest.mark.slow

@@ -8,18 +8,18 @@ cause, and a fresh worker takes its place. At Ctrl-C the host asks each worker t
 send what it measured (steps, checkpoints), then stops the workers.
 """
 
-import contextlib
 import dataclasses
 import multiprocessing
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -30,34 +30,20 @@ from noprop_bench.executor import (STOP_SIGNAL, Executor, TrialJob, WorkerCache,
 from noprop_bench.executor import ctrl_c_held as whole_messages  # whole_messages: a message goes whole
 
 
-# what every worker imports before its first trial (torch's optimisers import its compiler stack; the built-in
-# mnist5k plugin, pandas), imported once by the fork server the workers fork from: a pair of workers answers
-# its first job in 0.2 s instead of 3 s (2-core CPU). Plugins themselves are imported by each worker afresh.
-FORK_SERVER_PRELOAD = ["torch", "torch._dynamo", "noprop_bench.executor", "pandas"]
+# imported once by the fork server the workers fork from: what makes it outlive a SIGTERM to the process group,
+# then what every worker imports before its first trial (torch's optimisers import its compiler stack; the
+# built-in mnist5k plugin, pandas). A worker forked from a running server answers its first job in 0.2 s, one
+# spawned in 3 s (2-core CPU); the server's own start costs about what a spawned worker's does. Plugins are
+# imported by each worker afresh.
+FORK_SERVER_PRELOAD = ["noprop_bench_plugins.executors.fork_server", "torch", "torch._dynamo",
+                       "noprop_bench.executor", "pandas"]
 
 
 def _start_method() -> str:
-    """``forkserver`` where there is one: a worker forks from a clean server process that has imported torch
-    but initialised neither CUDA nor OpenMP; else ``spawn``. Never a fork of the host, which may have both."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-@contextlib.contextmanager
-def _sigterm_ignored_by_processes_started() -> Iterator[None]:
-    """A process started in the block ignores SIGTERM until it sets a handler of its own (an ignored signal
-    stays ignored across fork and exec), while this one only holds a SIGTERM back until the block ends. For
-    the fork server, started with the first worker: a SIGTERM to the whole process group reaches it too, and
-    its death would read as every worker's (exit code 255) while they still train."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held, not lost, meanwhile
-    handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    """``forkserver`` on Linux: a worker forks from a server process that has imported torch but initialised
+    neither CUDA nor OpenMP; elsewhere ``spawn`` (Python's own default on macOS, where forking is unsafe once
+    system frameworks have started). Never a fork of the host, which may have initialised both."""
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
@@ -70,7 +56,9 @@ def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]
     os.environ.update(environment)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
     if STOP_SIGNAL is not None:
-        stop_trial_on(STOP_SIGNAL, signal.SIGTERM)  # SIGTERM was ignored: see the host's _start
+        stop_trial_on(STOP_SIGNAL, signal.SIGTERM)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a fork server's child inherits its ignoring SIGTERM
     if threads:
         torch.set_num_threads(threads)
 
@@ -182,8 +170,7 @@ class _Pool:
         host_end, worker_end = self.context.Pipe()
         process = self.context.Process(target=_worker_main, args=(worker_end, environment, self.threads),
                                        name=f"noprop-bench-worker-{number}", daemon=True)
-        with _sigterm_ignored_by_processes_started():
-            process.start()
+        process.start()
         worker_end.close()
         where = f"GPU {self.gpus[number]}" if self.gpus else f"{self.threads or 'default'} CPU thread(s)"
         self.say(f"worker {number} started (pid {process.pid}, {where})")
