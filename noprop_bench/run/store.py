@@ -2,9 +2,11 @@
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -54,9 +56,22 @@ def environment(device: torch.device) -> Dict[str, Any]:
     }
 
 
-def _installed_version(distribution: str) -> Optional[str]:
+def _installed_version(package: str) -> Optional[str]:
+    """``package.__version__`` as its ``version.py`` writes it (torchvision's names its build, e.g. ``+cu130``),
+    else its distribution's version, read without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return None
+    if spec.origin:
+        try:
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]",
+                              (Path(spec.origin).parent / "version.py").read_text(), re.M)
+        except OSError:
+            found = None
+        if found:
+            return found.group(1)
     try:
-        return importlib.metadata.version(distribution)
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 

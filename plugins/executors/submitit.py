@@ -147,8 +147,9 @@ class SubmititExecutor(ClusterExecutor):
                 while queue and len(pending) < slots:
                     job, copy = queue.pop(0)
                     handle = engine.submit(run_job, copy)
-                    # submitit waits up to 15 s for a finished job's result file, which a cluster's shared
-                    # filesystem may show late; on this machine an ended job has written it or never will
+                    # submitit (1.4 to 1.5 at least) waits up to 15 s for a finished job's result file, which a
+                    # cluster's shared filesystem may show late; on this machine an ended job has written it or
+                    # never will. The attribute is submitit's own (its tests set it likewise).
                     handle._results_timeout_s = 0
                     pending.append((job, handle))
                 finished = [(job, handle) for job, handle in pending if handle.done()]

@@ -91,10 +91,7 @@ class LatentDynamics:
         self.adjoint = False
         self.reset_counts()
         self.limit(0)
-        # counted outside torch.compile: traced, the counts would become guarded constants, and every solver
-        # step would compile its caller once more. Disabled here, not with a decorator on the class: that would
-        # import torch._dynamo (seconds) in every process that loads this plugin, compiled or not.
-        self._count_evaluation = torch.compiler.disable(self._count_evaluation)
+        _count_outside_compile()
 
     def reset_counts(self):
         self.nfe_forward = 0
@@ -116,7 +113,8 @@ class LatentDynamics:
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def _count_evaluation(self, backward: bool) -> None:
-        """Count one evaluation and hold it to the limit (run outside torch.compile: see ``__init__``)."""
+        """Count one evaluation and hold it to the limit (run outside torch.compile: see
+        :func:`_count_outside_compile`)."""
         if backward:
             self.nfe_backward += 1
         else:
@@ -131,6 +129,15 @@ class LatentDynamics:
         m = self.model
         time = m.fuse_time(m.time_path(sinusoidal_embedding(t.reshape(1), m.time_dim, self.time_scale)))
         return m.logits(self.features, z, time)
+
+
+def _count_outside_compile() -> None:
+    """Run :meth:`LatentDynamics._count_evaluation` outside torch.compile: traced, the counts would become
+    guarded constants, and every solver step would compile its caller once more. Done when the first field is
+    made, not with a decorator: that would import torch._dynamo (seconds) wherever this plugin is loaded."""
+    if not getattr(LatentDynamics._count_evaluation, "outside_compile", False):
+        LatentDynamics._count_evaluation = torch.compiler.disable(LatentDynamics._count_evaluation)
+        LatentDynamics._count_evaluation.outside_compile = True
 
 
 @contextmanager
