@@ -143,7 +143,7 @@ def test_a_worker_has_the_hosts_environment_as_it_is_when_the_worker_starts(tmp_
         assert f"NOPROP_ECHO={value}" in record["error"]
 
 
-@pytest.mark.skipif(local_executor._start_method() != "forkserver", reason="no fork server on this platform")
+@pytest.mark.skipif(local_executor._start_method("cpu") != "forkserver", reason="no fork server on this platform")
 def test_workers_outlive_a_sigterm_that_reaches_their_fork_server(monkeypatch):
     """A SIGTERM to the whole process group reaches the fork server too. Were it to die of it, every worker
     would read as dead (exit code 255) while still training, and lose what it measured."""
@@ -171,6 +171,17 @@ def test_workers_outlive_a_sigterm_that_reaches_their_fork_server(monkeypatch):
         except OSError:  # it died: the assertion above says how
             pass
         worker.process.join(timeout=10)
+
+
+def test_cuda_workers_are_spawned_not_forked_from_a_server():
+    """A fork server that initialised CUDA while importing (counting GPUs does) would leave its workers unable
+    to use one: CUDA workers start as fresh interpreters."""
+    executor = LocalExecutor("local[workers=1]", workers=1)
+    executor.device = "cuda"
+    assert local_executor._Pool(executor, None, lambda message: None).context.get_start_method() == "spawn"
+    executor.device = "cpu"
+    assert local_executor._Pool(executor, None, lambda message: None).context.get_start_method() == (
+        "forkserver" if sys.platform.startswith("linux") else "spawn")
 
 
 def test_the_fork_servers_preload_ignores_sigterm_in_the_fork_server_only():

@@ -39,11 +39,12 @@ FORK_SERVER_PRELOAD = ["noprop_bench_plugins.executors.fork_server", "torch", "t
                        "noprop_bench.executor", "pandas"]
 
 
-def _start_method() -> str:
-    """``forkserver`` on Linux: a worker forks from a server process that has imported torch but initialised
-    neither CUDA nor OpenMP; elsewhere ``spawn`` (Python's own default on macOS, where forking is unsafe once
-    system frameworks have started). Never a fork of the host, which may have initialised both."""
-    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+def _start_method(device: str) -> str:
+    """``forkserver`` for CPU workers on Linux: a worker forks from a server process that has imported torch
+    but initialised neither CUDA nor OpenMP. Else ``spawn``: on macOS forking is unsafe once system frameworks
+    have started (Python spawns there by default), and on CUDA a server that so much as counted the GPUs while
+    importing would leave every worker unable to use one. Never a fork of the host, which may have done both."""
+    return "forkserver" if sys.platform.startswith("linux") and device == "cpu" else "spawn"
 
 
 def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]) -> None:
@@ -160,7 +161,7 @@ class _Pool:
 
     def __init__(self, executor: LocalExecutor, threads: Optional[int], say):
         self.executor, self.threads, self.say = executor, threads, say
-        self.context = multiprocessing.get_context(_start_method())
+        self.context = multiprocessing.get_context(_start_method(executor.device))
         if self.context.get_start_method() == "forkserver":
             self.context.set_forkserver_preload(FORK_SERVER_PRELOAD)
         self.gpus = visible_gpus() if executor.device == "cuda" else []
