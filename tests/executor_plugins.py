@@ -106,3 +106,13 @@ def worker_that_finishes_t1_and_ignores_stops_on_t2(connection, environment, thr
         if job.header["trial_id"] == "T2":
             time.sleep(60)
         connection.send(("record", {"trial_id": job.header["trial_id"], "status": "ok", "error": None}))
+
+
+def send_whether_sigterm_has_its_default(connection):
+    """A process started beside the pool's workers (from its fork server, where there is one): does it have
+    SIGTERM's default, even once it has imported the module that makes the fork server ignore SIGTERM?"""
+    import signal
+
+    import noprop_bench_plugins.executors.fork_server  # noqa: F401
+
+    connection.send(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)

@@ -155,10 +155,13 @@ def test_workers_outlive_a_sigterm_that_reaches_their_fork_server(monkeypatch):
     monkeypatch.setattr(local_executor, "_worker_main", executor_plugins.worker_that_answers_at_once)
     executor = LocalExecutor("local[workers=1]", workers=1)
     executor.device_type("cpu")
-    handler = signal.getsignal(signal.SIGTERM)
+    if hasattr(forkserver._forkserver, "_stop"):  # Python 3.10 on: the worker below starts a server of its own
+        forkserver._forkserver._stop()
+    handling = signal.getsignal(signal.SIGTERM), signal.pthread_sigmask(signal.SIG_BLOCK, [])
     worker = local_executor._Pool(executor, 1, lambda message: None)._start(0)
     try:
-        assert signal.getsignal(signal.SIGTERM) is handler  # the host's own handling is left alone
+        # the host's own handling is left alone
+        assert (signal.getsignal(signal.SIGTERM), signal.pthread_sigmask(signal.SIG_BLOCK, [])) == handling
         os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)
         assert not wait([worker.process.sentinel], timeout=1.0) and worker.process.is_alive()
         job = TrialJob(spec={}, header={"trial_id": "T1", "row_label": "r", "seed": 0}, data_root=None,
@@ -182,6 +185,26 @@ def test_cuda_workers_are_spawned_not_forked_from_a_server():
     executor.device = "cpu"
     assert local_executor._Pool(executor, None, lambda message: None).context.get_start_method() == (
         "forkserver" if sys.platform.startswith("linux") else "spawn")
+
+
+@pytest.mark.skipif(local_executor._start_method("cpu") != "forkserver", reason="no fork server on this platform")
+def test_processes_forked_from_the_fork_server_have_sigterms_default():
+    """The server ignores SIGTERM; what it forks must not (another library's processes, on Python 3.14 any
+    process of the default start method, would then outlive a SIGTERM), nor start ignoring it on importing
+    the module that made the server ignore it."""
+    import executor_plugins
+
+    executor = LocalExecutor("local[workers=1]", workers=1)
+    executor.device_type("cpu")
+    context = local_executor._Pool(executor, 1, lambda message: None).context
+    host_end, child_end = context.Pipe()
+    process = context.Process(target=executor_plugins.send_whether_sigterm_has_its_default, args=(child_end,))
+    process.start()
+    child_end.close()
+    try:
+        assert host_end.recv() is True
+    finally:
+        process.join(timeout=10)
 
 
 def test_the_fork_servers_preload_ignores_sigterm_in_the_fork_server_only():

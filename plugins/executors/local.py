@@ -32,8 +32,8 @@ from noprop_bench.executor import ctrl_c_held as whole_messages  # whole_message
 
 # imported once by the fork server the workers fork from: what makes it outlive a SIGTERM to the process group,
 # then what every worker imports before its first trial (torch's optimisers import its compiler stack). Not
-# pandas: with it comes pyarrow's jemalloc, whose background thread makes a fork risky (known deadlocks). A
-# worker forked from a running server answers its first job in 0.3 s, one spawned in 3 s (2-core CPU); the
+# pandas: with it comes pyarrow's jemalloc, whose background thread makes a fork risky (known deadlocks). Two
+# workers forked from a running server answer their first job in 0.16 s, spawned in 2.3 s (2-core CPU); the
 # server's own start costs about what a spawned worker's does. Plugins are imported by each worker afresh.
 FORK_SERVER_PRELOAD = ["noprop_bench_plugins.executors.fork_server", "torch", "torch._dynamo",
                        "noprop_bench.executor"]
@@ -59,7 +59,7 @@ def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]
     if STOP_SIGNAL is not None:
         stop_trial_on(STOP_SIGNAL, signal.SIGTERM)
     else:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a fork server's child inherits its ignoring SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if threads:
         torch.set_num_threads(threads)
 
