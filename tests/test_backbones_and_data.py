@@ -55,7 +55,8 @@ print(sorted(name for name in heavy[:4] if name in sys.modules))
 create_backbone("resnet18", in_chans=1, image_size=28)
 print(sorted(name for name in heavy if name in sys.modules))
 """
-    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout.split("\n")
     assert lines[:2] == ["[]", "[]"] and "'timm'" in lines[2] and "'torchvision'" in lines[2]
 
 

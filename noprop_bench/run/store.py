@@ -42,7 +42,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        # read from the installed distributions: importing torchvision or timm would take seconds
+        # read without importing them: importing torchvision or timm would take seconds
         "torchvision": _installed_version("torchvision"),
         "timm": _installed_version("timm"),
         "pluggy": _installed_version("pluggy"),

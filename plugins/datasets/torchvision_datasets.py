@@ -221,7 +221,8 @@ class FashionMNIST(IdxDataset):
     name = "fashion_mnist"
     label = "F-MNIST"
     source = TorchvisionClass("FashionMNIST")
-    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
     image_shape = (1, 28, 28)
     mean, std = (0.2860,), (0.3530,)
     extra_dirs = (DEBIAN_FASHION_MNIST,)

@@ -58,8 +58,6 @@ def _worker_main(connection, environment: Dict[str, str], threads: Optional[int]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host handles Ctrl-C and stops the workers
     if STOP_SIGNAL is not None:
         stop_trial_on(STOP_SIGNAL, signal.SIGTERM)
-    else:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if threads:
         torch.set_num_threads(threads)
 
