@@ -1,7 +1,24 @@
+import os
+
 import pytest
 import torch
 
 import fake_plugins
+
+MOST_WORKERS = 4  # `pytest -n auto`: each test may start worker pools or a local cluster of its own
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``pytest -n auto`` (the README's test command): one worker per core, at most ``MOST_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MOST_WORKERS))
+
+
+def pytest_configure(config):
+    """Under ``pytest -n``, the workers share the cores' torch threads rather than each taking them all."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 @pytest.fixture

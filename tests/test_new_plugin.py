@@ -16,47 +16,40 @@ from noprop_bench.scaffold import render_plugin
 DISTRIBUTION = "noprop-bench-scaffolded-method"
 
 
-def _python(*args, cwd):
+def _python(*args, cwd, site=None):
     # the user's view: only the installed distribution, not this checkout's tests folder, on the path
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture
 def installed_method_plugin(tmp_path, monkeypatch):
-    """The generated method distribution, pip-installed (editable) into this test's environment."""
+    """The generated method distribution, pip-installed into a private directory that this test (and the
+    processes it starts) put on the path: tests running beside it under ``pytest -n`` load every plugin
+    installed in the environment, and must not find this one there, half-installed or unimportable."""
     pytest.importorskip("setuptools")
     if importlib.util.find_spec("setuptools.command.bdist_wheel") is None:
-        pytest.importorskip("wheel", reason="editable installs need wheel with setuptools < 70.1")
-    _uninstall(tmp_path)  # left behind by an earlier session that was killed, if any
+        pytest.importorskip("wheel", reason="building a wheel needs the wheel package with setuptools < 70.1")
     directory = tmp_path / "np-scaffolded"
     with pytest.raises(SystemExit) as exit_info:
         main(["new-plugin", "scaffolded_method", "--dir", str(directory)])
     assert exit_info.value.code == 0
-    install = _python("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(directory),
-                      cwd=tmp_path)
+    site = tmp_path / "site"
+    install = _python("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site),
+                      str(directory), cwd=tmp_path)
     assert install.returncode == 0, install.stderr
-    # this process started before the install: put the editable package where a new process finds it
-    monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.syspath_prepend(str(site))  # entry points are read from the path, as from an environment's
     importlib.invalidate_caches()
-    try:
-        yield directory
-    finally:
-        _uninstall(tmp_path)
-
-
-def _uninstall(cwd):
-    try:
-        importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return
-    _python("-m", "pip", "uninstall", "--quiet", "--yes", DISTRIBUTION, cwd=cwd)
+    return directory, site
 
 
 def test_a_new_method_plugin_installs_passes_its_test_is_listed_and_runs(installed_method_plugin, tmp_path,
                                                                         one_thread, capsys):
-    directory = installed_method_plugin
-    tested = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory), cwd=tmp_path)
+    directory, site = installed_method_plugin
+    assert importlib.metadata.distribution(DISTRIBUTION).locate_file("").resolve() == site.resolve()
+    tested = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory), cwd=tmp_path, site=site)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "1 passed" in tested.stdout
 

@@ -33,3 +33,15 @@ def test_the_wheel_ships_the_data_files_and_the_license_without_warnings(tmp_pat
     assert sorted(set(data) - shipped) == []
     assert any(name.endswith(".dist-info/licenses/LICENSE") or name.endswith(".dist-info/LICENSE")
                for name in shipped)
+
+
+@pytest.mark.skipif(not (ROOT / ".ci" / "run").exists(), reason="needs the source checkout")
+def test_ci_and_tox_run_the_tests_as_the_readme_says():
+    """CI and tox spread the tests over the cores exactly as the README's test command does."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    flags = re.search(r'pip install -e "\.\[test\]" && \.venv/bin/pytest( [^\n`]*)?\n', readme).group(1)
+    assert flags == " -n auto"
+    assert '"$venv/bin/pytest" -n auto\n' in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "commands = pytest -q -n auto {posargs}" in (ROOT / "tox.ini").read_text(encoding="utf-8")
