@@ -75,6 +75,18 @@ def test_a_usage_error_while_building_a_method_fails_that_trial_and_the_grid_goe
     assert error.endswith("refuses_seed cannot train seed 1")
 
 
+def test_a_batch_larger_than_the_training_split_stops_in_process_and_fails_each_trial_in_workers(
+        tmp_path, one_thread, capsys):
+    """Only the loaded dataset can tell (the README's exit statuses): the host loads it for an in-process run,
+    the workers for theirs."""
+    with pytest.raises(UsageError, match="^batch size 300 exceeds the 256 training images$"):
+        _grid(tmp_path, "linear", "--batch-size", "300")
+    code, records = _grid(tmp_path, "linear", "--batch-size", "300", "--seeds", "2", executor="local[workers=2]")
+    assert code == EXIT_TRIAL_FAILED
+    assert [(r["status"], r["error"]) for _, r in sorted(records.items())] == [
+        ("failed", "bad input: batch size 300 exceeds the 256 training images")] * 2
+
+
 def test_only_a_missing_super_init_is_blamed_on_super_init():
     class ChecksFirst(Method):
         name = "checks_first"
