@@ -879,7 +879,7 @@ def test_an_identical_record_appended_twice_in_a_row_is_written_once(tmp_path):
 
 
 def test_ctrl_c_held_leaves_an_ignored_sigint_alone():
-    """Where SIGINT is ignored, a SIGTERM must keep its usual effect: nothing may catch and hold it."""
+    """An ignored SIGINT stays ignored: holding it back must not put a handler in that would take it."""
     from noprop_bench.run.interrupts import ctrl_c_held
 
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1044,20 +1044,32 @@ def test_workers_get_the_data_root_as_an_absolute_path(tmp_path, monkeypatch):
 
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_finished_trials_and_writing_the_tables(tmp_path):
-    """CI systems and schedulers cancel a job with SIGTERM: the finished trials and the tables must survive."""
+def _as_a_background_job_of_a_script():
+    """A non-interactive shell starts ``command &`` with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("started", [_ctrl_c_reaches_it, _as_a_background_job_of_a_script],
+                         ids=["in-a-terminal", "in-the-background"])
+def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_finished_trials_and_writing_the_tables(tmp_path, started):
+    """CI systems and schedulers cancel a job with SIGTERM: the finished trials and the tables must survive,
+    also where SIGINT is ignored (which a SIGINT sent first then shows it still is)."""
     out = tmp_path / "run"
     env = _fake_plugins_env()
     host = subprocess.Popen(
         [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
          "steady[predict_sleep=0,step_sleep=0.02],sleepy[predict_sleep=0,step_sleep=0.02]", "--budget", "4",
          "--checkpoints", "3", "--threads", "1", "--out", str(out)],
-        stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_reaches_it)
+        stderr=subprocess.PIPE, text=True, env=env, preexec_fn=started)
     lines = []
     while not any(line.startswith("Sleepy") and "% of 4s" in line for line in lines):  # the second trial trains
         line = host.stderr.readline()
         assert line, "".join(lines)
         lines.append(line)
+    if started is _as_a_background_job_of_a_script:
+        host.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert host.poll() is None, "".join(lines)
     host.send_signal(signal.SIGTERM)
     err = host.communicate(timeout=60)[1]
     assert host.returncode == 130, "".join(lines) + err
