@@ -20,6 +20,7 @@ from noprop_bench.cli import EXIT_OK, EXIT_TRIAL_FAILED, EXIT_USAGE, main, run
 from noprop_bench.executor import Progress, TrialJob, execute_job, failed_record
 from noprop_bench.plugins import load_plugins
 from noprop_bench.run.store import TrialStore, latest_per_trial
+from noprop_bench.specs import parse_method_spec
 from noprop_bench_plugins.executors import local as local_executor
 from noprop_bench_plugins.executors.local import LocalExecutor
 from noprop_bench_plugins.executors.ray import RayExecutor
@@ -320,15 +321,20 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
     from submitit.slurm.slurm import SlurmExecutor
 
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were on PATH
-    executor = SubmititExecutor("submitit[...]", cluster="slurm", partition="gpu", gpus_per_node=1,
-                                timeout_min=600, cpus_per_task=8, mem_gb=32, array_parallelism=4, account="lab",
-                                setup="module load cuda/12; source ~/env/bin/activate")
+    spec = ("submitit[cluster=slurm,partition=gpu,gpus_per_node=1,timeout_min=600,cpus_per_task=8,mem_gb=32,"
+            "array_parallelism=4,account=lab,gres=gpu:a100:1,exclude=node[3-5,9],nodelist=node[1-8],"
+            "setup=module load cuda/12; source ~/env/bin/activate]")
+    name, options = parse_method_spec(spec, "executor")  # a node list's commas stay inside its brackets
+    assert name == "submitit" and options["exclude"] == "node[3-5,9]"
+    executor = SubmititExecutor(spec, **SubmititExecutor.resolve_options(options))
     assert "slurm_qos" not in executor._parameters()  # unset options are left to submitit and the cluster
     engine = executor._engine(str(tmp_path / "%j"))  # submitit rejects unknown parameter names here
     assert engine.cluster == "slurm"
     script = engine._executor._make_submission_file_text(command="python -m noprop_bench_job", uid="0")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --account=lab",
+                 # submitit quotes what a shell would expand
+                 "#SBATCH --gres=gpu:a100:1", "#SBATCH --exclude='node[3-5,9]'", "#SBATCH --nodelist='node[1-8]'",
                  "\nmodule load cuda/12\nsource ~/env/bin/activate\n"):
         assert line in script
     assert engine._executor.parameters["array_parallelism"] == 4

@@ -25,7 +25,8 @@ from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, ctrl_c_
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
                  "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
-                 "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task"}
+                 "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task", "gres": "slurm_gres",
+                 "exclude": "slurm_exclude", "nodelist": "slurm_nodelist"}
 POLL_SECONDS = 2.0
 STOP_POLL_SECONDS = 0.2
 ENDED_STATES = {"FINISHED", "COMPLETED"}  # what submitit calls a job whose process ended
@@ -41,7 +42,7 @@ class SubmititExecutor(ClusterExecutor):
     gpu_option = "gpus_per_node"
     defaults = {"cluster": "auto", "partition": "", "gpus_per_node": 0, "cpus_per_task": 0, "mem_gb": 0,
                 "timeout_min": 720, "array_parallelism": 0, "account": "", "qos": "", "constraint": "",
-                "setup": "", "folder": ""}
+                "gres": "", "exclude": "", "nodelist": "", "setup": "", "folder": ""}
 
     def __init__(self, spec_text: str = "", **options):
         super().__init__(spec_text, **options)
