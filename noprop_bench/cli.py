@@ -22,7 +22,7 @@ from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter, non_empty
 from .run.executor_base import ClusterExecutor
-from .run.interrupts import forget_sigterm, note_sigterm, sigterm_noted
+from .run.interrupts import forget_sigterm, note_sigterm
 from .run.jobs import (Progress, TrialJob, delivery_problem, failed_record, import_root, threads_beyond_cores,
                        trial_label)
 from .run.resume import pending_specs
@@ -255,40 +255,32 @@ def _preset_record(args, cls, params, speed) -> Optional[dict]:
 def sigterm_as_ctrl_c():
     """While the trials run, a SIGTERM (how CI systems and schedulers cancel a job) stops the run as Ctrl-C
     does: unfinished trials are recorded as interrupted and the tables written. It is passed on as a SIGINT,
-    so the executors' handling of Ctrl-C applies (and what holds Ctrl-C back holds it too). Where the run
-    was started with SIGINT ignored (a background job of a non-interactive shell), a SIGINT stays ignored
-    and only the one a SIGTERM sends stops the run; where Python cannot see SIGINT's handler, SIGTERM keeps
-    its usual effect."""
+    so the executors' handling of Ctrl-C applies. Where the run was started with SIGINT ignored (a
+    background job of a non-interactive shell), SIGINT stays ignored, here and in the processes the run
+    starts, and the SIGTERM is raised here as Ctrl-C itself (``ctrl_c_held`` then holds SIGTERM back
+    instead); where Python cannot see SIGINT's handler, SIGTERM keeps its usual effect."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def as_ctrl_c(signum, frame):
-        if signal.getsignal(signal.SIGINT) is None:
+        sigint = signal.getsignal(signal.SIGINT)
+        if sigint is None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            note_sigterm()  # the interrupted trials say what stopped them
-            os.kill(os.getpid(), signal.SIGINT)
+            return
+        note_sigterm()  # the interrupted trials say what stopped them
+        if sigint is signal.SIG_IGN:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
 
     forget_sigterm()
     previous = signal.signal(signal.SIGTERM, as_ctrl_c)
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    if ignored:
-        signal.signal(signal.SIGINT, _ctrl_c_only_from_sigterm)
     try:
         yield
     finally:
-        if ignored:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, previous)
-
-
-def _ctrl_c_only_from_sigterm(signum, frame):
-    """SIGINT's handler in a run started with SIGINT ignored: a SIGINT of its own is still ignored, as whoever
-    started the run asked; the one a SIGTERM sends stops the run as Ctrl-C does."""
-    if sigterm_noted():
-        raise KeyboardInterrupt
+        forget_sigterm()
 
 
 SUBCOMMANDS = {"report": report_main, "speed": speed_main, "new-plugin": new_plugin_main}

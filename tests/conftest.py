@@ -8,8 +8,12 @@ import fake_plugins
 MOST_WORKERS = 4  # `pytest -n auto`: each test may start worker pools or a local cluster of its own
 
 
+@pytest.hookimpl(optionalhook=True)  # plain pytest without pytest-xdist has no such hook
 def pytest_xdist_auto_num_workers(config):
-    """``pytest -n auto`` (the README's test command): one worker per core, at most ``MOST_WORKERS``."""
+    """``pytest -n auto`` (the README's test command): one worker per core, at most ``MOST_WORKERS``, unless
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` says how many."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores, MOST_WORKERS))
 

@@ -322,7 +322,7 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were on PATH
     spec = ("submitit[cluster=slurm,partition=gpu,gpus_per_node=1,timeout_min=600,cpus_per_task=8,mem_gb=32,"
-            "array_parallelism=4,account=lab,gres=gpu:a100:1,exclude=node[3-5,9],nodelist=node[1-8],"
+            "array_parallelism=4,account=lab,gres=nvme:1,exclude=node[3-5,9],nodelist=node[1-8],"
             "setup=module load cuda/12; source ~/env/bin/activate]")
     name, options = parse_method_spec(spec, "executor")  # a node list's commas stay inside its brackets
     assert name == "submitit" and options["exclude"] == "node[3-5,9]"
@@ -334,7 +334,7 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --account=lab",
                  # submitit quotes what a shell would expand
-                 "#SBATCH --gres=gpu:a100:1", "#SBATCH --exclude='node[3-5,9]'", "#SBATCH --nodelist='node[1-8]'",
+                 "#SBATCH --gres=nvme:1", "#SBATCH --exclude='node[3-5,9]'", "#SBATCH --nodelist='node[1-8]'",
                  "\nmodule load cuda/12\nsource ~/env/bin/activate\n"):
         assert line in script
     assert engine._executor.parameters["array_parallelism"] == 4
@@ -503,6 +503,11 @@ def _ctrl_c_reaches_it():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _as_a_background_job_of_a_script():
+    """A non-interactive shell starts ``command &`` with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _fake_plugins_env():
     return {**os.environ, "RAY_DEDUP_LOGS": "0",  # each Ray task's progress lines as they come, none merged
             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
@@ -541,17 +546,16 @@ def test_ctrl_c_stops_the_workers_and_keeps_what_their_trials_measured(tmp_path)
             os.kill(pid, 0)
 
 
-def _host_until_trials_evaluated(tmp_path, executor, trials, budget="60"):
+def _host_until_trials_evaluated(tmp_path, executor, trials, budget="60", started=_ctrl_c_reaches_it):
     """A host running ``trials`` seeds of a steady fake method under ``executor`` in a session of its own
-    (as a terminal runs a command), once every trial has evaluated a checkpoint; and its stderr's file.
-    Workers' progress reaches the host's stderr; submitit jobs' goes to their logs."""
+    (as a terminal runs a command, or ``started`` otherwise), once every trial has evaluated a checkpoint; and
+    its stderr's file. Workers' progress reaches the host's stderr; submitit jobs' goes to their logs."""
     out, err = tmp_path / "run", tmp_path / "host.err"
     host = subprocess.Popen(
         [sys.executable, "-m", "noprop_bench", "--plugin", "fake_plugins", "--dataset", "tiny", "--methods",
          "steady[predict_sleep=0,step_sleep=0.02]", "--seeds", str(trials), "--budget", budget, "--checkpoints", "30",
          "--threads", "1", "--executor", executor, "--out", str(out)],
-        stderr=err.open("w"), text=True, env=_fake_plugins_env(), preexec_fn=_ctrl_c_reaches_it,
-        start_new_session=True)
+        stderr=err.open("w"), text=True, env=_fake_plugins_env(), preexec_fn=started, start_new_session=True)
     deadline = time.monotonic() + 120
     while _trials_evaluated([err, *out.glob("submitit/*/*_log.err")]) < trials:
         assert host.poll() is None and time.monotonic() < deadline, err.read_text()
@@ -599,6 +603,27 @@ def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, exe
     for record in records:
         assert record["steps"] > 0 and record["curve"], (record, err)
         assert record["error"] == cause
+
+
+@pytest.mark.slow
+def test_a_run_in_the_background_ignores_sigint_and_stops_its_workers_trials_on_sigterm(tmp_path):
+    """A script's ``noprop-bench --executor "local[workers=2]" &``: a Ctrl-C in its terminal (SIGINT to the
+    whole process group) stops nothing, as the shell asked; a SIGTERM to the host stops the run as Ctrl-C
+    does, and the workers' trials keep what they measured."""
+    host, out, log = _host_until_trials_evaluated(tmp_path, "local[workers=2]", trials=2,
+                                                  started=_as_a_background_job_of_a_script)
+    os.killpg(host.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert host.poll() is None, log.read_text()
+    host.send_signal(signal.SIGTERM)
+    host.wait(timeout=90)
+    err = log.read_text()
+    assert host.returncode == 130, err
+    records = _records(out)
+    assert sorted((r["seed"], r["status"]) for r in records) == [(0, "interrupted"), (1, "interrupted")], err
+    for record in records:
+        assert record["steps"] > 0 and record["curve"], (record, err)
+        assert record["error"] == "stopped by SIGTERM (the job was cancelled)"
 
 
 def test_a_late_ray_cancel_neither_takes_a_finished_record_nor_stops_the_workers_next_trial(monkeypatch):
@@ -884,15 +909,23 @@ def test_an_identical_record_appended_twice_in_a_row_is_written_once(tmp_path):
     assert [r["trial_id"] for r in store.read()[0]] == ["a", "b", "a"]
 
 
-def test_ctrl_c_held_leaves_an_ignored_sigint_alone():
-    """An ignored SIGINT stays ignored: holding it back must not put a handler in that would take it."""
+def test_ctrl_c_held_leaves_an_ignored_sigint_alone_and_holds_the_sigterm_a_run_takes_as_ctrl_c():
+    """An ignored SIGINT stays ignored (processes started meanwhile inherit that); a run started so takes a
+    SIGTERM as its Ctrl-C, and that is what must wait until the block ends."""
     from noprop_bench.run.interrupts import ctrl_c_held
 
+    seen = []
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
         with ctrl_c_held():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []
+        assert seen == [signal.SIGTERM]
     finally:
+        signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, inherited)
 
 
@@ -1048,11 +1081,6 @@ def test_workers_get_the_data_root_as_an_absolute_path(tmp_path, monkeypatch):
     assert job.data_root == str(tmp_path / "data") and job.threads == 1 and job.executor == "local[workers=2]"
     assert cli_job(_spec(load_plugins()), build_parser().parse_args([]), LocalExecutor()).data_root is None
 
-
-
-def _as_a_background_job_of_a_script():
-    """A non-interactive shell starts ``command &`` with SIGINT ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.mark.parametrize("started", [_ctrl_c_reaches_it, _as_a_background_job_of_a_script],

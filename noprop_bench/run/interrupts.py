@@ -54,7 +54,7 @@ def signal_held(signum: int) -> Iterator[None]:
     For what must not stop halfway: a message to or from a worker (a pipe left mid-message blocks the
     next read for good) and a record appended to ``trials.jsonl`` (a torn line loses the trial). Only a
     signal handled in Python (by ``KeyboardInterrupt`` or a handler of this program) is held: one that is
-    ignored or left to the system keeps its usual effect (for SIGINT see ``cli.sigterm_as_ctrl_c``).
+    ignored or left to the system keeps its usual effect (see ``ctrl_c_held`` for an ignored SIGINT).
     Outside the main thread, where no handler can be set, this does nothing."""
     previous = signal.getsignal(signum)
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
@@ -71,7 +71,11 @@ def signal_held(signum: int) -> Iterator[None]:
 
 
 def ctrl_c_held() -> ContextManager[None]:
-    """Hold Ctrl-C (and a SIGTERM passed on as one) back until the block ends, then raise it."""
+    """Hold Ctrl-C (and a SIGTERM passed on as one) back until the block ends, then raise it. Where SIGINT
+    is ignored, a run takes a SIGTERM as Ctrl-C without passing it on (``cli.sigterm_as_ctrl_c``), so the
+    SIGTERM is what is held."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return signal_held(signal.SIGTERM)
     return signal_held(signal.SIGINT)
 
 

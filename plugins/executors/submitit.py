@@ -54,6 +54,10 @@ class SubmititExecutor(ClusterExecutor):
         if negative:
             raise UsageError(f"--executor {self.spec_text}: {', '.join(negative)} must not be negative (0 leaves "
                              f"it to SLURM's default)")
+        if any(part.strip().startswith("gpu") for part in self.options["gres"].split(",")):
+            raise UsageError(f"--executor {self.spec_text}: ask for GPUs with gpus_per_node=N (or --device cuda), "
+                             f"and for a GPU type with constraint=TYPE; gres=gpu... would not make the trials use "
+                             f"them (gres is for other generic resources)")
         if self.options["timeout_min"] <= 0:
             raise UsageError(f"--executor {self.spec_text}: timeout_min must be a positive number of minutes")
 
