@@ -595,6 +595,10 @@ def test_trials_stopped_in_workers_or_jobs_keep_what_they_measured(tmp_path, exe
         host.send_signal(signal.SIGTERM if "SIGTERM" in stop else signal.SIGINT)
     else:
         os.killpg(host.pid, signal.SIGTERM if "SIGTERM" in stop else signal.SIGINT)
+    _both_trials_stopped_keeping_what_they_measured(host, out, log, cause)
+
+
+def _both_trials_stopped_keeping_what_they_measured(host, out, log, cause):
     host.wait(timeout=90)
     err = log.read_text()
     assert host.returncode == 130, err
@@ -616,14 +620,7 @@ def test_a_run_in_the_background_ignores_sigint_and_stops_its_workers_trials_on_
     time.sleep(1.0)
     assert host.poll() is None, log.read_text()
     host.send_signal(signal.SIGTERM)
-    host.wait(timeout=90)
-    err = log.read_text()
-    assert host.returncode == 130, err
-    records = _records(out)
-    assert sorted((r["seed"], r["status"]) for r in records) == [(0, "interrupted"), (1, "interrupted")], err
-    for record in records:
-        assert record["steps"] > 0 and record["curve"], (record, err)
-        assert record["error"] == "stopped by SIGTERM (the job was cancelled)"
+    _both_trials_stopped_keeping_what_they_measured(host, out, log, "stopped by SIGTERM (the job was cancelled)")
 
 
 def test_a_late_ray_cancel_neither_takes_a_finished_record_nor_stops_the_workers_next_trial(monkeypatch):
