@@ -39,11 +39,16 @@ class RayExecutor(ClusterExecutor):
         """Start or join Ray; True when this run started it (and so stops it)."""
         if ray.is_initialized():
             return False
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=self.options["address"] or None, namespace=self.options["namespace"],
                      include_dashboard=False, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UsageError(f"--executor {self.spec_text}: cannot start or join Ray: {error}") from None
+        finally:
+            # ray.init makes SIGTERM exit the process at once; the host's handler stops the run as Ctrl-C does
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)
         return True
 
     def _check_resources(self, ray, started_here: bool, say) -> None:
