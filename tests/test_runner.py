@@ -22,6 +22,23 @@ def test_clock_excludes_evaluation(fake_run):
     assert len(record["curve"]) == 5
 
 
+def test_an_evaluation_stopped_halfway_still_counts_as_evaluation_time(fake_run, monkeypatch):
+    predict = fake_plugins.Sleepy.predict
+
+    def stopped_in_the_final_evaluation(self, x):
+        logits = predict(self, x)  # sleeps predict_sleep
+        if len(x) == 64:  # the whole test split in one batch; the warm-up's probe has a training batch's 32
+            raise KeyboardInterrupt
+        return logits
+
+    monkeypatch.setattr(fake_plugins.Sleepy, "predict", stopped_in_the_final_evaluation)
+    code, out = fake_run("--methods", "sleepy[predict_sleep=0.3]", "--budget", "2steps", "--batch-size", "32",
+                         "--checkpoints", "0")
+    record = _records(out)[0]
+    assert code == 130 and record["status"] == "interrupted" and record["steps"] == 2
+    assert record["eval_seconds"] >= 0.3
+
+
 def test_sample_budget_is_deterministic_and_reruns_skip(fake_run, tmp_path, capsys):
     args = ("--methods", "linear", "--budget", "640samples", "--seeds", "2")
     code, out = fake_run(*args)

@@ -459,11 +459,13 @@ class _TrialRun:
     def _checkpoint(self, steps, samples, loss_sum, loss_count, spent):
         started = time.perf_counter()
         self.memory.pause()  # evaluation batches are not the training's memory
-        accuracy = self._fitting_memory(lambda: evaluate(
-            self.method, self.checkpoint_test, self.data.normalize, self.eval_batch, seed=self.spec.seed * 1000,
-            setting=self.method.checkpoint_setting()))
+        try:
+            accuracy = self._fitting_memory(lambda: evaluate(
+                self.method, self.checkpoint_test, self.data.normalize, self.eval_batch,
+                seed=self.spec.seed * 1000, setting=self.method.checkpoint_setting()))
+        finally:  # an evaluation stopped halfway was still time spent evaluating
+            self.record["eval_seconds"] += time.perf_counter() - started
         self.memory.resume()
-        self.record["eval_seconds"] += time.perf_counter() - started
         train_seconds = self.clock.elapsed()
         self.record["curve"].append({
             "train_seconds": train_seconds, "steps": steps, "samples": samples,
@@ -500,12 +502,14 @@ class _TrialRun:
         self.say(f"{self.spec.describe()}: training done ({self.steps} steps); final evaluation on "
                  f"{len(self.data.test)} test images ...")
         started = self.evaluation_said_at = time.perf_counter()
-        with ticking(self._say_pass_progress):  # one batch may outlast the heartbeat (a whole split on the CPU)
-            self._fitting_memory(self._final_accuracies)
+        try:
+            with ticking(self._say_pass_progress):  # one batch may outlast the heartbeat (a split on the CPU)
+                self._fitting_memory(self._final_accuracies)
+        finally:  # an evaluation stopped halfway was still time spent evaluating
+            self.record["eval_seconds"] += time.perf_counter() - started
         self.evaluation_pass = None
         self.test_features = None
         spec, data, record = self.spec, self.data, self.record
-        record["eval_seconds"] += time.perf_counter() - started
         record["curve"].append({
             "train_seconds": record["train_seconds"], "steps": record["steps"], "samples": record["samples"],
             "epochs": record["epochs"], "test_acc": record["test_acc"], "test_images": len(data.test),
