@@ -52,7 +52,7 @@ def _exit(args, capsys):
     (["--methods", "linear", "--executor", "local[cores=2]"], "executor 'local' has no option cores; accepted: workers"),
     (["--methods", "linear", "--executor", "local[workers=-1]"], "workers must be 0 (in-process) or more"),
     (["--methods", "linear", "--executor", "submitit[cluster=pbs]"], "cluster must be auto (SLURM), slurm or local"),
-    (["--methods", "linear", "--executor", "submitit[gres=gpu:a100:1]"], "ask for GPUs with gpus_per_node=N"),
+    (["--methods", "linear", "--executor", "submitit[gres=nvme:1;GPU:1]"], "ask for GPUs with gpus_per_node=N"),
     (["--methods", "linear", "--executor", "ray[cpus=0]"], "cpus must be at least 1"),
     (["--methods", "linear", "--threads", "0"], "--threads 0: must be a whole number of at least 1"),
     (["--methods", "linear", "--device", "cpu", "--cudnn-benchmark"],

@@ -322,7 +322,7 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were on PATH
     spec = ("submitit[cluster=slurm,partition=gpu,gpus_per_node=1,timeout_min=600,cpus_per_task=8,mem_gb=32,"
-            "array_parallelism=4,account=lab,gres=nvme:1,exclude=node[3-5,9],nodelist=node[1-8],"
+            "array_parallelism=4,account=lab,gres=nvme:1;tmpfs:10G,exclude=node[3-5,9],nodelist=node[1-8],"
             "setup=module load cuda/12; source ~/env/bin/activate]")
     name, options = parse_method_spec(spec, "executor")  # a node list's commas stay inside its brackets
     assert name == "submitit" and options["exclude"] == "node[3-5,9]"
@@ -334,10 +334,21 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --account=lab",
                  # submitit quotes what a shell would expand
-                 "#SBATCH --gres=nvme:1", "#SBATCH --exclude='node[3-5,9]'", "#SBATCH --nodelist='node[1-8]'",
+                 "#SBATCH --gres=nvme:1,tmpfs:10G", "#SBATCH --exclude='node[3-5,9]'", "#SBATCH --nodelist='node[1-8]'",
                  "\nmodule load cuda/12\nsource ~/env/bin/activate\n"):
         assert line in script
     assert engine._executor.parameters["array_parallelism"] == 4
+
+
+def test_slurm_only_options_given_to_the_local_cluster_are_warned_of():
+    said = []
+    SubmititExecutor("submitit[cluster=local,partition=gpu,exclude=n1]", cluster="local", partition="gpu",
+                     exclude="n1", setup="echo hi").check_jobs([], said.append)
+    assert said == ["warning: --executor submitit[cluster=local,partition=gpu,exclude=n1]: partition, exclude only "
+                    "apply to SLURM jobs; cluster=local runs the jobs on this machine without them"]
+    said.clear()
+    SubmititExecutor("submitit[cluster=slurm]", cluster="slurm", partition="gpu").check_jobs([], said.append)
+    assert said == []
 
 
 @pytest.mark.parametrize("cluster", ["slurm", "local"])

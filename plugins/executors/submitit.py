@@ -27,6 +27,10 @@ SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qo
                  "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
                  "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task", "gres": "slurm_gres",
                  "exclude": "slurm_exclude", "nodelist": "slurm_nodelist"}
+# what a job on this machine (cluster=local) has no use for; setup is left out: the README says local jobs
+# run in the host's environment
+SLURM_ONLY = ("partition", "account", "qos", "constraint", "gres", "exclude", "nodelist", "array_parallelism",
+              "mem_gb")
 POLL_SECONDS = 2.0
 STOP_POLL_SECONDS = 0.2
 ENDED_STATES = {"FINISHED", "COMPLETED"}  # what submitit calls a job whose process ended
@@ -54,7 +58,7 @@ class SubmititExecutor(ClusterExecutor):
         if negative:
             raise UsageError(f"--executor {self.spec_text}: {', '.join(negative)} must not be negative (0 leaves "
                              f"it to SLURM's default)")
-        if any(part.strip().startswith("gpu") for part in self.options["gres"].split(",")):
+        if any(part.strip().lower().startswith("gpu") for part in self.options["gres"].split(";")):
             raise UsageError(f"--executor {self.spec_text}: ask for GPUs with gpus_per_node=N (or --device cuda), "
                              f"and for a GPU type with constraint=TYPE; gres=gpu... would not make the trials use "
                              f"them (gres is for other generic resources)")
@@ -98,6 +102,8 @@ class SubmititExecutor(ClusterExecutor):
         for ours, theirs in SLURM_OPTIONS.items():
             if options[ours]:
                 parameters[theirs] = options[ours]
+        if options["gres"]:  # several resources are given with ';' between them, as ',' separates the options
+            parameters["slurm_gres"] = ",".join(part.strip() for part in options["gres"].split(";") if part.strip())
         # shell lines a SLURM job script runs before the trial (module load, activating an environment),
         # given with ';' between them, as ',' separates the options; local jobs run in this environment
         setup = [line.strip() for line in options["setup"].split(";") if line.strip()]
@@ -118,7 +124,12 @@ class SubmititExecutor(ClusterExecutor):
     def check_jobs(self, jobs: List[TrialJob], say) -> None:
         """Refuse a seconds budget that alone fills a job's ``timeout_min`` (every job would be stopped at its
         limit, and a rerun would only start it again); warn when it leaves under a quarter of the limit for
-        loading, warm-up and evaluation. Other budgets' durations are not known before they run."""
+        loading, warm-up and evaluation. Other budgets' durations are not known before they run. Warn of
+        SLURM-only options given to ``cluster=local``."""
+        ignored = [key for key in SLURM_ONLY if self.options[key]]
+        if self.runs_here and ignored:
+            say(f"warning: --executor {self.spec_text}: {', '.join(ignored)} only apply to SLURM jobs; cluster=local "
+                f"runs the jobs on this machine without them")
         seconds = max((job.budget_seconds for job in jobs if job.budget_seconds is not None), default=None)
         limit = self.options["timeout_min"] * 60
         if seconds is None or seconds <= 0.75 * limit:
