@@ -326,6 +326,8 @@ def test_submitit_options_become_the_sbatch_script(tmp_path, monkeypatch):
             "setup=module load cuda/12; source ~/env/bin/activate]")
     name, options = parse_method_spec(spec, "executor")  # a node list's commas stay inside its brackets
     assert name == "submitit" and options["exclude"] == "node[3-5,9]"
+    assert "slurm_gres" not in SubmititExecutor(gres=" ; ")._parameters()  # no empty --gres line
+    SubmititExecutor(gres="gpumem:20g")  # a resource whose name only begins with gpu is not a GPU request
     executor = SubmititExecutor(spec, **SubmititExecutor.resolve_options(options))
     assert "slurm_qos" not in executor._parameters()  # unset options are left to submitit and the cluster
     engine = executor._engine(str(tmp_path / "%j"))  # submitit rejects unknown parameter names here
@@ -635,6 +637,23 @@ def test_a_run_in_the_background_ignores_sigint_and_stops_its_workers_trials_on_
     assert host.poll() is None, log.read_text()
     host.send_signal(signal.SIGTERM)
     _both_trials_stopped_keeping_what_they_measured(host, out, log, "stopped by SIGTERM (the job was cancelled)")
+
+
+def test_a_sigterm_while_ray_starts_stops_the_run_as_ctrl_c_does():
+    """ray.init puts in a SIGTERM handler that raises SystemExit; a SIGTERM before the host's handler is back
+    must still stop the run as Ctrl-C does (tables written), not end the host with status 15."""
+    from noprop_bench.run.interrupts import forget_sigterm, sigterm_noted
+
+    def init(**options):
+        raise SystemExit(15)
+
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            RayExecutor("ray")._connect(fake_ray)
+        assert sigterm_noted()
+    finally:
+        forget_sigterm()
 
 
 def test_a_late_ray_cancel_neither_takes_a_finished_record_nor_stops_the_workers_next_trial(monkeypatch):

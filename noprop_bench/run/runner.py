@@ -463,9 +463,9 @@ class _TrialRun:
             accuracy = self._fitting_memory(lambda: evaluate(
                 self.method, self.checkpoint_test, self.data.normalize, self.eval_batch,
                 seed=self.spec.seed * 1000, setting=self.method.checkpoint_setting()))
-        finally:  # an evaluation stopped halfway was still time spent evaluating
+        finally:  # an evaluation stopped halfway was still time spent evaluating, and not training's memory
             self.record["eval_seconds"] += time.perf_counter() - started
-        self.memory.resume()
+            self.memory.resume()
         train_seconds = self.clock.elapsed()
         self.record["curve"].append({
             "train_seconds": train_seconds, "steps": steps, "samples": samples,

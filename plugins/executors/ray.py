@@ -14,7 +14,8 @@ from typing import Any, Dict, List
 
 from noprop_bench import UsageError, hookimpl
 from noprop_bench.executor import (ClusterExecutor, TrialJob, ctrl_c_held, execute_job, failed_record, forget_pending_stop,
-                                   interrupted, require_engine, stop_cause, stop_if_interrupted, stop_trial_on)
+                                   interrupted, note_sigterm, require_engine, stop_cause, stop_if_interrupted,
+                                   stop_trial_on)
 
 
 class RayExecutor(ClusterExecutor):
@@ -45,6 +46,11 @@ class RayExecutor(ClusterExecutor):
                      include_dashboard=False, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UsageError(f"--executor {self.spec_text}: cannot start or join Ray: {error}") from None
+        except SystemExit:  # a SIGTERM while Ray started, taken by the handler ray.init had put in
+            note_sigterm()
+            if ray.is_initialized():
+                ray.shutdown()
+            raise KeyboardInterrupt from None
         finally:
             # ray.init makes SIGTERM exit the process at once; the host's handler stops the run as Ctrl-C does
             if sigterm is not None and threading.current_thread() is threading.main_thread():

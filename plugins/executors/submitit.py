@@ -58,7 +58,7 @@ class SubmititExecutor(ClusterExecutor):
         if negative:
             raise UsageError(f"--executor {self.spec_text}: {', '.join(negative)} must not be negative (0 leaves "
                              f"it to SLURM's default)")
-        if any(part.strip().lower().startswith("gpu") for part in self.options["gres"].split(";")):
+        if any(part.split(":")[0].strip().lower() == "gpu" for part in self.options["gres"].split(";")):
             raise UsageError(f"--executor {self.spec_text}: ask for GPUs with gpus_per_node=N (or --device cuda), "
                              f"and for a GPU type with constraint=TYPE; gres=gpu... would not make the trials use "
                              f"them (gres is for other generic resources)")
@@ -102,8 +102,11 @@ class SubmititExecutor(ClusterExecutor):
         for ours, theirs in SLURM_OPTIONS.items():
             if options[ours]:
                 parameters[theirs] = options[ours]
-        if options["gres"]:  # several resources are given with ';' between them, as ',' separates the options
-            parameters["slurm_gres"] = ",".join(part.strip() for part in options["gres"].split(";") if part.strip())
+        # several generic resources are given with ';' between them, as ',' separates the options
+        gres = ",".join(part.strip() for part in options["gres"].split(";") if part.strip())
+        parameters.pop("slurm_gres", None)
+        if gres:
+            parameters["slurm_gres"] = gres
         # shell lines a SLURM job script runs before the trial (module load, activating an environment),
         # given with ';' between them, as ',' separates the options; local jobs run in this environment
         setup = [line.strip() for line in options["setup"].split(";") if line.strip()]
