@@ -25,8 +25,8 @@ from noprop_bench.executor import (ClusterExecutor, TrialJob, cpu_count, ctrl_c_
 # our option -> submitit's parameter; empty or 0 values are not passed, so submitit's defaults apply
 SLURM_OPTIONS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
                  "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism",
-                 "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task", "gres": "slurm_gres",
-                 "exclude": "slurm_exclude", "nodelist": "slurm_nodelist"}
+                 "mem_gb": "mem_gb", "cpus_per_task": "cpus_per_task", "exclude": "slurm_exclude",
+                 "nodelist": "slurm_nodelist"}  # and gres, written out in _parameters
 # what a job on this machine (cluster=local) has no use for; setup is left out: the README says local jobs
 # run in the host's environment
 SLURM_ONLY = ("partition", "account", "qos", "constraint", "gres", "exclude", "nodelist", "array_parallelism",
@@ -104,7 +104,6 @@ class SubmititExecutor(ClusterExecutor):
                 parameters[theirs] = options[ours]
         # several generic resources are given with ';' between them, as ',' separates the options
         gres = ",".join(part.strip() for part in options["gres"].split(";") if part.strip())
-        parameters.pop("slurm_gres", None)
         if gres:
             parameters["slurm_gres"] = gres
         # shell lines a SLURM job script runs before the trial (module load, activating an environment),
