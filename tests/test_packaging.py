@@ -45,7 +45,6 @@ def test_the_wheel_ships_the_data_files_and_the_license_without_warnings(tmp_pat
                for name in shipped)
 
 
-@pytest.mark.skipif(not (ROOT / ".ci" / "run").exists(), reason="needs the source checkout")
 def test_the_checkout_copy_leaves_out_virtual_environments(tmp_path):
     (tmp_path / "venv-any-name").mkdir()
     (tmp_path / "venv-any-name" / "pyvenv.cfg").write_text("home = /usr/bin\n")
