@@ -8,7 +8,7 @@ import threading
 from typing import ContextManager, Iterator
 
 CTRL_C_CAUSE = "interrupted by the user (Ctrl-C)"
-SIGTERM_CAUSE = "stopped by SIGTERM (the job was cancelled)"
+SIGTERM_CAUSE = "stopped by SIGTERM"
 TIME_LIMIT_CAUSE = "stopped at its job's time limit"
 
 _stopped_by_sigterm = threading.Event()
