@@ -1,6 +1,7 @@
 """NoProp-CT: one test per public-code bug of paper.md section 8 that applies to CT, bad input, end to end."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -391,3 +392,25 @@ def test_the_record_counts_the_label_paths_backbone_passes(embedding, solver, st
     method = make_method(make_task(), embedding=embedding, solver=solver, steps=steps)
     metrics = method.trial_metrics()
     assert (metrics["backbone_passes_per_train_step"], metrics["backbone_passes_per_test_batch"]) == (train, test)
+
+
+@pytest.mark.parametrize("gamma0", [-3.0, -16.0])
+def test_stochastic_sampler_transports_the_marginals(monkeypatch, gamma0):
+    """With a perfect u = u_y, Algorithm 2's sampler must end at q(z_1 | y) = N(sqrt(abar_1) u_y, (1 - abar_1) I),
+    also when a learned gamma0 drifts far below 0, where 1 - alpha per step nears float32's resolution."""
+    task = make_task()
+    method = make_method(task, gamma0=gamma0, gamma1=5.0)
+    x, y = first_batch(task, 8)
+    y = y.repeat(512)
+    monkeypatch.setattr(method.model, "logits", lambda f, z, t: 1e4 * F.one_hot(y, 10).float())
+    with torch.inference_mode():
+        abar_1 = float(method.schedule.abar(torch.tensor([1.0]))[0].double())
+        torch.manual_seed(5)
+        z_1 = method.integrate(torch.zeros(len(y), 256), "stochastic", 1000).double()
+    u_y = method.embedding.weight[y].double()
+    residual = z_1 - math.sqrt(abar_1) * u_y
+    std = math.sqrt(1 - abar_1)
+    on_label = (residual * u_y).sum(dim=1)  # the label's coordinate, where a wrong mean coefficient shows
+    assert abs(float(on_label.mean())) < 0.05 * std  # its standard error: std / 64
+    assert abs(float(residual.mean())) < 0.05 * std
+    assert float(residual.std()) == pytest.approx(std, rel=0.05)
