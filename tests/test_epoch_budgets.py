@@ -78,3 +78,21 @@ def test_paper_budget_trials_share_one_table():
 def test_paper_budget_for_an_unknown_method_is_a_usage_error(fake_run):
     with pytest.raises(UsageError, match="--budget paper"):
         fake_run("--methods", "linear", "--budget", "paper")
+
+
+def test_caption_says_what_an_epoch_meant_to_each_block_of_a_one_block_per_step_method():
+    common = {"budget": "100epochs (paper)", "budget_unit": "epochs", "backbone": "noprop_cnn", "batch_size": 128,
+              "environment": {"device_name": "cpu"}, "dataset": "mnist5k"}
+    records = [{**common, "method": "noprop_dt", "method_label": "NoProp-DT", "row_label": "NoProp-DT (one-hot)",
+                "seed": seed,
+                "method_metrics": {"blocks_trained_per_step": 1, "passes_per_block": [10.0] * 9 + [passes]}}
+               for seed, passes in ((0, 10.0), (1, 8.0))]
+    parallel = {**common, "method": "noprop_dt", "method_label": "NoProp-DT parallel", "seed": 0,
+                "method_metrics": {"blocks_trained_per_step": 10, "passes_per_block": [100.0] * 10}}
+    backprop = {**common, "method": "backprop", "method_label": "Backprop", "seed": 0, "method_metrics": {}}
+    text = settings_text(records + [parallel, backprop])
+    assert text.endswith("passes over the training split per block, on average: NoProp-DT (one-hot) 9.90 (of 10 "
+                         "blocks).")
+    assert "per block" not in settings_text([parallel, backprop])  # every block saw every batch
+    seconds = [{**r, "budget": "60", "budget_unit": "seconds"} for r in records]
+    assert "per block" not in settings_text(seconds)  # a clock budget makes no claim about epochs

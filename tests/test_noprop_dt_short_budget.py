@@ -30,6 +30,18 @@ def test_blocks_short_of_one_pass_are_named():
     assert "1.00, 0.40, 0.00" in warnings[0]
 
 
+def test_the_epochs_it_advises_give_every_block_a_pass():
+    """A sequential pass ends on a whole batch, so it runs past the split: with 40 images and batches of 16 a
+    pass is 48 samples, and 3 epochs (120 samples, 8 batches) leave block 3 short; 4 epochs (10 batches) do not."""
+    method = make_method()
+    train(method, 8, batch=16)
+    assert method.trial_metrics()["warnings"][0].endswith("a budget of at least 4 epochs gives every block one")
+    train(method, 2, batch=16)
+    assert method.trial_metrics()["warnings"] == []
+    for schedule, epochs in (("random", 3), ("parallel", 1)):
+        assert make_method(schedule=schedule).epochs_for_one_pass_each() == epochs
+
+
 def test_no_warning_once_every_block_had_a_pass():
     method = make_method()
     train(method, 15)

@@ -281,10 +281,32 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
     shared = f"Budget {budget} of training per trial{overshoot_text(records)}; backbone {backbone}; batch size {batch}"
     devices = device_counts(records)
     if len(devices) == 1:
-        return f"{shared}; device {next(iter(devices))}. Speed settings: {speed}."
+        return f"{shared}; device {next(iter(devices))}. Speed settings: {speed}.{per_block_epochs_text(records)}"
     listed = ", ".join(f"{name} ({n} trial{'s' * (n != 1)})" for name, n in sorted(devices.items()))
     return (f"{shared}. Devices: {listed}: the group mixes device types; {_mixed_devices_text(records[0])} "
-            f"Speed settings: {speed}.")
+            f"Speed settings: {speed}.{per_block_epochs_text(records)}")
+
+
+def per_block_epochs_text(records: Sequence[Dict[str, Any]]) -> str:
+    """For an epoch budget: what one epoch meant to each block of a method that trains one block per step
+    (NoProp-DT's sequential and random schedules count epochs summed over their blocks); "" otherwise."""
+    if budget_unit(records[0]) != "epochs":
+        return ""
+    per_label: "OrderedDict[str, Tuple[int, List[float]]]" = OrderedDict()
+    for record in records:
+        metrics = record.get("method_metrics") or {}
+        passes = metrics.get("passes_per_block")
+        if metrics.get("blocks_trained_per_step") != 1 or not isinstance(passes, list) or not passes:
+            continue
+        label = record.get("row_label") or record.get("method_label") or record["method"]
+        _, means = per_label.setdefault(str(label), (len(passes), []))
+        means.append(sum(passes) / len(passes))
+    if not per_label:
+        return ""
+    listed = ", ".join(f"{label} {sum(means) / len(means):.2f} (of {blocks} blocks)"
+                       for label, (blocks, means) in per_label.items())
+    return (f" A method that trains one block per step counts epochs as passes summed over its blocks; passes "
+            f"over the training split per block, on average: {listed}.")
 
 
 SPENT_FIELDS = {"seconds": "train_seconds", "samples": "samples", "steps": "steps", "epochs": "epochs"}

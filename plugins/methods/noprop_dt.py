@@ -310,7 +310,24 @@ class NoPropDT(Method):
             return []
         return [f"block{'s' * (len(short) > 1)} {', '.join(map(str, short))} of {self.T} got less than one pass over the training split "
                 f"each (passes per block: {', '.join(f'{n / self.train_size:.2f}' for n in self.block_samples_seen)}); "
-                f"the chain is only partly trained; a budget of at least {self.T} epochs gives every block one"]
+                f"the chain is only partly trained; a budget of at least {self.epochs_for_one_pass_each()} epochs "
+                f"gives every block one"]
+
+    def epochs_for_one_pass_each(self) -> int:
+        """The fewest whole epochs (passes summed over blocks) after which every block has seen the training
+        split once: 1 under ``parallel``, about T under ``random``. ``sequential`` passes end on whole batches,
+        so each is a little longer than the split and T epochs may fall short of the last block's pass."""
+        steps = sum(self.block_steps)
+        if self.params["schedule"] == "parallel":
+            return 1
+        if self.params["schedule"] == "random" or not steps:
+            return self.T
+        batch = sum(self.block_samples_seen) // steps  # every batch is whole
+        pass_length = -(-self.pass_samples // batch) * batch  # samples a block trains on before the next takes over
+        passes_each = -(-self.train_size // pass_length)
+        # every block's passes but the last block's final one, which needs only the rest of the split
+        needed = (passes_each * self.T - 1) * pass_length + self.train_size - (passes_each - 1) * pass_length
+        return -(-needed // self.train_size)
 
 
 @hookimpl
