@@ -235,7 +235,7 @@ def _plan(args, registry, device, command) -> tuple:
                        checkpoint_size=args.checkpoint_size,
                        train_accuracy=args.train_accuracy, inference_sweep=args.inference_sweep,
                        val_split=args.val_split, command=command, preset=_preset_record(args, cls, params, settings),
-                       speed_settings=speed)
+                       speed_settings=speed, dataset_content=dataset.content_id)
              for cls, params in methods for seed in range(args.seeds)]
     return dataset, specs
 

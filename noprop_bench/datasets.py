@@ -110,6 +110,12 @@ class Dataset:
         ``self.argument`` absolute."""
         return self.name if self.argument is None else f"{self.name}:{self.argument}"
 
+    @property
+    def content_id(self) -> Optional[str]:
+        """A digest of the data where its files can change under one spec (a folder of images); None where
+        the spec fixes the data. It is part of every trial's identity, so changed data trains new trials."""
+        return None
+
     def load(self, split: str) -> Split:
         """The whole ``split`` (``"train"`` or ``"test"``) as uint8 images and labels."""
         raise NotImplementedError

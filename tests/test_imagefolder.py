@@ -133,7 +133,7 @@ def test_a_sixteen_bit_png_that_an_older_pillow_opens_as_32_bit_is_scaled_too(tm
         return widened
 
     monkeypatch.setattr(imagefolder.Image, "open", as_older_pillow)
-    decoded = imagefolder._decode(tmp_path / "deep.png")
+    decoded = imagefolder._decode(tmp_path / "deep.png", (tmp_path / "deep.png").read_bytes())
     assert decoded[0].tolist() == np.round(pixels.astype(np.float64) / 257).astype(np.uint8).tolist()
 
 
@@ -155,7 +155,7 @@ def test_a_cache_of_an_older_decoding_is_not_used(tmp_path, monkeypatch, data_ro
     monkeypatch.setattr(imagefolder, "DECODER_VERSION", imagefolder.DECODER_VERSION + 1)
     decoded = []
     real_decode = imagefolder._decode
-    monkeypatch.setattr(imagefolder, "_decode", lambda path: decoded.append(path) or real_decode(path))
+    monkeypatch.setattr(imagefolder, "_decode", lambda path, content: decoded.append(path) or real_decode(path, content))
     ImageFolder(str(tmp_path / "tree")).load("train")
     assert len(decoded) == 10  # every file decoded again
     assert len(list((data_root / "decoded").glob("imagefolder-*.npz"))) == 1  # the old cache is gone
@@ -270,3 +270,50 @@ def test_the_first_decode_says_what_it_does_and_a_cached_load_says_nothing(tmp_p
     assert "later runs read them from" in err
     ImageFolder(str(tmp_path / "tree")).load("train")
     assert capsys.readouterr().err == ""
+
+
+def test_changed_files_make_new_trials_and_a_column_of_their_own(tmp_path, capsys):
+    """A rerun after the folder's files changed trains again (it used to skip, then pool old and new data in
+    one cell); a copy of the folder, with other modification times, is the same data; the report gives each
+    content a column of its own."""
+    tree = tmp_path / "tree"
+    write_tree(tree, per_class=(8, 4), size=(16, 16))
+    run = ["--methods", "backprop", "--backbone", "noprop_cnn", "--budget", "2steps", "--seeds", "1",
+           "--batch-size", "4", "--checkpoints", "0", "--out", str(tmp_path / "out"), "--dataset", f"imagefolder:{tree}"]
+
+    def run_and_read():
+        with pytest.raises(SystemExit) as exit_info:
+            main(run)
+        assert exit_info.value.code == 0, capsys.readouterr().err
+        return [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
+
+    first = run_and_read()
+    before = first[0]["dataset_content"]
+    assert before == ImageFolder(str(tree)).content_id and len(before) == 64
+    os.utime(tree / "train" / "cat" / "000.png", ns=(1, 1))  # touched, not changed: the same data
+    assert len(run_and_read()) == 1 and "skip " in capsys.readouterr().err
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tree / "train" / "cat" / "000.png")
+    records = run_and_read()
+    assert len(records) == 2 and records[1]["dataset_content"] not in (None, before)
+    assert records[1]["trial_id"] != records[0]["trial_id"]
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")])
+    header = (tmp_path / "report" / "table1.md").read_text().splitlines()[2]
+    assert f"tree (data {before[:8]}) test" in header
+    assert f"tree (data {records[1]['dataset_content'][:8]}) test" in header
+
+
+def test_a_trial_whose_files_changed_after_planning_fails_saying_so(tmp_path):
+    from noprop_bench.plugins import load_plugins
+    from noprop_bench.run.budget import Budget
+    from noprop_bench.run.runner import RunData, TrialSpec, run_trial
+
+    write_tree(tmp_path / "tree", per_class=(8, 4), size=(16, 16))
+    dataset = ImageFolder(str(tmp_path / "tree"))
+    backprop = load_plugins().method("backprop")
+    spec = TrialSpec(method=backprop, params=backprop.resolve_params({}), dataset=dataset.spec, backbone="noprop_cnn",
+                     budget=Budget.parse("1steps"), seed=0, batch_size=4, device=torch.device("cpu"), augment="none",
+                     checkpoints=0, dataset_content="0" * 64)
+    record = run_trial(spec, RunData.load(dataset, torch.device("cpu")))
+    assert record["status"] == "failed" and record["steps"] == 0
+    assert record["error"].startswith(f"the files of {dataset.spec} changed after the run was planned")

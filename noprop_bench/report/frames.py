@@ -37,6 +37,8 @@ IDENTITY_COLUMNS: "OrderedDict[str, Tuple[str, str]]" = OrderedDict([
     ("family", ("string", "discrete-time or continuous-time")),
     ("dataset", ("string", "dataset spec, e.g. mnist5k")),
     ("dataset_label", ("string", "dataset as the tables show it")),
+    ("dataset_content", ("string", "digest of the dataset's files, for a dataset whose files can change (an "
+                                   "image folder); trials on other contents get their own column")),
     ("backbone", ("string", "timm backbone name")),
     ("seed", ("Int64", "training seed")),
     ("budget", ("string", "training budget per trial, e.g. 120s or 20000samples")),

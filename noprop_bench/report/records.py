@@ -96,7 +96,8 @@ def current_labels(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List[Dict[str, Any]], List[str]]:
-    """The reportable records (with today's labels), and a note for each one left out."""
+    """The reportable records (with today's labels, and data that changed under one spec told apart), and a
+    note for each one left out."""
     valid, notes = [], []
     for number, record in enumerate(records, 1):
         problem = check_record(record)
@@ -104,7 +105,32 @@ def check_records(records: Iterable[Any], source: str = "records") -> Tuple[List
             notes.append(f"{source}: {_describe(record, number)}: {problem}; skipped")
         else:
             valid.append(current_labels(record))
-    return valid, notes
+    return apart_by_dataset_content(valid), notes
+
+
+DATASET_SPEC_FIELD = "dataset_spec"  # the spec a record was run on, where ``dataset`` names its contents too
+
+
+def apart_by_dataset_content(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Records of one dataset spec whose files differ between trials (an image folder changed between runs)
+    get a dataset (and column label) of their own per content, e.g. ``imagefolder:/data/pets [data 1a2b3c4d]``,
+    so trials on other data never share a cell. Copies; the rest are returned as they are."""
+    contents: Dict[str, set] = {}
+    for record in records:
+        contents.setdefault(record.get(DATASET_SPEC_FIELD) or record["dataset"], set()).add(
+            record.get("dataset_content"))
+    changed = {spec for spec, seen in contents.items() if len(seen) > 1}
+    if not changed:
+        return records
+    apart = []
+    for record in records:
+        if record["dataset"] in changed:  # not yet told apart (one that was keeps its spec in DATASET_SPEC_FIELD)
+            spec, content = record["dataset"], record.get("dataset_content")
+            tag = f"data {content[:8]}" if content else "data unrecorded"
+            record = {**record, DATASET_SPEC_FIELD: spec, "dataset": f"{spec} [{tag}]",
+                      "dataset_label": f"{record.get('dataset_label') or spec} ({tag})"}
+        apart.append(record)
+    return apart
 
 
 def load_records(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[str]]:

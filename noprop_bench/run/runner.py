@@ -136,6 +136,7 @@ class TrialSpec:
     command: str = ""
     preset: Optional[Dict[str, Any]] = None  # {"name": ..., "overrides": [...]}; not part of the identity
     speed_settings: Optional[Dict[str, Any]] = None  # SpeedSettings fields; None: eager fp32
+    dataset_content: Optional[str] = None  # the dataset's content_id where its files can change
 
     @property
     def speed(self) -> SpeedSettings:
@@ -144,6 +145,7 @@ class TrialSpec:
     def config(self) -> Dict[str, Any]:
         speed = self.speed.identity()  # only when not eager fp32, so older trial ids stay valid
         return {**({"speed": speed} if speed else {}),
+            **({"dataset_content": self.dataset_content} if self.dataset_content else {}),
             "method": self.method.name, "params": self.params, "dataset": self.dataset,
             "backbone": self.backbone, "budget": str(self.budget), "seed": self.seed,
             "batch_size": self.batch_size, "augment": self.augment,
@@ -248,6 +250,7 @@ def trial_header(spec: TrialSpec) -> Dict[str, Any]:
         "row_label": spec.method.row_label(spec.params), "family": spec.method.family,
         "stochastic": spec.method.stochastic, "params": spec.params,
         "param_defaults": dict(spec.method.defaults), "dataset": spec.dataset,
+        **({"dataset_content": spec.dataset_content} if spec.dataset_content else {}),
         "backbone": spec.backbone, "budget": str(spec.budget), "budget_unit": spec.budget.unit,
         "seed": spec.seed, "batch_size": spec.batch_size, "augment": spec.augment, "val_split": spec.val_split,
         "inference_runs": spec.inference_runs if spec.method.stochastic else 1, "command": spec.command,
@@ -277,6 +280,11 @@ def run_trial(spec: TrialSpec, data: RunData, progress: Optional[Callable[[str],
     if torch.device(spec.device).type == "cuda" and not torch.cuda.is_available():
         record.update(status="failed", error=f"no CUDA device on host {record['environment']['host']}",
                       finished_at=record["started_at"])
+        return record
+    if spec.dataset_content and data.dataset.content_id != spec.dataset_content:  # files changed since planning
+        record.update(status="failed", finished_at=record["started_at"],
+                      error=f"the files of {spec.dataset} changed after the run was planned (content "
+                            f"{str(data.dataset.content_id)[:12]}, planned {spec.dataset_content[:12]}); run again")
         return record
     trial = _TrialRun(spec, data, record, say)
     try:

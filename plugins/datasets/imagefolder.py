@@ -3,12 +3,16 @@
 Class names are the folder names, sorted; train and test must have the same ones. Images are decoded
 once (JPEG, PNG and the other formats Pillow reads) and the uint8 arrays cached under
 the data root, keyed by the folder's path and every file's name, size and modification time, so later
-runs load in seconds and any change to the files rebuilds the cache. All images must share one size;
+runs load in seconds and any change to the files rebuilds the cache. A digest of every file's name and
+bytes is the dataset's ``content_id``: trials on changed files are new trials, while a copy of the folder
+(other modification times, same files) gives the same one. All images must share one size;
 grayscale stays one channel unless some image is colour, then all become RGB. 16-bit grayscale is scaled
 to 8 bits; 32-bit integer and floating-point images, whose range no format fixes, are refused.
 Normalisation statistics are measured on the training split.
 """
 
+import hashlib
+import io
 import os
 import sys
 import time
@@ -25,7 +29,7 @@ from noprop_bench.data_root import ArrayCache, data_root, tree_key
 SPLITS = ("train", "test")
 GRAY_MODES = ("1", "L", "LA")
 UNSCALED_MODES = {"I": "32-bit integer", "F": "floating-point"}  # Pillow would clip these to 0..255
-DECODER_VERSION = 2  # part of the cache key: caches of an older decoding are rebuilt
+DECODER_VERSION = 3  # part of the cache key: caches of an older decoding are rebuilt (3: with content_sha256)
 
 
 class ImageFolder(Dataset):
@@ -58,6 +62,10 @@ class ImageFolder(Dataset):
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         return tuple(self._decoded()["train_images"].shape[1:])
+
+    @property
+    def content_id(self) -> str:
+        return str(self._decoded()["content_sha256"])
 
     @property
     def mean(self):
@@ -94,12 +102,13 @@ class ImageFolder(Dataset):
 
     def _decode_all(self) -> Dict[str, np.ndarray]:
         arrays = {}
+        digest = hashlib.sha256()
         for split in SPLITS:
             paths, labels = [], []
             for index, name in enumerate(self.classes):
                 paths += [file for file, _, _ in self.files[split][name]]
                 labels += [index] * len(self.files[split][name])
-            arrays[f"{split}_images"] = _decode_with_progress(paths, split)
+            arrays[f"{split}_images"] = _decode_with_progress(paths, split, digest, self.path)
             arrays[f"{split}_paths"] = paths
             arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
         images = [*arrays["train_images"], *arrays["test_images"]]
@@ -115,6 +124,7 @@ class ImageFolder(Dataset):
             arrays[f"{split}_images"] = stacked.numpy()
             del arrays[f"{split}_paths"]
         arrays["mean"], arrays["std"] = _channel_stats(arrays["train_images"])
+        arrays["content_sha256"] = np.asarray(digest.hexdigest())
         return arrays
 
 
@@ -155,21 +165,29 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _decode_with_progress(paths: List[Path], split: str) -> List[torch.Tensor]:
-    """Every image of ``paths``, with a line every ``PROGRESS_SECONDS`` on a long decode."""
+def _decode_with_progress(paths: List[Path], split: str, digest, root: Path) -> List[torch.Tensor]:
+    """Every image of ``paths``, with a line every ``PROGRESS_SECONDS`` on a long decode; each file's name
+    (relative to ``root``) and bytes go into ``digest``."""
     images, last = [], time.perf_counter()
     for index, path in enumerate(paths):
-        images.append(_decode(path))
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise UsageError(f"imagefolder: {path} cannot be read ({error})") from None
+        name = path.relative_to(root).as_posix().encode()
+        digest.update(len(name).to_bytes(8, "little") + name + len(content).to_bytes(8, "little") + content)
+        images.append(_decode(path, content))
         if time.perf_counter() - last >= PROGRESS_SECONDS:
             last = time.perf_counter()
             _say(f"imagefolder: {split}: {index + 1} of {len(paths)} images decoded")
     return images
 
 
-def _decode(path: Path) -> torch.Tensor:
-    """One image as uint8 ``[C, H, W]``, C = 1 for grayscale files, else 3 (alpha and palettes resolved)."""
+def _decode(path: Path, content: bytes) -> torch.Tensor:
+    """One image (the bytes of ``path``) as uint8 ``[C, H, W]``, C = 1 for grayscale files, else 3 (alpha and
+    palettes resolved)."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(content)) as opened:
             # Pillow before 10.3 opens a 16-bit grayscale PNG as "I" (PNG holds at most 16 bits)
             sixteen_bit = opened.mode.startswith("I;16") or (opened.mode == "I" and opened.format == "PNG")
             if opened.mode in UNSCALED_MODES and not sixteen_bit:
