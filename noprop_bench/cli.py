@@ -31,7 +31,7 @@ from .provenance import code_identity
 from .report.cli import report_main, run_output_names, write_run_outputs
 from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
-from .run.store import FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial
+from .run.store import FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial, writing_alone
 from .run.evaluation_plan import DEFAULT_CHECKPOINT_SIZE
 from .run.probe import estimate_text
 from .run.speed import speed_main
@@ -287,6 +287,11 @@ SUBCOMMANDS = {"report": report_main, "speed": speed_main, "new-plugin": new_plu
 
 
 def run(argv: Optional[List[str]] = None) -> int:
+    with contextlib.ExitStack() as held:  # the --out folder, once the run writes there (writing_alone)
+        return _run(argv, held)
+
+
+def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
@@ -324,6 +329,9 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     out = Path(args.out or Path("results") / f"{dataset.name}-{datetime.now():%Y%m%d-%H%M%S}")
     check_output_directory(out, "--out")
+    locked = out.is_dir()
+    if locked:  # before reading what it holds; a new folder is held once made, below
+        held.enter_context(writing_alone(out))
     store = TrialStore(out)
     for record in store.merge_record_files():
         say(f"recorded {trial_label(record)} seed {record.get('seed')}: it finished after the last run's "
@@ -386,6 +394,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     try:
         if jobs:
             out.mkdir(parents=True, exist_ok=True)  # an executor may keep its files there before the first record
+            if not locked:
+                held.enter_context(writing_alone(out))
             with sigterm_as_ctrl_c():
                 try:
                     executor.run(jobs, deliver, say)

@@ -365,3 +365,24 @@ def test_more_threads_than_cores_are_warned_of(fake_run, monkeypatch, capsys):
     assert code == 0
     assert ("warning: --threads 3 is more than the 2 CPU core(s) this process may use: the threads wait for cores"
             in capsys.readouterr().err)
+
+
+def test_a_second_run_into_an_out_folder_in_use_is_refused(fake_run, tmp_path):
+    """Two runs writing one --out at once would both train every trial and store each twice."""
+    from noprop_bench import UsageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match="another noprop-bench run is writing there"):
+            fake_run("--methods", "linear", "--budget", "1steps")
+        assert not (out / "trials.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fake_run("--methods", "linear", "--budget", "1steps")[0] == 0
+    assert fake_run("--methods", "linear", "--budget", "1steps", "--seeds", "2")[0] == 0  # released after each run

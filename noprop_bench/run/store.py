@@ -1,5 +1,6 @@
 """Trial records: the append-only ``trials.jsonl`` store, trial identity for resume, environment capture."""
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -18,6 +19,11 @@ from .interrupts import ctrl_c_held
 import torch
 
 from ..errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs go unlocked
+    fcntl = None
 
 TRIALS_FILE = "trials.jsonl"
 RECORD_FILES_DIR = "unmerged-records"  # records written by remote workers, waiting to be merged by the host
@@ -131,6 +137,31 @@ def check_output_directory(path, flag: str) -> None:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise UsageError(f"{flag} {wanted}: {existing} cannot be written to ({error.strerror or error})") from None
+
+
+@contextlib.contextmanager
+def writing_alone(directory, flag: str = "--out") -> Iterator[None]:
+    """Hold ``directory`` (which must exist) for one run: a second run writing there at the same time is
+    refused with a :class:`UsageError`, as both would train the same trials and store each twice. The lock
+    (``flock`` on the directory) ends with the run, or with its process, however that ends; where the file
+    system cannot lock (some network ones), runs go unlocked."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        descriptor = None
+    try:
+        if descriptor is not None and fcntl is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"{flag} {directory}: another noprop-bench run is writing there; let it finish "
+                                 f"(then rerun this command to add what it lacks) or give another {flag}") from None
+            except OSError:
+                pass
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 class TrialStore:
