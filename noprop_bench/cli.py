@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _describe_registry(registry) -> str:
     lines = ["Methods:"]
     for name, cls in sorted(registry.methods.items()):
-        params = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "no parameters"
+        # a value with commas is written in brackets on the command line, where commas separate parameters
+        params = ", ".join(f"{k}=[{v}]" if isinstance(v, str) and "," in v else f"{k}={v}"
+                           for k, v in cls.defaults.items()) or "no parameters"
         lines.append(f"  {name:<14} {cls.label or name} [{cls.family}] from plugin "
                      f"{registry.provider[f'method:{name}']}; {params}")
     lines.append("Datasets:")

@@ -195,7 +195,7 @@ def test_settings_for_the_host():
     ({"eval_solver": "rk4"}, "eval_solver='rk4' is not one of euler, heun"),
     ({"steps": "0"}, "steps=0 must be a whole number of at least 1"),
     ({"eval_steps": "-2"}, "eval_steps=-2 must be a whole number of at least 1"),
-    ({"sweep_steps": "2,0"}, "expected comma-separated step counts of at least 1"),
+    ({"sweep_steps": "2,0"}, "expected step counts of at least 1, in brackets on the command line"),
     ({"sigma": "-1"}, "sigma=-1.0 must be >= 0"),
     ({"time_dim": "63"}, "time_dim=63 must be an even number"),
 ])

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
 from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, LabelEmbedding, backbone_passes,
-                                                MonotoneSchedule, class_medoids, parse_steps, solver_setting)
+                                                MonotoneSchedule, class_medoids, normalise_sweep_steps, solver_setting)
 from noprop_bench_plugins.parts.optim import optimizer_options
 
 SOLVERS = ("stochastic", "euler", "heun")
@@ -86,7 +86,7 @@ class NoPropCT(IntegrationHooks, Method):
         for key in ("lr", "weight_decay", "eta", "warmup_steps", "schedule_weight_decay"):
             if params[key] < 0:
                 raise UsageError(f"method {cls.name!r}: {key}={params[key]!r} must be >= 0")
-        parse_steps(params["sweep_steps"])
+        normalise_sweep_steps(params)
 
     def __init__(self, task, **params):
         super().__init__(task, **params)

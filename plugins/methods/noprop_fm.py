@@ -6,8 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from noprop_bench import Method, UsageError, hookimpl
-from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, backbone_passes, parse_steps,
-                                              solver_setting)
+from noprop_bench_plugins.parts.noprop import (EMBEDDINGS, CTModel, IntegrationHooks, backbone_passes,
+                                              normalise_sweep_steps, solver_setting)
 from noprop_bench_plugins.parts.noprop_dt_fm import label_embedding_for, require_non_negative, require_whole
 from noprop_bench_plugins.parts.optim import optimizer_options
 
@@ -62,7 +62,7 @@ class NoPropFM(IntegrationHooks, Method):
         if params["time_dim"] % 2:
             raise UsageError(f"method {cls.name!r}: time_dim={params['time_dim']!r} must be an even number >= 2")
         require_non_negative(cls.name, params, ("lr", "weight_decay", "sigma"))
-        parse_steps(params["sweep_steps"])
+        normalise_sweep_steps(params)
 
     def __init__(self, task, **params):
         super().__init__(task, **params)

@@ -223,14 +223,24 @@ def backbone_passes(model: CTModel, solver: str, steps: int) -> Dict[str, int]:
 # -- inference settings ----------------------------------------------------------------------------
 
 def parse_steps(text: str) -> List[int]:
-    """``"2,5,10"`` -> ``[2, 5, 10]``; every entry a whole number of at least 1."""
+    """``"2,5,10"`` or ``"[2,5,10]"`` (as the command line gives a list: its commas would otherwise separate
+    parameters) -> ``[2, 5, 10]``; every entry a whole number of at least 1."""
+    listed = str(text).strip()
+    if listed.startswith("[") and listed.endswith("]"):
+        listed = listed[1:-1]
     try:
-        steps = [int(part) for part in str(text).split(",") if part.strip()]
+        steps = [int(part) for part in listed.split(",") if part.strip()]
     except ValueError:
         steps = []
     if not steps or min(steps) < 1:
-        raise UsageError(f"sweep_steps={text!r}: expected comma-separated step counts of at least 1, e.g. 2,5,10")
+        raise UsageError(f"sweep_steps={text!r}: expected step counts of at least 1, in brackets on the command line, "
+                         f"e.g. noprop_ct[sweep_steps=[2,5,10]]")
     return steps
+
+
+def normalise_sweep_steps(params) -> None:
+    """``sweep_steps`` as ``"2,5,10"`` however it was written, so one list is one trial identity."""
+    params["sweep_steps"] = ",".join(map(str, parse_steps(params["sweep_steps"])))
 
 
 def solver_setting(method, solvers, solver=None, steps=None):
