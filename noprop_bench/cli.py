@@ -31,7 +31,8 @@ from .provenance import code_identity
 from .report.cli import report_main, run_output_names, write_run_outputs
 from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
-from .run.store import FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial, writing_alone
+from .run.store import (FINISHED_STATUSES, NOT_RUN, TrialStore, check_output_directory, latest_per_trial,
+                        writing_alone)
 from .run.evaluation_plan import DEFAULT_CHECKPOINT_SIZE
 from .run.probe import estimate_text
 from .run.speed import speed_main
@@ -398,6 +399,9 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
             out.mkdir(parents=True, exist_ok=True)  # an executor may keep its files there before the first record
             if not locked:
                 held.enter_context(writing_alone(out))
+        if out.is_dir():  # what this command planned, for a report to name the trials it never began
+            store.write_plan(command, [{"trial_id": spec.trial_id, "trial": spec.describe(),
+                                        "dataset": dataset.display_name} for spec in specs])
             with sigterm_as_ctrl_c():
                 try:
                     executor.run(jobs, deliver, say)
@@ -418,8 +422,8 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
-        not_run = [f"{job.describe()} on {dataset.display_name}: not run (the run was interrupted before it began)"
-                   for job in jobs if job.trial_id not in delivered]
+        not_run = [f"{job.describe()} on {dataset.display_name}: {NOT_RUN}" for job in jobs
+                   if job.trial_id not in delivered]
         if not_run:
             say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
         if store.path.exists():

@@ -4,6 +4,7 @@ import json
 import time
 
 import fake_plugins
+from noprop_bench.report.cli import report_main as main_report
 
 
 def _records(out):
@@ -68,6 +69,9 @@ def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run, capsys):
     not_in_table = table.split("Not in the table:")[1].split("Skipped")[0]  # with the trials that did not finish
     assert "Interrupt (one-hot) seed 2 on Tiny: not run (the run was interrupted before it began)" in not_in_table
     assert "1 planned trial(s) did not begin" in capsys.readouterr().err
+    # a report written later names it too (from the plan the run left), though no record holds it
+    assert main_report([str(out)]) == 0
+    assert not_in_table in (out / "table1.md").read_text()
     # resuming reruns only the interrupted trial, saying so, (which interrupts again here)
     code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "3")
     assert [r["seed"] for r in _records(out)] == [0, 1, 1]

@@ -11,7 +11,7 @@ from .exports import FORMATS, parse_formats, require_parquet, write_frames, writ
 from ..run.store import TRIALS_FILE, check_output_directory
 from .code_versions import CodeByMethod
 from .table1 import render_table1
-from .records import check_records, load_records
+from .records import check_records, load_records, not_run_lines
 from .tables import render_inference_sweep, render_table2
 from .time_to_accuracy import parse_targets, render_time_to_accuracy
 
@@ -147,7 +147,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     written = []
     if "md" in formats:
         table1 = write_run_outputs(out, records, targets, train_columns=measured_train, paper=args.paper,
-                                   notes=notes)
+                                   notes=notes, not_run=not_run_lines(args.dirs, records))
         print(table1)
         written.append(run_output_names(out).replace(f"{TRIALS_FILE}, ", ""))
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ except ImportError:  # not a POSIX system: runs go unlocked
     fcntl = None
 
 TRIALS_FILE = "trials.jsonl"
+PLAN_FILE = "plan.json"  # the trials the last command into the folder planned, so a report can name those never run
+NOT_RUN = "not run (the run was interrupted before it began)"
 RECORD_FILES_DIR = "unmerged-records"  # records written by remote workers, waiting to be merged by the host
 FINISHED_STATUSES = ("ok", "diverged")  # a failed trial is tried again when the command is rerun
 
@@ -253,6 +255,28 @@ class TrialStore:
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return iter(self.read()[0])
+
+    @property
+    def plan_path(self) -> Path:
+        return self.directory / PLAN_FILE
+
+    def write_plan(self, command: str, planned: List[Dict[str, str]]) -> None:
+        """Replace the plan with this command's: ``planned`` holds each trial's ``trial_id``, ``trial`` (its
+        label and seed) and ``dataset`` (its column label)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = self.plan_path.with_name(f".{PLAN_FILE}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"command": command, "trials": planned}, indent=1))
+        os.replace(temporary, self.plan_path)
+
+    def read_plan(self) -> Optional[Dict[str, Any]]:
+        """The last command's plan, or None when there is none (or it cannot be read)."""
+        try:
+            plan = json.loads(self.plan_path.read_text())
+        except (OSError, ValueError):
+            return None
+        valid = (isinstance(plan, dict) and isinstance(plan.get("trials"), list)
+                 and all(isinstance(t, dict) and {"trial_id", "trial", "dataset"} <= set(t) for t in plan["trials"]))
+        return plan if valid else None
 
     def finished_ids(self) -> set:
         return {r["trial_id"] for r in self if r.get("status") in FINISHED_STATUSES and "trial_id" in r}
