@@ -178,9 +178,11 @@ def _describe_registry(registry) -> str:
         lines.append(f"  {name:<14} {cls.label or name} [{cls.family}] from plugin "
                      f"{registry.provider[f'method:{name}']}; {params}")
     lines.append("Datasets:")
+    width = max([14] + [len(name) + 4 * cls.takes_argument for name, cls in registry.datasets.items()])
     for name, cls in sorted(registry.datasets.items()):
         usage = f"{name}:ARG" if cls.takes_argument else name
-        lines.append(f"  {usage:<14} {cls.label or name} from plugin {registry.provider[f'dataset:{name}']}")
+        what = cls.label or (cls.__doc__ or "").strip().split("\n")[0].rstrip(".") or name  # a path's label is its folder
+        lines.append(f"  {usage:<{width}} {what} from plugin {registry.provider[f'dataset:{name}']}")
     lines.append("Executors:")
     for name, cls in sorted(registry.executors.items()):
         options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"

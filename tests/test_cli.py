@@ -1,6 +1,7 @@
 """Bad input gets exit status 2 and one clear line; failures are recorded and summarised."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,9 @@ def test_list_names_every_method_and_dataset_with_its_plugin(capsys):
     assert "backprop" in out and "from plugin backprop" in out
     assert "mnist5k" in out and "from plugin mnist5k" in out
     assert "linear" in out and "from plugin fake_plugins" in out
+    datasets = out.split("Datasets:\n")[1].split("Executors:")[0].splitlines()
+    assert len({re.match(r"  \S+ +", line).end() for line in datasets}) == 1  # descriptions in one column
+    assert "imagefolder:ARG Image folder ARG/{train,test}/<class>/* (any format Pillow reads) from plugin" in out
 
 
 def test_failed_trial_is_recorded_and_others_run(fake_run, capsys):

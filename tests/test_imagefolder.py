@@ -63,7 +63,7 @@ def test_jpeg_and_grayscale(tmp_path):
     assert dataset.load("train").images.shape == (6, 1, 6, 8) and len(dataset.mean) == 1
 
 
-def test_mixed_grayscale_and_colour_become_rgb(tmp_path):
+def test_mixed_grayscale_and_colour_become_rgb(tmp_path, capsys):
     write_tree(tmp_path / "mixed", mode="L")
     colour = np.full((6, 8, 3), 200, dtype=np.uint8)
     Image.fromarray(colour, "RGB").save(tmp_path / "mixed" / "test" / "dog" / "009.png")
@@ -72,6 +72,8 @@ def test_mixed_grayscale_and_colour_become_rgb(tmp_path):
     train = ImageFolder(str(tmp_path / "mixed")).load("train")
     assert train.images.shape[1] == 3
     assert all(torch.equal(train.images[0, c], torch.from_numpy(gray)) for c in range(3))
+    assert (f"imagefolder: 1 of 11 images are colour, so all become RGB (3 channels); the first: "
+            f"{tmp_path / 'mixed' / 'test' / 'dog' / '009.png'}") in capsys.readouterr().err
 
 
 def test_second_run_reads_the_cache(tmp_path, monkeypatch, data_root):

@@ -534,7 +534,7 @@ def test_figure3_with_one_seed_promises_no_band():
 def test_paper_caption_promises_no_paper_columns_for_a_dataset_the_paper_lacks():
     records = [{**r, "dataset": "fashion_mnist", "dataset_label": "F-MNIST"} for r in load("mnist")[0]]
     text = render_table1(records, paper=True)
-    assert "No paper columns: the paper's Table 1 has no F-MNIST." in text
+    assert "No paper columns: the paper's Table 1 has no column for F-MNIST." in text
     assert "(paper)" not in text and "Paper columns:" not in text
     assert "Paper columns: Li, Teh, Pascanu (2025)" in render_table1(load("mnist")[0], paper=True)
     mixed = render_table1(load("mnist")[0] + [{**r, "dataset": "fashion_mnist", "dataset_label": "F-MNIST"}
@@ -625,3 +625,37 @@ def test_a_cell_does_not_depend_on_the_order_the_trials_were_recorded_in():
     assert len({f"{np.mean(np.array(order)):.2f}" for order in itertools.permutations(values)}) == 2
     assert len({format_mean_se(list(order)) for order in itertools.permutations(values)}) == 1
     assert len({mean_and_standard_error(order) for order in itertools.permutations(values)}) == 1
+
+
+def test_a_group_not_split_by_device_names_none_in_its_heading():
+    from noprop_bench.report.records import comparable_groups, group_distinctions
+
+    common = {"backbone": "noprop_cnn", "batch_size": 128, "environment": {"device_name": "cpu (x86_64)"},
+              "dataset": "mnist5k", "seed": 0, "method": "backprop"}
+    records = [{**common, "budget": "3", "budget_unit": "seconds"},
+               {**common, "budget": "200samples", "budget_unit": "samples"}]
+    assert group_distinctions(comparable_groups(records)) == ["budget 3, device cpu (x86_64)", "budget 200samples"]
+
+
+def test_a_pipe_in_a_heading_or_cell_is_escaped_in_markdown():
+    import pandas as pd
+
+    from noprop_bench.report.records import markdown
+
+    text = markdown(pd.DataFrame({"Method": ["Backprop"], "cats|dogs test": ["90.00"]}))
+    heading, rule, row = text.splitlines()
+    assert "cats\\|dogs test" in heading and heading.count(" | ") == 1  # two cells, not three
+    assert rule.count("|") == 3 and row.count(" | ") == 1
+
+
+def test_warnings_and_failures_name_two_folders_of_one_name_as_their_columns_do():
+    records = copy.deepcopy(load("mnist")[0])[:2]
+    for record, folder in zip(records, ("/a/good", "/b/good")):
+        record.update(dataset=f"imagefolder:{folder}", dataset_label="good", warnings=["a warning"])
+    failed = {**copy.deepcopy(records[1]), "status": "failed", "error": "boom", "trial_id": "f"}
+    del failed["dataset_label"]  # as the host records a trial whose worker died
+    text = render_table1(records + [failed])
+    assert "good (imagefolder:/a/good) test" in text and "good (imagefolder:/b/good) test" in text
+    assert f"seed {records[0]['seed']} on good (imagefolder:/a/good): a warning" in text
+    assert f"seed {records[1]['seed']} on good (imagefolder:/b/good): a warning" in text
+    assert f"seed {failed['seed']} on good (imagefolder:/b/good): failed (boom)" in text

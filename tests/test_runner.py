@@ -66,7 +66,7 @@ def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run, capsys):
     assert statuses == {0: "ok", 1: "interrupted"}
     table = (out / "table1.md").read_text()
     assert "Interrupt (one-hot)" in table
-    not_in_table = table.split("Not in the table:")[1].split("Skipped")[0]  # with the trials that did not finish
+    not_in_table = table.split("Not in the table:")[1].split("Notes on the records")[0]  # with the trials that did not finish
     assert "Interrupt (one-hot) seed 2 on Tiny: not run (the run was interrupted before it began)" in not_in_table
     assert "1 planned trial(s) did not begin" in capsys.readouterr().err
     # a report written later names it too (from the plan the run left), though no record holds it

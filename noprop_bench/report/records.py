@@ -263,11 +263,12 @@ def comparable_groups(records: Iterable[Dict[str, Any]], by_device: Optional[boo
 
 def group_distinctions(groups: Sequence[Sequence[Dict[str, Any]]], by_device: Optional[bool] = None) -> List[str]:
     """Per comparable group, the :func:`comparability` fields that tell it from the other groups (e.g.
-    ``device NVIDIA H100``), for headings; empty strings when there is one group."""
+    ``device NVIDIA H100``), for headings; empty strings when there is one group. A group not split by device
+    (a budget in samples, steps or epochs) names no device."""
     keys = [comparability(group[0], by_device) for group in groups]
     names = ("budget", "backbone", "device", "batch size", "speed settings")
     varying = [i for i in range(len(names)) if len({key[i] for key in keys}) > 1]
-    return [", ".join(f"{names[i]} {key[i]}" for i in varying) for key in keys]
+    return [", ".join(f"{names[i]} {key[i]}" for i in varying if key[i] is not None) for key in keys]
 
 
 def field_mean(records: Sequence[Dict[str, Any]], field: str, scale: float = 1.0) -> float:
@@ -555,6 +556,9 @@ def rows_without_duplicate_seeds(records: Sequence[Dict[str, Any]]) -> Tuple[Lis
 
 
 def markdown(frame, align_first_left: bool = True) -> str:
-    """GitHub markdown for a frame of strings (no number re-formatting by tabulate)."""
+    """GitHub markdown for a frame of strings (no number re-formatting by tabulate); a ``|`` in a heading or
+    cell (a folder's name, say) is escaped, as it would end the cell."""
     colalign = (["left"] if align_first_left else ["right"]) + ["right"] * (frame.shape[1] - 1)
-    return frame.to_markdown(index=False, colalign=colalign, disable_numparse=True)
+    escaped = frame.rename(columns=lambda name: str(name).replace("|", "\\|"))
+    escaped = escaped.apply(lambda column: column.map(lambda v: v.replace("|", "\\|") if isinstance(v, str) else v))
+    return escaped.to_markdown(index=False, colalign=colalign, disable_numparse=True)

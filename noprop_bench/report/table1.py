@@ -204,7 +204,7 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
     lacking = ", ".join(dict.fromkeys(r.get("dataset_label") or r["dataset"] for r in kept
                                       if not paper_data.paper_dataset(r["dataset"])))
     if paper and not any(paper_data.paper_dataset(r["dataset"]) for r in kept):
-        caption += f" No paper columns: the paper's Table 1 has no {lacking}."
+        caption += f" No paper columns: the paper's Table 1 has no column for {lacking}."
     elif paper:
         caption += f" Paper columns: Li, Teh, Pascanu (2025), {paper_data.PAPER_STATISTIC}, for reference"
         caption += f" (none for {lacking}: not in the paper's Table 1)." if lacking else "."
@@ -228,12 +228,12 @@ def not_ok_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
     """A line per trial that did not finish ``ok`` (failed, diverged, interrupted). A record the host wrote
     for a trial that never reported (its worker died, or it was interrupted) has no dataset label of its
     own: another record's label for the same dataset is used."""
-    labels = {r.get("dataset"): r["dataset_label"] for r in records if r.get("dataset_label")}
+    labels = dataset_columns([r for r in records if r.get("dataset_label")] or records)
     tabled_budgets = {budget_group(r) for r in records if r.get("status") == "ok"}
     lines = []
     for record in records:
         if record.get("status") != "ok":
-            dataset = record.get("dataset_label") or labels.get(record.get("dataset"), record.get("dataset"))
+            dataset = labels.get(record.get("dataset")) or record.get("dataset")
             # a budget no table has: said, so the line is not read as a trial of the tables above
             other = tabled_budgets and budget_group(record) not in tabled_budgets
             budget = f" with budget {record.get('budget')}" if other else ""
@@ -266,11 +266,12 @@ def warning_lines(records: Sequence[Dict[str, Any]], texts: Callable[[Dict[str, 
     twice in a row and dataset, the last): its cell holds a number all the same, so the table says what
     qualifies it. With several tables (split as ``by_device`` says), each line names its table's settings."""
     groups = comparable_groups([r for r in records if r.get("status") == "ok"], by_device)
+    labels = dataset_columns(records)  # as the columns name them: two folders of one name told apart
     lines = []
     for group, distinction in zip(groups, group_distinctions(groups, by_device)):
         where = f" ({distinction})" if distinction else ""
         for record in rows_without_duplicate_seeds(group)[0]:
-            dataset = record.get("dataset_label") or record.get("dataset")
+            dataset = labels.get(record.get("dataset")) or record.get("dataset")
             lines += [f"{trial_label(record)} seed {record.get('seed')} on {dataset}{where}: {warning}"
                       for warning in texts(record)]
     return lines
@@ -297,7 +298,7 @@ def table1_document(records: List[Dict[str, Any]], train_columns: bool = False, 
         sections.append(Section(None, frame, table1_caption(group, has_train, paper, current_code)))
     return Document("Table 1: classification accuracy", sections, "No trial finished successfully.",
                     [("Warnings of trials in the table:", warning_lines(records)),
-                     ("Not in the table:", not_ok_lines(records) + list(not_run)), ("Skipped:", notes)])
+                     ("Not in the table:", not_ok_lines(records) + list(not_run)), ("Notes on the records read:", notes)])
 
 
 def render_table1(records: List[Dict[str, Any]], train_columns: bool = False, paper: bool = False,

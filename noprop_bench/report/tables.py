@@ -228,7 +228,7 @@ def inference_sweep_document(records: List[Dict[str, Any]]) -> Document:
                                     "inference runs." + (SEED_SE_TEXT if seed_se else "") + " "
                                     + settings_text(group)))
     return Document("Inference settings: test accuracy (%) by solver and steps", sections,
-                    "No trial has an inference sweep.", [("Skipped:", list(dict.fromkeys(notes)))])
+                    "No trial has an inference sweep.", [("Notes on the records read:", list(dict.fromkeys(notes)))])
 
 
 def render_inference_sweep(records: List[Dict[str, Any]]) -> str:

@@ -33,6 +33,8 @@ DECODER_VERSION = 3  # part of the cache key: caches of an older decoding are re
 
 
 class ImageFolder(Dataset):
+    """Image folder ARG/{train,test}/<class>/* (any format Pillow reads)."""
+
     name = "imagefolder"
     takes_argument = True
     augment = "none"  # unknown data: no augmentation unless --augment asks for it
@@ -118,7 +120,11 @@ class ImageFolder(Dataset):
             if image.shape[1:] != size:
                 raise UsageError(f"imagefolder: {path} is {image.shape[2]}x{image.shape[1]} pixels but "
                                  f"{everything[0]} is {size[1]}x{size[0]}; all images must have one size")
-        channels = 3 if any(image.shape[0] == 3 for image in images) else 1
+        colour = sum(image.shape[0] == 3 for image in images)
+        channels = 3 if colour else 1
+        if 0 < colour < len(images):  # one stray colour file changes the whole dataset: say so
+            _say(f"imagefolder: {colour} of {len(images)} images are colour, so all become RGB (3 channels); "
+                 f"the first: {next(p for p, image in zip(everything, images) if image.shape[0] == 3)}")
         for split in SPLITS:
             stacked = torch.stack([_to_channels(image, channels) for image in arrays.pop(f"{split}_images")])
             arrays[f"{split}_images"] = stacked.numpy()
