@@ -131,6 +131,8 @@ def test_nan_loss_is_recorded_as_diverged(fake_run):
     assert record["status"] == "diverged"
     assert "non-finite loss" in record["error"]
     assert record["steps"] <= 25  # detected at the first check, not after the whole budget
+    from noprop_bench.report.records import check_records
+    assert check_records([record]) == ([record], [])  # reported as diverged, not skipped as damaged
 
 
 def test_checking_an_output_directory_makes_nothing(tmp_path):

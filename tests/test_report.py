@@ -659,3 +659,19 @@ def test_warnings_and_failures_name_two_folders_of_one_name_as_their_columns_do(
     assert f"seed {records[0]['seed']} on good (imagefolder:/a/good): a warning" in text
     assert f"seed {records[1]['seed']} on good (imagefolder:/b/good): a warning" in text
     assert f"seed {failed['seed']} on good (imagefolder:/b/good): failed (boom)" in text
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("seed", "zero", "seed 'zero' is not a whole number"),  # it counted as one more seed
+    ("budget", "garbage", "budget 'garbage' is not a budget noprop-bench writes"),  # a caption said 'Budget garbage'
+    ("samples_per_second", "fast", "samples_per_second 'fast': not a number"),  # Table 2 left the seed out silently
+    ("test_acc", float("nan"), "test_acc nan: not a number"),
+])
+def test_a_record_with_a_value_of_the_wrong_kind_is_skipped_and_named(field, value, says):
+    from noprop_bench.report.records import check_records
+
+    records = copy.deepcopy(load("mnist")[0])
+    records[0][field] = value
+    kept, notes = check_records(records)
+    assert len(kept) == len(records) - 1
+    assert len(notes) == 1 and notes[0].endswith(f"{says}; skipped")

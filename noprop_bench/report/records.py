@@ -28,6 +28,9 @@ EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
 FAMILY_HEADINGS = {"discrete-time": "Discrete-time", "continuous-time": "Continuous-time"}
 DATASET_ORDER = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100")
 REQUIRED_FIELDS = ("status", "method", "row_label", "family", "dataset", "budget", "backbone", "seed")
+# what the tables average where a record holds it: a value of another type is refused, not quietly left out
+NUMBER_FIELDS = ("test_acc", "train_seconds", "eval_seconds", "samples_per_second", "steps", "samples", "epochs",
+                 "batch_size", "peak_memory_bytes")
 SOURCE_FIELD = "_source_dir"  # set by load_records: the directory a record was read from
 # labels a method has since changed: (method, old row label) -> (method label, row label) now. The linear-head
 # ``backprop`` was labelled like the paper's Backprop (one-hot) row, which is ``backprop_dt``.
@@ -74,6 +77,15 @@ def check_record(record: Any) -> Optional[str]:
     missing = [field for field in REQUIRED_FIELDS if field not in record]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
+    if isinstance(record["seed"], bool) or not isinstance(record["seed"], int):
+        return f"seed {record['seed']!r} is not a whole number"
+    try:
+        Budget.parse(str(record["budget"]))
+    except UsageError:
+        return f"budget {record['budget']!r} is not a budget noprop-bench writes"
+    wrong = [field for field in NUMBER_FIELDS if record.get(field) is not None and not is_finite_number(record[field])]
+    if wrong:  # a table would leave the value out of a mean without saying so
+        return f"{', '.join(f'{field} {record[field]!r}' for field in wrong)}: not a number"
     if record["status"] == "ok":
         runs = record.get("test_acc_runs")
         if not isinstance(runs, list) or not runs or not all(is_finite_number(v) for v in runs):
