@@ -408,8 +408,9 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
                 try:
                     executor.run(jobs, deliver, say)
                     cause = f"{by_executor} returned without delivering this trial"
-                except UsageError:
-                    _remove_empty_up_to(out, made)  # refused before anything was kept: leave no trace
+                except UsageError:  # refused before anything was kept: leave no trace, and no plan of it
+                    store.plan_path.unlink(missing_ok=True)
+                    _remove_empty_up_to(out, made)
                     raise
                 except Exception as error:  # noqa: BLE001 - the executor's own failure: keep what it delivered
                     if any(error is raised for raised in host_errors):

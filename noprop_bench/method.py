@@ -203,10 +203,11 @@ class Method(nn.Module):
 
 
 def settings_suffix(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
-    """`` [steps=20]``: each parameter of ``params`` that differs from ``defaults``, or "" when none does. The
-    embedding (and a learned embedding's ``dim``) is left out: the row label names it already."""
+    """`` [steps=20]``: each parameter of ``params`` that differs from ``defaults``, or "" when none does, by
+    name (as records store them, so a progress line and a table label a trial alike). The embedding (and a
+    learned embedding's ``dim``) is left out: the row label names it already."""
     in_label = {"embedding"} | ({"dim"} if params.get("embedding") == "learned" else set())
-    differing = [f"{key}={value}" for key, value in params.items()
+    differing = [f"{key}={value}" for key, value in sorted(params.items())
                  if key not in in_label and key in defaults and _stored(value) != _stored(defaults[key])]
     return f" [{', '.join(differing)}]" if differing else ""
 

@@ -296,3 +296,18 @@ def test_a_plugin_module_in_the_working_directory_loads_as_python_m_would_find_i
             run(["--plugin", path, "--list"])
     with pytest.raises(UsageError, match="--plugin not_here_plugin: cannot import it \\(ModuleNotFoundError"):
         run(["--plugin", "not_here_plugin", "--list"])
+
+
+def test_a_progress_line_and_a_table_label_a_trial_alike():
+    """Records store parameters sorted by name; a progress line (the parameters as resolved, in the defaults'
+    order) must name them in the same order, or a log cannot be searched for a table's label."""
+    import json
+
+    from noprop_bench.method import row_label_with_settings
+    from noprop_bench.run.jobs import trial_label
+    from noprop_bench_plugins.methods.noprop_ct import NoPropCT
+
+    params = NoPropCT.resolve_params({"steps": "10", "eval_steps": "5"})
+    record = json.loads(json.dumps({"row_label": NoPropCT.row_label(params), "params": params,
+                                    "param_defaults": NoPropCT.defaults}, sort_keys=True))
+    assert row_label_with_settings(NoPropCT, params) == trial_label(record) == "NoProp-CT (one-hot) [eval_steps=5, steps=10]"
