@@ -310,3 +310,15 @@ def test_ratios_are_taken_against_plain_backprop_even_when_a_variant_comes_first
     variants = [row("backprop", "Backprop [lr=0.01]", {"lr": 0.01}, 100.0), row("noprop_dt", "NoProp-DT", {"lr": 0.001}, 50.0)]
     add_ratios(variants)  # no plain backprop: the first backprop row, named by its label
     assert [r["ratio"] for r in variants] == [1.0, 0.5] and variants[1]["ratio_to"] == "Backprop [lr=0.01]"
+
+
+def test_speed_keeps_an_image_folders_decoded_copy_under_data_root(tmp_path, one_thread):
+    from test_imagefolder import write_tree
+
+    write_tree(tmp_path / "tree", per_class=(4, 2), size=(16, 16))
+    code = run(["speed", "--dataset", f"imagefolder:{tmp_path / 'tree'}", "--data-root", str(tmp_path / "root"),
+                "--methods", "backprop", "--backbone", "noprop_cnn", "--batch-size", "4", "--steps", "1",
+                "--out", str(tmp_path / "speed")])
+    assert code == 0
+    assert len(list((tmp_path / "root" / "decoded").glob("imagefolder-*.npz"))) == 1
+    assert "tree shape (3x16x16, 2 classes, random images)" in (tmp_path / "speed" / "speed.md").read_text()

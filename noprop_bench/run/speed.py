@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods, NAME[key=value,...]")
     parser.add_argument("--dataset", default="mnist5k", help="whose image shape and class count to use")
+    parser.add_argument("--data-root", type=non_empty, default=None,
+                        help="where datasets are stored, as for a run (an image folder is decoded once to learn its "
+                             "shape, and cached there); nothing is downloaded")
     parser.add_argument("--backbone", type=non_empty, default=None,
                         help="timm model name or noprop_cnn; default: the dataset's")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
@@ -382,7 +385,7 @@ def speed_main(argv: Sequence[str]) -> int:
     methods = distinct_methods(((name, registry.method(name), registry.method(name).resolve_params(given))
                                 for name, given in parse_method_list(args.methods)), say)
     dataset_name, argument = parse_dataset_spec(args.dataset)
-    dataset = registry.dataset(dataset_name)(argument, download=False)
+    dataset = registry.dataset(dataset_name)(argument, root=args.data_root, download=False)
     backbone = args.backbone or dataset.default_backbone
     check_backbone_name(backbone)
     grid = settings_grid(args, device.type)
