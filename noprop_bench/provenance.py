@@ -1,9 +1,11 @@
-"""Which code a plugin class comes from: its distribution and version, and the git commit of a checkout.
+"""Which code a plugin class comes from: its distribution and version, the git commit of a checkout, and a
+digest of the source files where no released version names them.
 
 Stored with every trial (``record["code"]``) so a rerun can tell results of other code from its own.
 """
 
 import hashlib
+import importlib.util
 import subprocess
 import sys
 from functools import lru_cache
@@ -11,7 +13,10 @@ from importlib.metadata import PackageNotFoundError, entry_points, packages_dist
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-CODE_FIELDS = ("distribution", "version", "git_commit", "source_sha256")
+# what decides whether two trials ran the same code (see same_code); ``git_commit`` decides only between records
+# that both lack a digest (written before checkouts were digested), as a commit changes with every edit to docs
+# or tests and stays the same under uncommitted edits
+CODE_FIELDS = ("distribution", "version", "source_sha256")
 
 
 ENTRY_POINT_GROUP = "noprop_bench"
@@ -82,8 +87,11 @@ def git_modified(folder: str) -> Optional[bool]:
     return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
-def package_folders(module_name: str) -> List[str]:
-    """The folders of the top-level package ``module_name`` belongs to; empty for a module alone."""
+def package_folders(module_name: str, spec=None) -> List[str]:
+    """The folders of the top-level package ``module_name`` belongs to (``spec``: its import spec, for a package
+    not imported); empty for a module alone."""
+    if spec is not None:
+        return [str(folder) for folder in spec.submodule_search_locations or []]
     top = sys.modules.get(module_name.partition(".")[0])
     return [str(folder) for folder in getattr(top, "__path__", None) or []]
 
@@ -91,11 +99,11 @@ def package_folders(module_name: str) -> List[str]:
 SKIPPED_PARTS = ("__pycache__", "site-packages", "dist-packages")
 
 
-def source_files(module_name: str) -> List[Tuple[str, Path]]:
+def source_files(module_name: str, spec=None) -> List[Tuple[str, Path]]:
     """The Python files of the code a module belongs to, each with its name inside that code: every ``.py``
     under its top-level package's folders (hidden folders and caches left out), or, for a module alone,
-    every ``.py`` beside it (what it may import from its folder)."""
-    folders = package_folders(module_name)
+    every ``.py`` beside it (what it may import from its folder). ``spec`` as for :func:`package_folders`."""
+    folders = package_folders(module_name, spec)
     if folders:
         return sorted((path.relative_to(folder).as_posix(), path) for folder in map(Path, folders)
                       for path in folder.rglob("*.py")
@@ -107,10 +115,8 @@ def source_files(module_name: str) -> List[Tuple[str, Path]]:
     return sorted((path.name, path) for path in Path(module_file).parent.glob("*.py"))
 
 
-@lru_cache(maxsize=None)
-def source_sha256(module_name: str) -> Optional[str]:
-    """A digest of :func:`source_files` (names and contents), or None when they cannot all be read."""
-    files = source_files(module_name)
+def _digest(files: List[Tuple[str, Path]]) -> Optional[str]:
+    """A digest of ``files`` (names and contents), or None when there are none or they cannot all be read."""
     digest = hashlib.sha256()
     for name, path in files:
         try:
@@ -121,13 +127,39 @@ def source_sha256(module_name: str) -> Optional[str]:
     return digest.hexdigest() if files else None
 
 
+@lru_cache(maxsize=None)
+def source_sha256(module_name: str) -> Optional[str]:
+    """A digest of :func:`source_files` (names and contents), or None when they cannot all be read."""
+    return _digest(source_files(module_name))
+
+
+def distribution_packages(distribution: str) -> List[str]:
+    """The top-level packages ``distribution`` installs, sorted (noprop-bench: the harness and its plugins)."""
+    return sorted(top for top, names in packages_distributions().items() if distribution in names)
+
+
+@lru_cache(maxsize=None)
+def distribution_sha256(distribution: str, module_name: str) -> Optional[str]:
+    """A digest of the Python files of every package ``distribution`` installs (each file named with its
+    package), or of ``module_name``'s own code when none can be found: for a source checkout, where a change to
+    any of them (the harness's included, for the built-in methods) changes what a trial computes."""
+    files = []
+    for top in distribution_packages(distribution):
+        spec = importlib.util.find_spec(top) if top not in sys.modules else None
+        if top in sys.modules or (spec is not None and spec.submodule_search_locations):
+            files += [(f"{top}/{name}", path) for name, path in source_files(top, spec)]
+    return _digest(files) if files else source_sha256(module_name)
+
+
 def code_identity(cls: type) -> Dict[str, Any]:
     """``{"distribution", "version", "git_commit", "source_sha256", "git_modified"}`` of the code that defines
-    ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files (:func:`source_files`), taken
-    only when neither a version nor a commit names the code (a module loaded with ``--plugin`` from a plain
-    folder), so an edit to it, or to a module beside it, makes its trials stale. ``git_modified`` says the
-    checkout had uncommitted changes, so the commit alone does not name the code; it is informational and not
-    part of :data:`CODE_FIELDS`."""
+    ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files, taken wherever no released
+    version alone names the code: in a source checkout (of every package of its distribution,
+    :func:`distribution_sha256`), or for a module loaded with ``--plugin`` from a plain folder (its package's or
+    its folder's files, :func:`source_files`). An edit to those files, committed or not, makes its trials
+    stale; a commit that changes no Python file of the code (docs, tests elsewhere) does not. ``git_commit``
+    and ``git_modified`` (uncommitted changes in the checkout) are informational, not part of
+    :data:`CODE_FIELDS` (see :func:`same_code`)."""
     distribution = distribution_of(cls)
     try:
         installed = version(distribution) if distribution else None
@@ -136,13 +168,20 @@ def code_identity(cls: type) -> Dict[str, Any]:
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     folder = str(Path(module_file).parent) if module_file else None
     commit = git_commit(folder) if folder else None
-    return {"distribution": distribution, "version": installed, "git_commit": commit,
-            "source_sha256": source_sha256(cls.__module__) if installed is None and commit is None else None,
+    if commit is not None and distribution:
+        digest = distribution_sha256(distribution, cls.__module__)
+    else:
+        digest = source_sha256(cls.__module__) if commit is not None or installed is None else None
+    return {"distribution": distribution, "version": installed, "git_commit": commit, "source_sha256": digest,
             "git_modified": git_modified(folder) if folder else None}
 
 
 def same_code(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    return all(recorded.get(key) == current.get(key) for key in CODE_FIELDS)
+    """Whether two code identities name the same code: the same :data:`CODE_FIELDS`; between two records of a
+    checkout written before its digest was stored, the same commit as well."""
+    if not all(recorded.get(key) == current.get(key) for key in CODE_FIELDS):
+        return False
+    return bool(recorded.get("source_sha256")) or recorded.get("git_commit") == current.get("git_commit")
 
 
 def describe_code(code: Optional[Mapping[str, Any]]) -> str:

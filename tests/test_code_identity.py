@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import noprop_bench
 import noprop_bench_plugins
-from noprop_bench.provenance import code_identity, describe_code, git_commit, git_modified, same_code
+from noprop_bench.provenance import (code_identity, describe_code, distribution_packages, distribution_sha256,
+                                     git_commit, git_modified, same_code, source_files, source_sha256)
 from noprop_bench_plugins.methods.backprop import Backprop
 
 
@@ -32,9 +34,15 @@ def test_the_code_of_a_built_in_method_is_its_distribution_version_and_checkout_
                                                   capture_output=True, text=True)
     if head and head.returncode == 0 and "site-packages" not in source.parts:  # an editable install of a checkout
         assert code["git_commit"] == head.stdout.strip()
-        assert re.fullmatch(r"noprop-bench 0\.1\.0, git [0-9a-f]{12}( with uncommitted changes)?", describe_code(code))
-    else:
-        assert code["git_commit"] is None
+        assert re.fullmatch(r"noprop-bench 0\.1\.0, git [0-9a-f]{12}( with uncommitted changes)?, source [0-9a-f]{12}",
+                            describe_code(code))
+        # the harness's files count as well as the plugins': both decide what a built-in method's trial computes
+        harness = Path(noprop_bench.__file__).parent / "run" / "runner.py"
+        assert harness in [path for _, path in source_files("noprop_bench")]
+        assert code["source_sha256"] == distribution_sha256("noprop-bench", Backprop.__module__)
+        assert distribution_packages("noprop-bench") == ["noprop_bench", "noprop_bench_plugins"]
+    else:  # installed from a wheel: its version names it
+        assert code["git_commit"] is None and code["source_sha256"] is None
 
 
 def test_a_rerun_retrains_trials_finished_by_other_code_and_keeps_them_when_asked(fake_run, capsys):
@@ -159,7 +167,7 @@ def test_records_without_code_identity_are_kept_and_render(fake_run, capsys):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to make a checkout")
-def test_a_checkout_with_uncommitted_changes_says_so(tmp_path, monkeypatch):
+def test_an_edit_to_a_checkouts_code_makes_it_other_code_and_a_commit_of_docs_does_not(tmp_path, monkeypatch):
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     package = tmp_path / "changed_plugin"
     package.mkdir()
@@ -169,18 +177,25 @@ def test_a_checkout_with_uncommitted_changes_says_so(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     import changed_plugin
 
-    def identity():
-        git_commit.cache_clear()
-        git_modified.cache_clear()
+    def identity():  # as a new process finds it
+        for cached in (git_commit, git_modified, source_sha256):
+            cached.cache_clear()
         return code_identity(changed_plugin.Method)
 
     clean = identity()
-    assert clean["git_commit"] and clean["git_modified"] is False
+    assert clean["git_commit"] and clean["git_modified"] is False and clean["source_sha256"]
     (package / "__init__.py").write_text("class Method:\n    changed = True\n")
     modified = identity()
     assert modified["git_commit"] == clean["git_commit"] and modified["git_modified"] is True
-    assert describe_code(modified).endswith("with uncommitted changes")
-    assert same_code(clean, modified)  # informational: the commit still decides what is stale
+    assert "with uncommitted changes, source" in describe_code(modified)
+    assert not same_code(clean, modified)  # the files changed: its trials are stale, committed or not
+    subprocess.run(git + ["commit", "-q", "-am", "edit"], check=True, capture_output=True)
+    committed = identity()
+    assert committed["git_commit"] != clean["git_commit"] and same_code(modified, committed)
+    (tmp_path / "README.md").write_text("notes\n")
+    for command in (["add", "README.md"], ["commit", "-q", "-m", "docs"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    assert same_code(committed, identity())  # another commit, the same code: nothing to retrain
 
 
 PLAIN_MODULE = '''
@@ -227,3 +242,11 @@ def test_a_plugin_module_in_a_plain_folder_is_named_by_its_source(fake_run, tmp_
     (folder / "plain_helper_for_identity.py").write_text("WIDTH = 3\n")  # what the plugin may import beside it
     source_sha256.cache_clear()
     assert source_sha256("plain_plugin_for_identity") != digest
+
+
+def test_records_of_a_checkout_from_before_its_digest_are_told_apart_by_their_commits():
+    older = {"distribution": "noprop-bench", "version": "0.1.0", "git_commit": "a" * 40, "source_sha256": None}
+    assert same_code(older, dict(older)) and not same_code(older, {**older, "git_commit": "b" * 40})
+    digested = {**older, "source_sha256": "c" * 64}
+    assert not same_code(older, digested) and not same_code(digested, older)  # retrained once
+    assert same_code(digested, {**digested, "git_commit": "b" * 40})  # with a digest the commit decides nothing
