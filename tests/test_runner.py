@@ -241,3 +241,16 @@ def test_cpu_peak_memory_leaves_out_what_runs_while_paused():
         time.sleep(0.1)
         del held
     assert counted.peak_bytes - before > size // 2
+
+
+def test_a_rerun_with_every_trial_finished_starts_no_executor(fake_run, monkeypatch):
+    """Nothing to train: an executor (a Ray cluster, a SLURM submission) must not even start."""
+    from noprop_bench_plugins.executors.local import LocalExecutor
+
+    args = ("--methods", "linear", "--budget", "64samples", "--checkpoints", "0")
+    assert fake_run(*args)[0] == 0
+    started = []
+    monkeypatch.setattr(LocalExecutor, "run", lambda self, jobs, *_: started.append(jobs))
+    code, out = fake_run(*args)
+    assert code == 0 and len(_records(out)) == 1 and started == []
+    assert json.loads((out / "plan.json").read_text())["trials"][0]["trial"] == "Linear (one-hot) seed 0"
