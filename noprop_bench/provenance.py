@@ -97,7 +97,8 @@ def package_folders(module_name: str, spec=None) -> List[str]:
     return [str(folder) for folder in getattr(top, "__path__", None) or []]
 
 
-SKIPPED_PARTS = ("__pycache__", "site-packages", "dist-packages")
+INSTALLED_PARTS = {"site-packages", "dist-packages"}  # where installed releases live, not source trees
+SKIPPED_PARTS = ("__pycache__", *sorted(INSTALLED_PARTS))
 
 
 def source_files(module_name: str, spec=None) -> List[Tuple[str, Path]]:
@@ -161,7 +162,7 @@ def distribution_sha256(distribution: str, module_name: str) -> Optional[str]:
 def code_identity(cls: type) -> Dict[str, Any]:
     """``{"distribution", "version", "git_commit", "source_sha256", "git_modified"}`` of the code that defines
     ``cls`` (None where unknown). ``source_sha256`` is a digest of its source files, taken wherever no released
-    version alone names the code: in a source checkout (of every package of its distribution,
+    version alone names the code: in a source tree, git checkout or not (of every package of its distribution,
     :func:`distribution_sha256`), or for a module loaded with ``--plugin`` from a plain folder (its package's or
     its folder's files, :func:`source_files`). An edit to those files, committed or not, makes its trials
     stale; a commit that changes no Python file of the code (docs, tests elsewhere) does not. ``git_commit``
@@ -175,10 +176,13 @@ def code_identity(cls: type) -> Dict[str, Any]:
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     folder = str(Path(module_file).parent) if module_file else None
     commit = git_commit(folder) if folder else None
-    if commit is not None and distribution:
+    # a source tree (a checkout, an editable install, a --plugin folder), git or not: its version stays the same
+    # through every edit, so its files name it; an installed release is named by its version alone
+    source_tree = folder is not None and not INSTALLED_PARTS & set(Path(folder).resolve().parts)
+    if source_tree and distribution:
         digest = distribution_sha256(distribution, cls.__module__)
     else:
-        digest = source_sha256(cls.__module__) if commit is not None or installed is None else None
+        digest = source_sha256(cls.__module__) if source_tree or installed is None else None
     return {"distribution": distribution, "version": installed, "git_commit": commit, "source_sha256": digest,
             "git_modified": git_modified(folder) if folder else None}
 

@@ -250,3 +250,29 @@ def test_records_of_a_checkout_from_before_its_digest_are_told_apart_by_their_co
     digested = {**older, "source_sha256": "c" * 64}
     assert not same_code(older, digested) and not same_code(digested, older)  # retrained once
     assert same_code(digested, {**digested, "git_commit": "b" * 40})  # with a digest the commit decides nothing
+
+
+def test_an_editable_install_outside_git_is_named_by_its_source(tmp_path, monkeypatch):
+    """`pip install -e` of a plugin folder that is no git checkout (what new-plugin scaffolds): its version
+    stays 0.1.0 through every edit, so its files must name it, or a rerun keeps results of the old code."""
+    from noprop_bench import provenance
+
+    package = tmp_path / "editable_plugin_for_identity"
+    package.mkdir()
+    (package / "__init__.py").write_text("class Method:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import editable_plugin_for_identity
+
+    monkeypatch.setattr(provenance, "distribution_of", lambda cls: "editable-plugin")
+    monkeypatch.setattr(provenance, "version", lambda name: "0.1.0")
+    monkeypatch.setattr(provenance, "distribution_packages", lambda name: ["editable_plugin_for_identity"])
+
+    def identity():  # as a new process finds it
+        for cached in (git_commit, source_sha256, provenance.distribution_sha256):
+            cached.cache_clear()
+        return code_identity(editable_plugin_for_identity.Method)
+
+    before = identity()
+    assert before["version"] == "0.1.0" and before["git_commit"] is None and before["source_sha256"]
+    (package / "__init__.py").write_text("class Method:\n    changed = True\n")
+    assert not same_code(before, identity())
