@@ -675,3 +675,16 @@ def test_a_record_with_a_value_of_the_wrong_kind_is_skipped_and_named(field, val
     kept, notes = check_records(records)
     assert len(kept) == len(records) - 1
     assert len(notes) == 1 and notes[0].endswith(f"{says}; skipped")
+
+
+def test_two_methods_of_one_label_get_rows_of_their_own():
+    """A plugin's variant (another train_step, the same label and defaults) shared the original's row, and
+    the table showed one of the two results."""
+    from noprop_bench.report.records import assign_rows
+
+    records = copy.deepcopy(load("mnist")[0])[:1]
+    twin = {**copy.deepcopy(records[0]), "method": f"{records[0]['method']}_v3", "trial_id": "twin", "test_acc": 11.0}
+    rows = assign_rows(records + [twin])
+    assert rows == [f"{records[0]['row_label']} [method={records[0]['method']}]",
+                    f"{records[0]['row_label']} [method={twin['method']}]"]
+    assert rows[1] in render_table1(records + [twin])

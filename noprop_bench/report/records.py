@@ -480,9 +480,11 @@ def row_sort_key(record: Dict[str, Any]) -> Tuple:
 
 
 def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
-    """The method's parameters and how its training data were set up (``--augment``, ``--val-split``; records
-    from before ``--val-split`` held out nothing): what tells two trials of one row apart."""
-    return {**_params(record), "augment": record.get("augment"), "val_split": float(record.get("val_split") or 0.0)}
+    """The method (two plugins may share a label), its parameters and how its training data were set up
+    (``--augment``, ``--val-split``; records from before ``--val-split`` held out nothing): what tells two trials
+    of one row apart."""
+    return {**_params(record), "method": record["method"], "augment": record.get("augment"),
+            "val_split": float(record.get("val_split") or 0.0)}
 
 
 def newest_per_method(records: Iterable[Dict[str, Any]], field: str) -> Dict[str, Dict[str, Any]]:
@@ -499,8 +501,8 @@ def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
     """A row label per record: ``row_label`` with the parameters that differ from the defaults its method
     had (:func:`~noprop_bench.run.jobs.trial_label`: a record that stored them alone decides its label, so
     every output labels it alike; an older one is labelled against the newest defaults its method's
-    records state), plus what differs when two trials of one method would otherwise share a cell (same
-    label and dataset) with different parameters or training data (``--augment``, ``--val-split``)."""
+    records state), plus what differs when two trials would otherwise share a cell (same label and dataset)
+    with different methods, parameters or training data (``--augment``, ``--val-split``)."""
     stated = newest_per_method(records, "param_defaults")  # for records made before the defaults were stored
     labels = [trial_label(record, stated.get(record["method"])) for record in records]
     variants_in_cell: Dict[Tuple[str, str], set] = {}
