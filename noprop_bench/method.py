@@ -13,7 +13,17 @@ FAMILIES = ("discrete-time", "continuous-time")
 
 
 def coerce_value(key: str, text: str, default: Any) -> Any:
-    """Convert a command-line string to the type of the parameter's default."""
+    """Convert a command-line string to the type of the parameter's default. A list or tuple default takes a
+    list in brackets, ``[16,8]`` (commas outside brackets separate parameters), each item converted to the type
+    of the default's first item (text when the default is empty)."""
+    if isinstance(default, (list, tuple)):
+        listed = text.strip()
+        if not (listed.startswith("[") and listed.endswith("]")):
+            raise UsageError(f"parameter {key}={text!r}: expected a list in brackets, as its default "
+                             f"{list(default)!r}, e.g. {key}=[{','.join(map(str, default)) or 'a,b'}]")
+        items = [item.strip() for item in listed[1:-1].split(",") if item.strip()]
+        values = [coerce_value(f"{key} item", item, default[0]) if default else item for item in items]
+        return type(default)(values)
     try:
         if isinstance(default, bool):
             lowered = text.lower()

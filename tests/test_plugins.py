@@ -311,3 +311,19 @@ def test_a_progress_line_and_a_table_label_a_trial_alike():
     record = json.loads(json.dumps({"row_label": NoPropCT.row_label(params), "params": params,
                                     "param_defaults": NoPropCT.defaults}, sort_keys=True))
     assert row_label_with_settings(NoPropCT, params) == trial_label(record) == "NoProp-CT (one-hot) [eval_steps=5, steps=10]"
+
+
+def test_a_list_parameter_takes_a_list_in_brackets_of_its_items_type():
+    from noprop_bench import Method, UsageError
+    from noprop_bench.specs import parse_method_spec
+
+    class Widths(Method):
+        name, label, defaults = "widths", "Widths", {"widths": [64, 32], "names": ("a",)}
+
+    given = parse_method_spec("widths[widths=[16, 8, 4],names=[x,y]]")[1]
+    assert Widths.resolve_params(given) == {"widths": [16, 8, 4], "names": ("x", "y")}
+    with pytest.raises(UsageError, match=r"widths='garbage': expected a list in brackets, as its default \[64, 32\], "
+                                         r"e.g. widths=\[64,32\]"):
+        Widths.resolve_params({"widths": "garbage"})
+    with pytest.raises(UsageError, match="widths item='x': expected a whole number"):
+        Widths.resolve_params({"widths": "[16,x]"})
