@@ -688,3 +688,11 @@ def test_two_methods_of_one_label_get_rows_of_their_own():
     assert rows == [f"{records[0]['row_label']} [method={records[0]['method']}]",
                     f"{records[0]['row_label']} [method={twin['method']}]"]
     assert rows[1] in render_table1(records + [twin])
+
+
+def test_a_folder_whose_run_left_a_plan_but_no_record_says_so(tmp_path, capsys):
+    from noprop_bench.run.store import TrialStore
+
+    TrialStore(tmp_path).write_plan("noprop-bench", [{"trial_id": "x", "trial": "Backprop seed 0", "dataset": "MNIST5k"}])
+    assert report_main([str(tmp_path)]) == 2
+    assert "the last command planned 1 trial(s) there, and none left a record" in capsys.readouterr().err

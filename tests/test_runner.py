@@ -70,8 +70,10 @@ def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run, capsys):
     assert "Interrupt (one-hot) seed 2 on Tiny: not run (the run was interrupted before it began)" in not_in_table
     assert "1 planned trial(s) did not begin" in capsys.readouterr().err
     # a report written later names it too (from the plan the run left), though no record holds it
-    assert main_report([str(out)]) == 0
-    assert not_in_table in (out / "table1.md").read_text()
+    assert main_report([str(out), "--format", "md,json,html"]) == 0
+    line = "Interrupt (one-hot) seed 2 on Tiny: no record (the run ended before this trial began, or was killed"
+    assert line in (out / "table1.md").read_text() and line in (out / "report.html").read_text()
+    assert any(text.startswith(line) for text in json.loads((out / "report.json").read_text())["not_ok"])
     # resuming reruns only the interrupted trial, saying so, (which interrupts again here)
     code, out = fake_run("--methods", "interrupt", "--budget", "3steps", "--seeds", "3")
     assert [r["seed"] for r in _records(out)] == [0, 1, 1]

@@ -136,7 +136,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     if not records:
         reasons = "; ".join(note[:-len("; skipped")] if note.endswith("; skipped") else note for note in notes)
-        print(f"noprop-bench report: error: nothing to report ({reasons or 'no trials'}); each DIR must hold "
+        planned = not_run_lines(args.dirs, [])
+        told = (f"; the last command planned {len(planned)} trial(s) there, and none left a record (the run "
+                f"ended before the first finished, or was killed)" if planned else "")
+        print(f"noprop-bench report: error: nothing to report ({reasons or 'no trials'}){told}; each DIR must hold "
               f"a trials.jsonl written by noprop-bench", file=sys.stderr)
         return EXIT_USAGE
     for note in notes:
@@ -145,9 +148,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.train_accuracy and not measured_train:
         _warn("--train-accuracy: no trial measured train accuracy (rerun with --train-accuracy); test only")
     written = []
+    not_run = not_run_lines(args.dirs, records)
     if "md" in formats:
         table1 = write_run_outputs(out, records, targets, train_columns=measured_train, paper=args.paper,
-                                   notes=notes, not_run=not_run_lines(args.dirs, records))
+                                   notes=notes, not_run=not_run)
         print(table1)
         written.append(run_output_names(out).replace(f"{TRIALS_FILE}, ", ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -155,9 +159,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         if kind in formats:
             written.append(", ".join(path.name for path in write_frames(records, out, kind)))
     if "json" in formats:
-        written.append(write_json(records, out, notes, paper=args.paper).name)
+        written.append(write_json(records, out, notes, paper=args.paper, not_run=not_run).name)
     if "html" in formats:
         written.append(write_html(records, out, notes=notes, targets=targets, paper=args.paper,
-                                  train_columns=measured_train, sources=[str(d) for d in args.dirs]).name)
+                                  train_columns=measured_train, sources=[str(d) for d in args.dirs],
+                                  not_run=not_run).name)
     print(f"reports in {out}/ ({'; '.join(written)})", file=sys.stderr)
     return EXIT_OK

@@ -58,16 +58,17 @@ def write_frames(records: List[Dict[str, Any]], out, kind: str) -> List[Path]:
     return written
 
 
-def write_json(records: List[Dict[str, Any]], out, notes: Sequence[str] = (), paper: bool = False) -> Path:
+def write_json(records: List[Dict[str, Any]], out, notes: Sequence[str] = (), paper: bool = False,
+               not_run: Sequence[str] = ()) -> Path:
     """``report.json``: Table 1 and Table 2 as numbers (see :func:`summary.summary`)."""
-    text = json.dumps(summary(records, notes, paper), indent=1, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(summary(records, notes, paper, not_run), indent=1, ensure_ascii=False, allow_nan=False)
     return write_text(Path(out) / "report.json", text + "\n")
 
 
 def write_html(records: List[Dict[str, Any]], out, *, notes: Sequence[str] = (),
                targets: Optional[Sequence[float]] = None, paper: bool = False, train_columns: bool = False,
-               sources: Sequence[str] = ()) -> Path:
+               sources: Sequence[str] = (), not_run: Sequence[str] = ()) -> Path:
     """``report.html`` (see :func:`html.render_html`)."""
     page = render_html(records, notes=notes, targets=targets, paper=paper, train_columns=train_columns,
-                       sources=sources)
+                       sources=sources, not_run=not_run)
     return write_text(Path(out) / "report.html", page)

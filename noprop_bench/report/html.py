@@ -60,11 +60,12 @@ def provenance(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, An
 
 def render_html(records: List[Dict[str, Any]], *, notes: Sequence[str] = (),
                 targets: Optional[Sequence[float]] = None, paper: bool = False, train_columns: bool = False,
-                sources: Sequence[str] = ()) -> str:
+                sources: Sequence[str] = (), not_run: Sequence[str] = ()) -> str:
     """The whole page as text: Table 1, Table 2, time to accuracy, the inference sweep (when a trial has
-    one), Figure 3 as inline SVG, and the commands and machines behind the trials."""
+    one), Figure 3 as inline SVG, and the commands and machines behind the trials. ``not_run`` as for
+    ``table1_document``."""
     records, bad = check_records(records)
-    parts = [_part(table1_document(records, train_columns, paper, list(notes) + bad), "table1"),
+    parts = [_part(table1_document(records, train_columns, paper, list(notes) + bad, not_run=not_run), "table1"),
              _part(table2_document(records, paper), "table2"),
              _part(time_to_accuracy_document(records, targets), "time-to-accuracy")]
     if any(r.get("status") == "ok" and r.get("inference_sweep") for r in records):

@@ -21,7 +21,7 @@ from ..errors import UsageError
 from ..run.budget import Budget
 from ..run.jobs import trial_label
 from ..run.speed_settings import SETTING_FIELDS, SpeedSettings
-from ..run.store import NOT_RUN, TRIALS_FILE, TrialStore, latest_per_trial, supersedes
+from ..run.store import TRIALS_FILE, TrialStore, latest_per_trial, supersedes
 
 PAPER_METHOD_ORDER = ("backprop_dt", "backprop", "noprop_dt", "adjoint", "noprop_ct", "noprop_fm")
 EMBEDDING_ORDER = ("one-hot", "learned", "prototype")
@@ -192,16 +192,19 @@ def load_records(directories: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List
 load_runs = load_records  # the former name
 
 
+NO_RECORD = "no record (the run ended before this trial began, or was killed while it ran)"
+
+
 def not_run_lines(directories: Sequence[Any], records: Sequence[Dict[str, Any]]) -> List[str]:
     """A line for each trial the last command into one of ``directories`` planned (its ``plan.json``) that
-    left no record there: the run ended before it began (Ctrl-C, or killed)."""
+    left no record there: the run ended before it began (Ctrl-C), or was killed while it ran."""
     recorded = {str(r.get("trial_id")) for r in records}
     lines: List[str] = []
     for directory in dict.fromkeys(str(Path(d).resolve()) for d in directories):
         plan = TrialStore(directory).read_plan()
         for trial in (plan or {}).get("trials", []):
             if str(trial["trial_id"]) not in recorded:
-                line = f"{trial['trial']} on {trial['dataset']}: {NOT_RUN}"
+                line = f"{trial['trial']} on {trial['dataset']}: {NO_RECORD}"
                 if line not in lines:
                     lines.append(line)
     return lines

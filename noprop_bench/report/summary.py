@@ -116,11 +116,13 @@ def table2_summary(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return tables
 
 
-def summary(records: List[Dict[str, Any]], notes: Sequence[str] = (), paper: bool = False) -> Dict[str, Any]:
+def summary(records: List[Dict[str, Any]], notes: Sequence[str] = (), paper: bool = False,
+            not_run: Sequence[str] = ()) -> Dict[str, Any]:
     """Table 1 and Table 2 of ``records`` as plain data (JSON-ready); accuracies in %, memory in GB (10^9
-    bytes), ``se`` null for a single value; the warnings of the trials in the tables, as under Table 1."""
+    bytes), ``se`` null for a single value; the warnings of the trials in the tables, as under Table 1, and in
+    ``not_ok`` the trials that did not finish ok, then the planned ones that left no record (``not_run``)."""
     records, bad = check_records(records)
     ok = [r for r in records if r.get("status") == "ok"]
     return {"format": SUMMARY_FORMAT, "version": SUMMARY_VERSION,
             "table1": table1_summary(ok, paper), "table2": table2_summary(ok), "warnings": warning_lines(ok),
-            "not_ok": not_ok_lines(records), "skipped": list(notes) + bad}
+            "not_ok": not_ok_lines(records) + list(not_run), "skipped": list(notes) + bad}
