@@ -337,3 +337,45 @@ def test_an_executor_that_drops_a_begun_job_at_ctrl_c_is_named():
                                              "began and were not delivered: \\['"):
         check_executor(Hasty)
 
+
+
+def test_evaluation_left_in_training_mode_is_named_with_the_eval_mode_fix():
+    """The forgotten eval mode a plugin author writes: a BatchNorm the harness's eval() cannot reach (kept in
+    a Python list), a predict that switches training back on, dropout left on in predict."""
+    class _Normed(HandWritten):
+        def __init__(self, task, **params):
+            super().__init__(task, **params)
+            self.norm = nn.BatchNorm1d(task.num_classes).to(task.device)
+
+        def predict(self, x):
+            return self.norm(super().predict(x))
+
+    class ListedNorm(_Normed):
+        name = "listed_norm"
+
+        def __init__(self, task, **params):
+            super().__init__(task, **params)
+            self.listed = [self.norm]  # a plain list: method.eval() does not reach it
+            del self.norm
+
+        def predict(self, x):
+            return self.listed[0](HandWritten.predict(self, x))
+
+    class TrainsInPredict(_Normed):
+        name = "trains_in_predict"
+
+        def predict(self, x):
+            self.train()
+            return super().predict(x)
+
+    class DropoutInPredict(HandWritten):
+        name = "dropout_in_predict"
+
+        def predict(self, x):
+            return nn.functional.dropout(super().predict(x), 0.5)
+
+    assert "depend on the other images in its batch" in _failure(ListedNorm)
+    trains = _failure(TrainsInPredict)
+    assert "predict changed the method's state" in trains and "never call train() in predict" in trains
+    assert "pass training=self.training to F.dropout" in _failure(DropoutInPredict)
+    check_method(_Normed)  # registered and in eval mode: within the contract

@@ -114,10 +114,15 @@ def check_method(cls: Type[Method], device="cpu", **params) -> None:
                    "two instances must share no state: training one changed the other (keep tensors, optimisers "
                    "and buffers per instance, never in class attributes or module globals)")
     findings.check(cls.defaults == defaults_before, "never modify the class's defaults; copy them (self.params)")
+    state_before = _state(method)
     logits = _predict(method, x, seed=1)
+    after = _state(method)  # a tensor predict adds (a cache of its own) is no training; one it changes may be
+    findings.check(all(_same(before, after[path]) for path, before in state_before.items() if path in after),
+                   EVALUATION_TRAINS)
     findings.add(logits_fixes(logits, len(y), task.num_classes, task.device))
     if isinstance(logits, torch.Tensor):
         findings.add(_determinism_fixes(cls, method, x, logits))
+        findings.add(_batch_independence_fixes(cls, method, x, logits))
         findings.add(_feature_split_fixes(method, x))
     findings.check(torch.equal(x, x_before) and torch.equal(y, y_before),
                    "never modify the input batch in place (x or y): clone it first")
@@ -154,6 +159,26 @@ def _check_train_step(method: Method, x: torch.Tensor, y: torch.Tensor, findings
     for sync, count in sorted(Counter(syncs).items()):
         warnings.warn(f"{describe_class(cls)}: train_step forces a host synchronisation ({count}x): {sync}; keep "
                       f"Python numbers out of the step and return tensors", HostSyncWarning, stacklevel=3)
+
+
+EVAL_MODE_FIX = ("register every module (nn.ModuleList or an attribute, not a Python list or dict) so "
+                 "method.eval() reaches it, never call train() in predict, and pass training=self.training to "
+                 "F.dropout and F.batch_norm")
+EVALUATION_TRAINS = ("predict changed the method's state (a BatchNorm's running statistics, say): evaluation must "
+                     f"not train; {EVAL_MODE_FIX}")
+
+
+def _batch_independence_fixes(cls: Type[Method], method: Method, x: torch.Tensor, logits: torch.Tensor) -> List[str]:
+    """A deterministic method's logits for an image must not depend on the other images of its batch: the
+    harness evaluates in batches of its own choosing."""
+    if cls.stochastic or len(x) < 2:
+        return []
+    part = _predict(method, x[: len(x) // 2], seed=1)
+    if isinstance(part, torch.Tensor) and part.shape == logits[: len(x) // 2].shape and not torch.allclose(
+            part, logits[: len(x) // 2], rtol=1e-4, atol=1e-5, equal_nan=True):
+        return [f"predict's logits for an image depend on the other images in its batch (a BatchNorm or dropout "
+                f"still in training mode): {EVAL_MODE_FIX}"]
+    return []
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -206,7 +231,8 @@ def _determinism_fixes(cls: Type[Method], method: Method, x: torch.Tensor, seed_
                 "repeated for nothing"]
     if not cls.stochastic and not other_seed:
         return ["predict varies with the seed: set stochastic = True, so the final evaluation is repeated "
-                "--inference-runs times"]
+                "--inference-runs times; or, where the randomness is dropout left on at evaluation, switch it "
+                f"off: {EVAL_MODE_FIX}"]
     return []
 
 
