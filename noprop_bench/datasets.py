@@ -53,8 +53,13 @@ class Split:
                 raise ValueError(f"{field_name} must be a torch tensor, not {type(value).__module__}."
                                  f"{type(value).__name__}: pass torch.as_tensor({field_name}"
                                  f"{', dtype=torch.long' if field_name == 'labels' else ''})")
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        if self.images.dim() != 4:
+            raise ValueError(f"images must be a uint8 tensor [N, C, H, W], not of shape {list(self.images.shape)}")
+        if self.images.dtype != torch.uint8:
+            hint = (": pass images.mul(255).round().to(torch.uint8) for values in 0..1, images.to(torch.uint8) "
+                    "for 0..255 (the harness normalises with the dataset's mean and std)"
+                    if self.images.is_floating_point() else ": pass images.to(torch.uint8)")
+            raise ValueError(f"images must be a uint8 tensor [N, C, H, W], not {self.images.dtype}{hint}")
         if len(self.images) != len(self.labels):
             raise ValueError("images and labels differ in length")
 

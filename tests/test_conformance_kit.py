@@ -379,3 +379,18 @@ def test_evaluation_left_in_training_mode_is_named_with_the_eval_mode_fix():
     assert "predict changed the method's state" in trains and "never call train() in predict" in trains
     assert "pass training=self.training to F.dropout" in _failure(DropoutInPredict)
     check_method(_Normed)  # registered and in eval mode: within the contract
+
+
+def test_float_images_are_a_finding_with_the_conversion_not_a_bare_error():
+    class FloatImages(Dataset):
+        name, classes, image_shape, mean, std = "float_images", ("a", "b"), (1, 4, 4), (0.5,), (0.2,)
+
+        def load(self, split):
+            return Split(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+
+    with pytest.raises(AssertionError) as failure:
+        check_dataset(FloatImages)
+    message = str(failure.value)
+    assert "FloatImages breaks the dataset contract" in message
+    assert ("load('train'): images must be a uint8 tensor [N, C, H, W], not torch.float32: pass "
+            "images.mul(255).round().to(torch.uint8) for values in 0..1") in message

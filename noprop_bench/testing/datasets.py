@@ -20,7 +20,11 @@ def check_dataset(cls: Type[Dataset], argument: Optional[str] = None, root: Opti
     dataset = cls(argument, root=root, download=False)
     splits = {}
     for name in ("train", "test"):
-        split = dataset.load(name)
+        try:
+            split = dataset.load(name)
+        except ValueError as error:  # Split refused what load built (float images, numpy labels)
+            fixes.append(f"load({name!r}): {error}")
+            continue
         if not isinstance(split, Split):
             fixes.append(f"load({name!r}) must return noprop_bench.Split(images, labels), not {type(split).__name__}")
             continue
