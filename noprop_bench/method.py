@@ -215,11 +215,19 @@ class Method(nn.Module):
 def settings_suffix(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
     """`` [steps=20]``: each parameter of ``params`` that differs from ``defaults``, or "" when none does, by
     name (as records store them, so a progress line and a table label a trial alike). The embedding (and a
-    learned embedding's ``dim``) is left out: the row label names it already."""
+    learned embedding's ``dim``) is left out: the row label names it already. A list is written as the command
+    line takes it, in brackets (``sweep_steps=[2,5]``)."""
     in_label = {"embedding"} | ({"dim"} if params.get("embedding") == "learned" else set())
-    differing = [f"{key}={value}" for key, value in sorted(params.items())
+    differing = [f"{key}={_as_given(value)}" for key, value in sorted(params.items())
                  if key not in in_label and key in defaults and _stored(value) != _stored(defaults[key])]
     return f" [{', '.join(differing)}]" if differing else ""
+
+
+def _as_given(value: Any) -> str:
+    """A parameter's value as the command line takes it: a list (or a text list, sweep_steps) in brackets."""
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(map(str, value))}]"
+    return f"[{value}]" if isinstance(value, str) and "," in value else str(value)
 
 
 def _stored(value: Any) -> str:

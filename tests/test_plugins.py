@@ -327,3 +327,10 @@ def test_a_list_parameter_takes_a_list_in_brackets_of_its_items_type():
         Widths.resolve_params({"widths": "garbage"})
     with pytest.raises(UsageError, match="widths item='x': expected a whole number"):
         Widths.resolve_params({"widths": "[16,x]"})
+
+
+def test_a_list_parameter_is_labelled_as_the_command_line_takes_it():
+    from noprop_bench.method import settings_suffix
+
+    assert settings_suffix({"sweep_steps": "2,5", "widths": [16, 8], "lr": 0.1},
+                           {"sweep_steps": "2,5,10", "widths": [64], "lr": 0.1}) == " [sweep_steps=[2,5], widths=[16,8]]"

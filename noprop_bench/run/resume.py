@@ -34,7 +34,7 @@ def pending_specs(specs: List[Any], records: List[Dict[str, Any]], keep_stale: b
             then, now = describe_code(record["code"]), describe_code(code_identity(spec.method))
             if keep_stale:
                 say(f"keep {spec.describe()}: finished with {then}, the code is now {now} (--keep-stale; marked "
-                    f"in table1.md)")
+                    f"in table1.md and table2.md)")
                 continue
             say(f"stale {spec.describe()}: finished with {then}, the code is now {now}; training it again "
                 f"(--keep-stale keeps it)")
