@@ -31,7 +31,7 @@ from .provenance import code_identity
 from .report.cli import report_main, run_output_names, write_run_outputs
 from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
-from .run.store import (FINISHED_STATUSES, NOT_RUN, TrialStore, check_output_directory, latest_per_trial,
+from .run.store import (FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial,
                         writing_alone)
 from .run.evaluation_plan import DEFAULT_CHECKPOINT_SIZE
 from .run.probe import estimate_text
@@ -426,8 +426,8 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
-        not_run = [f"{job.describe()} on {dataset.display_name}: {NOT_RUN}" for job in jobs
-                   if job.trial_id not in delivered]
+        not_run = [f"{job.describe()} on {dataset.display_name}: not run (the run was interrupted before it began)"
+                   for job in jobs if job.trial_id not in delivered]
         if not_run:
             say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
         if store.path.exists():

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 # that both lack a digest (written before checkouts were digested), as a commit changes with every edit to docs
 # or tests and stays the same under uncommitted edits
 CODE_FIELDS = ("distribution", "version", "source_sha256")
+INSTALLED_PARTS = {"site-packages", "dist-packages"}  # where installed releases live, not source trees
 
 
 ENTRY_POINT_GROUP = "noprop_bench"
@@ -53,6 +54,11 @@ def plugin_of(cls: type) -> str:
     return distribution_of(cls) or cls.__module__
 
 
+def is_source_tree(folder) -> bool:
+    """Whether ``folder`` holds source (a checkout, an editable install, a plain folder), not an installed release."""
+    return not INSTALLED_PARTS & set(Path(folder).resolve().parts)
+
+
 @lru_cache(maxsize=None)
 def git_commit(folder: str) -> Optional[str]:
     """The checked-out commit of the git work tree holding ``folder``, or None.
@@ -61,7 +67,7 @@ def git_commit(folder: str) -> Optional[str]:
     site-packages is identified by its version alone.
     """
     path = Path(folder).resolve()
-    if "site-packages" in path.parts or "dist-packages" in path.parts:
+    if not is_source_tree(path):
         return None
     if not any((parent / ".git").exists() for parent in (path, *path.parents)):
         return None
@@ -97,7 +103,6 @@ def package_folders(module_name: str, spec=None) -> List[str]:
     return [str(folder) for folder in getattr(top, "__path__", None) or []]
 
 
-INSTALLED_PARTS = {"site-packages", "dist-packages"}  # where installed releases live, not source trees
 SKIPPED_PARTS = ("__pycache__", *sorted(INSTALLED_PARTS))
 
 
@@ -178,7 +183,7 @@ def code_identity(cls: type) -> Dict[str, Any]:
     commit = git_commit(folder) if folder else None
     # a source tree (a checkout, an editable install, a --plugin folder), git or not: its version stays the same
     # through every edit, so its files name it; an installed release is named by its version alone
-    source_tree = folder is not None and not INSTALLED_PARTS & set(Path(folder).resolve().parts)
+    source_tree = folder is not None and is_source_tree(folder)
     if source_tree and distribution:
         digest = distribution_sha256(distribution, cls.__module__)
     else:

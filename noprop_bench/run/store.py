@@ -27,7 +27,6 @@ except ImportError:  # not a POSIX system: runs go unlocked
 
 TRIALS_FILE = "trials.jsonl"
 PLAN_FILE = "plan.json"  # the trials the last command into the folder planned, so a report can name those never run
-NOT_RUN = "not run (the run was interrupted before it began)"
 RECORD_FILES_DIR = "unmerged-records"  # records written by remote workers, waiting to be merged by the host
 FINISHED_STATUSES = ("ok", "diverged")  # a failed trial is tried again when the command is rerun
 
