@@ -21,6 +21,7 @@ from .run.budget import Budget
 from .datasets import AUGMENTATIONS
 from .errors import EXIT_INTERRUPTED, UsageError
 from .help_format import HelpFormatter, non_empty
+from .method import as_given
 from .run.executor_base import ClusterExecutor
 from .run.interrupts import forget_sigterm, note_sigterm
 from .run.jobs import (Progress, TrialJob, delivery_problem, failed_record, import_root, threads_beyond_cores,
@@ -172,9 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _describe_registry(registry) -> str:
     lines = ["Methods:"]
     for name, cls in sorted(registry.methods.items()):
-        # a value with commas is written in brackets on the command line, where commas separate parameters
-        params = ", ".join(f"{k}=[{v}]" if isinstance(v, str) and "," in v else f"{k}={v}"
-                           for k, v in cls.defaults.items()) or "no parameters"
+        params = ", ".join(f"{k}={as_given(v)}" for k, v in cls.defaults.items()) or "no parameters"
         lines.append(f"  {name:<14} {cls.label or name} [{cls.family}] from plugin "
                      f"{registry.provider[f'method:{name}']}; {params}")
     lines.append("Datasets:")

@@ -218,12 +218,12 @@ def settings_suffix(params: Mapping[str, Any], defaults: Mapping[str, Any]) -> s
     learned embedding's ``dim``) is left out: the row label names it already. A list is written as the command
     line takes it, in brackets (``sweep_steps=[2,5]``)."""
     in_label = {"embedding"} | ({"dim"} if params.get("embedding") == "learned" else set())
-    differing = [f"{key}={_as_given(value)}" for key, value in sorted(params.items())
+    differing = [f"{key}={as_given(value)}" for key, value in sorted(params.items())
                  if key not in in_label and key in defaults and _stored(value) != _stored(defaults[key])]
     return f" [{', '.join(differing)}]" if differing else ""
 
 
-def _as_given(value: Any) -> str:
+def as_given(value: Any) -> str:
     """A parameter's value as the command line takes it: a list (or a text list, sweep_steps) in brackets."""
     if isinstance(value, (list, tuple)):
         return f"[{','.join(map(str, value))}]"

@@ -165,6 +165,13 @@ def writing_alone(directory, flag: str = "--out") -> Iterator[None]:
             os.close(descriptor)
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file of this process and a rename: a reader sees all of it or none."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 class TrialStore:
     """``DIR/trials.jsonl``: one JSON object per finished trial, each appended in one write."""
 
@@ -195,10 +202,8 @@ class TrialStore:
     def write_record_file(self, record: Dict[str, Any]) -> None:
         """A worker's copy of its record, so the trial is kept even if the host is gone when it finishes."""
         self.record_files_dir.mkdir(parents=True, exist_ok=True)
-        final = self.record_files_dir / f"{record['trial_id']}.json"
-        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record, sort_keys=True, default=str))
-        os.replace(temporary, final)  # atomic: a reader sees the whole record or none of it
+        _write_whole(self.record_files_dir / f"{record['trial_id']}.json",
+                     json.dumps(record, sort_keys=True, default=str))
 
     def forget_record_file(self, record: Dict[str, Any]) -> None:
         """The host appended ``record``: its worker's copy is no longer needed."""
@@ -263,9 +268,7 @@ class TrialStore:
         """Replace the plan with this command's: ``planned`` holds each trial's ``trial_id``, ``trial`` (its
         label and seed) and ``dataset`` (its column label)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.plan_path.with_name(f".{PLAN_FILE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"command": command, "trials": planned}, indent=1))
-        os.replace(temporary, self.plan_path)
+        _write_whole(self.plan_path, json.dumps({"command": command, "trials": planned}, indent=1))
 
     def read_plan(self) -> Optional[Dict[str, Any]]:
         """The last command's plan, or None when there is none (or it cannot be read)."""
