@@ -310,6 +310,28 @@ def test_trials_trained_on_differently_set_up_data_never_share_a_cell():
         assert f"| {row} " in text, row
 
 
+def test_a_sampling_method_with_other_inference_runs_gets_its_own_row_and_a_deterministic_one_does_not():
+    """A cell is one statistic: a mean over 2 inference runs per seed pooled with one over 5 is neither."""
+    records, _ = load("mixed")
+    base = [r for r in records if r["budget"] == "20000samples" and r.get("status") == "ok"]
+    sampling = [r for r in base if r["inference_runs"] > 1]
+    deterministic = [r for r in base if r["inference_runs"] == 1]
+    assert sampling and deterministic
+    more_runs = []
+    for record in base:  # another seed of each; a method that does not sample records 1 run whatever was asked
+        trial = copy.deepcopy(record)
+        runs = record["inference_runs"] + 3 if record in sampling else 1
+        trial.update({"inference_runs": runs, "seed": record["seed"] + 10, "trial_id": f"{record['trial_id']}-runs"})
+        more_runs.append(trial)
+    text = render_table1(base + more_runs)
+    label = sampling[0]["row_label"]
+    runs = sampling[0]["inference_runs"]
+    for row in (f"{label} [inference_runs={runs}]", f"{label} [inference_runs={runs + 3}]"):
+        assert f"| {row} " in text, text
+    assert "inference_runs=" not in text.split(label)[0]  # the deterministic rows above it stay whole
+    assert f"| {deterministic[0]['row_label']} " in text
+
+
 A100, H100 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
 
 

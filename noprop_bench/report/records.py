@@ -483,11 +483,13 @@ def row_sort_key(record: Dict[str, Any]) -> Tuple:
 
 
 def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
-    """The method (two plugins may share a label), its parameters and how its training data were set up
-    (``--augment``, ``--val-split``; records from before ``--val-split`` held out nothing): what tells two trials
-    of one row apart."""
+    """The method (two plugins may share a label), its parameters, how its training data were set up
+    (``--augment``, ``--val-split``; records from before ``--val-split`` held out nothing) and how many inference
+    runs a seed's mean pools (a mean of 2 runs and one of 5 are not one statistic; a method that does not sample
+    records 1 whatever ``--inference-runs`` said): what tells two trials of one row apart."""
     return {**_params(record), "method": record["method"], "augment": record.get("augment"),
-            "val_split": float(record.get("val_split") or 0.0)}
+            "val_split": float(record.get("val_split") or 0.0),
+            "inference_runs": int(record.get("inference_runs") or 1)}
 
 
 def newest_per_method(records: Iterable[Dict[str, Any]], field: str) -> Dict[str, Dict[str, Any]]:
@@ -560,7 +562,7 @@ def drop_duplicate_seeds(records: Sequence[Dict[str, Any]], rows: Sequence[str]
         key = (row, record["dataset"], record["seed"])
         if key in last:
             notes.append(f"{row} on {record['dataset']} seed {record['seed']}: more than one trial "
-                         f"(e.g. different inference runs or options); only the last is used")
+                         f"(a rerun under other options, say); only the last is used")
         last[key] = index
     keep = sorted(last.values())
     return [records[i] for i in keep], [rows[i] for i in keep], notes
