@@ -1,5 +1,6 @@
 """Bad input gets exit status 2 and one clear line; failures are recorded and summarised."""
 
+import importlib.abc
 import json
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from noprop_bench import console
 from noprop_bench.cli import main, run
 
 
@@ -392,3 +394,20 @@ def test_a_second_run_into_an_out_folder_in_use_is_refused(fake_run, tmp_path):
         holder.wait()
     assert fake_run("--methods", "linear", "--budget", "1steps")[0] == 0
     assert fake_run("--methods", "linear", "--budget", "1steps", "--seeds", "2")[0] == 0  # released after each run
+
+
+def test_ctrl_c_while_the_command_line_still_imports_ends_quietly(monkeypatch, capsys):
+    """The entry point catches an interrupt that lands while torch and the harness load, before
+    :func:`noprop_bench.cli.main` (which catches the later ones) exists."""
+    class InterruptedImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "noprop_bench.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "noprop_bench.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        console.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "noprop-bench: interrupted\n"
