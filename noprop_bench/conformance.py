@@ -5,6 +5,7 @@ these at the start of every trial, so a broken plugin fails with one line naming
 and the fix instead of an error from deep inside torch.
 """
 
+import inspect
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
@@ -50,7 +51,32 @@ def built_method_fixes(method: Method) -> List[str]:
     initialised = "_modules" in vars(method) and hasattr(method, "task")
     if not initialised or not isinstance(getattr(method, "params", None), dict):
         return [SUPER_INIT_FIX]
-    return target_fixes(method)
+    return signature_fixes(method) + target_fixes(method)
+
+
+# what the harness passes each contract method it calls (by position); the optional pair only where overridden
+CALLS = (("train_step", ("x", "y")), ("predict", ("x",)), ("features", ("x",)),
+         ("predict_from_features", ("features",)))
+
+
+def signature_fixes(method: Method) -> List[str]:
+    """Contract methods whose signature cannot take the arguments the harness passes: found when the method
+    is built, not as a TypeError from inside the harness at its first call."""
+    fixes = []
+    for name, arguments in CALLS:
+        own = getattr(type(method), name, None)
+        if own is getattr(Method, name) or not callable(own):
+            continue
+        try:
+            signature = inspect.signature(getattr(method, name))
+        except (TypeError, ValueError):  # no signature to read (a C function, a wrapper): nothing to judge
+            continue
+        try:
+            signature.bind(*arguments)
+        except TypeError:
+            fixes.append(f"{name} must take ({', '.join(arguments)}) (def {name}(self, {', '.join(arguments)})), "
+                         f"not {signature}")
+    return fixes
 
 
 TARGET_HOOKS = ("compile_targets", "capture_targets", "capture_step_targets")

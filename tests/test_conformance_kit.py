@@ -185,11 +185,21 @@ def test_predict_shape_and_determinism():
             import numpy as np
             return super().predict(x) + torch.from_numpy(np.random.randn(len(x), self.task.num_classes)).float()
 
+    class ReadsASeedArgument(HandWritten):
+        name = "reads_a_seed_argument"
+
+        def predict(self, x, seed):
+            return super().predict(x)
+
+    message = _failure(ReadsASeedArgument)  # named when built, not a TypeError from the harness's first call
+    assert "predict must take (x) (def predict(self, x)), not (x, seed)" in message
     message = _failure(WrongShape)  # class indices: one fix that says so, not a shape and a dtype complaint
     assert ("predict must return floating logits of shape [B, num_classes] = [8, 3], not class indices (shape [8], "
             "dtype torch.int64): return the scores before argmax") in message
     assert "not dtype" not in message
-    assert "set stochastic = True" in _failure(SecretlyStochastic)
+    message = _failure(SecretlyStochastic)
+    assert "set stochastic = True" in message
+    assert "depend on the other images in its batch" not in message  # the draw, not a second cause
     assert "set stochastic = False" in _failure(NotStochastic)
     assert "draw randomness from torch's generator" in _failure(UsesNumpyRandomness)
 
@@ -219,7 +229,23 @@ def test_input_modified_in_place():
             x -= x.mean()
             return super().train_step(x, y)
 
+    class NormalisesAtPrediction(HandWritten):
+        name = "normalises_at_prediction"
+
+        def predict(self, x):
+            x -= x.mean()
+            return super().predict(x)
+
+    class TakesNoLabels(HandWritten):
+        name = "takes_no_labels"
+
+        def train_step(self, x):
+            return super().train_step(x, torch.zeros(len(x), dtype=torch.long))
+
     assert "never modify the input batch in place" in _failure(Normalises)
+    message = _failure(NormalisesAtPrediction)  # one fix: the rest would be the mutation's consequences
+    assert message.count("\n  - ") == 1 and "never modify the input batch in place" in message, message
+    assert "train_step must take (x, y) (def train_step(self, x, y)), not (x)" in _failure(TakesNoLabels)
 
 
 SHARED_WEIGHT = torch.zeros(256, 3)
@@ -241,6 +267,29 @@ def test_instances_share_no_state():
             self.defaults["history"].append(1)
             return super().train_step(x, y)
 
+    class ThroughTheClass(HandWritten):  # held by no instance: found by what the other instance predicts
+        name = "through_the_class"
+        offset = torch.zeros(3)
+
+        def train_step(self, x, y):
+            type(self).offset += 1.0
+            return super().train_step(x, y)
+
+        def predict(self, x):
+            return super().predict(x) + type(self).offset
+
+    class ThroughAModuleGlobal(HandWritten):
+        name = "through_a_module_global"
+
+        def train_step(self, x, y):
+            SHARED_WEIGHT[0] += 1.0
+            return super().train_step(x, y)
+
+        def predict(self, x):
+            return super().predict(x) + x.flatten(1) @ SHARED_WEIGHT
+
+    for cls in (ThroughTheClass, ThroughAModuleGlobal):
+        assert "two instances must share no state: training one changed the other" in _failure(cls), cls
     message = _failure(ModuleLevel)
     assert "two instances must share no state: create tensors in __init__" in message
     assert "training one changed the other" in message
