@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from .errors import UsageError
     from .hookspecs import hookimpl
     from .method import Method
-    from .report.frames import load_curves, load_runs, load_trials
+    from .report.frames import load_curves, load_runs, load_trials  # noqa: F401
     from .task import Task
 
 

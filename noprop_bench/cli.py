@@ -7,7 +7,6 @@ import shlex
 import signal
 import sys
 import threading
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
@@ -27,7 +26,7 @@ from .run.interrupts import forget_sigterm, note_sigterm
 from .run.jobs import (Progress, TrialJob, delivery_problem, failed_record, import_root, threads_beyond_cores,
                        trial_label)
 from .run.resume import pending_specs
-from .plugins import load_plugins
+from .plugins import load_plugins_saying
 from .provenance import code_identity
 from .report.cli import report_main, run_output_names, write_run_outputs
 from .report.time_to_accuracy import parse_targets
@@ -305,11 +304,7 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        registry = load_plugins(args.plugin)
-    for warning in caught:
-        say(f"warning: {warning.message}")
+    registry = load_plugins_saying(args.plugin, say)
     if args.list:
         print(_describe_registry(registry))
         return EXIT_OK

@@ -1,7 +1,8 @@
 """The ``noprop-bench`` entry point: the command line, with Ctrl-C while it still imports torch ending the
 command as quietly as Ctrl-C anywhere later (the import takes a second or more, and a user may change their
-mind in it)."""
+mind in it), and output piped into a reader that stops early (``| head``) ending it without a traceback."""
 
+import os
 import sys
 
 from .errors import EXIT_INTERRUPTED
@@ -14,4 +15,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("noprop-bench: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    command_line()
+    try:
+        command_line()
+    except BrokenPipeError:
+        # the reader left: what is still buffered for it goes nowhere, rather than failing again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE

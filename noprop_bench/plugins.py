@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Type
+from typing import Callable, Dict, Iterable, List, Optional, Type
 
 import pluggy
 
@@ -103,9 +103,12 @@ def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_
     _check_hook_names(pm, plugin, plugin_name)
     hooks = pm.subset_hook_caller  # call each hook on this plugin alone, so provenance is exact
     others = [p for p in pm.get_plugins() if p is not plugin]
-    hooks("register_methods", others)(register=register_method)
-    hooks("register_datasets", others)(register=register_dataset)
-    hooks("register_executors", others)(register=register_executor)
+    for hook, register in (("register_methods", register_method), ("register_datasets", register_dataset),
+                           ("register_executors", register_executor)):
+        returned = hooks(hook, others)(register=register)
+        if returned:  # classes handed back instead of registered: nothing would be registered, and nothing said
+            raise TypeError(f"its {hook} returned {returned[0]!r}; call register(cls) for each class instead "
+                            f"(the return value is ignored)")
 
 
 def _check_hook_names(pm: pluggy.PluginManager, plugin, plugin_name: str) -> None:
@@ -119,8 +122,10 @@ def _check_hook_names(pm: pluggy.PluginManager, plugin, plugin_name: str) -> Non
             hint = f"did you mean {close[0]}?" if close else f"the hooks are {', '.join(defined)}"
             raise TypeError(f"it implements hook {caller.name!r}, which noprop-bench does not define ({hint})")
     if not callers:
-        warnings.warn(f"plugin {plugin_name!r} implements no hook, so it provides nothing: mark its "
-                      f"{', '.join(defined)} functions with @hookimpl (from noprop_bench import hookimpl)",
+        unmarked = [name for name in defined if callable(getattr(plugin, name, None))]
+        fix = (f"mark {', '.join(unmarked)} with @hookimpl (from noprop_bench import hookimpl)" if unmarked else
+               f"it defines none of the hooks ({', '.join(defined)})")
+        warnings.warn(f"plugin {plugin_name!r} implements no hook, so it provides nothing: {fix}",
                       PluginWarning, stacklevel=4)
 
 
@@ -163,6 +168,17 @@ def _import_plugin_module(module_name: str):
             raise
         sys.path.append(here)  # last: a file here must not shadow a module imported later (submitit, timm, ...)
         return importlib.import_module(module_name)
+
+
+def load_plugins_saying(modules: Optional[List[str]], say: Callable[[str], None]) -> Registry:
+    """:func:`load_plugins`, each warning raised meanwhile passed to ``say`` as one ``warning: ...`` line, as the
+    command lines print their warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = load_plugins(modules)
+    for warning in caught:
+        say(f"warning: {warning.message}")
+    return registry
 
 
 def load_plugins(modules: Optional[List[str]] = None) -> Registry:

@@ -4,14 +4,15 @@ import argparse
 import importlib.util
 import keyword
 import re
+import sys
 from importlib.resources import files
 from pathlib import Path
 from string import Template
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
 from .help_format import non_empty
-from .plugins import load_plugins
+from .plugins import load_plugins_saying
 
 KINDS = {
     "method": {"check": "check_method", "usage": "noprop-bench --methods {name},backprop --dataset mnist5k "
@@ -55,12 +56,14 @@ def with_article(kind: str) -> str:
 
 
 def check_name(name: str, kind: str = "method") -> None:
-    if not _NAME.match(name) or keyword.iskeyword(name):
+    if keyword.iskeyword(name):
+        raise UsageError(f"plugin name {name!r}: a Python keyword cannot name a package; choose another")
+    if not _NAME.match(name):
         raise UsageError(f"plugin name {name!r}: use lower case letters, digits and underscores, starting with a "
                          f"letter (it is a Python package name too)")
     if importlib.util.find_spec(name) is not None:
         raise UsageError(f"plugin name {name!r}: a Python module of that name already exists here; choose another")
-    registry = load_plugins()
+    registry = load_plugins_saying(None, lambda message: print(message, file=sys.stderr))
     taken = registry.table(kind)
     if name in taken:
         raise UsageError(f"plugin name {name!r}: plugin {registry.provider[f'{kind}:{name}']!r} already provides "
@@ -68,6 +71,45 @@ def check_name(name: str, kind: str = "method") -> None:
     if registry.plugin_manager.has_plugin(name) or name in registry.broken:
         raise UsageError(f"plugin name {name!r}: an installed plugin already has that name (its entry point in "
                          f"the noprop_bench group); choose another")
+
+
+_TRAILING = re.compile(r"^(?P<code>\s*\S.*?)\s{2,}(?P<comment># .*)$")
+_COMMENT_ONLY = re.compile(r"^(?P<indent>\s*)(?P<comment># .*)$")
+
+
+def _code_and_comment(line: str) -> Optional[Tuple[str, str]]:
+    """A line's code (empty for a comment alone) and its comment, or None when it has no comment."""
+    alone = _COMMENT_ONLY.match(line)
+    if alone:
+        return "", alone["comment"]
+    trailing = _TRAILING.match(line)
+    return (trailing["code"], trailing["comment"]) if trailing else None
+
+
+def align_comments(template: str, text: str) -> str:
+    """``text`` (``template`` with its placeholders replaced) with the comments the template lined up in one
+    column lined up again, one column apart from their longest code: a plugin's names, of any length, moved
+    them."""
+    before, after = template.split("\n"), text.split("\n")
+    if len(before) != len(after):
+        return text
+    columns: Dict[Tuple[int, int], List[int]] = {}  # (stretch of non-blank lines, comment column) -> lines
+    stretch = 0
+    for index, line in enumerate(before):
+        parts = _code_and_comment(line)
+        if not line.strip():
+            stretch += 1
+        elif parts:
+            columns.setdefault((stretch, len(line) - len(parts[1])), []).append(index)
+    for lines in columns.values():
+        parts = [_code_and_comment(after[index]) for index in lines]
+        codes = [part[0] for part in parts if part and part[0]]
+        if len(lines) < 2 or not codes or None in parts or all(before[i] == after[i] for i in lines):
+            continue
+        width = max(len(code) for code in codes) + 2
+        for index, (code, comment) in zip(lines, parts):
+            after[index] = (code or "").ljust(width) + comment
+    return "\n".join(after)
 
 
 def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path]:
@@ -89,8 +131,9 @@ def render_plugin(name: str, directory: Path, kind: str = "method") -> List[Path
         path = directory / target
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(Template(templates.joinpath(source).read_text(encoding="utf-8")).substitute(values),
-                            encoding="utf-8")
+            template = templates.joinpath(source).read_text(encoding="utf-8")
+            text = Template(template).substitute(values)
+            path.write_text(align_comments(template, text) if target.endswith(".py") else text, encoding="utf-8")
         except OSError as error:
             raise UsageError(f"--dir {directory}: cannot write {target} there ({type(error).__name__}: "
                              f"{error.strerror or error})") from None

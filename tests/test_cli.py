@@ -411,3 +411,13 @@ def test_ctrl_c_while_the_command_line_still_imports_ends_quietly(monkeypatch, c
         console.main()
     assert stopped.value.code == 130
     assert capsys.readouterr().err == "noprop-bench: interrupted\n"
+
+
+def test_a_reader_that_stops_early_ends_the_command_without_a_traceback():
+    """``noprop-bench --list | head -1`` on a long list: the pipe closes before everything is written."""
+    process = subprocess.Popen([sys.executable, "-m", "noprop_bench", "--list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the command writes anything
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 141, error
+    assert "Traceback" not in error and "BrokenPipeError" not in error

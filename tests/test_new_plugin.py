@@ -180,6 +180,7 @@ def _a_job_that_cannot_launch_fails_alone(executor_class, out_dir):
 
 @pytest.mark.parametrize("args,message", [
     (["new-plugin", "My-Method"], "use lower case letters, digits and underscores"),
+    (["new-plugin", "class"], "a Python keyword cannot name a package"),
     (["new-plugin", "json"], "a Python module of that name already exists"),
     (["new-plugin", "backprop"], "plugin 'backprop' already provides a method of that name"),
     (["new-plugin", "mnist5k", "--kind", "dataset"], "plugin 'mnist5k' already provides a dataset of that name"),
@@ -195,3 +196,17 @@ def test_bad_names_and_folders_are_usage_errors(args, message, capsys, tmp_path,
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, kind", [("m", "method"), ("a_rather_long_method_name", "method"),
+                                        ("d", "dataset"), ("a_rather_long_dataset_name", "dataset")])
+def test_the_templates_comments_stay_lined_up_whatever_the_names_length(name, kind, tmp_path):
+    """The class attributes' comments, one column in the template, stay one column once the names are in."""
+    written = render_plugin(name, tmp_path, kind=kind)
+    source = next(path for path in written if path.name == "__init__.py").read_text()
+    start = source.index('    name = "')
+    block = source[start:].split("\n\n", 1)[0].split("\n")
+    trailing = [line for line in block if "  # " in line and not line.startswith("    # ")]  # not a comment alone
+    columns = {line.index("  # ") + 2 for line in trailing}
+    assert len(columns) == 1, block
+    assert max(len(line[:line.index("  # ")].rstrip()) for line in trailing) + 2 == columns.pop()

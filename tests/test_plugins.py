@@ -250,11 +250,20 @@ def test_a_misspelt_hook_or_a_hook_not_marked_is_named_not_silently_ignored(tmp_
     with pytest.raises(UsageError, match="--plugin misspelt: TypeError: it implements hook 'register_method', "
                                          "which noprop-bench does not define \\(did you mean register_methods\\?\\)"):
         load_plugins(["misspelt"])
-    with pytest.warns(PluginWarning, match="plugin 'unmarked' implements no hook, so it provides nothing: mark its "
-                                           "register_datasets, register_executors, register_methods, trial_finished "
-                                           "functions with @hookimpl"):
+    with pytest.warns(PluginWarning, match="plugin 'unmarked' implements no hook, so it provides nothing: mark "
+                                           "register_methods with @hookimpl"):
         registry = load_plugins(["unmarked"])
     assert "mine_b" not in registry.methods
+    (tmp_path / "hookless.py").write_text("import torch\n")
+    with pytest.warns(PluginWarning, match="plugin 'hookless' implements no hook, so it provides nothing: it defines "
+                                           "none of the hooks \\(register_datasets, register_executors, "
+                                           "register_methods, trial_finished\\)"):
+        load_plugins(["hookless"])
+    (tmp_path / "returning.py").write_text(body.format(name="mine_c", marker="@hookimpl", hook="register_methods")
+                                           + "    return [Mine]\n")
+    with pytest.raises(UsageError, match="--plugin returning: TypeError: its register_methods returned \\[<class "
+                                         "'returning.Mine'>\\]; call register\\(cls\\) for each class instead"):
+        load_plugins(["returning"])
 
 
 HERE_PLUGIN = '''

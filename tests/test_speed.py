@@ -181,7 +181,7 @@ def test_ctrl_c_before_any_trial_exits_130_without_a_traceback(monkeypatch, caps
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_plugins", interrupted)
+    monkeypatch.setattr(cli, "load_plugins_saying", interrupted)
     with pytest.raises(SystemExit) as stopped:
         cli.main(["--methods", "backprop"])
     assert stopped.value.code == 130

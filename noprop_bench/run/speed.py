@@ -31,7 +31,7 @@ from ..datasets import Normalizer, Split
 from ..errors import EXIT_INTERRUPTED, UsageError
 from ..help_format import HelpFormatter, non_empty
 from ..method import row_label_with_settings
-from ..plugins import load_plugins
+from ..plugins import load_plugins_saying
 from ..specs import distinct_methods, parse_dataset_spec, parse_method_list
 from ..task import Task
 from .cuda_graphs import first_line
@@ -381,7 +381,7 @@ def speed_main(argv: Sequence[str]) -> int:
         raise UsageError("--device cuda: no CUDA device here")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    registry = load_plugins(args.plugin)
+    registry = load_plugins_saying(args.plugin, say)
     methods = distinct_methods(((name, registry.method(name), registry.method(name).resolve_params(given))
                                 for name, given in parse_method_list(args.methods)), say)
     dataset_name, argument = parse_dataset_spec(args.dataset)
