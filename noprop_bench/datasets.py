@@ -4,6 +4,8 @@ A dataset hands the harness whole splits as uint8 tensors; the pipeline keeps th
 device, slices batches from a seeded permutation, and normalises and augments whole batches there.
 """
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
@@ -16,7 +18,8 @@ AUGMENTATIONS = ("none", "crop_flip")
 
 def layout_fixes(image_shape: Sequence[int], dataset: "Dataset") -> list:
     """What is wrong between a split's images ``[C, H, W]`` and what ``dataset`` declares (its
-    ``image_shape``, one ``mean`` and ``std`` value per channel), each said as a fix; empty when they agree."""
+    ``image_shape``, one ``mean`` and one positive ``std`` value per channel, two classes or more), each said
+    as a fix; empty when they agree."""
     image_shape = tuple(image_shape)
     if image_shape[-1] in (1, 3) and image_shape[0] not in (1, 3):
         return [f"the images look channels-last [N, H, W, C] ({list(image_shape)} per image): store "
@@ -29,7 +32,18 @@ def layout_fixes(image_shape: Sequence[int], dataset: "Dataset") -> list:
     if counts != [image_shape[0]] * 2:
         fixes.append(f"mean and std need one value per channel ({image_shape[0]}), as a tuple such as (0.5,); got "
                      f"{counts[0]} and {counts[1]}")
+    elif not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in map(_number, dataset.std)):
+        fixes.append(f"std must hold positive numbers (normalisation divides by it), on the 0..1 scale such as "
+                     f"(0.25,); got {tuple(dataset.std)!r}")
+    if _length(dataset.classes) in (0, 1):
+        fixes.append(f"classes must name two classes or more (with one, every prediction is right); got "
+                     f"{tuple(dataset.classes)!r}")
     return fixes
+
+
+def _number(value: Any) -> Any:
+    """A plain number for a Python or 0-d tensor value; anything else as it is."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 def _length(values: Any) -> Any:

@@ -319,6 +319,21 @@ def test_dataset_violations_are_each_named():
     assert "mean and std need one value per channel (1)" in message
 
 
+def test_a_zero_std_and_a_single_class_are_named():
+    class Degenerate(Dataset):
+        name, classes, image_shape = "degenerate", ("only",), (1, 4, 4)
+        mean, std = (0.5,), (0.0,)
+
+        def load(self, split):
+            return Split(torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+
+    with pytest.raises(AssertionError) as failure:
+        check_dataset(Degenerate)
+    message = str(failure.value)
+    assert "std must hold positive numbers (normalisation divides by it)" in message and "got (0.0,)" in message
+    assert "classes must name two classes or more (with one, every prediction is right); got ('only',)" in message
+
+
 def test_a_parameter_defaulting_to_none_is_named():
     class Untyped(HandWritten):
         name, defaults = "untyped", {"lr": 0.5, "hidden": None}

@@ -310,6 +310,22 @@ def test_trials_trained_on_differently_set_up_data_never_share_a_cell():
         assert f"| {row} " in text, row
 
 
+def test_a_trial_from_before_its_method_gained_a_parameter_is_not_labelled_with_a_value_it_never_had():
+    records, _ = load("mixed")
+    base = [r for r in records if r["budget"] == "20000samples" and r.get("status") == "ok"]
+    newer = []
+    for record in base:  # the same methods after a parameter was added, at its default
+        trial = copy.deepcopy(record)
+        trial["params"] = {**trial.get("params", {}), "activation": "relu"}
+        trial["param_defaults"] = {**trial.get("param_defaults", trial["params"]), "activation": "relu"}
+        trial.update({"seed": record["seed"] + 10, "trial_id": f"{record['trial_id']}-newer"})
+        newer.append(trial)
+    text = render_table1(base + newer)
+    label = base[0]["row_label"]
+    assert f"| {label} [activation=relu] " in text and f"| {label} " in text, text
+    assert "activation=None" not in text
+
+
 def test_a_sampling_method_with_other_inference_runs_gets_its_own_row_and_a_deterministic_one_does_not():
     """A cell is one statistic: a mean over 2 inference runs per seed pooled with one over 5 is neither."""
     records, _ = load("mixed")

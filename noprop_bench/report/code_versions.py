@@ -51,4 +51,5 @@ def older_code_note(records: Sequence[Dict[str, Any]], current: Optional[CodeByM
     against = ("the code of this run" if current and methods <= set(current)
                else "this run's code or its newest trial here" if current else "its newest trial here")
     return (f" {OLDER_CODE_MARK} marks rows with trials that ran older code of their method than {against} "
-            f"(kept with --keep-stale, or merged from an older run): {'; '.join(labels)}.")
+            f"(kept with --keep-stale, left in this folder by an earlier run with other parameters, or merged "
+            f"from an older run): {'; '.join(labels)}.")

@@ -522,9 +522,10 @@ def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
         differing[label] = [k for k in keys if len({json.dumps(v.get(k), default=str) for v in variants}) > 1]
     rows = []
     for record, label in zip(records, labels):
-        if label in clashing:
+        if label in clashing:  # a parameter the record lacks (added to its method since) is left unnamed
             variant = _variant(record)
-            label += " [" + ", ".join(f"{k}={variant.get(k)}" for k in differing[label]) + "]"
+            named = [f"{k}={variant[k]}" for k in differing[label] if k in variant]
+            label += f" [{', '.join(named)}]" if named else ""
         rows.append(label)
     return rows
 
