@@ -310,6 +310,19 @@ def test_trials_trained_on_differently_set_up_data_never_share_a_cell():
         assert f"| {row} " in text, row
 
 
+def test_captions_say_when_training_data_were_augmented_or_partly_held_out():
+    records, _ = load("mixed")
+    base = [r for r in records if r["budget"] == "20000samples" and r.get("status") == "ok"]
+    assert "Training data:" not in render_table1(base)
+    changed = [{**copy.deepcopy(r), "augment": "crop_flip", "val_split": 0.25} for r in base]
+    assert ("Training data: augmentation crop_flip; 25% of the training split held out for validation (not trained "
+            "on).") in render_table1(changed)
+    assert "Training data: augmentation crop_flip; 25% of the training split" in render_table2(changed)
+    mixed = changed[:1] + [{**r, "seed": r["seed"] + 10, "trial_id": f"{r['trial_id']}-plain"} for r in base]
+    assert "Training data: augmentation crop_flip or none; 0% or 25% of the training split held out for validation " \
+           "(not trained on) (the rows name which)." in render_table1(mixed)
+
+
 def test_a_trial_from_before_its_method_gained_a_parameter_is_not_labelled_with_a_value_it_never_had():
     records, _ = load("mixed")
     base = [r for r in records if r["budget"] == "20000samples" and r.get("status") == "ok"]

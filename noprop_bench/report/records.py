@@ -337,11 +337,29 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
         budget = f"the paper's epochs per method ({epochs})"
     shared = f"Budget {budget} of training per trial{overshoot_text(records)}; backbone {backbone}; batch size {batch}"
     devices = device_counts(records)
+    after = f"{training_data_text(records)}{per_block_epochs_text(records)}"
     if len(devices) == 1:
-        return f"{shared}; device {next(iter(devices))}. Speed settings: {speed}.{per_block_epochs_text(records)}"
+        return f"{shared}; device {next(iter(devices))}. Speed settings: {speed}.{after}"
     listed = ", ".join(f"{name} ({n} trial{'s' * (n != 1)})" for name, n in sorted(devices.items()))
     return (f"{shared}. Devices: {listed}: the group mixes device types; {_mixed_devices_text(records[0])} "
-            f"Speed settings: {speed}.{per_block_epochs_text(records)}")
+            f"Speed settings: {speed}.{after}")
+
+
+def training_data_text(records: Sequence[Dict[str, Any]]) -> str:
+    """A caption sentence on how the trials' training data were set up, when some were augmented
+    (``--augment``, or the dataset's default) or had part held out (``--val-split``); "" otherwise."""
+    augments = sorted({str(r.get("augment") or "none") for r in records})
+    held_out = sorted({float(r.get("val_split") or 0.0) for r in records})
+    parts = []
+    if augments != ["none"]:
+        parts.append(f"augmentation {' or '.join(augments)}")
+    if held_out != [0.0]:
+        parts.append(f"{' or '.join(f'{share:.0%}' for share in held_out)} of the training split held out for "
+                     f"validation (not trained on)")
+    if not parts:
+        return ""
+    which = " (the rows name which)" if len(augments) > 1 or len(held_out) > 1 else ""
+    return f" Training data: {'; '.join(parts)}{which}."
 
 
 def per_block_epochs_text(records: Sequence[Dict[str, Any]]) -> str:
@@ -483,13 +501,30 @@ def row_sort_key(record: Dict[str, Any]) -> Tuple:
 
 
 def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
-    """The method (two plugins may share a label), its parameters, how its training data were set up
-    (``--augment``, ``--val-split``; records from before ``--val-split`` held out nothing) and how many inference
-    runs a seed's mean pools (a mean of 2 runs and one of 5 are not one statistic; a method that does not sample
-    records 1 whatever ``--inference-runs`` said): what tells two trials of one row apart."""
+    """The method (two plugins may share a label), its parameters and how its training data were set up
+    (``--augment``, ``--val-split``; records from before ``--val-split`` held out nothing): what tells two trials
+    of one row apart (and :func:`_apart_by_inference_runs`)."""
     return {**_params(record), "method": record["method"], "augment": record.get("augment"),
-            "val_split": float(record.get("val_split") or 0.0),
-            "inference_runs": int(record.get("inference_runs") or 1)}
+            "val_split": float(record.get("val_split") or 0.0)}
+
+
+def _apart_by_inference_runs(records: Sequence[Dict[str, Any]], rows: List[str]) -> List[str]:
+    """``rows`` with the number of inference runs added where one row's ``ok`` trials on a dataset pooled
+    different numbers (a mean of 2 runs per seed and one of 5 are not one statistic; a method that does not
+    sample records 1 whatever ``--inference-runs`` said). A trial that did not finish ok holds no value: it is
+    named by its number when it records one (a record the host wrote for a lost trial does not)."""
+    counts: Dict[Tuple[str, str], set] = {}
+    for record, row in zip(records, rows):
+        if record.get("status") == "ok":
+            counts.setdefault((row, record["dataset"]), set()).add(int(record.get("inference_runs") or 1))
+    apart = []
+    for record, row in zip(records, rows):
+        runs = record.get("inference_runs") if record.get("status") != "ok" else record.get("inference_runs") or 1
+        if len(counts.get((row, record["dataset"]), ())) > 1 and runs is not None:
+            named = f"inference_runs={int(runs)}"
+            row = f"{row[:-1]}, {named}]" if row.endswith("]") else f"{row} [{named}]"
+        apart.append(row)
+    return apart
 
 
 def newest_per_method(records: Iterable[Dict[str, Any]], field: str) -> Dict[str, Dict[str, Any]]:
@@ -527,7 +562,7 @@ def assign_rows(records: Sequence[Dict[str, Any]]) -> List[str]:
             named = [f"{k}={variant[k]}" for k in differing[label] if k in variant]
             label += f" [{', '.join(named)}]" if named else ""
         rows.append(label)
-    return rows
+    return _apart_by_inference_runs(records, rows)
 
 
 def ordered_rows(records: Sequence[Dict[str, Any]], rows: Sequence[str]) -> List[Tuple[str, str]]:
