@@ -29,6 +29,7 @@ from .run.resume import pending_specs
 from .plugins import load_plugins_saying
 from .provenance import code_identity
 from .report.cli import report_main, run_output_names, write_run_outputs
+from .report.code_versions import OLDER_CODE_MARK
 from .report.time_to_accuracy import parse_targets
 from .scaffold import new_plugin_main
 from .run.store import (FINISHED_STATUSES, TrialStore, check_output_directory, latest_per_trial,
@@ -420,10 +421,21 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
+        undelivered = [job for job in jobs if job.trial_id not in delivered]
+        finished = {str(r.get("trial_id")) for r in latest_per_trial(store.read()[0])
+                    if r.get("status") in FINISHED_STATUSES} if store.path.exists() else set()
+        stale = [job for job in undelivered if job.trial_id in finished]  # its older result is in the tables
         not_run = [f"{job.describe()} on {dataset.display_name}: not run (the run was interrupted before it began)"
-                   for job in jobs if job.trial_id not in delivered]
+                   for job in undelivered if job not in stale]
         if not_run:
             say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
+        if stale:
+            say(f"{len(stale)} stale trial(s) were not trained again: the tables show their older results "
+                f"(marked {OLDER_CODE_MARK} where their code differs); the same command retrains them")
+        if args.baseline:
+            say(f"--baseline {args.baseline}: not compared, as the run was interrupted")
+        if args.save_baseline:
+            say(f"--save-baseline {args.save_baseline}: not written, as the run was interrupted")
         if store.path.exists():
             try:
                 print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code,

@@ -276,3 +276,22 @@ def test_an_editable_install_outside_git_is_named_by_its_source(tmp_path, monkey
     assert before["version"] == "0.1.0" and before["git_commit"] is None and before["source_sha256"]
     (package / "__init__.py").write_text("class Method:\n    changed = True\n")
     assert not same_code(before, identity())
+
+
+def test_stale_trials_an_interrupted_rerun_did_not_reach_are_not_called_missing(fake_run, capsys, tmp_path):
+    """Their older results are still in the tables: the run says they were not retrained, and names nothing
+    it skipped for the interruption (here --save-baseline) without saying so."""
+    code, out = fake_run("--methods", "linear", "--budget", "3steps", "--seeds", "2", "--checkpoints", "0")
+    assert code == 0
+    _rewrite(out, lambda record: record.update(code={**record["code"], "version": "0.0.9"}))
+    capsys.readouterr()
+    baseline = tmp_path / "baseline.json"
+    code, out = fake_run("--methods", "interrupt,linear", "--budget", "3steps", "--seeds", "2", "--checkpoints", "0",
+                         "--save-baseline", str(baseline))
+    assert code == 130 and not baseline.exists()
+    err = capsys.readouterr().err
+    assert "2 stale trial(s) were not trained again: the tables show their older results (marked †" in err
+    assert f"--save-baseline {baseline}: not written, as the run was interrupted" in err
+    table = (out / "table1.md").read_text()
+    assert "Linear (one-hot) †" in table
+    assert "Linear (one-hot) seed 0 on Tiny: not run" not in table
