@@ -398,7 +398,7 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
                 held.enter_context(writing_alone(out))
         if out.is_dir():  # what this command planned, for a report to name the trials it never began
             store.write_plan(command, [{"trial_id": spec.trial_id, "trial": spec.describe(),
-                                        "dataset": dataset.display_name} for spec in specs])
+                                        "dataset": dataset.display_name} for spec in specs], args.targets)
         if jobs:
             with sigterm_as_ctrl_c():
                 try:

@@ -80,6 +80,17 @@ def test_interrupt_keeps_finished_trials_and_writes_the_table(fake_run, capsys):
     assert "retry Interrupt (one-hot) seed 1: interrupted last time" in capsys.readouterr().err
 
 
+def test_a_report_of_a_run_folder_keeps_the_runs_targets(fake_run, tmp_path):
+    code, out = fake_run("--methods", "linear", "--budget", "3steps", "--checkpoints", "2", "--targets", "31,62")
+    assert code == 0
+    written = (out / "time_to_accuracy.md").read_text()
+    assert "31" in written and "62" in written
+    assert main_report([str(out)]) == 0
+    assert (out / "time_to_accuracy.md").read_text() == written  # rewritten in place, alike
+    assert main_report([str(out), "--targets", "44", "--out", str(tmp_path / "other")]) == 0
+    assert "44" in (tmp_path / "other" / "time_to_accuracy.md").read_text()
+
+
 def test_stochastic_methods_are_evaluated_inference_runs_times(fake_run):
     code, out = fake_run("--methods", "noisy,linear", "--budget", "3steps", "--seeds", "1",
                          "--inference-runs", "4", "--train-accuracy")

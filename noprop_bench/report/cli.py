@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from ..errors import UsageError
 from ..help_format import non_empty
 from .exports import FORMATS, parse_formats, require_parquet, write_frames, write_html, write_json, write_text
-from ..run.store import TRIALS_FILE, check_output_directory
+from ..run.store import TRIALS_FILE, TrialStore, check_output_directory
 from .code_versions import CodeByMethod
 from .table1 import render_table1
 from .records import check_records, load_records, not_run_lines
@@ -93,7 +93,8 @@ def build_report_parser() -> argparse.ArgumentParser:
                         help="put the paper's Table 1 number next to ours, and the difference for rows run "
                              "under --preset paper with nothing overridden (the paper's protocol)")
     parser.add_argument("--targets", default=None,
-                        help="time-to-accuracy targets in percent, e.g. 90,95,97 (default: per dataset)")
+                        help="time-to-accuracy targets in percent, e.g. 90,95,97 (default: the --targets of "
+                             "the run that wrote the DIRs, when they agree; else per dataset)")
     parser.add_argument("--train-accuracy", action="store_true",
                         help="insist on train-accuracy columns: a warning when no trial measured it (run with "
                              "--train-accuracy); without this flag they appear wherever trials measured it, as "
@@ -108,6 +109,13 @@ def build_report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def planned_targets(directories: Sequence[str]) -> Optional[str]:
+    """The ``--targets`` the last runs into ``directories`` gave, when they all gave the same; else None (the
+    defaults per dataset)."""
+    given = {(TrialStore(directory).read_plan() or {}).get("targets") for directory in directories}
+    return given.pop() if len(given) == 1 and isinstance(next(iter(given)), str) else None
+
+
 def report_main(argv: Optional[Sequence[str]] = None) -> int:
     """``noprop-bench report DIR [DIR ...] [--out OUT] [--paper] [--targets 90,95,97] [--train-accuracy]
     [--format md,csv,parquet,html,json]``.
@@ -118,7 +126,8 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        targets = parse_targets(args.targets) if args.targets is not None else None
+        given = args.targets if args.targets is not None else planned_targets(args.dirs)
+        targets = parse_targets(given) if given is not None else None
         formats = parse_formats(",".join(args.format or ["md"]))
         if "parquet" in formats:
             require_parquet()

@@ -264,11 +264,13 @@ class TrialStore:
     def plan_path(self) -> Path:
         return self.directory / PLAN_FILE
 
-    def write_plan(self, command: str, planned: List[Dict[str, str]]) -> None:
+    def write_plan(self, command: str, planned: List[Dict[str, str]], targets: Optional[str] = None) -> None:
         """Replace the plan with this command's: ``planned`` holds each trial's ``trial_id``, ``trial`` (its
-        label and seed) and ``dataset`` (its column label)."""
+        label and seed) and ``dataset`` (its column label); ``targets``, the command's ``--targets``, are what
+        a later ``report`` of the folder uses when given none."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_whole(self.plan_path, json.dumps({"command": command, "trials": planned}, indent=1))
+        _write_whole(self.plan_path, json.dumps({"command": command, "trials": planned, "targets": targets},
+                                                indent=1))
 
     def read_plan(self) -> Optional[Dict[str, Any]]:
         """The last command's plan, or None when there is none (or it cannot be read)."""
