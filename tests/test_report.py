@@ -198,7 +198,7 @@ def test_curves_say_which_inference_setting_their_points_before_the_last_used():
     frame = curves_table(records)
     assert list(frame[frame.method == "noprop_ct"].setting) == list(ct.setting)
     text = render_time_to_accuracy(records)
-    assert ("at the method's cheaper checkpoint setting of inference (NoProp-CT: heun 20); the last point (end of "
+    assert ("at the method's checkpoint setting of inference (NoProp-CT: heun 20); the last point (end of "
             "budget) evaluates the whole test split, at the setting of Table 1.") in text
     for record in records:
         del record["checkpoint_setting"]  # records made before the setting was stored say nothing of it
@@ -246,7 +246,7 @@ def test_table_1_and_figure_3_say_at_which_setting_they_evaluated():
             in title)
     page = html.unescape(render_html(records))
     caption = page[page.index("<figcaption"):page.index("</figcaption>")]
-    assert "at the method's cheaper checkpoint setting of inference (NoProp-CT: heun 20)" in caption
+    assert "at the method's checkpoint setting of inference (NoProp-CT: heun 20)" in caption
     finals_only = [{**r, "curve": r["curve"][-1:]} for r in records]  # --checkpoints 0: no points before the last
     assert "points before the last" not in figure3(finals_only)._suptitle.get_text()
     assert "checkpoint setting" not in render_time_to_accuracy(finals_only)

@@ -476,7 +476,7 @@ def checkpoint_text(records: Sequence[Dict[str, Any]]) -> str:
         else:
             parts.append(f"a fixed, stratified subset of {checkpoint} of the {whole} test images")
     settings = checkpoint_settings_text(records)
-    settings = f", at the method's cheaper checkpoint setting of inference ({settings})" if settings else ""
+    settings = f", at the method's checkpoint setting of inference ({settings})" if settings else ""
     return (f"Points during training evaluate {' or '.join(dict.fromkeys(parts))}{settings}; the last point (end of "
             f"budget) evaluates the whole test split{', at the setting of Table 1' if settings else ''}.")
 
