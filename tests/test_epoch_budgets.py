@@ -94,5 +94,10 @@ def test_caption_says_what_an_epoch_meant_to_each_block_of_a_one_block_per_step_
     assert text.endswith("passes over the training split per block, on average: NoProp-DT (one-hot) 9.90 (of 10 "
                          "blocks).")
     assert "per block" not in settings_text([parallel, backprop])  # every block saw every batch
+    # two rows of one method and label: the caption names the row it speaks of, as the table does
+    sequential = [{**r, "params": {"schedule": "sequential"}} for r in records]
+    both = sequential + [{**parallel, "method_label": "NoProp-DT", "row_label": "NoProp-DT (one-hot)",
+                          "params": {"schedule": "parallel"}}]
+    assert settings_text(both).endswith("on average: NoProp-DT (one-hot) [schedule=sequential] 9.90 (of 10 blocks).")
     seconds = [{**r, "budget": "60", "budget_unit": "seconds"} for r in records]
     assert "per block" not in settings_text(seconds)  # a clock budget makes no claim about epochs

@@ -357,6 +357,8 @@ def test_a_sampling_method_with_other_inference_runs_gets_its_own_row_and_a_dete
     runs = sampling[0]["inference_runs"]
     for row in (f"{label} [inference_runs={runs}]", f"{label} [inference_runs={runs + 3}]"):
         assert f"| {row} " in text, text
+    # the caption's breakdown names the two rows, not the method twice
+    assert f"{runs}: {label} [inference_runs={runs}]" in text and f"{runs + 3}: {label} [inference_runs={runs + 3}]" in text
     assert "inference_runs=" not in text.split(label)[0]  # the deterministic rows above it stay whole
     assert f"| {deterministic[0]['row_label']} " in text
 

@@ -368,13 +368,12 @@ def per_block_epochs_text(records: Sequence[Dict[str, Any]]) -> str:
     if budget_unit(records[0]) != "epochs":
         return ""
     per_label: "OrderedDict[str, Tuple[int, List[float]]]" = OrderedDict()
-    for record in records:
+    for record, row in zip(records, assign_rows(records)):  # named as the table names its row
         metrics = record.get("method_metrics") or {}
         passes = metrics.get("passes_per_block")
         if metrics.get("blocks_trained_per_step") != 1 or not isinstance(passes, list) or not passes:
             continue
-        label = record.get("row_label") or record.get("method_label") or record["method"]
-        _, means = per_label.setdefault(str(label), (len(passes), []))
+        _, means = per_label.setdefault(row, (len(passes), []))
         means.append(sum(passes) / len(passes))
     if not per_label:
         return ""

@@ -146,12 +146,17 @@ def table1_frame(records: List[Dict[str, Any]], train_columns: bool = False, pap
     return pd.DataFrame(table, columns=["Method"] + [h[0] for h in headers])
 
 
-def _runs_text(records: List[Dict[str, Any]]) -> str:
-    """``2 seed(s) × 1 or 5 inference run(s) per seed (1: Backprop; 5: NoProp-CT)``."""
+def _runs_text(records: List[Dict[str, Any]], rows: Sequence[str]) -> str:
+    """``2 seed(s) × 1 or 5 inference run(s) per seed (1: Backprop; 5: NoProp-CT)``: by method, or by the
+    table's row where one method's rows ran different numbers."""
     seeds = {r["seed"] for r in records}
+    names = [str(r.get("method_label") or r["method"]) for r in records]
+    counts: Dict[str, set] = {}
+    for record, name in zip(records, names):
+        counts.setdefault(name, set()).add(int(record.get("inference_runs") or 1))
     by_runs: Dict[int, List[str]] = {}
-    for record in records:
-        label = str(record.get("method_label") or record["method"])
+    for record, name, row in zip(records, names, rows):
+        label = row if len(counts[name]) > 1 else name
         methods = by_runs.setdefault(int(record.get("inference_runs") or 1), [])
         if label not in methods:
             methods.append(label)
@@ -195,7 +200,7 @@ def table1_caption(records: List[Dict[str, Any]], train_columns: bool = False, p
         seed_se = (" With one seed, the ± of a method that samples is over inference runs of one trained model: it "
                    "says nothing of the spread between training runs.")
     caption = (f"{what}: mean ± standard error of the mean over every value of a cell, i.e. "
-               f"{_runs_text(kept)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
+               f"{_runs_text(kept, rows)}, pooled as the paper pools its 3 seeds × 5 inference runs; \"(n=1)\" marks a "
                f"single value.{seed_se}{_fewer_seeds_text(kept, rows, train_columns)} "
                f"{settings_text(kept)}{older_code_note(kept, current_code, among=ok)}")
     final = final_settings_text(kept)
