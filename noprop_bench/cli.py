@@ -229,6 +229,11 @@ def _plan(args, registry, device, command) -> tuple:
     backbone = args.backbone or dataset.default_backbone
     check_backbone_name(backbone)
     backbone_width(backbone, tuple(dataset.image_shape))  # bad input stops here, not in every worker
+    classes = len(dataset.classes)
+    if 0 < args.checkpoint_size < classes:
+        print(f"note: --checkpoint-size {args.checkpoint_size}: the subset keeps at least one image of each of the "
+              f"{classes} classes, so checkpoints evaluate {classes} or more (the captions give the number)",
+              file=sys.stderr)
     augment = args.augment or dataset.augment
     settings = chosen_settings(device.type, args.precision, args.channels_last, args.compile, args.cudnn_benchmark)
     speed = settings.identity()

@@ -87,6 +87,13 @@ def test_checkpoint_subset_changes_the_curve_only(fake_run, tmp_path):
     assert curves["test_images"].tolist() == images and set(curves["speed"]) == {"eager fp32"}
 
 
+def test_a_checkpoint_size_below_the_class_count_is_said_to_grow(fake_run, capsys):
+    code, out = fake_run("--methods", "linear", "--budget", "3steps", "--checkpoints", "1", "--checkpoint-size", "2")
+    assert code == 0 and _records(out)[0]["checkpoint_size"] == 4  # one image of each of the 4 classes
+    assert ("note: --checkpoint-size 2: the subset keeps at least one image of each of the 4 classes, so "
+            "checkpoints evaluate 4 or more") in capsys.readouterr().err
+
+
 def test_train_accuracy_uses_at_most_twice_the_test_split(fake_run):
     code, out = fake_run("--methods", "linear", "--budget", "3steps", "--train-accuracy")
     record = _records(out)[0]
