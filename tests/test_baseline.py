@@ -507,3 +507,13 @@ def test_records_without_a_thread_count_do_not_make_a_run_mixed():
     old, new = _ct_record(0, 1e-3, 97.0), {**_ct_record(1, 1e-3, 97.0), "environment": {"threads": 1}}
     assert record_settings([old, new])["threads"] == 1
     assert record_settings([{**new, "environment": {"threads": 10}}, new])["threads"] == [1, 10]
+
+
+def test_a_baseline_row_prints_the_digits_table_1_prints():
+    """Summed in another order, 14.13, 14.67, 9.77 and 13.65 average to 13.055 or to 13.055000000000001, which
+    print as 13.05 and 13.06: the regression table and Table 1 must not disagree on one cell."""
+    from noprop_bench.report.baseline import _mean_se_n
+    from noprop_bench.report.records import format_mean_se
+
+    for values in ([14.13, 14.67, 9.77, 13.65], [13.65, 9.77, 14.67, 14.13]):
+        assert f"{_mean_se_n(values)[0]:.2f}" == format_mean_se(values).split(" ")[0]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import UsageError
 from ..method import settings_suffix
-from .records import assign_rows, is_finite_number, speed_text
+from .records import assign_rows, is_finite_number, mean_and_standard_error, speed_text
 
 FORMAT_VERSION = 1
 DEFAULT_TOLERANCE = {
@@ -111,10 +111,10 @@ def _listed(value: Any) -> str:
 
 
 def _mean_se_n(values: List[float]) -> Tuple[float, float, int]:
-    """Mean, standard error of the mean (0 for a single value) and count."""
-    values = np.asarray(values, dtype=float)
-    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
-    return float(values.mean()), se, int(len(values))
+    """Mean, standard error of the mean (0 for a single value) and count, as Table 1 computes them (so the
+    two print the same digits)."""
+    mean, se, count = mean_and_standard_error(values)
+    return mean, se if count > 1 else 0.0, count
 
 
 def _row_keys(records: List[Dict[str, Any]]) -> Dict[int, str]:
