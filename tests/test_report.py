@@ -267,6 +267,23 @@ def test_a_one_panel_figures_title_fits_its_width():
     assert extent.x0 >= 0 and extent.x1 <= figure.bbox.width, (extent, figure.bbox.width)
 
 
+def test_the_panel_titles_of_a_figure_of_several_tables_stay_within_their_panels():
+    from noprop_bench.report.figures import figure3
+
+    records, _ = load("mixed")
+    for record in records:  # a long device name: a title line of its own
+        record["environment"] = {**record["environment"], "device_name": "cpu (x86_64, a rather long processor "
+                                 "model name as some machines report it, 64 logical cores, 64 threads)"}
+    figure = figure3(records)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    shown = [ax for ax in figure.axes if ax.get_visible()]
+    assert len(shown) > 1
+    for ax in shown:
+        title, panel = ax.title.get_window_extent(renderer), ax.get_tightbbox(renderer)
+        assert title.x0 >= panel.x0 - 1 and title.x1 <= figure.bbox.width, (ax.get_title(), title, figure.bbox.width)
+
+
 def test_truncated_last_line_and_bad_record():
     records, notes = load("truncated")
     assert [r["trial_id"] for r in records] == ["m-bp-0", "m-bp-1"]

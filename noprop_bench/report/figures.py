@@ -135,9 +135,10 @@ def figure3(records: List[Dict[str, Any]]):
                 ax.plot(times, mean, color=colours[row], label=textwrap.fill(row, LEGEND_WIDTH), marker="o",
                         markersize=2.5, linewidth=1.4)
                 ax.fill_between(times, low, high, color=colours[row], alpha=0.2, linewidth=0)
-            title = label if len(groups) == 1 else "\n".join([
+            # each line wrapped to the panel's width (10 pt characters are up to about 6.5 pt wide), not cut off
+            title = label if len(groups) == 1 else "\n".join(textwrap.fill(line, int(4.5 * 72 / 6.5)) for line in [
                 label, f"{budget}, {backbone}, batch {batch}, {speed}", device, _band_text(chosen, short=True),
-                *(textwrap.fill(line, 60) for line in _points_lines([r for r, _ in chosen]))])
+                *_points_lines([r for r, _ in chosen])])
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("cumulative training time (s)")
             ax.set_ylabel("test accuracy (%)")
