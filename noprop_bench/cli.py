@@ -9,7 +9,7 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -426,27 +426,23 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
         store.remove_empty_record_files_dir()
     except KeyboardInterrupt:
         say(f"interrupted; finished trials are kept in {store.path}. Rerun with --out {out} to resume.")
-        undelivered = [job for job in jobs if job.trial_id not in delivered]
-        finished = {str(r.get("trial_id")) for r in latest_per_trial(store.read()[0])
-                    if r.get("status") in FINISHED_STATUSES} if store.path.exists() else set()
-        stale = [job for job in undelivered if job.trial_id in finished]  # its older result is in the tables
-        not_run = [f"{job.describe()} on {dataset.display_name}: not run (the run was interrupted before it began)"
-                   for job in undelivered if job not in stale]
-        if not_run:
-            say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
-        if stale:
-            say(f"{len(stale)} stale trial(s) were not trained again: the tables show their older results "
-                f"(marked {OLDER_CODE_MARK} where their code differs); the same command retrains them")
         if args.baseline:
             say(f"--baseline {args.baseline}: not compared, as the run was interrupted")
         if args.save_baseline:
             say(f"--save-baseline {args.save_baseline}: not written, as the run was interrupted")
-        if store.path.exists():
-            try:
+        try:
+            not_run, stale = _not_reached([job for job in jobs if job.trial_id not in delivered], store,
+                                          dataset.display_name)
+            if not_run:
+                say(f"{len(not_run)} planned trial(s) did not begin; the same command runs them")
+            if stale:
+                say(f"{len(stale)} stale trial(s) were not trained again: the tables show their older results "
+                    f"(marked {OLDER_CODE_MARK} where their code differs); the same command retrains them")
+            if store.path.exists():
                 print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code,
                                         not_run=not_run))
-            except KeyboardInterrupt:
-                say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
+        except KeyboardInterrupt:
+            say(f"interrupted again: the tables were not written; noprop-bench report {out} writes them")
         return EXIT_INTERRUPTED
     try:
         print(write_run_outputs(store.directory, targets=args.targets, current_code=current_code))
@@ -489,6 +485,17 @@ def _job(spec: TrialSpec, args, executor) -> TrialJob:
                     download=not args.no_download, plugins=tuple(args.plugin),
                     plugin_paths=tuple(filter(None, (import_root(module) for module in args.plugin))),
                     threads=executor.threads_per_trial(args.threads), executor=executor.spec_text)
+
+
+def _not_reached(undelivered: List[TrialJob], store: TrialStore, dataset: str) -> Tuple[List[str], List[TrialJob]]:
+    """Of the trials an interrupted run did not deliver: a "not run" line for each that never began, and the
+    stale ones it had not trained again, whose older finished results the tables still show."""
+    finished = {str(r.get("trial_id")) for r in latest_per_trial(store.read()[0])
+                if r.get("status") in FINISHED_STATUSES} if store.path.exists() else set()
+    stale = [job for job in undelivered if job.trial_id in finished]
+    not_run = [f"{job.describe()} on {dataset}: not run (the run was interrupted before it began)"
+               for job in undelivered if job not in stale]
+    return not_run, stale
 
 
 def _check_baseline_target(args) -> None:

@@ -60,22 +60,29 @@ CALLS = (("train_step", ("x", "y")), ("predict", ("x",)), ("features", ("x",)),
 
 
 def signature_fixes(method: Method) -> List[str]:
-    """Contract methods whose signature cannot take the arguments the harness passes: found when the method
-    is built, not as a TypeError from inside the harness at its first call."""
+    """Contract methods whose signature cannot take the arguments the harness passes (the inference path,
+    ``predict`` or ``predict_from_features``, also the keywords of ``checkpoint_setting()``): found when the
+    method is built, not as a TypeError from inside the harness at its first call."""
+    setting = method.checkpoint_setting()
+    setting = setting if isinstance(setting, dict) and all(isinstance(key, str) for key in setting) else {}
+    inference = "predict_from_features" if method.reuses_features() else "predict"
     fixes = []
     for name, arguments in CALLS:
         own = getattr(type(method), name, None)
         if own is getattr(Method, name) or not callable(own):
             continue
-        try:
-            signature = inspect.signature(getattr(method, name))
+        keywords = setting if name == inference else {}
+        try:  # the signature callers see: a decorator that fills in an argument takes fewer than it wraps
+            signature = inspect.signature(getattr(method, name), follow_wrapped=False)
         except (TypeError, ValueError):  # no signature to read (a C function, a wrapper): nothing to judge
             continue
         try:
-            signature.bind(*arguments)
+            signature.bind(*arguments, **keywords)
         except TypeError:
-            fixes.append(f"{name} must take ({', '.join(arguments)}) (def {name}(self, {', '.join(arguments)})), "
-                         f"not {signature}")
+            given = ", ".join([*arguments, *(f"{key}=..." for key in keywords)])
+            needs = (f"def {name}(self, {', '.join(arguments)}, **setting)" if keywords else
+                     f"def {name}(self, {', '.join(arguments)})")
+            fixes.append(f"{name} must take ({given}) ({needs}), not {signature}")
     return fixes
 
 

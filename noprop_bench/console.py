@@ -16,7 +16,10 @@ def main() -> None:
         print("noprop-bench: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     try:
-        command_line()
+        try:
+            command_line()
+        finally:  # before the exit: buffered output left for the interpreter's shutdown would fail there
+            sys.stdout.flush()
     except BrokenPipeError:
         # the reader left: what is still buffered for it goes nowhere, rather than failing again at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

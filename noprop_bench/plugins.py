@@ -105,10 +105,11 @@ def _register_from(pm: pluggy.PluginManager, registry: Registry, plugin, plugin_
     others = [p for p in pm.get_plugins() if p is not plugin]
     for hook, register in (("register_methods", register_method), ("register_datasets", register_dataset),
                            ("register_executors", register_executor)):
-        returned = hooks(hook, others)(register=register)
-        if returned:  # classes handed back instead of registered: nothing would be registered, and nothing said
-            raise TypeError(f"its {hook} returned {returned[0]!r}; call register(cls) for each class instead "
-                            f"(the return value is ignored)")
+        for value in hooks(hook, others)(register=register):
+            # classes handed back instead of registered: nothing would be registered, and nothing said
+            if any(isinstance(item, type) for item in (value if isinstance(value, (list, tuple, set)) else [value])):
+                raise TypeError(f"its {hook} returned {value!r}; call register(cls) for each class instead "
+                                f"(the return value is ignored)")
 
 
 def _check_hook_names(pm: pluggy.PluginManager, plugin, plugin_name: str) -> None:

@@ -2,6 +2,7 @@
 
 import importlib.abc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -415,8 +416,9 @@ def test_ctrl_c_while_the_command_line_still_imports_ends_quietly(monkeypatch, c
 
 def test_a_reader_that_stops_early_ends_the_command_without_a_traceback():
     """``noprop-bench --list | head -1`` on a long list: the pipe closes before everything is written."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as usual
     process = subprocess.Popen([sys.executable, "-m", "noprop_bench", "--list"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env=environment)
     process.stdout.close()  # before the command writes anything
     error = process.stderr.read()
     assert process.wait(timeout=120) == 141, error

@@ -1,6 +1,7 @@
 """``noprop_bench.testing``: every built-in plugin passes the conformance checks, and each kind of
 violation fails with its own fix."""
 
+import functools
 import importlib.util
 import warnings
 
@@ -204,6 +205,31 @@ def test_predict_shape_and_determinism():
     assert "draw randomness from torch's generator" in _failure(UsesNumpyRandomness)
 
 
+def test_signatures_are_judged_as_the_harness_calls_them():
+    def with_steps(function):  # a decorator that supplies an argument: callers pass x alone
+        @functools.wraps(function)
+        def wrapper(self, x):
+            return function(self, x, steps=3)
+        return wrapper
+
+    class Decorated(HandWritten):
+        name = "decorated"
+
+        @with_steps
+        def predict(self, x, steps):
+            return super().predict(x)
+
+    class NoSettings(HandWritten):
+        name = "no_settings"
+
+        def checkpoint_setting(self):
+            return {"steps": 2}
+
+    check_method(Decorated)
+    assert ("predict must take (x, steps=...) (def predict(self, x, **setting)), not (x)"
+            in _failure(NoSettings))
+
+
 def test_features_must_reproduce_predict():
     class HalfSplit(HandWritten):
         name = "half_split"
@@ -242,7 +268,8 @@ def test_input_modified_in_place():
         def train_step(self, x):
             return super().train_step(x, torch.zeros(len(x), dtype=torch.long))
 
-    assert "never modify the input batch in place" in _failure(Normalises)
+    message = _failure(Normalises)  # one fix: the changed x is not the other instance's state
+    assert message.count("\n  - ") == 1 and "never modify the input batch in place" in message, message
     message = _failure(NormalisesAtPrediction)  # one fix: the rest would be the mutation's consequences
     assert message.count("\n  - ") == 1 and "never modify the input batch in place" in message, message
     assert "train_step must take (x, y) (def train_step(self, x, y)), not (x)" in _failure(TakesNoLabels)

@@ -264,6 +264,9 @@ def test_a_misspelt_hook_or_a_hook_not_marked_is_named_not_silently_ignored(tmp_
     with pytest.raises(UsageError, match="--plugin returning: TypeError: its register_methods returned \\[<class "
                                          "'returning.Mine'>\\]; call register\\(cls\\) for each class instead"):
         load_plugins(["returning"])
+    (tmp_path / "registering.py").write_text(body.format(name="mine_d", marker="@hookimpl", hook="register_methods")
+                                             + "    return [register(Mine)]  # [None]: registered all the same\n")
+    assert "mine_d" in load_plugins(["registering"]).methods
 
 
 HERE_PLUGIN = '''

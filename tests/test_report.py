@@ -327,6 +327,20 @@ def test_trials_trained_on_differently_set_up_data_never_share_a_cell():
         assert f"| {row} " in text, row
 
 
+def test_a_row_split_by_inference_runs_is_split_on_every_dataset_and_keeps_a_label_of_its_own_whole():
+    from noprop_bench.report.records import assign_rows
+
+    def trial(label, dataset, runs, seed, status="ok"):
+        return {"status": status, "method": label.lower(), "row_label": label, "dataset": dataset,
+                "inference_runs": runs, "seed": seed, "params": {}}
+
+    rows = assign_rows([trial("NoProp-CT", "mnist5k", 2, 0), trial("NoProp-CT", "mnist5k", 5, 1),
+                        trial("NoProp-CT", "cifar10", 5, 0), trial("ResNet[18]", "mnist5k", 1, 0),
+                        trial("ResNet[18]", "mnist5k", 3, 1), trial("NoProp-CT", "mnist5k", None, 2, "failed")])
+    assert rows == ["NoProp-CT [inference_runs=2]", "NoProp-CT [inference_runs=5]", "NoProp-CT [inference_runs=5]",
+                    "ResNet[18] [inference_runs=1]", "ResNet[18] [inference_runs=3]", "NoProp-CT"]
+
+
 def test_captions_say_when_training_data_were_augmented_or_partly_held_out():
     records, _ = load("mixed")
     base = [r for r in records if r["budget"] == "20000samples" and r.get("status") == "ok"]
@@ -336,8 +350,13 @@ def test_captions_say_when_training_data_were_augmented_or_partly_held_out():
             "on).") in render_table1(changed)
     assert "Training data: augmentation crop_flip; 25% of the training split" in render_table2(changed)
     mixed = changed[:1] + [{**r, "seed": r["seed"] + 10, "trial_id": f"{r['trial_id']}-plain"} for r in base]
-    assert "Training data: augmentation crop_flip or none; 0% or 25% of the training split held out for validation " \
-           "(not trained on) (the rows name which)." in render_table1(mixed)
+    assert "Training data: augmentation crop_flip or none (the rows name which); 0% or 25% of the training split " \
+           "held out for validation (not trained on) (the rows name which)." in render_table1(mixed)
+    # differing between datasets only (CIFAR-10 augments by default, MNIST does not): said per dataset
+    other = [{**copy.deepcopy(r), "dataset": "cifar10", "dataset_label": "CIFAR-10", "augment": "crop_flip",
+              "val_split": 0.004, "trial_id": f"{r['trial_id']}-cifar"} for r in base]
+    assert ("Training data: MNIST5k: augmentation none, CIFAR-10: augmentation crop_flip; MNIST5k: 0% of the "
+            "training split held out for validation (not trained on), CIFAR-10: 0.4% of the") in render_table1(base + other)
 
 
 def test_a_trial_from_before_its_method_gained_a_parameter_is_not_labelled_with_a_value_it_never_had():

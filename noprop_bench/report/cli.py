@@ -3,7 +3,7 @@
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import UsageError
 from ..help_format import non_empty
@@ -109,11 +109,18 @@ def build_report_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def planned_targets(directories: Sequence[str]) -> Optional[str]:
-    """The ``--targets`` the last runs into ``directories`` gave, when they all gave the same; else None (the
-    defaults per dataset)."""
-    given = {(TrialStore(directory).read_plan() or {}).get("targets") for directory in directories}
-    return given.pop() if len(given) == 1 and isinstance(next(iter(given)), str) else None
+def planned_targets(directories: Sequence[str]) -> Optional[Tuple[float, ...]]:
+    """The ``--targets`` the last runs into ``directories`` gave, when they all gave the same (in any order or
+    spelling); else None (the defaults per dataset). A plan's value that does not parse counts as none."""
+    given: List[Optional[Tuple[float, ...]]] = []
+    for directory in directories:
+        text = (TrialStore(directory).read_plan() or {}).get("targets")
+        try:
+            given.append(parse_targets(text) if isinstance(text, str) else None)
+        except UsageError:
+            given.append(None)
+    agree = given[0] is not None and all(t is not None and sorted(t) == sorted(given[0]) for t in given)
+    return given[0] if agree else None  # in the order the (first) run gave them, as its columns were
 
 
 def report_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -126,8 +133,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        given = args.targets if args.targets is not None else planned_targets(args.dirs)
-        targets = parse_targets(given) if given is not None else None
+        targets = parse_targets(args.targets) if args.targets is not None else planned_targets(args.dirs)
         formats = parse_formats(",".join(args.format or ["md"]))
         if "parquet" in formats:
             require_parquet()

@@ -11,7 +11,7 @@ import math
 import re
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -347,19 +347,34 @@ def settings_text(records: Sequence[Dict[str, Any]]) -> str:
 
 def training_data_text(records: Sequence[Dict[str, Any]]) -> str:
     """A caption sentence on how the trials' training data were set up, when some were augmented
-    (``--augment``, or the dataset's default) or had part held out (``--val-split``); "" otherwise."""
-    augments = sorted({str(r.get("augment") or "none") for r in records})
-    held_out = sorted({float(r.get("val_split") or 0.0) for r in records})
-    parts = []
-    if augments != ["none"]:
-        parts.append(f"augmentation {' or '.join(augments)}")
-    if held_out != [0.0]:
-        parts.append(f"{' or '.join(f'{share:.0%}' for share in held_out)} of the training split held out for "
-                     f"validation (not trained on)")
-    if not parts:
+    (``--augment``, or the dataset's default) or had part held out (``--val-split``); "" otherwise. A setting
+    that differs between datasets only is given per dataset; one that differs within a dataset splits its
+    rows, which name it."""
+    labels = dataset_columns(records)
+    augments: "OrderedDict[str, set]" = OrderedDict()
+    held_out: "OrderedDict[str, set]" = OrderedDict()
+    for record in records:
+        column = labels.get(record["dataset"], str(record["dataset"]))
+        augments.setdefault(column, set()).add(str(record.get("augment") or "none"))
+        held_out.setdefault(column, set()).add(float(record.get("val_split") or 0.0))
+    parts = [_setting_text(augments, "none", "augmentation {}", str),
+             _setting_text(held_out, 0.0, "{} of the training split held out for validation (not trained on)",
+                           lambda share: f"{share * 100:g}%")]
+    parts = [part for part in parts if part]
+    return f" Training data: {'; '.join(parts)}." if parts else ""
+
+
+def _setting_text(by_dataset: "OrderedDict[str, set]", default: Any, template: str,
+                  value_text: Callable[[Any], str]) -> str:
+    """One setting of :func:`training_data_text`: ``template`` filled with its values."""
+    values = sorted(set().union(*by_dataset.values()))
+    if values == [default]:
         return ""
-    which = " (the rows name which)" if len(augments) > 1 or len(held_out) > 1 else ""
-    return f" Training data: {'; '.join(parts)}{which}."
+    if all(len(found) == 1 for found in by_dataset.values()) and len(values) > 1:
+        return ", ".join(f"{dataset}: {template.format(value_text(next(iter(found))))}"
+                         for dataset, found in by_dataset.items())
+    which = " (the rows name which)" if len(values) > 1 else ""
+    return template.format(" or ".join(value_text(value) for value in values)) + which
 
 
 def per_block_epochs_text(records: Sequence[Dict[str, Any]]) -> str:
@@ -508,20 +523,23 @@ def _variant(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _apart_by_inference_runs(records: Sequence[Dict[str, Any]], rows: List[str]) -> List[str]:
-    """``rows`` with the number of inference runs added where one row's ``ok`` trials on a dataset pooled
-    different numbers (a mean of 2 runs per seed and one of 5 are not one statistic; a method that does not
-    sample records 1 whatever ``--inference-runs`` said). A trial that did not finish ok holds no value: it is
-    named by its number when it records one (a record the host wrote for a lost trial does not)."""
-    counts: Dict[Tuple[str, str], set] = {}
+    """``rows`` with the number of inference runs added to every row whose ``ok`` trials pooled different
+    numbers (a mean of 2 runs per seed and one of 5 are not one statistic; a method that does not sample
+    records 1 whatever ``--inference-runs`` said), on every dataset, as :func:`assign_rows` names clashes. A
+    trial that did not finish ok holds no value: it is named by its number when it records one (a record the
+    host wrote for a lost trial does not)."""
+    counts: Dict[str, set] = {}
     for record, row in zip(records, rows):
         if record.get("status") == "ok":
-            counts.setdefault((row, record["dataset"]), set()).add(int(record.get("inference_runs") or 1))
+            counts.setdefault(row, set()).add(int(record.get("inference_runs") or 1))
     apart = []
     for record, row in zip(records, rows):
         runs = record.get("inference_runs") if record.get("status") != "ok" else record.get("inference_runs") or 1
-        if len(counts.get((row, record["dataset"]), ())) > 1 and runs is not None:
+        if len(counts.get(row, ())) > 1 and runs is not None:
             named = f"inference_runs={int(runs)}"
-            row = f"{row[:-1]}, {named}]" if row.endswith("]") else f"{row} [{named}]"
+            # into the bracket of parameters the row label got, if any (a label may end in "]" of its own)
+            own = str(record.get("row_label") or "")
+            row = f"{row[:-1]}, {named}]" if row.endswith("]") and row != own else f"{row} [{named}]"
         apart.append(row)
     return apart
 

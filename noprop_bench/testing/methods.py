@@ -108,12 +108,14 @@ def check_method(cls: Type[Method], device="cpu", **params) -> None:
     findings.add(_shared_state_fixes(method, twin))
     x, y = tiny_batch(task)
     x_before, y_before = x.clone(), y.clone()
-    twin_logits = _repeatable_logits(twin, x)
+    twin_logits = _repeatable_logits(twin, x_before)
     twin_before = _state(twin)  # after its predictions: what predict keeps of its own (a counter) is not shared
     _check_train_step(method, x, y, findings)
-    # what the twin holds, and what it predicts: state reached through the class or a module global is in
-    # no instance's attributes, but shows in the twin's logits
-    findings.check(_unchanged(twin_before, _state(twin)) and _same_or_unknown(twin_logits, _logits_or_none(twin, x)),
+    # what the twin holds, and what it predicts (on the batch as given: train_step may have changed x, which
+    # is its own finding): state reached through the class or a module global is in no instance's
+    # attributes, but shows in the twin's logits
+    findings.check(_unchanged(twin_before, _state(twin))
+                   and _same_or_unknown(twin_logits, _logits_or_none(twin, x_before)),
                    "two instances must share no state: training one changed the other (keep tensors, optimisers "
                    "and buffers per instance, never in class attributes or module globals)")
     findings.check(cls.defaults == defaults_before, "never modify the class's defaults; copy them (self.params)")
