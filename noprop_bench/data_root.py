@@ -87,6 +87,9 @@ class ArrayCache:
         except OSError:
             Path(temporary).unlink(missing_ok=True)
             return None
+        except BaseException:  # Ctrl-C while writing: no half-written file left behind, and the interrupt goes on
+            Path(temporary).unlink(missing_ok=True)
+            raise
         for old in self.directory.glob(f"{self.kind}-{path_key}-*.npz"):
             if old != path:
                 old.unlink(missing_ok=True)

@@ -132,6 +132,20 @@ def test_array_cache_keeps_only_the_current_version(tmp_path):
     assert cache.load(*new) is None
 
 
+def test_an_interrupted_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    cache = ArrayCache(tmp_path, "demo")
+
+    def interrupted(file, **arrays):
+        file.write(b"part of an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save(*tree_key(tmp_path, [("a.png", 10, 1)]), {"x": np.zeros(3)})
+    assert [path.name for path in tmp_path.iterdir() if path.is_file()] == []
+    assert not any(cache.directory.iterdir())
+
+
 # --- MNIST / Fashion-MNIST ---
 
 def test_mnist_from_gzipped_idx_in_its_folder(tmp_path, no_debian):
