@@ -30,6 +30,11 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
         fastest, slowest = row["ms_per_step_range"]
         assert fastest <= row["ms_per_step"] <= slowest
     assert data["interrupted"] is False and data["rows_planned"] == 6
+    # how it was made, as a trial's record says it
+    assert data["command"].startswith("noprop-bench speed --plugin fake_plugins --dataset tiny --methods ")
+    assert "'linear,backprop,noprop_ct[steps=4,eval_steps=2]'" in data["command"]
+    assert data["environment"]["torch"] == torch.__version__ and data["environment"]["threads"] == 1
+    assert data["written_at"][:2] == "20" and data["noprop_bench"]
     assert [r["ratio"] for r in rows if r["method"] == "backprop"] == [1.0, 1.0]
     assert rows[2]["checkpoint_setting"] == {"solver": "heun", "steps": 2}
     table = (out / "speed.md").read_text()
@@ -170,7 +175,7 @@ def test_ctrl_c_keeps_the_rows_already_measured(tmp_path, one_thread, monkeypatc
     assert code == 130
     rows = json.loads((out / "speed.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["ms_per_step"] > 0
-    assert "Interrupted: 1 of the 2 planned rows were measured." in (out / "speed.md").read_text()
+    assert "Interrupted: 1 of the 2 planned rows was measured." in (out / "speed.md").read_text()
     data = json.loads((out / "speed.json").read_text())
     assert data["interrupted"] is True and data["rows_planned"] == 2  # a script reading it sees the cut
 
@@ -279,6 +284,18 @@ def test_compiled_rows_warm_up_as_many_steps_as_a_compiled_trial(tmp_path, one_t
     assert eager["warmup_steps"] == 1 and compiled["warmup_steps"] == WARMUP_STEPS > 1
     assert calls.count("train_step") == WARMUP_STEPS + 2
     assert f"({WARMUP_STEPS} for rows under --compile, as trials warm up)" in (out / "speed.md").read_text()
+
+
+def test_the_warm_up_is_told_as_the_rows_had_it():
+    from noprop_bench.run.speed import warmup_text
+    from noprop_bench.run.warmup import WARMUP_STEPS
+    from noprop_bench.run.speed_settings import SpeedSettings
+
+    eager, compiled = SpeedSettings(), SpeedSettings(compile="default")
+    assert warmup_text([eager], 1) == "1 untimed warm-up step(s)"
+    assert warmup_text([compiled], 1) == f"{WARMUP_STEPS} untimed warm-up step(s), as compiled trials warm up"
+    assert warmup_text([eager, compiled], 1) == (f"1 untimed warm-up step(s) ({WARMUP_STEPS} for rows under "
+                                                 f"--compile, as trials warm up)")
 
 
 def test_a_row_line_names_the_calls_replayed_as_cuda_graphs():

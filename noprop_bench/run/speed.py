@@ -15,6 +15,7 @@ import gc
 import itertools
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import pandas as pd
 import torch
 
+from .. import __version__
 from ..backbones import check_backbone_name, create_backbone
 from ..conformance import loss_fixes, step_metrics_fixes, violation
 from ..datasets import Normalizer, Split
@@ -43,7 +45,7 @@ from .profile import StepProfile, profile_steps
 from .runner import backbone_width, build_trial_method
 from .speed_settings import (COMPILE_MODES, PRECISIONS, SpeedSettings, add_cudnn_benchmark_arguments,
                              apply_speed_settings, backend_flags, default_settings)
-from .store import check_output_directory, device_name
+from .store import check_output_directory, device_name, environment
 from .warmup import WARMUP_STEPS
 
 DEFAULT_METHODS = "backprop,noprop_dt,noprop_ct,noprop_fm,adjoint"
@@ -174,10 +176,14 @@ def warmup_steps(plain: int, settings: SpeedSettings) -> int:
     return max(plain, WARMUP_STEPS) if settings.compile != "none" else plain
 
 
-def compiled_warmup_note(grid: Sequence[SpeedSettings], plain: int) -> str:
-    """The header's word on compiled rows that warm up longer than the others, if any do."""
+def warmup_text(grid: Sequence[SpeedSettings], plain: int) -> str:
+    """The header's words on the untimed warm-up steps, compiled rows warming up longer than the others."""
     compiled = warmup_steps(plain, next((s for s in grid if s.compile != "none"), SpeedSettings()))
-    return f" ({compiled} for rows under --compile, as trials warm up)" if compiled != plain else ""
+    if compiled == plain or all(settings.compile == "none" for settings in grid):
+        return f"{plain} untimed warm-up step(s)"
+    if all(settings.compile != "none" for settings in grid):
+        return f"{compiled} untimed warm-up step(s), as compiled trials warm up"
+    return f"{plain} untimed warm-up step(s) ({compiled} for rows under --compile, as trials warm up)"
 
 
 def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, batch_size: int, steps: int,
@@ -433,8 +439,7 @@ def speed_main(argv: Sequence[str]) -> int:
                   if WITH_GRAPH_POOLS in kinds else "")
     header = (f"# Speed: {dataset.display_name} shape ({shape}, {dataset.num_classes} classes, random images), "
               f"backbone {backbone}, batch {args.batch_size}, {device_name(device)}\n\n"
-              f"Median of {steps} train steps after {plain_warmup} untimed warm-up step(s)"
-              f"{compiled_warmup_note(grid, plain_warmup)}, the device synchronised "
+              f"Median of {steps} train steps after {warmup_text(grid, plain_warmup)}, the device synchronised "
               f"around each; inference: one pass over {inference_images} images at the method's final and "
               f"checkpoint settings; peak memory of the train steps "
               f"({'; '.join(MEMORY_WORDS.get(kind, kind) for kind in kinds)}{pools_note}). "
@@ -445,11 +450,16 @@ def speed_main(argv: Sequence[str]) -> int:
     cpus = cpu_count()
     header += busy_machine_text(load, cpus, torch.get_num_threads())
     if interrupted:
-        header += f" Interrupted: {len(rows)} of the {len(planned)} planned rows were measured."
+        header += (f" Interrupted: {len(rows)} of the {len(planned)} planned rows "
+                   f"{'was' if len(rows) == 1 else 'were'} measured.")
     text = render(rows, header) + render_profiles(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text)
-    (out / "speed.json").write_text(json.dumps({"device": device_name(device), "backbone": backbone,
+    (out / "speed.json").write_text(json.dumps({"command": " ".join(map(shlex.quote, ["noprop-bench", "speed",
+                                                                                      *argv])),
+                                                "written_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+                                                "noprop_bench": __version__, "environment": environment(device),
+                                                "device": device_name(device), "backbone": backbone,
                                                 "dataset": dataset.spec, "batch_size": args.batch_size,
                                                 "interrupted": interrupted, "rows_planned": len(planned),
                                                 "load_average_1min_max": load, "cpus": cpus,
