@@ -48,13 +48,14 @@ def test_records_come_in_the_order_their_chosen_record_was_written():
 
 
 def test_a_duplicate_seed_keeps_the_trial_written_last_and_the_caption_describes_it():
-    """Two trials of one row and seed (here: other inference runs); the one retrained last is kept."""
-    retrained_later = [_record("five-runs", test=(80.0,) * 5, finished_at="2026-01-01"),
-                       _record("two-runs", test=(85.0, 85.0), finished_at="2026-01-02"),
-                       _record("five-runs", test=(95.0,) * 5, finished_at="2026-01-03")]
+    """Two trials of one row and seed (here: one also measured train accuracy, which makes it another trial);
+    the one retrained last is kept. (Other inference runs would make another row.)"""
+    retrained_later = [_record("test-only", test=(80.0,) * 5, finished_at="2026-01-01"),
+                       _record("with-train", test=(85.0,) * 5, train=(99.0,) * 5, finished_at="2026-01-02"),
+                       _record("test-only", test=(95.0,) * 5, finished_at="2026-01-03")]
     table = render_table1(latest_per_trial(retrained_later))
     assert _cell(table, "NoProp-CT (one-hot)") == ["95.00 ± 0.00"]
-    assert "1 seed(s) × 5 inference run(s) per seed" in table  # not "2 or 5": the dropped trial is not described
+    assert "1 seed(s) × 5 inference run(s) per seed" in table
     assert "more than one trial" in table and "only the last is used" in table
 
 
