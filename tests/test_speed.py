@@ -1,6 +1,9 @@
 """``noprop-bench speed``: a smoke test on random images of a dataset's shape, and its bad input."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +32,7 @@ def test_speed_rows_for_every_method_and_setting(tmp_path, one_thread, capsys):
         assert row["ratio_to"] == "backprop" and row["steps_timed"] == 2
         fastest, slowest = row["ms_per_step_range"]
         assert fastest <= row["ms_per_step"] <= slowest
+        assert row["others_cpu_share"] is None or 0 <= row["others_cpu_share"] <= 1
     assert data["interrupted"] is False and data["rows_planned"] == 6
     # how it was made, as a trial's record says it
     assert data["command"].startswith("noprop-bench speed --plugin fake_plugins --dataset tiny --methods ")
@@ -63,6 +67,31 @@ def test_disturbed_steps_and_a_busy_machine_are_said_so():
     assert "load average reached 3.9 on the 2 cores this process may use" in busy_machine_text(3.9, 2, 2)
     assert busy_machine_text(2.2, 2, 2) == "" and busy_machine_text(None, 2, 2) == ""  # this run's own threads
     assert busy_machine_text(3.9, 2, 4) == ""  # four threads of its own on two cores load them about 4
+
+
+def test_other_processes_busy_while_a_row_timed_its_steps_are_noted():
+    """The load average lags; the CPU other processes used over the timed steps does not."""
+    from noprop_bench.run.contention import CpuCounters, cpu_counters, others_cpu_share
+    from noprop_bench.run.speed import busy_rows_text, render
+
+    # 3 busy CPU seconds over 2 s on 2 cores, 1 of them this process's own: others kept half the machine
+    assert others_cpu_share(CpuCounters(0.0, 10.0, 1.0), CpuCounters(2.0, 13.0, 2.0), cores=2) == 0.5
+    assert others_cpu_share(None, CpuCounters(2.0, 13.0, 2.0)) is None
+    assert others_cpu_share(CpuCounters(0.0, 10.0, 1.0), CpuCounters(0.01, 10.02, 1.0), cores=2) is None  # too short
+    row = {"row_label": "Backprop", "settings": "eager fp32", "ms_per_step": 105.5, "samples_per_second": 1213.0,
+           "ratio_to": "backprop", "ratio": 1.0, "inference_images_per_second_final": 900.0,
+           "inference_images_per_second_checkpoint": 900.0, "peak_memory_bytes": 108e6, "compile_fallbacks": {},
+           "ms_per_step_range": [98.0, 110.0], "others_cpu_share": 0.6}
+    assert "other processes kept 60% of the machine's cores busy while its steps ran" in render([row], "header")
+    assert "Other processes kept the CPU busy while 1 of the rows timed their steps" in busy_rows_text([row])
+    quiet = {**row, "others_cpu_share": 0.02}
+    assert "other processes" not in render([quiet], "header") and busy_rows_text([quiet]) == ""
+    before = cpu_counters()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 1.0\n"
+                    "while time.process_time() < end: pass"], check=True)  # another process, one core busy
+    assert others_cpu_share(before, cpu_counters()) > 0.5 / os.cpu_count()
 
 
 def test_large_rates_are_printed_in_plain_digits():

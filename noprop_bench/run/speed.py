@@ -36,6 +36,7 @@ from ..method import row_label_with_settings
 from ..plugins import load_plugins_saying
 from ..specs import distinct_methods, parse_dataset_spec, parse_method_list
 from ..task import Task
+from .contention import BUSY_SHARE, cpu_counters, others_cpu_share
 from .cuda_graphs import first_line
 from .evaluation import evaluate, inference_layout
 from .evaluation_plan import evaluation_batch_size, evaluation_batches
@@ -211,8 +212,10 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         synchronize()
         warmup_seconds = time.perf_counter() - started
         memory = PeakMemory(device)
+        counters = cpu_counters()
         with memory:
             times = [_timed(lambda: method.train_step(x, y), synchronize) for _ in range(steps)]
+        others = others_cpu_share(counters, cpu_counters())
         warm = settings.compile != "none" or device.type == "cuda"
         final = _inference_images_per_second(method, task, inference_images, {}, settings, synchronize, warm)
         checkpoint = _inference_images_per_second(method, task, inference_images, method.checkpoint_setting(),
@@ -230,6 +233,7 @@ def measure(cls, params: Dict[str, Any], task: Task, settings: SpeedSettings, ba
         "checkpoint_setting": method.checkpoint_setting(), "inference_images": inference_images,
         "peak_memory_bytes": peak_bytes, "memory_kind": memory_kind,
         "warmup_seconds": warmup_seconds, "warmup_steps": warmup, "steps_timed": steps,
+        "others_cpu_share": others,
         **profiled,
     }
 
@@ -313,11 +317,17 @@ def _cell(value: Optional[float], spec: str, scale: float = 1.0) -> str:
 
 
 def _noisy_steps(row: Dict[str, Any]) -> List[str]:
-    """A note when the timed steps of a row differ widely: something else took the device or the CPU."""
+    """A note when the timed steps of a row differ widely, or other processes kept the CPU busy while they
+    ran: something else took the device or the CPU."""
     fastest, slowest = row.get("ms_per_step_range") or (None, None)
+    notes = []
     if fastest and slowest > NOISY_STEPS * fastest:
-        return [f"steps took {fastest:.2f}-{slowest:.2f} ms: disturbed, rerun on an idle machine"]
-    return []
+        notes.append(f"steps took {fastest:.2f}-{slowest:.2f} ms: disturbed, rerun on an idle machine")
+    share = row.get("others_cpu_share")
+    if isinstance(share, (int, float)) and share > BUSY_SHARE:
+        notes.append(f"other processes kept {share:.0%} of the machine's cores busy while its steps ran: "
+                     f"slowed, rerun on an idle machine")
+    return notes
 
 
 def busy_machine_text(load: Optional[float], cpus: Optional[int], threads: int) -> str:
@@ -328,6 +338,18 @@ def busy_machine_text(load: Optional[float], cpus: Optional[int], threads: int) 
     return (f" The machine was busy: its 1-minute load average reached {load:.1f} on the {cpus} cores this "
             f"process may use, so steps may have run slower than on an idle machine; the ratios, measured "
             f"side by side, hold better than the milliseconds.")
+
+
+def busy_rows_text(rows: List[Dict[str, Any]]) -> str:
+    """A caption sentence when other processes kept the CPU busy while some rows timed their steps (a load
+    too recent or too short for the load average to show)."""
+    busy = [row for row in rows if isinstance(row.get("others_cpu_share"), (int, float))
+            and row["others_cpu_share"] > BUSY_SHARE]
+    if not busy:
+        return ""
+    return (f" Other processes kept the CPU busy while {len(busy)} of the rows timed their steps (see their "
+            f"notes; each row's share is others_cpu_share in speed.json), so those steps may have run slower "
+            f"than on an idle machine.")
 
 
 def load_average() -> Optional[float]:
@@ -448,7 +470,7 @@ def speed_main(argv: Sequence[str]) -> int:
     loads.append(load_average())
     load = max((value for value in loads if value is not None), default=None)
     cpus = cpu_count()
-    header += busy_machine_text(load, cpus, torch.get_num_threads())
+    header += busy_machine_text(load, cpus, torch.get_num_threads()) or busy_rows_text(rows)
     if interrupted:
         header += (f" Interrupted: {len(rows)} of the {len(planned)} planned rows "
                    f"{'was' if len(rows) == 1 else 'were'} measured.")
