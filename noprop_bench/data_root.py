@@ -84,11 +84,10 @@ class ArrayCache:
             with os.fdopen(handle, "wb") as file:
                 np.savez(file, **arrays)
             publish(Path(temporary), path)
-        except OSError:
+        except BaseException as error:  # no half-written file left behind, whatever stopped the write (Ctrl-C)
             Path(temporary).unlink(missing_ok=True)
-            return None
-        except BaseException:  # Ctrl-C while writing: no half-written file left behind, and the interrupt goes on
-            Path(temporary).unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                return None
             raise
         for old in self.directory.glob(f"{self.kind}-{path_key}-*.npz"):
             if old != path:

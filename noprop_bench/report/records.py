@@ -534,7 +534,8 @@ def _apart_by_inference_runs(records: Sequence[Dict[str, Any]], rows: List[str])
             counts.setdefault(row, set()).add(int(record.get("inference_runs") or 1))
     apart = []
     for record, row in zip(records, rows):
-        runs = record.get("inference_runs") if record.get("status") != "ok" else record.get("inference_runs") or 1
+        runs = record.get("inference_runs")
+        runs = runs or 1 if record.get("status") == "ok" else runs
         if len(counts.get(row, ())) > 1 and runs is not None:
             named = f"inference_runs={int(runs)}"
             # into the bracket of parameters the row label got, if any (a label may end in "]" of its own)

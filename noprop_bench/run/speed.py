@@ -323,11 +323,15 @@ def _noisy_steps(row: Dict[str, Any]) -> List[str]:
     notes = []
     if fastest and slowest > NOISY_STEPS * fastest:
         notes.append(f"steps took {fastest:.2f}-{slowest:.2f} ms: disturbed, rerun on an idle machine")
-    share = row.get("others_cpu_share")
-    if isinstance(share, (int, float)) and share > BUSY_SHARE:
-        notes.append(f"other processes kept {share:.0%} of the machine's cores busy while its steps ran: "
-                     f"slowed, rerun on an idle machine")
+    if _others_were_busy(row):
+        notes.append(f"other processes kept {row['others_cpu_share']:.0%} of the machine's cores busy while its "
+                     f"steps ran: slowed, rerun on an idle machine")
     return notes
+
+
+def _others_were_busy(row: Dict[str, Any]) -> bool:
+    share = row.get("others_cpu_share")
+    return isinstance(share, (int, float)) and share > BUSY_SHARE
 
 
 def busy_machine_text(load: Optional[float], cpus: Optional[int], threads: int) -> str:
@@ -343,8 +347,7 @@ def busy_machine_text(load: Optional[float], cpus: Optional[int], threads: int) 
 def busy_rows_text(rows: List[Dict[str, Any]]) -> str:
     """A caption sentence when other processes kept the CPU busy while some rows timed their steps (a load
     too recent or too short for the load average to show)."""
-    busy = [row for row in rows if isinstance(row.get("others_cpu_share"), (int, float))
-            and row["others_cpu_share"] > BUSY_SHARE]
+    busy = [row for row in rows if _others_were_busy(row)]
     if not busy:
         return ""
     return (f" Other processes kept the CPU busy while {len(busy)} of the rows timed their steps (see their "
