@@ -307,7 +307,7 @@ def _run(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.preset_overrides = apply_preset(args, explicit_options(parser, argv)) if args.preset else []
-    command = " ".join(shlex.quote(a) for a in ["noprop-bench", *argv])
+    command = shlex.join(["noprop-bench", *argv])
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
     registry = load_plugins_saying(args.plugin, say)

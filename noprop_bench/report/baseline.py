@@ -293,7 +293,7 @@ def _without_save_baseline(command: str) -> str:
             skip = True
         elif not word.startswith(("--save-baseline=", "--out=")):
             kept.append(word)
-    return " ".join(shlex.quote(word) for word in kept)
+    return shlex.join(kept)
 
 
 def accuracy_allowance(then: Dict[str, Any], tolerance: Dict[str, Any]) -> float:

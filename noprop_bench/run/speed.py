@@ -180,7 +180,7 @@ def warmup_steps(plain: int, settings: SpeedSettings) -> int:
 def warmup_text(grid: Sequence[SpeedSettings], plain: int) -> str:
     """The header's words on the untimed warm-up steps, compiled rows warming up longer than the others."""
     compiled = warmup_steps(plain, next((s for s in grid if s.compile != "none"), SpeedSettings()))
-    if compiled == plain or all(settings.compile == "none" for settings in grid):
+    if compiled == plain:  # no row compiled, or compiled rows need no more steps
         return f"{plain} untimed warm-up step(s)"
     if all(settings.compile != "none" for settings in grid):
         return f"{compiled} untimed warm-up step(s), as compiled trials warm up"
@@ -480,8 +480,7 @@ def speed_main(argv: Sequence[str]) -> int:
     text = render(rows, header) + render_profiles(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.md").write_text(text)
-    (out / "speed.json").write_text(json.dumps({"command": " ".join(map(shlex.quote, ["noprop-bench", "speed",
-                                                                                      *argv])),
+    (out / "speed.json").write_text(json.dumps({"command": shlex.join(["noprop-bench", "speed", *argv]),
                                                 "written_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                                                 "noprop_bench": __version__, "environment": environment(device),
                                                 "device": device_name(device), "backbone": backbone,
